@@ -1,0 +1,299 @@
+"""Dataset folders (MSD / nnU-Net style ``dataset.json``): loading, validation, writing.
+
+Layout::
+
+    root/dataset.json   {"name", "labels": {"0": "background", "1": "spleen"}, "colors": {"1": [r, g, b]},
+                         "training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}],
+                         "unlabeled": [{"image": "imagesUn/b.nii.gz"}],
+                         "validation": [{"image", "label"}], "test": [{"image", "label"?}]}
+
+Paths are relative to ``root`` and must stay inside it. ``load_dataset`` checks the JSON and that
+files exist; ``validate_dataset`` opens the files (header only, or every voxel with ``deep=True``).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import DatasetError
+from ..utils import atomic_write
+from .io import case_name, check_same_geometry, read_header, read_image
+
+Color = Tuple[int, int, int]
+
+# Slicer-like organ colours for the first classes; further classes get evenly spread hues.
+_PALETTE: Tuple[Color, ...] = (
+    (0, 0, 0), (157, 108, 162), (185, 102, 83), (221, 130, 101), (111, 184, 210), (144, 238, 144),
+    (216, 101, 79), (241, 214, 145), (183, 156, 220), (230, 220, 70), (250, 128, 114), (0, 151, 206),
+    (128, 174, 128), (255, 250, 220),
+)
+
+
+def default_color(index: int) -> Color:
+    """Colour of class ``index`` when dataset.json gives none (background is black)."""
+    if index < len(_PALETTE):
+        return _PALETTE[index]
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.6, 0.9)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+@dataclass
+class Case:
+    name: str
+    image: Path
+    label: Optional[Path] = None
+
+
+@dataclass
+class DatasetSpec:
+    root: Path
+    labels: Dict[int, str]  # {0: "background", 1: "spleen", ...}, contiguous 0..C-1
+    colors: Dict[int, Color]  # every class, from dataset.json or the default palette
+    training: List[Case]  # labeled
+    unlabeled: List[Case] = field(default_factory=list)
+    validation: List[Case] = field(default_factory=list)
+    test: List[Case] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def json_path(self) -> Path:
+        return self.root / "dataset.json"
+
+
+SPLITS = ("training", "unlabeled", "validation", "test")
+
+
+def _parse_labels(raw: Any, where: Path) -> Dict[int, str]:
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f"{where}: 'labels' must be a non-empty mapping like {{\"0\": \"background\", \"1\": \"spleen\"}}")
+    # nnU-Net v2 writes {"background": 0, "spleen": 1}; accept it too.
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
+        raw = {str(v): k for k, v in raw.items()}
+    labels: Dict[int, str] = {}
+    for key, name in raw.items():
+        try:
+            index = int(key)
+        except ValueError:
+            raise DatasetError(f"{where}: label key {key!r} is not an integer") from None
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{where}: label {key} must have a non-empty name, got {name!r}")
+        labels[index] = name.strip()
+    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
+        raise DatasetError(
+            f"{where}: labels must be contiguous 0..C-1 with 0 = background and at least one class, "
+            f"got {sorted(labels)}"
+        )
+    names = list(labels.values())
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DatasetError(f"{where}: duplicate label names {duplicates}")
+    return dict(sorted(labels.items()))
+
+
+def _parse_colors(raw: Any, labels: Mapping[int, str], where: Path) -> Dict[int, Color]:
+    colors = {i: default_color(i) for i in labels}
+    if raw is None:
+        return colors
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{where}: 'colors' must map label values to [r, g, b]")
+    for key, rgb in raw.items():
+        try:
+            index = int(key)
+        except ValueError:
+            raise DatasetError(f"{where}: colour key {key!r} is not an integer") from None
+        if index not in labels:
+            raise DatasetError(f"{where}: colour given for label {index}, which is not in 'labels'")
+        if (not isinstance(rgb, (list, tuple)) or len(rgb) != 3
+                or not all(isinstance(c, int) and 0 <= c <= 255 for c in rgb)):
+            raise DatasetError(f"{where}: colour of label {index} must be [r, g, b] integers 0-255, got {rgb!r}")
+        colors[index] = (rgb[0], rgb[1], rgb[2])
+    return colors
+
+
+def _resolve(root: Path, rel: Any, where: Path, split: str) -> Path:
+    """``root / rel``, refusing absolute paths and ``..`` components that leave ``root``.
+
+    The check is lexical on purpose: symbolic links placed in the folder by the user (a common way
+    to assemble a dataset without copying images) are followed, but the JSON cannot point outside.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise DatasetError(f"{where}: '{split}' has an entry with a missing or non-string path: {rel!r}")
+    if os.path.isabs(rel):
+        raise DatasetError(f"{where}: path {rel!r} in '{split}' must be relative to the dataset folder")
+    normal = os.path.normpath(rel)
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise DatasetError(f"{where}: path {rel!r} in '{split}' points outside the dataset folder")
+    return root / normal
+
+
+def _parse_split(root: Path, raw: Any, split: str, where: Path) -> List[Case]:
+    if not isinstance(raw, list):
+        raise DatasetError(f"{where}: '{split}' must be a list of {{\"image\": ..., \"label\": ...}} entries")
+    cases = []
+    for entry in raw:
+        if isinstance(entry, str):  # MSD lists test images as plain strings
+            entry = {"image": entry}
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DatasetError(f"{where}: every entry of '{split}' needs an \"image\", got {entry!r}")
+        if split == "training" and not entry.get("label"):
+            raise DatasetError(f"{where}: training entry {entry['image']!r} has no \"label\"")
+        if split == "unlabeled" and entry.get("label"):
+            raise DatasetError(f"{where}: unlabeled entry {entry['image']!r} has a \"label\"; move it to 'training'")
+        image = _resolve(root, entry["image"], where, split)
+        label = _resolve(root, entry["label"], where, split) if entry.get("label") else None
+        cases.append(Case(case_name(image), image, label))
+    return cases
+
+
+def load_dataset(root: Path, check_files: bool = True) -> DatasetSpec:
+    """Parse and check ``root/dataset.json``; with ``check_files`` every listed file must exist.
+
+    Raises ``DatasetError`` for a missing folder or dataset.json, invalid JSON, missing keys,
+    bad labels/colours, paths escaping the folder, duplicate case names, no labeled case, or a
+    missing file (named in the message).
+    """
+    root = Path(root)
+    where = root / "dataset.json"
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found")
+    if not where.is_file():
+        raise DatasetError(f"{where}: dataset.json not found")
+    try:
+        data = json.loads(where.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{where}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{where}: must contain a JSON object")
+    missing = [key for key in ("labels", "training") if key not in data]
+    if missing:
+        raise DatasetError(f"{where}: missing required keys {missing}")
+    labels = _parse_labels(data["labels"], where)
+    splits = {split: _parse_split(root, data.get(split, []), split, where) for split in SPLITS}
+    if not splits["training"]:
+        raise DatasetError(f"{where}: no labeled case in 'training'; at least one image with a label is needed")
+    seen: Dict[str, str] = {}
+    for split, cases in splits.items():
+        for case in cases:
+            if case.name in seen:
+                raise DatasetError(
+                    f"{where}: case name {case.name!r} appears twice ({seen[case.name]} and {split}); names must be unique"
+                )
+            seen[case.name] = split
+            if check_files:
+                for path in (case.image, case.label):
+                    if path is not None and not path.exists():
+                        raise DatasetError(f"{path}: file not found (listed in {where.name} '{split}')")
+    return DatasetSpec(
+        root=root, labels=labels, colors=_parse_colors(data.get("colors"), labels, where), **splits
+    )
+
+
+def _check_label_values(path: Path, label: sitk.Image, labels: Mapping[int, str]) -> bool:
+    """Raise unless every voxel is one of ``labels``; return whether any foreground is present."""
+    array = sitk.GetArrayViewFromImage(label)
+    if array.dtype.kind == "f":
+        fractional = array[array != np.round(array)]
+        if fractional.size:
+            raise DatasetError(
+                f"{path}: label map has non-integer values (e.g. {float(fractional.flat[0]):g}); "
+                "labels must be whole class numbers"
+            )
+    values = np.unique(array)
+    bad = [v.item() for v in values if v not in labels]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise DatasetError(
+            f"{path}: label values [{shown}] are not in dataset.json labels (0..{len(labels) - 1})"
+        )
+    return bool(np.any(values != 0))
+
+
+def _check_image_values(path: Path, image: sitk.Image) -> None:
+    array = sitk.GetArrayViewFromImage(image)
+    low, high = array.min(), array.max()
+    if low == high:
+        raise DatasetError(f"{path}: image is constant (every voxel = {low.item():g})")
+
+
+def validate_dataset(spec: DatasetSpec, deep: bool = True) -> None:
+    """Open every image and label of ``spec`` and raise ``DatasetError`` on the first problem.
+
+    Always: file readable, 3D, label on the image grid (size, spacing, origin, direction).
+    ``deep`` additionally reads every voxel: NaN/Inf, truncated data, constant images, label values
+    outside ``spec.labels``, non-integer labels, and every training label empty.
+    Volumes are read one at a time so memory stays at one case.
+    """
+    any_foreground = False
+    for split in SPLITS:
+        for case in getattr(spec, split):
+            if not deep:
+                ref = read_header(case.image)
+                if case.label is not None:
+                    check_same_geometry(ref, read_header(case.label), case.image, case.label)
+                continue
+            image = read_image(case.image)
+            _check_image_values(case.image, image)
+            if case.label is not None:
+                label = read_image(case.label)
+                check_same_geometry(image, label, case.image, case.label)
+                has_foreground = _check_label_values(case.label, label, spec.labels)
+                any_foreground |= split == "training" and has_foreground
+    if deep and not any_foreground:
+        raise DatasetError(
+            f"{spec.json_path}: every training label is empty (background only); there is nothing to learn"
+        )
+
+
+def _relative(root: Path, path: Path) -> str:
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        raise DatasetError(f"{path}: must be inside the dataset folder {root}") from None
+
+
+def _entries(root: Path, cases: Iterable[Case]) -> List[Dict[str, str]]:
+    entries = []
+    for case in cases:
+        entry = {"image": _relative(root, case.image)}
+        if case.label is not None:
+            entry["label"] = _relative(root, case.label)
+        entries.append(entry)
+    return entries
+
+
+def write_dataset_json(root: Path, labels: Mapping[int, str], training: Sequence[Case], unlabeled: Sequence[Case],
+                       validation: Sequence[Case] = (), test: Sequence[Case] = (),
+                       colors: Optional[Mapping[int, Sequence[int]]] = None, name: str = "") -> Path:
+    """Write ``root/dataset.json`` atomically and return its path.
+
+    Case paths may be absolute (inside ``root``) or relative to ``root``; they are stored relative.
+    """
+    root = Path(root)
+    data = {
+        "name": name or root.name,
+        "labels": {str(int(k)): v for k, v in sorted(labels.items())},
+        "training": _entries(root, training),
+        "unlabeled": _entries(root, unlabeled),
+        "validation": _entries(root, validation),
+        "test": _entries(root, test),
+    }
+    if colors:
+        data["colors"] = {str(int(k)): [int(c) for c in rgb] for k, rgb in sorted(colors.items())}
+    path = root / "dataset.json"
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return path

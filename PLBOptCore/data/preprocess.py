@@ -1,0 +1,290 @@
+"""Preprocessing of one case: resample, crop to the body, clip, normalise; cached as ``.npz``.
+
+Order of operations (why): resample first so every later step works on the training grid; crop on
+the raw HU (before clipping, so air and tissue are still separable); clip to the HU window; then
+normalise. ``RestoreInfo`` records the crop and both grids, so that :func:`restore_to_original`
+maps a prediction back to the original image exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from ..utils import atomic_write
+from .dataset import Case
+from .io import check_same_geometry, read_image
+
+# Bump when the preprocessing code changes what it produces: old caches then live in another folder.
+CACHE_VERSION = 1
+# Voxels above this raw HU belong to the body (air is -1000, lung parenchyma about -850).
+BODY_THRESHOLD_HU = -500.0
+# Voxels of margin around the body box, on the resampled grid.
+BODY_MARGIN = 4
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    target_spacing: Optional[Tuple[float, float, float]]  # mm (Z, Y, X); None = native
+    clip_window: Optional[Tuple[float, float]]  # HU
+    normalization: str  # "minmax" | "zscore"
+    crop_to_body: bool
+    superpixel_method: str
+    superpixel_divisor: int
+    superpixel_compactness: float
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "PreprocessParams":
+        return cls(
+            target_spacing=tuple(float(s) for s in cfg.target_spacing) if cfg.target_spacing else None,
+            clip_window=tuple(float(c) for c in cfg.clip_window) if cfg.clip_window else None,
+            normalization=cfg.normalization,
+            crop_to_body=bool(cfg.crop_to_body),
+            superpixel_method=cfg.superpixel_method,
+            superpixel_divisor=int(cfg.superpixel_divisor),
+            superpixel_compactness=float(cfg.superpixel_compactness),
+        )
+
+    def key(self) -> str:
+        """Short hash of the parameters (and the code version): the cache folder name."""
+        text = json.dumps([CACHE_VERSION, BODY_THRESHOLD_HU, BODY_MARGIN, dataclasses.asdict(self)], sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class RestoreInfo:
+    """Original geometry, resampled grid and crop box. Sizes/spacings/origins are SimpleITK (x, y, z)."""
+
+    size: Tuple[int, int, int]
+    spacing: Tuple[float, float, float]
+    origin: Tuple[float, float, float]
+    direction: Tuple[float, ...]
+    resampled_size: Tuple[int, int, int]
+    resampled_spacing: Tuple[float, float, float]
+    crop_start: Tuple[int, int, int]  # (Z, Y, X) on the resampled grid
+    crop_stop: Tuple[int, int, int]  # exclusive
+
+    @property
+    def resampled(self) -> bool:
+        return tuple(self.resampled_size) != tuple(self.size) or tuple(self.resampled_spacing) != tuple(self.spacing)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RestoreInfo":
+        return cls(**{k: tuple(v) for k, v in json.loads(text).items()})
+
+
+@dataclass
+class Preprocessed:
+    name: str
+    image: np.ndarray  # float32 (Z, Y, X), normalised
+    label: Optional[np.ndarray]  # int16 (Z, Y, X) or None
+    superpixels: Optional[np.ndarray]  # int32 (Z, Y, X), ids unique within the volume, or None
+    info: RestoreInfo
+
+
+def _resample(image: sitk.Image, size: Tuple[int, ...], spacing: Tuple[float, ...], origin: Tuple[float, ...],
+              direction: Tuple[float, ...], is_label: bool, fill: float) -> sitk.Image:
+    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    return sitk.Resample(image, [int(s) for s in size], sitk.Transform(), interpolator, origin, spacing,
+                         direction, fill, image.GetPixelID())
+
+
+def _target_grid(image: sitk.Image, target_spacing_zyx: Optional[Tuple[float, float, float]]):
+    """Size and spacing (x, y, z) of the resampled grid covering the same extent as ``image``."""
+    if target_spacing_zyx is None:
+        return tuple(image.GetSize()), tuple(image.GetSpacing())
+    spacing = tuple(float(s) for s in reversed(target_spacing_zyx))
+    size = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing))
+    return size, spacing
+
+
+def _bbox(mask: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(start, stop) of the True voxels of ``mask``, or None if there are none."""
+    if not mask.any():
+        return None
+    coords = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)]
+    return np.array([c[0] for c in coords]), np.array([c[-1] + 1 for c in coords])
+
+
+def _body_box(hu_zyx: np.ndarray, label_zyx: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """Crop box: largest connected body component above the HU threshold, plus a margin, grown to
+    contain all labeled foreground (never crop away annotation). Full volume if nothing is found."""
+    shape = np.array(hu_zyx.shape)
+    body = hu_zyx > BODY_THRESHOLD_HU
+    components, n = ndimage.label(body)
+    if n == 0:
+        return np.zeros(3, int), shape
+    # the largest component is the patient; the couch and small air-pocket artefacts are dropped
+    largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
+    start, stop = _bbox(components == largest)
+    start, stop = np.maximum(start - BODY_MARGIN, 0), np.minimum(stop + BODY_MARGIN, shape)
+    if label_zyx is not None:
+        fg = _bbox(label_zyx > 0)
+        if fg is not None:
+            start, stop = np.minimum(start, fg[0]), np.maximum(stop, fg[1])
+    return start, stop
+
+
+def _normalise(array: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    if params.clip_window is not None:
+        low, high = params.clip_window
+        array = np.clip(array, low, high)
+    if params.normalization == "zscore":
+        std = float(array.std())
+        return ((array - float(array.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
+    # minmax: the window bounds (DHC: clip then scale to [0, 1]) so all cases share one scale
+    low, high = params.clip_window if params.clip_window is not None else (float(array.min()), float(array.max()))
+    if high <= low:
+        return np.zeros_like(array, dtype=np.float32)
+    return ((array - low) / (high - low)).astype(np.float32)
+
+
+def _prepare(image: sitk.Image, params: PreprocessParams, label: Optional[sitk.Image] = None
+             ) -> Tuple[np.ndarray, Optional[np.ndarray], RestoreInfo]:
+    """Resample, crop, clip, normalise ``image`` (and resample/crop ``label`` identically)."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    size, spacing = _target_grid(image, params.target_spacing)
+    info_kwargs = dict(size=tuple(image.GetSize()), spacing=tuple(image.GetSpacing()),
+                       origin=tuple(image.GetOrigin()), direction=tuple(image.GetDirection()),
+                       resampled_size=tuple(size), resampled_spacing=tuple(spacing))
+    if params.target_spacing is not None:
+        air = float(sitk.GetArrayViewFromImage(image).min())  # outside the field of view
+        image = _resample(image, size, spacing, image.GetOrigin(), image.GetDirection(), False, air)
+        if label is not None:
+            label = _resample(label, size, spacing, label.GetOrigin(), label.GetDirection(), True, 0)
+    hu = sitk.GetArrayFromImage(image)
+    lab = sitk.GetArrayFromImage(label) if label is not None else None
+    if params.crop_to_body:
+        start, stop = _body_box(hu, lab)
+    else:
+        start, stop = np.zeros(3, int), np.array(hu.shape)
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    info = RestoreInfo(crop_start=tuple(int(v) for v in start), crop_stop=tuple(int(v) for v in stop), **info_kwargs)
+    out_label = np.rint(lab[box]).astype(np.int16) if lab is not None else None
+    return _normalise(hu[box], params), out_label, info
+
+
+def preprocess_image(image: sitk.Image, params: PreprocessParams) -> Tuple[np.ndarray, RestoreInfo]:
+    """Preprocess an image for training or inference.
+
+    Returns:
+        float32 (Z, Y, X) normalised array on the resampled, cropped grid, and the ``RestoreInfo``
+        that :func:`restore_to_original` needs to map an array on that grid back.
+    """
+    array, _, info = _prepare(image, params)
+    return array, info
+
+
+def restore_to_original(array_zyx: np.ndarray, info: RestoreInfo, is_label: bool, fill: float = 0.0) -> sitk.Image:
+    """Inverse of crop + resample: ``array_zyx`` (shape of the preprocessed case) on the original grid.
+
+    Voxels outside the crop box get ``fill`` (background for labels). Labels use nearest-neighbour
+    interpolation and keep their integer type; float maps use linear interpolation (float32).
+    The result has exactly the original size, spacing, origin and direction.
+    """
+    start, stop = np.array(info.crop_start), np.array(info.crop_stop)
+    if tuple(array_zyx.shape) != tuple(stop - start):
+        raise ValueError(f"array shape {array_zyx.shape} does not match the crop box {tuple(stop - start)}")
+    dtype = array_zyx.dtype if is_label else np.float32
+    full = np.full(tuple(reversed(info.resampled_size)), fill, dtype=dtype)
+    full[tuple(slice(a, b) for a, b in zip(start, stop))] = array_zyx
+    image = sitk.GetImageFromArray(full)
+    image.SetSpacing(info.resampled_spacing)
+    image.SetOrigin(info.origin)
+    image.SetDirection(info.direction)
+    if info.resampled:
+        image = _resample(image, info.size, info.spacing, info.origin, info.direction, is_label, fill)
+    return image
+
+
+def _source_stamp(case: Case) -> Dict[str, Any]:
+    """Size and mtime of the case's source files (all files of a DICOM folder): cache validity key."""
+    stamp = {}
+    for role, path in (("image", case.image), ("label", case.label)):
+        if path is None:
+            continue
+        files = sorted(p for p in Path(path).iterdir() if p.is_file()) if Path(path).is_dir() else [Path(path)]
+        stats = [f.stat() for f in files]
+        stamp[role] = [str(path), sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)]
+    return stamp
+
+
+def _load_cache(path: Path, stamp: Dict[str, Any], name: str) -> Optional[Preprocessed]:
+    """The cached case if ``path`` holds one made from the same source files, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if json.loads(str(data["stamp"])) != stamp:
+                return None
+            return Preprocessed(
+                name=name, image=data["image"], label=data["label"] if "label" in data else None,
+                superpixels=data["superpixels"] if "superpixels" in data else None,
+                info=RestoreInfo.from_json(str(data["info"])),
+            )
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # unreadable cache (crash of an older version, disk full): rebuild it
+
+
+def _save_cache(path: Path, case: Preprocessed, stamp: Dict[str, Any]) -> None:
+    arrays = {"image": case.image, "info": np.array(case.info.to_json()), "stamp": np.array(json.dumps(stamp))}
+    if case.label is not None:
+        arrays["label"] = case.label
+    if case.superpixels is not None:
+        arrays["superpixels"] = case.superpixels
+    with atomic_write(path) as tmp:
+        np.savez(tmp, **arrays)
+
+
+def superpixels_for(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Superpixel ids (Z,Y,X) of a preprocessed volume; the same call in training and inference."""
+    from ..method.superpixels import compute_superpixels
+
+    if params.normalization != "minmax":
+        # superpixel compactness is calibrated for [0, 1] intensities
+        low, high = float(image.min()), float(image.max())
+        image = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    return compute_superpixels(image, params.superpixel_method, params.superpixel_divisor,
+                              params.superpixel_compactness)
+
+
+def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Path],
+                    with_superpixels: bool) -> Preprocessed:
+    """Preprocess ``case`` (image, label if any, superpixels if asked), reusing the cache.
+
+    The cache file is ``cache_dir/<params.key()>/<case.name>.npz``; it is reused when the source
+    files have the same size and mtime, and superpixels are added to it when first needed.
+    The label is checked to lie on the image grid and then given the image's exact geometry, so
+    that tiny header differences (DICOM spacing 0.9999999999999929 vs 1.0) do not shift it.
+    """
+    stamp = _source_stamp(case)
+    path = Path(cache_dir) / params.key() / f"{case.name}.npz" if cache_dir is not None else None
+    cached = _load_cache(path, stamp, case.name) if path is not None else None
+    if cached is not None and (cached.superpixels is not None or not with_superpixels):
+        return cached
+    if cached is None:
+        image = read_image(case.image)
+        label = None
+        if case.label is not None:
+            label = read_image(case.label)
+            check_same_geometry(image, label, case.image, case.label)
+            label.CopyInformation(image)
+        array, label_array, info = _prepare(image, params, label)
+        cached = Preprocessed(case.name, array, label_array, None, info)
+    if with_superpixels:
+        cached.superpixels = superpixels_for(cached.image, params)
+    if path is not None:
+        _save_cache(path, cached, stamp)
+    return cached

@@ -1,0 +1,146 @@
+"""Training patches: deterministic random crops with class-aware foreground oversampling, and
+torch augmentation that moves image, label and superpixels together."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .preprocess import Preprocessed
+
+# Patch centres are drawn from at most this many voxels per class and case: bounds memory on large
+# organs (a liver has millions of voxels) while small organs keep all theirs.
+MAX_INDICES_PER_CLASS = 20000
+
+
+def class_indices(label_zyx: np.ndarray, num_classes: int,
+                  max_per_class: int = MAX_INDICES_PER_CLASS) -> Dict[int, np.ndarray]:
+    """Flat voxel indices of each foreground class ``1..num_classes-1`` present in ``label_zyx``.
+
+    One sort of the foreground voxels instead of one full-volume pass per class. Classes with more
+    than ``max_per_class`` voxels keep an evenly strided subset, which still covers the whole organ.
+    """
+    flat = label_zyx.ravel()
+    fg = np.flatnonzero((flat > 0) & (flat < num_classes))
+    values = flat[fg]
+    order = np.argsort(values, kind="stable")
+    fg, values = fg[order], values[order]
+    classes, starts, counts = np.unique(values, return_index=True, return_counts=True)
+    out = {}
+    for c, s, n in zip(classes, starts, counts):
+        idx = fg[s:s + n]
+        if n > max_per_class:
+            idx = idx[np.linspace(0, n - 1, max_per_class).astype(np.int64)]
+        out[int(c)] = idx
+    return out
+
+
+def _pad_to(array: Optional[np.ndarray], patch: Tuple[int, int, int], value: float) -> Optional[np.ndarray]:
+    """Pad ``array`` (Z, Y, X) symmetrically to at least ``patch`` with ``value``."""
+    if array is None:
+        return None
+    missing = np.maximum(np.array(patch) - np.array(array.shape), 0)
+    if not missing.any():
+        return array
+    return np.pad(array, [(m // 2, m - m // 2) for m in missing], constant_values=value)
+
+
+class PatchSampler:
+    """Batches of patches from preprocessed cases, reproducible from ``(seed, step)``.
+
+    Each patch picks a case uniformly; with probability ``foreground_oversample`` (and if the case
+    has foreground) it is centred near a voxel of a foreground class chosen uniformly among the
+    classes present in that case, so rare small organs are seen as often as large ones; otherwise
+    it is a uniform random crop. Volumes smaller than the patch are padded (image with its minimum,
+    label 0, superpixels -1). ``stream`` separates samplers sharing a seed (labeled vs unlabeled).
+    """
+
+    def __init__(self, cases: Sequence[Preprocessed], patch_size: Sequence[int], batch_size: int, num_classes: int,
+                 foreground_oversample: float, augment: bool, seed: int, stream: int = 0):
+        if not cases:
+            raise ValueError("PatchSampler needs at least one case")
+        self.patch = tuple(int(p) for p in patch_size)
+        if len(self.patch) != 3:
+            raise ValueError(f"patch_size must have 3 values (Z, Y, X), got {patch_size}")
+        self.batch_size = int(batch_size)
+        self.foreground_oversample = float(foreground_oversample)
+        self.augment = augment
+        self.seed, self.stream = int(seed), int(stream)
+        self._images: List[np.ndarray] = []
+        self._labels: List[Optional[np.ndarray]] = []
+        self._superpixels: List[Optional[np.ndarray]] = []
+        self._foreground: List[Dict[int, np.ndarray]] = []
+        for case in cases:
+            self._images.append(_pad_to(case.image, self.patch, float(case.image.min())))
+            label = _pad_to(case.label, self.patch, 0)
+            self._labels.append(label)
+            self._superpixels.append(_pad_to(case.superpixels, self.patch, -1))
+            self._foreground.append(class_indices(label, num_classes) if label is not None else {})
+
+    def _start(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        """Corner (Z, Y, X) of the next patch in case ``index``."""
+        shape, patch = np.array(self._images[index].shape), np.array(self.patch)
+        high = shape - patch
+        foreground = self._foreground[index]
+        if rng.random() < self.foreground_oversample and foreground:
+            classes = sorted(foreground)
+            voxels = foreground[classes[rng.integers(len(classes))]]
+            centre = np.array(np.unravel_index(voxels[rng.integers(len(voxels))], shape))
+            # the voxel lands anywhere in the central half of the patch, not always dead centre
+            jitter = rng.integers(-(patch // 4), patch // 4 + 1)
+            return np.clip(centre - patch // 2 + jitter, 0, high)
+        return rng.integers(0, high + 1)
+
+    def sample(self, step: int) -> Dict[str, torch.Tensor]:
+        """The batch of ``step``: ``image`` (B,1,Z,Y,X) float32, ``label`` (B,Z,Y,X) int64 (zeros if
+        unlabeled), ``superpixels`` (B,Z,Y,X) int64 (-1 where none)."""
+        rng = np.random.default_rng([self.seed, int(step), self.stream])
+        shape = (self.batch_size,) + self.patch
+        image = np.empty((self.batch_size, 1) + self.patch, dtype=np.float32)
+        label = np.zeros(shape, dtype=np.int64)
+        superpixels = np.full(shape, -1, dtype=np.int64)
+        cases = rng.integers(len(self._images), size=self.batch_size)
+        for b, index in enumerate(cases):
+            start = self._start(int(index), rng)
+            box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
+            image[b, 0] = self._images[index][box]
+            if self._labels[index] is not None:
+                label[b] = self._labels[index][box]
+            if self._superpixels[index] is not None:
+                superpixels[b] = self._superpixels[index][box]
+        batch = {"image": torch.from_numpy(image), "label": torch.from_numpy(label),
+                 "superpixels": torch.from_numpy(superpixels)}
+        if self.augment:
+            generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+            batch = augment_batch(batch, generator)
+        return batch
+
+
+GEOMETRIC_KEYS = ("image", "label", "superpixels")
+
+
+def augment_batch(batch: Dict[str, torch.Tensor], generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Random flips along Z/Y/X and 90° rotations in the Y-X plane (only when Y == X), the same for
+    ``image`` (B,1,Z,Y,X), ``label`` and ``superpixels`` (B,Z,Y,X) of a sample; then an intensity
+    scale in [0.9, 1.1] and shift in [-0.1, 0.1] on the image only. Other keys pass unchanged."""
+    image = batch["image"]
+    square = image.shape[-1] == image.shape[-2]
+    out: Dict[str, List[torch.Tensor]] = {key: [] for key in GEOMETRIC_KEYS if key in batch}
+    for b in range(image.shape[0]):
+        flips = torch.rand(3, generator=generator) < 0.5
+        turns = int(torch.randint(0, 4, (1,), generator=generator)) if square else 0
+        scale = 0.9 + 0.2 * torch.rand(1, generator=generator)
+        shift = 0.2 * torch.rand(1, generator=generator) - 0.1
+        dims = [d for d, flip in zip((-3, -2, -1), flips.tolist()) if flip]
+        for key in out:
+            x = batch[key][b]
+            if dims:
+                x = torch.flip(x, dims)
+            if turns:
+                x = torch.rot90(x, turns, dims=(-2, -1))
+            out[key].append(x * scale + shift if key == "image" else x)
+    result = dict(batch)
+    result.update({key: torch.stack(values).contiguous() for key, values in out.items()})
+    return result
