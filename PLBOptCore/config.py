@@ -146,7 +146,7 @@ SUPERPIXEL_METHODS = ("slic", "slic3d", "quickshift", "felzenszwalb", "watershed
 # single-component presets switch the other two PLBOpt components off but otherwise match `plbopt`,
 # which is how the paper's Table V ablates.
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "supervised": dict(dual_subnets=False, cps_weight=0.0, refine=False, triplet=False, mutual_correction=False),
+    "supervised": dict(dual_subnets=False, class_weighting=False, cps_weight=0.0, refine=False, triplet=False, mutual_correction=False),
     "dhc": dict(dual_subnets=True, supervised_subnets="AB", cps_weight=0.1, refine=False, triplet=False, mutual_correction=False),
     "plbopt": dict(dual_subnets=True, supervised_subnets="B", cps_weight=0.1, refine=True, triplet=True, mutual_correction=True),
     "refine-only": dict(dual_subnets=True, supervised_subnets="B", cps_weight=0.1, refine=True, triplet=False, mutual_correction=False),

@@ -1,0 +1,131 @@
+"""The Python API: what the CLI, the Slicer module and notebooks call.
+
+Every long function takes ``progress`` (called with event dicts) and ``should_stop`` (polled; True
+cancels cleanly) so a GUI can drive it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .config import Config, make_config
+from .errors import DatasetError
+
+PathLike = Union[str, Path]
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", config_file: Optional[PathLike] = None,
+          overrides: Optional[Dict[str, Any]] = None, resume: bool = False, overwrite: bool = False,
+          init_from: Optional[PathLike] = None, progress: Optional[Callable[[dict], None]] = None,
+          should_stop: Optional[Callable[[], bool]] = None, show_progress_bar: bool = False) -> Path:
+    """Train a run folder from a dataset folder; returns ``run_dir``.
+
+    With ``resume=True`` the configuration stored in the run folder is used (overrides may only
+    change ``iterations`` and ``device``), so a resumed run continues the same experiment.
+    """
+    from .data.dataset import load_dataset, validate_dataset
+    from .engine.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    if resume and (run_dir / "config.json").is_file():
+        stored = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+        for key, value in (overrides or {}).items():
+            if key in ("iterations", "device", "num_workers"):
+                setattr(stored, key, value)
+        config = stored.validate()
+    else:
+        config = make_config(preset, Path(config_file) if config_file else None, overrides)
+    dataset = load_dataset(Path(dataset_dir))
+    validate_dataset(dataset, deep=True)
+    trainer = Trainer(config, dataset, run_dir, resume=resume, overwrite=overwrite, init_from=init_from,
+                      progress=progress, should_stop=should_stop, show_progress_bar=show_progress_bar)
+    trainer.fit()
+    return run_dir
+
+
+def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
+    """Image files (and DICOM series folders) named by a file, a folder, or a list of them."""
+    from .data.io import case_name
+
+    paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    found: List[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise DatasetError(f"{path}: input not found")
+        if path.is_file():
+            found.append(path)
+        elif any(child.suffix.lower() == ".dcm" for child in path.iterdir()):
+            found.append(path)
+        else:
+            images = sorted(p for p in path.iterdir()
+                            if p.name.lower().endswith(IMAGE_SUFFIXES) and "_confidence" not in p.name
+                            and not p.name.startswith("."))
+            if not images:
+                raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            found.extend(images)
+    names = [case_name(p) for p in found]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DatasetError(f"{paths[0]}: several inputs share the case name(s) {', '.join(duplicates)}")
+    return found
+
+
+def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_dir: PathLike,
+            checkpoint: str = "best", device: str = "auto", refine: bool = False, overlap: Optional[float] = None,
+            progress: Optional[Callable[[dict], None]] = None, should_stop: Optional[Callable[[], bool]] = None) -> List[Path]:
+    """Write ``<case>.nii.gz`` (labels) and ``<case>_confidence.nii.gz`` for every input image.
+
+    Outputs are in each input's original geometry. Refusing to write over an input keeps the
+    user's data safe even when ``out_dir`` is the input folder.
+    """
+    from .data.io import case_name, read_image, write_image
+    from .engine.inference import Predictor
+
+    predictor = Predictor.from_run(Path(run_dir), checkpoint, device)
+    if overlap is not None:
+        predictor.config.sw_overlap = float(overlap)
+    images = list_images(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    input_set = {p.resolve() for p in images}
+    written: List[Path] = []
+    for index, image_path in enumerate(images):
+        name = case_name(image_path)
+        label_path, confidence_path = out_dir / f"{name}.nii.gz", out_dir / f"{name}_confidence.nii.gz"
+        for target in (label_path, confidence_path):
+            if target.resolve() in input_set:
+                raise DatasetError(f"{target}: refusing to overwrite an input image; choose another output folder")
+        prediction = predictor.predict_image(read_image(image_path), refine=refine, should_stop=should_stop)
+        write_image(prediction.label, label_path)
+        write_image(prediction.confidence, confidence_path)
+        written.append(label_path)
+        if progress:
+            progress({"type": "predict", "case": name, "index": index + 1, "total": len(images),
+                      "refine_changed_fraction": prediction.refine_changed_fraction, "path": str(label_path)})
+    return written
+
+
+def predict_array(run_dir: PathLike, volume_zyx: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0), checkpoint: str = "best",
+                  device: str = "auto", refine: bool = False):
+    """Predict a numpy volume (Z, Y, X) in HU; returns ``(labels, confidence)`` arrays of the same shape."""
+    from .engine.inference import Predictor
+
+    image = sitk.GetImageFromArray(np.asarray(volume_zyx, dtype=np.float32))
+    image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
+    prediction = Predictor.from_run(Path(run_dir), checkpoint, device).predict_image(image, refine=refine)
+    return sitk.GetArrayFromImage(prediction.label), sitk.GetArrayFromImage(prediction.confidence)
+
+
+def evaluate(pred_dir: PathLike, gt_dir: PathLike, labels: Union[None, Dict[int, str], PathLike] = None,
+             out_dir: Optional[PathLike] = None) -> dict:
+    """Per case and class Dice, ASD, ASSD and HD95 (mm); writes metrics.csv and metrics.json."""
+    from .evaluate import evaluate_folders
+
+    return evaluate_folders(Path(pred_dir), Path(gt_dir), labels if isinstance(labels, dict) or labels is None else Path(labels),
+                            Path(out_dir) if out_dir else None)

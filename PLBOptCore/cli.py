@@ -1,0 +1,202 @@
+"""``plbopt`` command line: train / predict / refine / evaluate / demo / convert / split / bench / export.
+
+User errors print one line ``plbopt: error: <file>: <problem>`` and exit 2; an interrupted training
+exits 130 after writing a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from . import __version__
+from .config import PRESETS, parse_override
+from .errors import PLBOptError, TrainingInterrupted
+
+
+def _training_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    overrides: Dict[str, Any] = {}
+    for text in args.set or []:
+        key, value = parse_override(text)
+        overrides[key] = value
+    for key in ("iterations", "base_filters", "batch_size", "device", "seed"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "patch_size", None):
+        overrides["patch_size"] = list(args.patch_size)
+    return overrides
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="plbopt", choices=sorted(PRESETS), help="method preset (default: plbopt)")
+    parser.add_argument("--config", type=Path, help="YAML or JSON config file (applied after the preset)")
+    parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override any config key, e.g. lr=0.01 refine_tau=0.6")
+    parser.add_argument("--iterations", type=int)
+    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"))
+    parser.add_argument("--base-filters", type=int)
+    parser.add_argument("--batch-size", type=int, help="labeled (and unlabeled) patches per step")
+    parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import train
+    from .config import CPU_DEMO_OVERRIDES
+
+    overrides = dict(CPU_DEMO_OVERRIDES) if args.small else {}
+    overrides.update(_training_overrides(args))
+    train(args.dataset, args.output, preset=args.preset, config_file=args.config, overrides=overrides,
+          resume=args.resume, overwrite=args.overwrite, init_from=args.init_from, show_progress_bar=not args.quiet)
+    print(f"run folder: {args.output}  (checkpoints/best.pt, events.jsonl)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .api import predict
+
+    def report(event: dict) -> None:
+        if not args.quiet:
+            extra = f", refinement changed {100 * event['refine_changed_fraction']:.2f}% of voxels" if args.refine else ""
+            print(f"[{event['index']}/{event['total']}] {event['case']} -> {event['path']}{extra}", flush=True)
+
+    written = predict(args.run_dir, args.input, args.output, checkpoint=args.checkpoint, device=args.device or "auto",
+                      refine=args.refine, overlap=args.overlap, progress=report)
+    print(f"wrote {len(written)} label maps and confidence maps to {args.output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import evaluate
+    from .evaluate import format_table
+
+    results = evaluate(args.pred_dir, args.gt_dir, labels=args.labels, out_dir=args.output)
+    print(format_table(results))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output), preset=args.preset, iterations=args.iterations, device=args.device or "auto",
+             overwrite=args.overwrite)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "refine":
+        from .bench.refine import run_refine_bench
+
+        run_refine_bench(Path(args.output))
+        from .bench.step import run_step_bench
+
+        run_step_bench(Path(args.output), iterations=args.steps)
+        return 0
+    from .bench.accuracy import run_accuracy_bench
+
+    run_accuracy_bench(Path(args.dataset), Path(args.output), presets=args.presets.split(","), seeds=args.seeds,
+                       iterations=args.iterations, variants=args.variants.split(",") if args.variants else [],
+                       small=not args.full_size, device=args.device or "auto")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plbopt", description="PLBOpt: semi-supervised 3D segmentation with pseudo-label optimisation")
+    parser.add_argument("--version", action="version", version=f"plbopt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a run from a dataset folder")
+    p.add_argument("dataset", type=Path, help="dataset folder with dataset.json")
+    p.add_argument("-o", "--output", type=Path, required=True, help="run folder")
+    add_training_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start again in a non-empty run folder")
+    p.add_argument("--init-from", type=Path, help="initialise the subnets from this checkpoint (fine-tune)")
+    p.add_argument("--small", action="store_true", help="CPU-sized schedule (8 filters, 32x64x64, 300 steps)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    for name, refine in (("predict", False), ("refine", True)):
+        helptext = ("predict label and confidence maps" if not refine
+                    else "predict and refine pseudo labels with superpixel entropy voting")
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run_dir", type=Path)
+        p.add_argument("input", type=Path, help="image file, DICOM series folder, or folder of images")
+        p.add_argument("-o", "--output", type=Path, required=True)
+        p.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint path")
+        p.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1)")
+        p.add_argument("--device")
+        p.add_argument("-q", "--quiet", action="store_true")
+        if refine:
+            p.set_defaults(refine=True)
+        else:
+            p.add_argument("--refine", action="store_true", help="apply superpixel refinement")
+        p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, ASD, ASSD, HD95 of predictions against ground truth")
+    p.add_argument("pred_dir", type=Path)
+    p.add_argument("gt_dir", type=Path)
+    p.add_argument("--labels", type=Path, help="dataset.json with class names")
+    p.add_argument("-o", "--output", type=Path, help="where metrics.csv/json go (default PRED_DIR)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="generate the embedded phantom dataset, train, predict, evaluate")
+    p.add_argument("-o", "--output", type=Path, default=Path("plbopt-demo"))
+    p.add_argument("--preset", default="plbopt", choices=sorted(PRESETS))
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--device")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks (not tests): refine | accuracy")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("refine", help="vectorised vs reference refinement, and the step-time share of PLBOpt's extras")
+    b.add_argument("-o", "--output", type=Path, default=Path("bench-refine"))
+    b.add_argument("--steps", type=int, default=10, help="training steps timed per preset")
+    b.set_defaults(func=cmd_bench)
+    b = bench.add_parser("accuracy", help="train/predict/evaluate presets x seeds; results.json, RESULTS.md, plots")
+    b.add_argument("dataset", type=Path)
+    b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("--presets", default="supervised,dhc,plbopt,refine-only,triplet-only,mc-only")
+    b.add_argument("--seeds", type=int, default=3)
+    b.add_argument("--iterations", type=int, default=300)
+    b.add_argument("--variants", default="", help="comma list: superpixel-methods, superpixel-number, noise")
+    b.add_argument("--full-size", action="store_true", help="use the preset's own network size instead of the CPU schedule")
+    b.add_argument("--device")
+    b.set_defaults(func=cmd_bench)
+
+    try:
+        from .convert import add_convert_arguments
+    except ImportError:
+        pass
+    else:
+        add_convert_arguments(sub)
+    try:
+        from .export import add_export_arguments
+    except ImportError:
+        pass
+    else:
+        add_export_arguments(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TrainingInterrupted as exc:
+        print(f"plbopt: {exc}", file=sys.stderr)
+        return 130
+    except PLBOptError as exc:
+        print(f"plbopt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("plbopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Sliding-window inference with Gaussian blending, and the :class:`Predictor` used after training.
+
+The ensemble is DHC's: softmax of the mean of subnet A's and B's logits. Windows overlap by
+``overlap`` (fraction of the patch) and are blended with a Gaussian importance map (nnU-Net's
+sigma = patch/8) so window borders, where a VNet sees least context, count least.
+
+Memory: the probability volume is accumulated on the CPU in float32, ``C × Z × Y × X × 4`` bytes
+plus one copy for the weights, after preprocessing (body crop, optional resampling).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..errors import CheckpointError
+from ..nets.vnet import VNet
+from ..utils import resolve_device
+from .checkpoint import load_checkpoint
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """(Z,Y,X) weights peaking at the patch centre, normalised to max 1, strictly positive."""
+    axes = []
+    for size in patch_size:
+        coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
+        sigma = max(size * sigma_scale, 1e-3)
+        axes.append(torch.exp(-0.5 * (coords / sigma) ** 2))
+    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weight = weight / weight.max()
+    return weight.clamp_min(1e-3)
+
+
+def window_starts(length: int, patch: int, overlap: float) -> List[int]:
+    """Start offsets covering ``length`` with windows of ``patch`` and the requested overlap."""
+    if length <= patch:
+        return [0]
+    stride = max(1, int(round(patch * (1.0 - overlap))))
+    starts = list(range(0, length - patch + 1, stride))
+    if starts[-1] != length - patch:
+        starts.append(length - patch)
+    return starts
+
+
+@torch.no_grad()
+def sliding_window_probabilities(
+    models: Sequence[torch.nn.Module],
+    volume: torch.Tensor,
+    patch_size: Sequence[int],
+    num_classes: int,
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    device: Optional[torch.device] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> torch.Tensor:
+    """Blend softmax(mean of the models' logits) over overlapping windows.
+
+    Args:
+        volume: (Z, Y, X) float tensor, already preprocessed.
+    Returns:
+        (C, Z, Y, X) float32 probabilities on the CPU, summing to 1 over C.
+    """
+    device = device or next(models[0].parameters()).device
+    patch = [int(p) for p in patch_size]
+    shape = list(volume.shape)
+    pads = [max(0, p - s) for p, s in zip(patch, shape)]
+    if any(pads):
+        # F.pad pads the last dim first; pad at the end only so cropping back is a slice.
+        volume = F.pad(volume[None, None], (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")[0, 0]
+    padded = list(volume.shape)
+    probs = torch.zeros([num_classes] + padded, dtype=torch.float32)
+    weight_sum = torch.zeros(padded, dtype=torch.float32)
+    importance = gaussian_importance_map(patch)
+    corners = list(itertools.product(*(window_starts(padded[d], patch[d], overlap) for d in range(3))))
+    for first in range(0, len(corners), batch_size):
+        if should_stop is not None and should_stop():
+            from ..errors import TrainingInterrupted
+
+            raise TrainingInterrupted("prediction cancelled")
+        chunk = corners[first:first + batch_size]
+        windows = torch.stack([volume[z:z + patch[0], y:y + patch[1], x:x + patch[2]] for z, y, x in chunk])
+        windows = windows[:, None].to(device=device, dtype=torch.float32)
+        logits = sum(model(windows)[0].float() for model in models) / len(models)
+        window_probs = torch.softmax(logits, dim=1).cpu()
+        for (z, y, x), window_prob in zip(chunk, window_probs):
+            probs[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]] += window_prob * importance
+            weight_sum[z:z + patch[0], y:y + patch[1], x:x + patch[2]] += importance
+    probs /= weight_sum
+    return probs[:, : shape[0], : shape[1], : shape[2]].contiguous()
+
+
+def build_models(config: Config, num_classes: int) -> List[VNet]:
+    """The subnets a config trains: [A, B] for dual presets, [A] for `supervised`."""
+    count = 2 if config.dual_subnets else 1
+    return [VNet(1, num_classes, config.base_filters, config.dropout, config.projection_dim) for _ in range(count)]
+
+
+@dataclass
+class Prediction:
+    label: sitk.Image  # uint8/uint16 label map in the input's geometry
+    confidence: sitk.Image  # float32 max softmax in the input's geometry
+    refine_changed_fraction: float = 0.0
+
+
+class Predictor:
+    """Loads a trained run and predicts label + confidence maps in the input image's geometry."""
+
+    def __init__(self, config: Config, labels: Dict[int, str], colors: Dict[int, Tuple[int, int, int]],
+                 model_states: List[Dict[str, torch.Tensor]], device: str = "auto") -> None:
+        self.config = config
+        self.labels = labels
+        self.colors = colors
+        self.num_classes = len(labels)
+        self.device = resolve_device(device)
+        self.models = build_models(config, self.num_classes)
+        if len(model_states) != len(self.models):
+            raise CheckpointError(f"checkpoint holds {len(model_states)} subnets, config expects {len(self.models)}")
+        for model, state in zip(self.models, model_states):
+            model.load_state_dict(state)
+            model.to(self.device).eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: str = "auto") -> "Predictor":
+        state = load_checkpoint(path)
+        try:
+            config = Config.from_dict(state["config"])
+            labels = {int(k): v for k, v in state["labels"].items()}
+            colors = {int(k): tuple(v) for k, v in state.get("colors", {}).items()}
+            models = state["models"]
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: checkpoint lacks {exc}") from None
+        return cls(config, labels, colors, models, device)
+
+    @classmethod
+    def from_run(cls, run_dir: Path, checkpoint: str = "best", device: str = "auto") -> "Predictor":
+        return cls.from_checkpoint(resolve_checkpoint(run_dir, checkpoint), device)
+
+    def predict_probabilities(self, volume_zyx: np.ndarray, should_stop=None) -> torch.Tensor:
+        """(C, Z, Y, X) probabilities of a preprocessed (Z, Y, X) volume."""
+        return sliding_window_probabilities(
+            self.models, torch.from_numpy(np.ascontiguousarray(volume_zyx, dtype=np.float32)),
+            self.config.patch_size, self.num_classes, self.config.sw_overlap, self.config.sw_batch_size,
+            self.device, should_stop)
+
+    def predict_image(self, image: sitk.Image, refine: bool = False, should_stop=None) -> Prediction:
+        """Preprocess like training, predict, optionally refine with superpixels, restore geometry."""
+        from ..data.preprocess import PreprocessParams, preprocess_image, restore_to_original, superpixels_for
+
+        params = PreprocessParams.from_config(self.config)
+        volume, info = preprocess_image(image, params)
+        probs = self.predict_probabilities(volume, should_stop)
+        confidence, label = probs.max(dim=0)
+        changed = 0.0
+        if refine:
+            from ..method.refine import refine_pseudo_labels
+
+            superpixels = torch.from_numpy(superpixels_for(volume, params).astype(np.int64))
+            refined, changed = refine_pseudo_labels(probs[None], label[None], superpixels[None], self.config.refine_tau)
+            label = refined[0]
+        dtype = np.uint8 if self.num_classes <= 255 else np.uint16
+        label_image = restore_to_original(label.numpy().astype(dtype), info, is_label=True)
+        # Outside the body crop the network is certain of background, not unsure.
+        confidence_image = restore_to_original(confidence.numpy().astype(np.float32), info, is_label=False, fill=1.0)
+        return Prediction(label_image, confidence_image, float(changed))
+
+
+def resolve_checkpoint(run_dir: Path, checkpoint: str = "best") -> Path:
+    """``best`` (falls back to ``last``), ``last``, or an explicit path."""
+    run_dir = Path(run_dir)
+    if checkpoint in ("best", "last"):
+        folder = run_dir / "checkpoints"
+        candidates = [folder / f"{checkpoint}.pt"] + ([folder / "last.pt"] if checkpoint == "best" else [])
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{run_dir}: no {checkpoint} checkpoint in {folder} (was training run here?)")
+    return Path(checkpoint)
+
+
+def run_labels(run_dir: Path) -> Dict[int, str]:
+    """Class names of a run (from its dataset.json copy)."""
+    data = json.loads((Path(run_dir) / "dataset.json").read_text())
+    return {int(k): v for k, v in data["labels"].items()}

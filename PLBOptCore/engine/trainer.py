@@ -1,0 +1,437 @@
+"""The training loop: DHC's dual-subnet baseline plus PLBOpt's Algorithm 1, nothing else.
+
+One step (``Trainer.train_step``), with ``x = cat(x_labeled, x_unlabeled)`` as in DHC:
+
+1. both subnets see ``x`` → logits, decoder features;
+2. class weights: DiffDW from A's labeled logits, DistDW from B's unlabeled argmax (DHC);
+3. ``L_sup``: weighted CE + Dice on the labeled part of the supervised subnets (B, or A and B);
+4. pseudo labels = argmax of each subnet, refined on the unlabeled part by superpixel entropy
+   voting (eq. 1-2) — the superpixels come precomputed from preprocessing;
+5. ``L_unsup``: cross pseudo supervision with the *other* subnet's (refined) pseudo labels (DHC);
+6. ``L_tri``: confidence-level triplet loss on each subnet's features and refined pseudo labels;
+7. ``L_MC``: mutual correction on the unlabeled softmax outputs (eq. 9-10);
+8. ``L = L_sup + r(t)·(w_cps·L_unsup + λ_tri·L_tri + λ_MC·L_MC)`` with the sigmoid ramp r (eq. 11).
+
+Every random draw of step ``t`` is seeded from ``(seed, t)``, so a run resumed from a checkpoint
+reproduces an uninterrupted one exactly on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..data.dataset import DatasetSpec
+from ..data.preprocess import PreprocessParams, preprocess_case
+from ..data.sampling import PatchSampler
+from ..errors import ConfigError, TrainingInterrupted
+from ..method.dhc import DiffDW, DistDW, weighted_ce_loss, weighted_dice_ce_loss
+from ..method.mutual import mutual_correction_loss
+from ..method.rampup import sigmoid_rampup
+from ..method.refine import refine_pseudo_labels
+from ..method.triplet import ConfidenceTripletLoss
+from ..metrics import dice
+from ..utils import resolve_device, seed_everything, step_seed
+from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
+from .events import EventWriter
+from .inference import build_models, sliding_window_probabilities
+
+ProgressCallback = Callable[[Dict[str, Any]], None]
+INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step number
+
+
+class Trainer:
+    """Trains one run folder. ``fit()`` returns the path of the final checkpoint.
+
+    Args:
+        config: validated :class:`Config`.
+        dataset: validated :class:`DatasetSpec` (labeled ``training``, ``unlabeled``, ``validation``).
+        run_dir: output folder (config.json, dataset.json, events.jsonl, checkpoints/).
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+        overwrite: allow a non-empty ``run_dir`` without resuming (its old outputs are removed).
+        init_from: checkpoint whose subnet weights initialise this run (fine-tuning, e.g. retrain
+            after the clinician corrected pseudo labels). Step and optimiser start fresh.
+        progress: called with every ``train``/``validation`` event record.
+        should_stop: polled at every step boundary; True stops with a resumable checkpoint.
+        cache_dir: preprocessing cache (default ``<dataset>/.plbopt_cache``).
+    """
+
+    def __init__(self, config: Config, dataset: DatasetSpec, run_dir: Path, resume: bool = False,
+                 overwrite: bool = False, init_from: Optional[Path] = None,
+                 progress: Optional[ProgressCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
+                 cache_dir: Optional[Path] = None, show_progress_bar: bool = False) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.init_from = Path(init_from) if init_from else None
+        self.progress = progress
+        self.should_stop = should_stop
+        self.show_progress_bar = show_progress_bar
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(dataset.root) / ".plbopt_cache"
+        self._stop_signal: Optional[str] = None
+        self.last_step_timings: Dict[str, float] = {}
+        self._prepare_run_dir(overwrite)
+        self.device = resolve_device(config.device)
+        self.num_classes = dataset.num_classes
+        self.events = EventWriter(self.run_dir)
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare_run_dir(self, overwrite: bool) -> None:
+        run_dir = self.run_dir
+        if run_dir.resolve() == Path(self.dataset.root).resolve():
+            raise ConfigError(f"{run_dir}: the run folder must not be the dataset folder")
+        existing = run_dir.exists() and any(run_dir.iterdir())
+        if self.resume:
+            if not (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "checkpoints" / "last.pt.prev").exists():
+                raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
+        elif existing:
+            if not overwrite:
+                raise ConfigError(f"{run_dir}: run folder is not empty; use --resume to continue it or --overwrite to start again")
+            for name in ("events.jsonl", "checkpoints", "config.json", "dataset.json", "train.log"):
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def _write_run_files(self) -> None:
+        from ..utils import atomic_write
+
+        with atomic_write(self.run_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
+        labels = {str(k): v for k, v in self.dataset.labels.items()}
+        colors = {str(k): list(v) for k, v in self.dataset.colors.items()}
+        with atomic_write(self.run_dir / "dataset.json") as tmp:
+            tmp.write_text(json.dumps({"labels": labels, "colors": colors, "source": str(self.dataset.root)}, indent=2))
+
+    def _load_data(self) -> None:
+        cfg = self.config
+        params = PreprocessParams.from_config(cfg)
+        labeled = [preprocess_case(case, params, self.cache_dir, with_superpixels=False) for case in self.dataset.training]
+        self.validation_cases = [preprocess_case(case, params, self.cache_dir, with_superpixels=False)
+                                 for case in self.dataset.validation if case.label is not None]
+        self.labeled_sampler = PatchSampler(labeled, cfg.patch_size, cfg.batch_size, self.num_classes,
+                                            cfg.foreground_oversample, cfg.augment, cfg.seed)
+        self.unlabeled_sampler = None
+        if cfg.uses_unlabeled:
+            unlabeled_cases = list(self.dataset.unlabeled)
+            if not unlabeled_cases:
+                raise ConfigError(f"{self.dataset.root}: preset {cfg.preset!r} needs unlabeled cases; "
+                                  "dataset.json has none (use --preset supervised)")
+            unlabeled = [preprocess_case(case, params, self.cache_dir, with_superpixels=cfg.refine)
+                         for case in unlabeled_cases]
+            # A different stream from the labeled sampler: unlabeled crops are not labeled crops' twins.
+            self.unlabeled_sampler = PatchSampler(unlabeled, cfg.patch_size, cfg.unlabeled_batch, self.num_classes,
+                                                  0.0, cfg.augment, cfg.seed + 7919)
+        counts = torch.zeros(self.num_classes, dtype=torch.float64)
+        for case in labeled:
+            counts += torch.bincount(torch.from_numpy(case.label.astype(np.int64)).flatten(),
+                                     minlength=self.num_classes)[: self.num_classes].double()
+        self.label_counts = counts.float()
+
+    def _build(self) -> None:
+        cfg = self.config
+        seed_everything(cfg.seed, INIT_STREAM)  # two independent Kaiming inits, reproducible
+        self.models = [m.to(self.device) for m in build_models(cfg, self.num_classes)]
+        self.optimizers = [self._make_optimizer(m) for m in self.models]
+        use_amp = cfg.amp and self.device.type == "cuda"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        self.diffdw = DiffDW(self.num_classes, cfg.diffdw_momentum)
+        self.distdw = DistDW(self.num_classes, cfg.distdw_momentum)
+        self.distdw.init_weights(self.label_counts)
+        feature_dim = cfg.projection_dim or cfg.base_filters
+        self.triplet_losses = [ConfidenceTripletLoss(cfg.triplet_levels, cfg.triplet_capacity, feature_dim,
+                                                     cfg.triplet_margin, cfg.triplet_max_anchors,
+                                                     cfg.triplet_max_candidates) for _ in self.models]
+        self.step = 0
+        self.best_metric = -math.inf
+        if self.init_from is not None:
+            state = load_checkpoint(self.init_from)
+            if len(state["models"]) != len(self.models):
+                raise ConfigError(f"{self.init_from}: has {len(state['models'])} subnets, preset {cfg.preset!r} needs {len(self.models)}")
+            for model, weights in zip(self.models, state["models"]):
+                model.load_state_dict(weights)
+
+    def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, nesterov=True)
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "step": self.step,
+            "best_metric": self.best_metric,
+            "config": self.config.to_dict(),
+            "labels": {str(k): v for k, v in self.dataset.labels.items()},
+            "colors": {str(k): list(v) for k, v in self.dataset.colors.items()},
+            "models": [m.state_dict() for m in self.models],
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "scaler": self.scaler.state_dict(),
+            "diffdw": self.diffdw.state_dict(),
+            "distdw": self.distdw.state_dict(),
+            "triplet": [t.state_dict() for t in self.triplet_losses],
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for model, weights in zip(self.models, state["models"]):
+            model.load_state_dict(weights)
+        for optimizer, opt_state in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(opt_state)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.diffdw.load_state_dict(state["diffdw"])
+        self.distdw.load_state_dict(state["distdw"])
+        for triplet, triplet_state in zip(self.triplet_losses, state["triplet"]):
+            triplet.load_state_dict(triplet_state)
+        self.step = int(state["step"])
+        self.best_metric = float(state["best_metric"])
+
+    def save(self, name: str = "last.pt") -> Path:
+        path = save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict())
+        self.events.write("checkpoint", step=self.step, path=str(path))
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def learning_rate(self, step: int) -> float:
+        return self.config.lr * (1.0 - step / self.config.iterations) ** self.config.poly_power
+
+    def train_step(self) -> Dict[str, float]:
+        """Run step ``self.step`` (0-based) and return its loss record."""
+        cfg, step = self.config, self.step
+        timings: Dict[str, float] = {}
+        self._lap_time = time.perf_counter()
+        seed_everything(cfg.seed, step)  # dropout masks and mining draws of this step
+        labeled = self.labeled_sampler.sample(step)
+        x_l = labeled["image"].to(self.device, non_blocking=True)
+        y_l = labeled["label"].to(self.device, non_blocking=True)
+        n_l = x_l.shape[0]
+        superpixels = None
+        if self.unlabeled_sampler is not None:
+            unlabeled = self.unlabeled_sampler.sample(step)
+            x = torch.cat([x_l, unlabeled["image"].to(self.device, non_blocking=True)])
+            superpixels = unlabeled["superpixels"].to(self.device, non_blocking=True)
+        else:
+            x = x_l
+        timings["data"] = self._lap()
+
+        lr = self.learning_rate(step)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        for model in self.models:
+            model.train()
+
+        with self.autocast():
+            outputs = [model(x) for model in self.models]
+        logits = [out[0].float() for out in outputs]
+        features = [out[1].float() for out in outputs]
+        timings["forward"] = self._lap()
+
+        zero = x.new_zeros(())
+        record = dict(loss_sup=zero, loss_unsup=zero, loss_tri=zero, loss_mc=zero)
+        changed_fraction = 0.0
+        ramp = sigmoid_rampup(step, cfg.rampup_iterations if cfg.rampup_iterations is not None else cfg.iterations)
+
+        if not cfg.dual_subnets:
+            weights = self.diffdw.update(logits[0][:n_l].detach(), y_l) if cfg.class_weighting else None
+            record["loss_sup"] = weighted_dice_ce_loss(logits[0][:n_l], y_l, weights)
+        else:
+            logit_a, logit_b = logits
+            if cfg.class_weighting:
+                w_a = self.diffdw.update(logit_a[:n_l].detach(), y_l)
+                w_b = self.distdw.update(logit_b[n_l:].detach()) if x.shape[0] > n_l else self.distdw.weights
+            else:
+                w_a = w_b = None
+            loss_sup = weighted_dice_ce_loss(logit_b[:n_l], y_l, w_b)
+            if cfg.supervised_subnets == "AB":
+                loss_sup = loss_sup + weighted_dice_ce_loss(logit_a[:n_l], y_l, w_a)
+            record["loss_sup"] = loss_sup
+
+            probs = [torch.softmax(lg, dim=1) for lg in logits]
+            confidence, pseudo = zip(*(p.detach().max(dim=1) for p in probs))
+            pseudo = [p.clone() for p in pseudo]
+            timings["losses_sup"] = self._lap()
+            if cfg.refine and superpixels is not None:
+                fractions = []
+                for index in range(2):
+                    refined, fraction = refine_pseudo_labels(probs[index][n_l:].detach(), pseudo[index][n_l:],
+                                                             superpixels, cfg.refine_tau)
+                    pseudo[index][n_l:] = refined
+                    fractions.append(fraction)
+                changed_fraction = float(np.mean(fractions))
+            timings["refine"] = self._lap()
+
+            if cfg.cps_weight > 0:
+                record["loss_unsup"] = (weighted_ce_loss(logit_a, pseudo[1], w_a)
+                                        + weighted_ce_loss(logit_b, pseudo[0], w_b))
+            if cfg.triplet and x.shape[0] > n_l:
+                generator = torch.Generator(device="cpu").manual_seed(step_seed(cfg.seed, step) % (2**62))
+                record["loss_tri"] = sum(
+                    triplet(features[i][n_l:], pseudo[i][n_l:], confidence[i][n_l:], generator)
+                    for i, triplet in enumerate(self.triplet_losses))
+            timings["triplet"] = self._lap()
+            if cfg.mutual_correction and x.shape[0] > n_l:
+                record["loss_mc"] = mutual_correction_loss(probs[0][n_l:], probs[1][n_l:], cfg.mc_tau)
+
+        loss = record["loss_sup"] + ramp * (cfg.cps_weight * record["loss_unsup"] + cfg.lambda_triplet * record["loss_tri"]
+                                            + cfg.lambda_mc * record["loss_mc"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate (--set lr=...)")
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        timings["backward"] = self._lap()
+        timings["total"] = sum(timings.values())
+        self.last_step_timings = timings
+        self.step += 1
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in record.items()},
+                "lr": lr, "ramp": ramp, "refine_changed_fraction": changed_fraction}
+
+    def _lap(self) -> float:
+        """Seconds since the previous lap (synchronising CUDA so the numbers are real)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        elapsed, self._lap_time = now - self._lap_time, now
+        return elapsed
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> Optional[Dict[str, Any]]:
+        if not self.validation_cases:
+            return None
+        for model in self.models:
+            model.eval()
+        per_class: Dict[str, List[float]] = {name: [] for c, name in self.dataset.labels.items() if c > 0}
+        for case in self.validation_cases:
+            probs = sliding_window_probabilities(self.models, torch.from_numpy(case.image), self.config.patch_size,
+                                                 self.num_classes, self.config.sw_overlap, self.config.sw_batch_size,
+                                                 self.device)
+            prediction = probs.argmax(0).numpy()
+            for c, name in self.dataset.labels.items():
+                if c > 0:
+                    per_class[name].append(dice(prediction == c, case.label == c))
+        scores = {name: float(np.mean(values)) for name, values in per_class.items()}
+        mean_dice = float(np.mean(list(scores.values()))) if scores else 0.0
+        record = self.events.write("validation", step=self.step, dice=scores, mean_dice=mean_dice)
+        if self.progress:
+            self.progress(record)
+        if mean_dice > self.best_metric:
+            self.best_metric = mean_dice
+            save_checkpoint(self.run_dir / "checkpoints" / "best.pt", self.state_dict())
+        return record
+
+    # ------------------------------------------------------------------ loop
+    def setup(self) -> None:
+        """Write the run files, preprocess the data, build subnets and losses, restore on resume."""
+        self._write_run_files()
+        self._load_data()
+        self._build()
+        if self.resume:
+            self.load_state_dict(load_latest_good(self.run_dir / "checkpoints" / "last.pt"))
+
+    def fit(self) -> Path:
+        cfg = self.config
+        self.setup()
+        self.events.write("start", total_steps=cfg.iterations, start_step=self.step, preset=cfg.preset,
+                          device=str(self.device), num_classes=self.num_classes,
+                          labeled=len(self.dataset.training), unlabeled=len(self.dataset.unlabeled))
+        restore_handlers = self._install_signal_handlers()
+        bar = self._progress_bar()
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < cfg.iterations:
+                if self._stop_requested():
+                    self._interrupt(bar)
+                values = self.train_step()
+                window_steps += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                    seconds = (time.perf_counter() - window_start) / window_steps
+                    record = self.events.write("train", step=self.step, **values, seconds=seconds,
+                                               eta_seconds=seconds * (cfg.iterations - self.step),
+                                               total_steps=cfg.iterations)
+                    window_start, window_steps = time.perf_counter(), 0
+                    if self.progress:
+                        self.progress(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", sup=f"{values['loss_sup']:.3f}")
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.validate_every == 0 and self.step < cfg.iterations:
+                    self.validate()
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
+                    self.save()
+            validated = self.validate()
+            if validated is None or not (self.run_dir / "checkpoints" / "best.pt").exists():
+                # Without validation cases the final weights are the best we know.
+                save_checkpoint(self.run_dir / "checkpoints" / "best.pt", self.state_dict())
+            final = self.save()
+            self.events.write("end", step=self.step, status="completed", message="training completed")
+            return final
+        except TrainingInterrupted:
+            raise
+        except Exception as exc:
+            self.events.write("end", step=self.step, status="failed", message=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            restore_handlers()
+
+    def _stop_requested(self) -> bool:
+        return self._stop_signal is not None or bool(self.should_stop and self.should_stop())
+
+    def _interrupt(self, bar) -> None:
+        path = self.save()
+        reason = self._stop_signal or "cancel requested"
+        message = (f"training stopped at step {self.step}/{self.config.iterations} ({reason}); checkpoint {path}; "
+                   f"continue with: plbopt train {self.dataset.root} -o {self.run_dir} --resume")
+        self.events.write("end", step=self.step, status="interrupted", message=message)
+        raise TrainingInterrupted(message)
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """SIGINT/SIGTERM stop at the next step boundary (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+
+        def handler(signum, _frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+    def _progress_bar(self):
+        if not self.show_progress_bar:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.config.iterations, initial=self.step, desc=f"train {self.config.preset}",
+                    unit="step", dynamic_ncols=True)

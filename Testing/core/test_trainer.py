@@ -1,0 +1,173 @@
+"""Trainer, checkpoints, events, inference and CLI on a tiny phantom dataset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from PLBOptCore.config import PRESETS, make_config
+from PLBOptCore.data.dataset import load_dataset
+from PLBOptCore.data.phantom import make_phantom_dataset
+from PLBOptCore.engine.checkpoint import load_checkpoint, save_checkpoint
+from PLBOptCore.engine.events import read_events
+from PLBOptCore.engine.inference import Predictor
+from PLBOptCore.engine.trainer import Trainer
+from PLBOptCore.errors import CheckpointError, ConfigError, TrainingInterrupted
+
+TINY = dict(patch_size=(16, 32, 32), base_filters=4, batch_size=1, iterations=2, device="cpu", log_every=1,
+            checkpoint_every=1, validate_every=1000, triplet_max_anchors=32, triplet_max_candidates=256,
+            triplet_capacity=64, superpixel_divisor=20, mc_tau=0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_labeled=2, n_unlabeled=2, n_test=1,
+                                n_validation=1, shape=(24, 48, 48), seed=3)
+
+
+def _weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+EXPECTED_TERMS = {
+    "supervised": set(),
+    "dhc": {"loss_unsup"},
+    "plbopt": {"loss_unsup", "loss_tri", "loss_mc"},
+    "refine-only": {"loss_unsup"},
+    "triplet-only": {"loss_unsup", "loss_tri"},
+    "mc-only": {"loss_unsup", "loss_mc"},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_one_step_of_each_preset_updates_every_subnet_and_logs_its_terms(preset, tiny_dataset, tmp_path):
+    trainer = Trainer(make_config(preset, overrides=dict(TINY, iterations=1)), load_dataset(tiny_dataset), tmp_path / "run")
+    trainer.setup()
+    before = [_weights(m) for m in trainer.models]
+    trainer.train_step()
+    assert len(trainer.models) == (1 if preset == "supervised" else 2)
+    for old, model in zip(before, trainer.models):
+        assert not torch.equal(old, _weights(model)), "a subnet did not change"
+
+    trainer = Trainer(make_config(preset, overrides=dict(TINY, iterations=1)), load_dataset(tiny_dataset),
+                      tmp_path / "run2")
+    trainer.fit()
+    records = [r for r in read_events(tmp_path / "run2") if r["type"] == "train"]
+    assert [r["step"] for r in records] == [1]
+    record = records[0]
+    for term in ("loss_unsup", "loss_tri", "loss_mc"):
+        if term in EXPECTED_TERMS[preset]:
+            assert record[term] > 0, f"{preset}: {term} should be active"
+        else:
+            assert record[term] == 0, f"{preset}: {term} should be off"
+    assert record["loss_sup"] > 0
+    assert (record["refine_changed_fraction"] >= 0) and (preset in ("plbopt", "refine-only") or record["refine_changed_fraction"] == 0)
+    for key in ("step", "loss", "loss_sup", "loss_unsup", "loss_tri", "loss_mc", "lr", "refine_changed_fraction", "seconds"):
+        assert key in record
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_dataset, tmp_path):
+    full = Trainer(make_config("plbopt", overrides=dict(TINY, iterations=4)), load_dataset(tiny_dataset), tmp_path / "full")
+    full.fit()
+
+    stop_after = {"count": 0}
+
+    def should_stop() -> bool:
+        stop_after["count"] += 1
+        return stop_after["count"] > 2  # polled before each step: stop after 2 steps
+
+    first = Trainer(make_config("plbopt", overrides=dict(TINY, iterations=4)), load_dataset(tiny_dataset),
+                    tmp_path / "cut", should_stop=should_stop)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        first.fit()
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 2
+    assert read_events(tmp_path / "cut")[-1]["status"] == "interrupted"
+
+    resumed = Trainer(make_config("plbopt", overrides=dict(TINY, iterations=4)), load_dataset(tiny_dataset),
+                      tmp_path / "cut", resume=True)
+    resumed.fit()
+    assert resumed.step == 4
+    for a, b in zip(full.models, resumed.models):
+        for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(pa, pb), f"{name} differs after resume"
+
+
+def test_run_folder_is_protected(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        Trainer(make_config("dhc", overrides=TINY), load_dataset(tiny_dataset), run)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        Trainer(make_config("dhc", overrides=TINY), load_dataset(tiny_dataset), tmp_path / "empty", resume=True)
+
+
+def test_checkpoints_are_atomic_and_verified(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1, "models": []})
+    save_checkpoint(path, {"step": 2, "models": []})
+    assert load_checkpoint(path)["step"] == 2
+    assert load_checkpoint(path.with_name("last.pt.prev"))["step"] == 1
+    assert not list(tmp_path.glob(".tmp-*"))
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a PLBOpt checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/plbopt-pwned"),))
+
+
+def test_pickle_payload_is_not_executed(tmp_path):
+    marker = Path("/tmp/plbopt-pwned")
+    marker.unlink(missing_ok=True)
+    torch.save({"format": "plbopt-checkpoint", "evil": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_prediction_is_written_in_the_input_geometry(tiny_dataset, tmp_path):
+    from PLBOptCore.api import predict
+
+    trainer = Trainer(make_config("dhc", overrides=dict(TINY, iterations=1)), load_dataset(tiny_dataset), tmp_path / "run")
+    trainer.fit()
+    spec = load_dataset(tiny_dataset)
+    source = sitk.ReadImage(str(spec.test[0].image))
+    # A non-trivial direction and origin must survive preprocessing and restoration.
+    source.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
+    source.SetOrigin((12.5, -40.0, 3.25))
+    image_path = tmp_path / "input" / "case_a.nrrd"
+    image_path.parent.mkdir()
+    sitk.WriteImage(source, str(image_path))
+    written = predict(tmp_path / "run", image_path.parent, tmp_path / "out", device="cpu")
+    assert [p.name for p in written] == ["case_a.nii.gz"]
+    for name in ("case_a.nii.gz", "case_a_confidence.nii.gz"):
+        out = sitk.ReadImage(str(tmp_path / "out" / name))
+        assert out.GetSize() == source.GetSize()
+        np.testing.assert_allclose(out.GetSpacing(), source.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(out.GetOrigin(), source.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(out.GetDirection(), source.GetDirection(), atol=1e-6)
+    confidence = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case_a_confidence.nii.gz")))
+    assert confidence.min() > 0 and confidence.max() <= 1.0 + 1e-5
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = subprocess.run([sys.executable, "-m", "PLBOptCore", "train", str(tmp_path / "data"), "-o", str(tmp_path / "run")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert str(tmp_path / "data") in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
