@@ -1,0 +1,453 @@
+"""PLBOpt: semi-supervised CT segmentation in 3D Slicer (train, review pseudo labels, correct, retrain).
+
+Thin Module/Widget/Logic/Test classes; the work lives in PLBOptLib, which has no qt/ctk imports
+and runs headless. Training and prediction run PLBOptCore in a child process (PythonSlicer), so
+torch is never imported into Slicer and the application stays responsive.
+"""
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.util import VTKObservationMixin
+
+from PLBOptLib import DEVICES, PRESETS, PLBOptSlicerError, Status, TrainSettings, WorkflowLogic, dependencies
+from PLBOptLib.events import TrainingProgress
+
+POLL_INTERVAL_MS = 1000
+MAX_LOG_CHARACTERS = 256 * 1024  # the log box gets slow beyond this; older lines are dropped
+
+
+class PLBOpt(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "PLBOpt"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations", "SegmentEditor"]
+        self.parent.contributors = ["PLBOpt contributors"]
+        self.parent.helpText = """
+Semi-supervised 3D CT segmentation with pseudo-label optimisation.
+<ol>
+<li><b>Dependencies</b>: installs torch (through the PyTorch extension) and PLBOptCore on first use.</li>
+<li><b>Dataset</b>: volumes in the scene are cases; a volume with a segmentation is labeled. Segment names
+are the classes and must be the same in every labeled case. Export writes the working folder's dataset.</li>
+<li><b>Train</b>: choose a preset and schedule, Start; Cancel keeps a resumable checkpoint, Resume continues.</li>
+<li><b>Review</b>: predicts refined pseudo labels and confidence maps for unlabeled cases, ranked by
+uncertainty; jump to the least confident region.</li>
+<li><b>Correct</b>: edit the pseudo label in Segment Editor, Accept as labeled, then Retrain (fine-tunes).</li>
+</ol>
+Python console: <code>logic = slicer.util.getModuleLogic("PLBOpt")</code>, see the module README.
+<br>Method: Ji, Ye, Ma, "Pseudo Label Optimization for Semi-Supervised Medical Image Segmentation".
+"""
+        self.parent.acknowledgementText = """
+PLBOpt builds on DHC (Wang &amp; Li, "DHC: Dual-debiased Heterogeneous Co-training Framework for
+Class-imbalanced Semi-supervised Medical Image Segmentation", MICCAI 2023). The extension layout follows
+SlicerTotalSegmentator and SlicerMONAIAuto3DSeg; torch comes from the SlicerPyTorch extension.
+"""
+
+
+@parameterNodeWrapper
+class PLBOptParameterNode:
+    workingFolder: Path
+    preset: Annotated[str, Choice(list(PRESETS))] = "plbopt"
+    iterations: Annotated[int, WithinRange(1, 1000000)] = 2000
+    patchZ: Annotated[int, WithinRange(8, 512)] = 48
+    patchY: Annotated[int, WithinRange(8, 512)] = 96
+    patchX: Annotated[int, WithinRange(8, 512)] = 96
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    baseFilters: Annotated[int, WithinRange(0, 256)] = 0  # 0 = the preset's width
+
+
+class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Panel: dependency check, case table, training with progress, review and correction."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: Optional[PLBOptLogic] = None
+        self._parameterNode: Optional[PLBOptParameterNode] = None
+        self._parameterNodeGuiTag = None
+        self._trainingJob = None
+        self._predictionJob = None
+        self._devicePrompted = False
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/PLBOpt.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = PLBOptLogic()
+        self.logic.log_callback = self.appendLog
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_INTERVAL_MS)
+        self.pollTimer.connect("timeout()", self.onPollTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
+        self.ui.refreshCasesButton.connect("clicked(bool)", self.refreshCaseTable)
+        self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.startButton.connect("clicked(bool)", self.onStartTraining)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelTraining)
+        self.ui.resumeButton.connect("clicked(bool)", self.onResumeTraining)
+        self.ui.predictButton.connect("clicked(bool)", self.onPredict)
+        self.ui.casesTable.connect("itemSelectionChanged()", self.onCaseSelected)
+        self.ui.jumpButton.connect("clicked(bool)", self.onJumpToLeastConfident)
+        self.ui.editButton.connect("clicked(bool)", self.onEditInSegmentEditor)
+        self.ui.acceptButton.connect("clicked(bool)", self.onAcceptAsLabeled)
+        self.ui.retrainButton.connect("clicked(bool)", self.onRetrain)
+
+        self.initializeParameterNode()
+        self.refreshCaseTable()
+        self.updateButtons()
+
+    def cleanup(self) -> None:
+        """Module unloaded: stop polling (a running job keeps running and can be resumed)."""
+        self.pollTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self.refreshCaseTable()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+        self.logic.review_items.clear()
+        self.refreshCaseTable()
+
+    def initializeParameterNode(self) -> None:
+        parameterNode = self.logic.getParameterNode()
+        if str(parameterNode.workingFolder) in ("", "."):
+            parameterNode.workingFolder = Path(slicer.app.defaultScenePath) / "PLBOpt"
+        self.setParameterNode(parameterNode)
+
+    def setParameterNode(self, parameterNode: Optional[PLBOptParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.updateButtons()
+
+    # ---- state shown in the panel ------------------------------------------------------------
+    def _syncLogicWithParameters(self) -> None:
+        self.logic.working_dir = Path(self._parameterNode.workingFolder)
+
+    def _busy(self) -> bool:
+        return any(job is not None and job.process.running for job in (self._trainingJob, self._predictionJob))
+
+    def updateButtons(self, caller=None, event=None) -> None:
+        busy = self._busy()
+        training = self._trainingJob is not None and self._trainingJob.process.running
+        hasRun = False
+        if self._parameterNode:
+            self._syncLogicWithParameters()
+            hasRun = self.logic.latest_run_dir() is not None
+        selected = self.selectedCase()
+        for button in (self.ui.exportButton, self.ui.startButton):
+            button.enabled = not busy
+        self.ui.cancelButton.enabled = training
+        self.ui.resumeButton.enabled = not busy and hasRun
+        self.ui.predictButton.enabled = not busy and hasRun
+        self.ui.retrainButton.enabled = not busy and hasRun
+        self.ui.jumpButton.enabled = selected is not None and selected.name in self.logic.review_items
+        self.ui.editButton.enabled = selected is not None and selected.segmentation is not None
+        self.ui.acceptButton.enabled = selected is not None and selected.status in (Status.PSEUDO_LABELED,
+                                                                                      Status.CORRECTED)
+
+    def appendLog(self, text: str) -> None:
+        if len(self.ui.logTextEdit.toPlainText()) > MAX_LOG_CHARACTERS:
+            self.ui.logTextEdit.clear()
+        self.ui.logTextEdit.appendPlainText(text)
+        logging.info(text)
+
+    def refreshCaseTable(self) -> None:
+        """Case table: volumes of the scene, most uncertain pseudo labels first."""
+        table = self.ui.casesTable
+        uncertainty = {item.case_name: item.prediction.uncertainty for item in self.logic.ranked_review()}
+        cases = sorted(self.logic.cases(), key=lambda case: -uncertainty.get(case.name, -1.0))
+        table.setRowCount(len(cases))
+        for row, case in enumerate(cases):
+            cells = [case.name, case.status.value, case.segmentation.GetName() if case.segmentation else "",
+                     f"{uncertainty[case.name]:.3f}" if case.name in uncertainty else ""]
+            for column, text in enumerate(cells):
+                item = qt.QTableWidgetItem(text)
+                item.setData(qt.Qt.UserRole, case.name)
+                table.setItem(row, column, item)
+        table.resizeColumnsToContents()
+        try:
+            names = self.logic.class_names()
+            self.ui.classesLabel.text = "Classes: " + ", ".join(names)
+        except PLBOptSlicerError as error:
+            self.ui.classesLabel.text = str(error)
+        self.updateButtons()
+
+    def selectedCase(self):
+        items = self.ui.casesTable.selectedItems()
+        if not items:
+            return None
+        name = items[0].data(qt.Qt.UserRole)
+        return next((case for case in self.logic.cases() if case.name == name), None)
+
+    def showProgress(self, progress: TrainingProgress) -> None:
+        self.ui.progressBar.setValue(int(round(1000 * progress.fraction)))
+        self.ui.progressLabel.text = progress.summary()
+
+    # ---- dependencies ------------------------------------------------------------------------
+    def onCheckDependencies(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Dependency check failed.", waitCursor=True):
+            self.ensureDependencies(askToInstall=True)
+
+    def ensureDependencies(self, askToInstall: bool) -> bool:
+        """True when training can start; offers to install what is missing (asks first)."""
+        status = dependencies.check_dependencies()
+        self.ui.dependencyStatusLabel.text = status.summary()
+        if not status.ready:
+            if not askToInstall:
+                return False
+            source = dependencies.plbopt_requirement(Path(self.resourcePath("")).parent)
+            if not slicer.util.confirmOkCancelDisplay(status.install_description(source), "PLBOpt: install packages"):
+                return False
+            self.logic.install_dependencies(status, source)
+            status = dependencies.check_dependencies()
+            self.ui.dependencyStatusLabel.text = status.summary()
+            if not status.ready:
+                raise PLBOptSlicerError("installation finished but packages are still missing: " + status.summary())
+        if not self._devicePrompted:
+            message = dependencies.device_message(dependencies.probe_torch(self.logic.job_python()))
+            self.ui.deviceStatusLabel.text = message
+            self.appendLog(message)
+            self._devicePrompted = True
+        return True
+
+    # ---- dataset and training ----------------------------------------------------------------
+    def trainSettings(self) -> TrainSettings:
+        return self.logic.settings_from_parameter_node(self._parameterNode)
+
+    def onExport(self) -> None:
+        self._syncLogicWithParameters()
+        with slicer.util.tryWithErrorDisplay("Dataset export failed.", waitCursor=True):
+            self.logic.export_dataset()
+        self.refreshCaseTable()
+
+    def _startTrainingJob(self, start) -> None:
+        self._syncLogicWithParameters()
+        with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
+            if not self.ensureDependencies(askToInstall=True):
+                return
+            self._trainingJob = start()
+            self.ui.progressBar.setValue(0)
+            self.ui.progressLabel.text = TrainingProgress().summary()
+            self.pollTimer.start()
+        self.refreshCaseTable()
+
+    def onStartTraining(self) -> None:
+        self._startTrainingJob(lambda: self.logic.start_training(self.trainSettings()))
+
+    def onResumeTraining(self) -> None:
+        self._startTrainingJob(lambda: self.logic.resume_training(self.trainSettings()))
+
+    def onRetrain(self) -> None:
+        self._startTrainingJob(lambda: self.logic.retrain(self.trainSettings()))
+
+    def onCancelTraining(self) -> None:
+        if self._trainingJob is not None:
+            self.appendLog("Cancelling: the trainer saves a checkpoint at the end of the current step…")
+            self._trainingJob.cancel()
+            self.ui.cancelButton.enabled = False
+
+    def onPollTimer(self) -> None:
+        if self._trainingJob is not None:
+            for line in self._trainingJob.poll():
+                self.appendLog(line)
+            self.showProgress(self._trainingJob.progress)
+            if self._trainingJob.finished:
+                self.onTrainingFinished(self._trainingJob)
+                self._trainingJob = None
+        if self._predictionJob is not None:
+            for line in self._predictionJob.process.poll():
+                self.appendLog(line)
+            if not self._predictionJob.process.running:
+                self.onPredictionFinished(self._predictionJob)
+                self._predictionJob = None
+        if not self._busy():
+            self.pollTimer.stop()
+        self.updateButtons()
+
+    def onTrainingFinished(self, job) -> None:
+        progress = job.progress
+        if progress.status == "completed":
+            self.appendLog(f"Training completed: {job.run_dir}")
+        elif progress.status == "interrupted":
+            self.appendLog(f"Training stopped; checkpoint kept for Resume: {job.checkpoint}")
+        else:
+            slicer.util.errorDisplay(f"Training failed: {progress.message}", detailedText="\n".join(job.process.output))
+
+    # ---- review ------------------------------------------------------------------------------
+    def onPredict(self) -> None:
+        self._syncLogicWithParameters()
+        with slicer.util.tryWithErrorDisplay("Could not start prediction.", waitCursor=True):
+            if not self.ensureDependencies(askToInstall=True):
+                return
+            self._predictionJob = self.logic.start_prediction()
+            self.ui.progressLabel.text = "Predicting pseudo labels for the unlabeled cases…"
+            self.pollTimer.start()
+        self.updateButtons()
+
+    def onPredictionFinished(self, job) -> None:
+        if job.process.returncode != 0:
+            slicer.util.errorDisplay(f"Prediction failed: {job.process.failure_message()}",
+                                     detailedText="\n".join(job.process.output))
+            return
+        with slicer.util.tryWithErrorDisplay("Could not load the pseudo labels.", waitCursor=True):
+            ranked = self.logic.load_predictions(job.run_dir, job.out_dir)
+            self.ui.progressLabel.text = f"{len(ranked)} pseudo labels loaded, most uncertain first"
+            self.refreshCaseTable()
+            if ranked:
+                self.ui.casesTable.selectRow(0)
+
+    def onCaseSelected(self) -> None:
+        case = self.selectedCase()
+        self.updateButtons()
+        if case is None:
+            return
+        confidence = case.volume.GetNodeReference("PLBOptConfidence")
+        slicer.util.setSliceViewerLayers(background=case.volume, foreground=confidence,
+                                         foregroundOpacity=0.4 if confidence else 0.0, fit=True)
+        for index in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+            node = slicer.mrmlScene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+            if node.GetDisplayNode():
+                node.GetDisplayNode().SetVisibility(node is case.segmentation)
+
+    def onJumpToLeastConfident(self) -> None:
+        case = self.selectedCase()
+        with slicer.util.tryWithErrorDisplay("Could not jump to the least confident region."):
+            self.logic.jump_to_least_confident(case.name)
+
+    # ---- correction --------------------------------------------------------------------------
+    def onEditInSegmentEditor(self) -> None:
+        case = self.selectedCase()
+        with slicer.util.tryWithErrorDisplay("Could not open Segment Editor."):
+            segmentation = self.logic.begin_correction(case.name)
+            slicer.util.selectModule("SegmentEditor")
+            editor = slicer.modules.SegmentEditorWidget.editor
+            editor.setSegmentationNode(segmentation)
+            editor.setSourceVolumeNode(case.volume)
+        self.refreshCaseTable()
+
+    def onAcceptAsLabeled(self) -> None:
+        case = self.selectedCase()
+        with slicer.util.tryWithErrorDisplay("Could not accept the segmentation.", waitCursor=True):
+            self.logic.accept_as_labeled(case.name)
+        self.refreshCaseTable()
+
+
+class PLBOptLogic(ScriptedLoadableModuleLogic, WorkflowLogic):
+    """Python-console API of the module (all methods of :class:`PLBOptLib.WorkflowLogic`), e.g.::
+
+        logic = slicer.util.getModuleLogic("PLBOpt")  # or PLBOpt.PLBOptLogic()
+        logic.working_dir = Path("~/plbopt-work").expanduser()
+        job = logic.start_training(TrainSettings(preset="plbopt", iterations=500, device="cpu"))
+        job.wait()                                   # or poll job.poll() / job.progress from a timer
+        prediction = logic.start_prediction(); prediction.process.wait()
+        ranked = logic.load_predictions(prediction.run_dir, prediction.out_dir)
+    """
+
+    def __init__(self, working_dir: Optional[Path] = None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        WorkflowLogic.__init__(self, slicer.mrmlScene, working_dir=working_dir)
+
+    def getParameterNode(self) -> PLBOptParameterNode:
+        return PLBOptParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def settings_from_parameter_node(parameterNode: PLBOptParameterNode) -> TrainSettings:
+        return TrainSettings(preset=parameterNode.preset, iterations=parameterNode.iterations,
+                             patch_size=(parameterNode.patchZ, parameterNode.patchY, parameterNode.patchX),
+                             device=parameterNode.device, base_filters=parameterNode.baseFilters or None)
+
+    def install_dependencies(self, status, plbopt_source: str) -> None:
+        """Install torch (PyTorch extension) and PLBOptCore without replacing torch/SimpleITK."""
+        if status.torch_version is None:
+            dependencies.install_torch(self.log_callback)
+        if status.plbopt_version is None or status.missing_light:
+            dependencies.install_plbopt(status, plbopt_source, self.log_callback)
+
+
+class PLBOptTest(ScriptedLoadableModuleTest):
+    """Workflow on a tiny synthetic volume: export, 2 CPU training steps, prediction, review, accept."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_workflow_on_synthetic_volumes()
+
+    def _addVolume(self, name: str, seed: int):
+        rng = np.random.default_rng(seed)
+        z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in (16, 32, 32)], indexing="ij")
+        organ = (x / 0.5) ** 2 + (y / 0.4) ** 2 + (z / 0.7) ** 2 < 1
+        image = (np.where(organ, 100.0, 0.0) + rng.normal(0, 5, organ.shape)).astype(np.float32)
+        volume = slicer.util.addVolumeFromArray(image, name=name)
+        volume.SetSpacing(0.8, 0.8, 2.0)
+        return volume, organ
+
+    def test_workflow_on_synthetic_volumes(self) -> None:
+        self.delayDisplay("Creating a labeled and an unlabeled synthetic volume")
+        labeled, organ = self._addVolume("labeled", 0)
+        self._addVolume("unlabeled", 1)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "labeled segmentation")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(labeled)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("organ", "organ", [0.9, 0.3, 0.2])
+        slicer.util.updateSegmentBinaryLabelmapFromArray(organ.astype(np.uint8), segmentation, segmentId, labeled)
+
+        logic = PLBOptLogic(Path(tempfile.mkdtemp(prefix="PLBOptTest-")))
+        exported = logic.export_dataset()
+        self.assertEqual(exported.class_names, ["organ"])
+        self.assertEqual((exported.labeled, exported.unlabeled), (["labeled"], ["unlabeled"]))
+
+        if not dependencies.check_dependencies().ready:
+            self.delayDisplay("torch/PLBOptCore not installed: training steps skipped (export checked)")
+            return
+        self.delayDisplay("Training 2 steps on the CPU")
+        settings = TrainSettings(preset="plbopt", iterations=2, patch_size=(16, 32, 32), device="cpu", base_filters=4,
+                                 overrides={"checkpoint_every": 1, "validate_every": 1000, "log_every": 1})
+        progress = logic.start_training(settings, export=False).wait(timeout=600)
+        self.assertEqual(progress.status, "completed", progress.message)
+
+        self.delayDisplay("Predicting and loading the pseudo label")
+        prediction = logic.start_prediction()
+        self.assertEqual(prediction.process.wait(timeout=600), 0, prediction.process.failure_message())
+        ranked = logic.load_predictions(prediction.run_dir, prediction.out_dir)
+        self.assertEqual([item.case_name for item in ranked], ["unlabeled"])
+        logic.jump_to_least_confident("unlabeled")
+
+        logic.begin_correction("unlabeled")
+        logic.accept_as_labeled("unlabeled")
+        self.assertEqual(len(logic.export_dataset().labeled), 2)
+        self.delayDisplay("Test passed")

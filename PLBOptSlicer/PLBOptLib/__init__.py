@@ -1,0 +1,14 @@
+"""PLBOpt module internals that run without the Slicer GUI (no qt/ctk imports).
+
+PLBOptCore (torch) is never imported here: training and prediction run in a child process.
+"""
+
+from .cases import SceneCase, Status, export_dataset, find_cases
+from .errors import PLBOptSlicerError
+from .events import EventsFollower, TrainingProgress
+from .logic import PredictionJob, ReviewItem, TrainingJob, WorkflowLogic
+from .process import DEVICES, PRESETS, JobProcess, TrainSettings
+
+__all__ = ["DEVICES", "PRESETS", "EventsFollower", "JobProcess", "PLBOptSlicerError", "PredictionJob",
+           "ReviewItem", "SceneCase", "Status", "TrainSettings", "TrainingJob", "TrainingProgress",
+           "WorkflowLogic", "export_dataset", "find_cases"]

@@ -1,0 +1,292 @@
+"""The PLBOpt workflow on a MRML scene: dataset export, training/prediction processes, review,
+correction. No qt or ctk here, so it runs headless (tests, ``slicer-core``) and from the Python console.
+
+Working folder layout::
+
+    WORK/dataset/           dataset.json, imagesTr/, labelsTr/, imagesUn/   (rewritten on export)
+    WORK/runs/run-NNN/      PLBOptCore run folders (checkpoints/last.pt, events.jsonl, dataset.json)
+    WORK/predictions/run-NNN/   <case>.nii.gz + <case>_confidence.nii.gz from ``refine``
+    WORK/corrected/<case>.seg.nrrd   accepted corrections
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import slicer
+
+from . import cases as case_utils
+from . import review
+from .cases import ExportedDataset, SceneCase, Status
+from .errors import PLBOptSlicerError
+from .events import EventsFollower, TrainingProgress
+from .process import EXIT_INTERRUPTED, JobProcess, TrainSettings, python_executable, refine_command, train_command
+
+
+@dataclass
+class TrainingJob:
+    """A running (or finished) training process and the progress read from its events.jsonl."""
+
+    run_dir: Path
+    process: JobProcess
+    events: EventsFollower
+    progress: TrainingProgress = field(default_factory=TrainingProgress)
+
+    @property
+    def checkpoint(self) -> Path:
+        """The resumable checkpoint PLBOptCore keeps up to date (also written on cancel)."""
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    def poll(self) -> List[str]:
+        """Advance progress from new events and process output; return lines for the log."""
+        log = list(self.process.poll())
+        for record in self.events.read_new():
+            line = self.progress.update(record)
+            if line:
+                log.append(line)
+        returncode = self.process.returncode
+        if returncode is not None and not self.progress.finished:
+            # No "end" record (killed, crashed before logging): the exit status tells what happened.
+            if returncode == 0:
+                self.progress.status = "completed"
+            elif returncode == EXIT_INTERRUPTED or self.process.cancel_requested:
+                self.progress.status = "interrupted"
+            else:
+                self.progress.status, self.progress.message = "failed", self.process.failure_message()
+            log.append(f"Training process exited with status {returncode}")
+        return log
+
+    @property
+    def finished(self) -> bool:
+        return self.process.returncode is not None and self.progress.finished
+
+    def cancel(self) -> None:
+        self.process.cancel()
+
+    def wait(self, timeout: Optional[float] = None, log: Optional[Callable[[str], None]] = None) -> TrainingProgress:
+        """Block until the process ends (console/tests); the panel polls instead."""
+        self.process.wait(timeout)
+        for line in self.poll():
+            if log:
+                log(line)
+        return self.progress
+
+
+@dataclass
+class PredictionJob:
+    """A running ``refine`` process writing pseudo labels for the unlabeled cases."""
+
+    run_dir: Path
+    out_dir: Path
+    process: JobProcess
+
+
+@dataclass
+class ReviewItem:
+    """A case whose pseudo label is in the scene, with its review numbers."""
+
+    case_name: str
+    prediction: review.LoadedPrediction
+
+
+class WorkflowLogic:
+    """Scene cases -> dataset -> training -> pseudo labels -> correction -> retraining.
+
+    ``scene`` defaults to ``slicer.mrmlScene``; ``python`` to PythonSlicer (or the current
+    interpreter outside Slicer). Messages go to ``log_callback``.
+    """
+
+    def __init__(self, scene=None, working_dir: Optional[Path] = None, python: Optional[str] = None,
+                 log_callback: Optional[Callable[[str], None]] = None):
+        self.scene = scene if scene is not None else slicer.mrmlScene
+        self.working_dir = Path(working_dir) if working_dir else None
+        self.python = python
+        self.log_callback = log_callback or print
+        self.review_items: Dict[str, ReviewItem] = {}
+
+    # ---- folders -----------------------------------------------------------------------------
+    def _work(self) -> Path:
+        if self.working_dir is None:
+            raise PLBOptSlicerError("choose a working folder first")
+        return self.working_dir
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self._work() / "dataset"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self._work() / "runs"
+
+    def run_dirs(self) -> List[Path]:
+        """Run folders, oldest first."""
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted(p for p in self.runs_dir.iterdir() if p.is_dir() and re.fullmatch(r"run-\d{3,}", p.name))
+
+    def latest_run_dir(self) -> Optional[Path]:
+        runs = self.run_dirs()
+        return runs[-1] if runs else None
+
+    def new_run_dir(self) -> Path:
+        latest = self.latest_run_dir()
+        number = int(latest.name.split("-")[1]) + 1 if latest else 1
+        return self.runs_dir / f"run-{number:03d}"
+
+    # ---- dataset -----------------------------------------------------------------------------
+    def cases(self) -> List[SceneCase]:
+        """Cases of the scene with their status (see :mod:`PLBOptLib.cases`)."""
+        return case_utils.find_cases(self.scene)
+
+    def class_names(self) -> List[str]:
+        """Class names the next export would use; raises with the reason when labeled cases disagree."""
+        return case_utils.class_names(self.cases(), self._previous_class_order())
+
+    def _previous_class_order(self) -> List[str]:
+        previous = self.dataset_dir / "dataset.json"
+        if not previous.is_file():
+            return []
+        labels, _ = case_utils.read_class_table(previous)
+        return [labels[v] for v in sorted(labels) if v > 0]
+
+    def export_dataset(self) -> ExportedDataset:
+        """Write the scene's cases to ``WORK/dataset`` in the PLBOptCore dataset format.
+
+        Classes keep the order of the previous export when the names are the same, so a model
+        fine-tuned from an earlier run keeps its output channels.
+        """
+        exported = case_utils.export_dataset(self.cases(), self.dataset_dir, preferred_order=self._previous_class_order())
+        self.log_callback(f"Exported {len(exported.labeled)} labeled and {len(exported.unlabeled)} unlabeled "
+                          f"cases, classes: {', '.join(exported.class_names)} -> {exported.root}")
+        return exported
+
+    # ---- training ----------------------------------------------------------------------------
+    def job_python(self) -> str:
+        """Interpreter for PLBOptCore jobs: ``python`` if given, else PythonSlicer / the current one."""
+        return self.python or python_executable()
+
+    def start_training(self, settings: TrainSettings, resume: bool = False, init_from: Optional[Path] = None,
+                       export: bool = True) -> TrainingJob:
+        """Launch ``PLBOptCore train`` in a child process and return the job to poll.
+
+        A new run folder is created unless ``resume``, which continues the latest run from its
+        ``checkpoints/last.pt``.
+        """
+        if resume:
+            run_dir = self.latest_run_dir()
+            if run_dir is None or not (run_dir / "checkpoints" / "last.pt").is_file():
+                raise PLBOptSlicerError(f"{self.runs_dir}: no run with a checkpoint to resume")
+        else:
+            if export:
+                self.export_dataset()
+            run_dir = self.new_run_dir()
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        command = train_command(self.job_python(), self.dataset_dir, run_dir, settings, resume=resume, init_from=init_from)
+        self.log_callback("Running: " + " ".join(command))
+        events = EventsFollower.from_end(run_dir / "events.jsonl")
+        return TrainingJob(run_dir=run_dir, process=JobProcess(command, cwd=self._work()).start(), events=events)
+
+    def resume_training(self, settings: TrainSettings) -> TrainingJob:
+        return self.start_training(settings, resume=True)
+
+    def retrain(self, settings: TrainSettings) -> TrainingJob:
+        """Re-export (corrections now count as labeled) and fine-tune from the latest run's last checkpoint."""
+        latest = self.latest_run_dir()
+        checkpoint = latest / "checkpoints" / "last.pt" if latest else None
+        if checkpoint is None or not checkpoint.is_file():
+            raise PLBOptSlicerError(f"{self.runs_dir}: no trained run to fine-tune; start a training first")
+        return self.start_training(settings, init_from=checkpoint)
+
+    # ---- review ------------------------------------------------------------------------------
+    def start_prediction(self, run_dir: Optional[Path] = None) -> PredictionJob:
+        """Launch ``PLBOptCore refine`` on the exported unlabeled images of ``run_dir`` (default: latest run)."""
+        run_dir = Path(run_dir) if run_dir else self.latest_run_dir()
+        if run_dir is None or not (run_dir / "checkpoints").is_dir():
+            raise PLBOptSlicerError(f"{self.runs_dir}: no trained run; train a model first")
+        inputs = self.dataset_dir / "imagesUn"
+        if not inputs.is_dir() or not any(inputs.iterdir()):
+            raise PLBOptSlicerError(f"{inputs}: no unlabeled images exported")
+        out_dir = self._work() / "predictions" / run_dir.name
+        command = refine_command(self.job_python(), run_dir, inputs, out_dir)
+        self.log_callback("Running: " + " ".join(command))
+        return PredictionJob(run_dir=run_dir, out_dir=out_dir, process=JobProcess(command, cwd=self._work()).start())
+
+    def load_predictions(self, run_dir: Path, out_dir: Path) -> List[ReviewItem]:
+        """Load every predicted case as pseudo label + confidence map; return them most uncertain first.
+
+        Cases being corrected or already labeled are left alone so edits are never overwritten;
+        an earlier pseudo label of the same case is replaced.
+        """
+        labels, colors = case_utils.read_class_table(Path(run_dir) / "dataset.json")
+        loaded = []
+        for case in self.cases():
+            label_path = Path(out_dir) / f"{case.name}.nii.gz"
+            if not label_path.is_file() or case.status in (Status.LABELED, Status.CORRECTED):
+                continue
+            self._remove_pseudo_label(case)
+            prediction = review.load_prediction(case.volume, label_path, Path(out_dir) / f"{case.name}_confidence.nii.gz",
+                                                labels, colors)
+            case_utils.set_case_segmentation(case.volume, prediction.segmentation, Status.PSEUDO_LABELED)
+            self.review_items[case.name] = ReviewItem(case.name, prediction)
+            loaded.append(case.name)
+        self.log_callback(f"Loaded pseudo labels of {len(loaded)} cases from {out_dir}")
+        return [item for item in self.ranked_review() if item.case_name in loaded]
+
+    def _remove_pseudo_label(self, case: SceneCase) -> None:
+        if case.status == Status.PSEUDO_LABELED and case.segmentation is not None:
+            self.scene.RemoveNode(case.segmentation)
+        confidence = case.volume.GetNodeReference(review.CONFIDENCE_REFERENCE_ROLE)
+        if confidence is not None:
+            self.scene.RemoveNode(confidence)
+        self.review_items.pop(case.name, None)
+
+    def ranked_review(self) -> List[ReviewItem]:
+        """Pseudo-labeled cases, most uncertain first: correcting those teaches the model most."""
+        return sorted(self.review_items.values(), key=lambda item: item.prediction.uncertainty, reverse=True)
+
+    def jump_to_least_confident(self, case_name: str) -> tuple:
+        """Centre the slice views on the case's least confident region; return that RAS point."""
+        item = self.review_items.get(case_name)
+        if item is None:
+            raise PLBOptSlicerError(f"{case_name}: no pseudo label loaded for review")
+        review.jump_slices_to(self.scene, item.prediction.least_confident_ras)
+        return item.prediction.least_confident_ras
+
+    # ---- correction --------------------------------------------------------------------------
+    def begin_correction(self, case_name: str) -> "slicer.vtkMRMLSegmentationNode":
+        """Mark a pseudo-labeled case as being corrected and return the segmentation to edit."""
+        case = case_utils.find_case(self.scene, case_name)
+        if case.segmentation is None:
+            raise PLBOptSlicerError(f"{case_name}: has no segmentation to correct; predict it first")
+        if case.status != Status.LABELED:
+            case_utils.set_status(case.volume, Status.CORRECTED)
+        return case.segmentation
+
+    def accept_as_labeled(self, case_name: str) -> Path:
+        """Promote a (corrected) pseudo label to a training label: saved as ``WORK/corrected/<case>.seg.nrrd``.
+
+        Its segment names must match the labeled cases' classes; the next export puts it in labelsTr.
+        """
+        case = case_utils.find_case(self.scene, case_name)
+        if case.segmentation is None:
+            raise PLBOptSlicerError(f"{case_name}: has no segmentation to accept")
+        case_utils.check_segmentation_geometry(case)
+        promoted = SceneCase(case.name, case.volume, case.segmentation, Status.LABELED)
+        others = [c for c in self.cases() if c.trains_supervised and c.name != case.name]
+        case_utils.class_names(others + [promoted])  # raises if its segment names disagree
+        path = self._work() / "corrected" / f"{case.name}.seg.nrrd"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage = case.segmentation.GetStorageNode()
+        if storage is None:
+            case.segmentation.AddDefaultStorageNode()
+            storage = case.segmentation.GetStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.WriteData(case.segmentation):
+            raise PLBOptSlicerError(f"{path}: could not write the segmentation")
+        case_utils.set_case_segmentation(case.volume, case.segmentation, Status.LABELED)
+        self.review_items.pop(case.name, None)
+        self.log_callback(f"{case_name}: accepted as labeled ({path})")
+        return path

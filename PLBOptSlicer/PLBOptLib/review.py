@@ -1,0 +1,233 @@
+"""Review of pseudo labels: load PLBOptCore predictions as MRML nodes, rank cases by uncertainty,
+locate the least confident region, and render the review picture with matplotlib.
+
+``<case>.nii.gz`` is a class-index label map and ``<case>_confidence.nii.gz`` the max-softmax
+probability per voxel, both on the input image's grid (PLBOptCore's refine contract).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import vtk
+
+import slicer
+
+from . import imageio
+from .cases import ROLE_ATTRIBUTE
+from .errors import PLBOptSlicerError
+
+CONFIDENCE_REFERENCE_ROLE = "PLBOptConfidence"
+CONFIDENCE_ROLE = "confidence"
+CONFIDENCE_COLORS_ROLE = "confidence-colors"
+# Used when a run's dataset.json has no "colors" (0-255 RGB; a qualitative palette).
+DEFAULT_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                   (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
+
+
+@dataclass
+class LoadedPrediction:
+    """A case's pseudo label and confidence as scene nodes, plus the review numbers."""
+
+    segmentation: "slicer.vtkMRMLSegmentationNode"
+    confidence: "slicer.vtkMRMLScalarVolumeNode"
+    uncertainty: float  # mean (1 - confidence) over predicted foreground; higher = review first
+    least_confident_ras: Tuple[float, float, float]
+
+
+def class_color(value: int, colors: Dict[int, Tuple[int, int, int]]) -> Tuple[int, int, int]:
+    return tuple(colors.get(value, DEFAULT_PALETTE[(value - 1) % len(DEFAULT_PALETTE)]))
+
+
+def uncertainty_score(label: np.ndarray, confidence: np.ndarray) -> float:
+    """Mean ``1 - confidence`` over predicted foreground (the whole volume if nothing is predicted).
+
+    Restricting to foreground keeps large, easy background from diluting the score, so cases whose
+    organs are uncertain rank first.
+    """
+    foreground = label > 0
+    region = confidence[foreground] if foreground.any() else confidence
+    return float(np.mean(1.0 - region.astype(np.float64)))
+
+
+def least_confident_voxel(label: np.ndarray, confidence: np.ndarray,
+                          window: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
+    """(K, J, I) centre of the least confident foreground region.
+
+    A box of ``window`` voxels (default about 1/8 of each axis, 3 to 15) slides over the
+    uncertainty ``(1 - confidence)`` of predicted foreground; the box holding the most uncertainty
+    wins, so a compact uncertain region beats an isolated noisy voxel. The result is the
+    uncertainty-weighted centre inside that box.
+    """
+    foreground = label > 0
+    weights = (1.0 - confidence.astype(np.float64)) * (foreground if foreground.any() else 1.0)
+    shape = np.array(weights.shape)
+    if window is None:
+        window = np.clip(shape // 8, 3, 15)
+    window = np.minimum(np.asarray(window, int), shape)
+    # Summed-volume table: every box sum in O(1) by inclusion-exclusion over the 8 corners.
+    table = np.zeros(tuple(shape + 1))
+    table[1:, 1:, 1:] = weights.cumsum(0).cumsum(1).cumsum(2)
+    (a, b, c), (n0, n1, n2) = window, shape - window + 1
+    box = (table[a:a + n0, b:b + n1, c:c + n2] - table[:n0, b:b + n1, c:c + n2]
+           - table[a:a + n0, :n1, c:c + n2] - table[a:a + n0, b:b + n1, :n2]
+           + table[:n0, :n1, c:c + n2] + table[:n0, b:b + n1, :n2] + table[a:a + n0, :n1, :n2]
+           - table[:n0, :n1, :n2])
+    start = np.unravel_index(int(np.argmax(box)), box.shape)
+    block = tuple(slice(s, s + w) for s, w in zip(start, window))
+    block_weights = weights[block]
+    if block_weights.sum() <= 0:
+        return tuple(int(s + w // 2) for s, w in zip(start, window))
+    grids = np.meshgrid(*[np.arange(s, s + w) for s, w in zip(start, window)], indexing="ij")
+    return tuple(int(round(float((g * block_weights).sum() / block_weights.sum()))) for g in grids)
+
+
+def voxel_to_ras(volume_node, kji: Sequence[int]) -> Tuple[float, float, float]:
+    """World (RAS) position of voxel (K, J, I) of ``volume_node``."""
+    ras = imageio.volume_geometry(volume_node).ijk_to_ras(np.asarray(kji[::-1], float))
+    return tuple(float(v) for v in ras)
+
+
+def uncertainty_colormap(count: int = 256) -> np.ndarray:
+    """(count, 3) RGB in 0..1 indexed by confidence 0..1: black when certain, red→yellow→white as
+    confidence drops ("hot" on 1 - confidence), so uncertain voxels glow in a foreground overlay."""
+    uncertainty = 1.0 - np.linspace(0.0, 1.0, count)
+    return np.clip(np.stack([3 * uncertainty, 3 * uncertainty - 1, 3 * uncertainty - 2], axis=1), 0.0, 1.0)
+
+
+def confidence_color_node(scene) -> "slicer.vtkMRMLColorTableNode":
+    """The module's colour table for confidence maps (created once per scene)."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLColorTableNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) == CONFIDENCE_COLORS_ROLE:
+            return node
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName("PLBOpt confidence")
+    node.SetTypeToUser()
+    node.SetAttribute(ROLE_ATTRIBUTE, CONFIDENCE_COLORS_ROLE)
+    colors = uncertainty_colormap()
+    node.SetNumberOfColors(len(colors))
+    for index, (r, g, b) in enumerate(colors):
+        node.SetColor(index, f"confidence {index / (len(colors) - 1):.2f}", r, g, b, 1.0)
+    scene.AddNode(node)
+    return node
+
+
+def _read_on_grid(path: Path, volume_node, what: str) -> np.ndarray:
+    image = imageio.read_image(path)
+    problems = imageio.sitk_geometry(image).differences(imageio.volume_geometry(volume_node))
+    if problems:
+        raise PLBOptSlicerError(f"{path}: {what} grid differs from volume {volume_node.GetName()}: {'; '.join(problems)}")
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image)
+
+
+def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels: Dict[int, str],
+                    colors: Dict[int, Tuple[int, int, int]]) -> LoadedPrediction:
+    """Add a case's pseudo label (one named, coloured segment per class) and confidence map to the scene.
+
+    Both files must lie on the volume's grid; the segmentation takes the volume as its reference
+    geometry so Segment Editor edits it voxel for voxel.
+    """
+    scene = volume_node.GetScene()
+    grid = imageio.volume_geometry(volume_node)
+    label = _read_on_grid(label_path, volume_node, "label")
+    confidence = _read_on_grid(confidence_path, volume_node, "confidence").astype(np.float32)
+    unknown = sorted(set(np.unique(label).tolist()) - set(labels))
+    if unknown:
+        raise PLBOptSlicerError(f"{label_path}: label values {unknown} are not in the run's class list {labels}")
+
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} pseudo label")
+    segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segment_ids = vtk.vtkStringArray()
+    for value in range(1, max(labels) + 1):
+        name = labels.get(value, f"class {value}")
+        rgb = [c / 255.0 for c in class_color(value, colors)]
+        segment_ids.InsertNextValue(segmentation_node.GetSegmentation().AddEmptySegment(name, name, rgb))
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PLBOpt_import__")
+    try:
+        imageio.set_volume_from_array(labelmap, label.astype(np.int16), grid)
+        # Label value v goes to the v-th listed segment, i.e. the class of that index.
+        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation_node,
+                                                                                      segment_ids):
+            raise PLBOptSlicerError(f"{label_path}: import into a segmentation failed")
+    finally:
+        scene.RemoveNode(labelmap)
+
+    confidence_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{volume_node.GetName()} confidence")
+    confidence_node.SetAttribute(ROLE_ATTRIBUTE, CONFIDENCE_ROLE)
+    imageio.set_volume_from_array(confidence_node, confidence, grid)
+    confidence_node.CreateDefaultDisplayNodes()
+    display = confidence_node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(confidence_color_node(scene).GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    volume_node.SetNodeReferenceID(CONFIDENCE_REFERENCE_ROLE, confidence_node.GetID())
+
+    return LoadedPrediction(segmentation=segmentation_node, confidence=confidence_node,
+                            uncertainty=uncertainty_score(label, confidence),
+                            least_confident_ras=voxel_to_ras(volume_node, least_confident_voxel(label, confidence)))
+
+
+def jump_slices_to(scene, ras: Sequence[float]) -> None:
+    """Centre every slice view on ``ras`` (the views' own orientation is kept)."""
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *[float(v) for v in ras], slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
+def render_review_png(image: np.ndarray, label: np.ndarray, confidence: np.ndarray, labels: Dict[int, str],
+                      colors: Dict[int, Tuple[int, int, int]], out_path: Path, title: str = "",
+                      slice_index: Optional[int] = None, window: Optional[Tuple[float, float]] = None) -> Path:
+    """Write the review view as a PNG: an axial slice with the pseudo label coloured per class, and
+    the same slice with the confidence map overlaid (colour table of the Slicer overlay).
+
+    Arrays are (Z, Y, X). The default slice holds the least confident region, marked with a cross.
+    ``window`` is the displayed intensity range (default: 1st-99th percentile). Uncertain voxels
+    are drawn more opaque, as when the overlay fades with confidence in the slice view.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+    from matplotlib.patches import Patch
+
+    k, j, i = least_confident_voxel(label, confidence)
+    if slice_index is None:
+        slice_index = k
+    low, high = window if window is not None else np.percentile(image, [1, 99])
+    gray = np.clip((image[slice_index] - low) / max(high - low, 1e-6), 0, 1)
+    values = sorted(v for v in labels if v > 0)
+    overlay = np.zeros(gray.shape + (4,))
+    for value in values:
+        overlay[label[slice_index] == value] = (*[c / 255 for c in class_color(value, colors)], 0.55)
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 5.4), dpi=100)
+    axes[0].imshow(gray, cmap="gray", interpolation="nearest")
+    axes[0].imshow(overlay, interpolation="nearest")
+    axes[0].set_title("Refined pseudo label")
+    axes[0].legend(handles=[Patch(color=[c / 255 for c in class_color(v, colors)], label=labels[v]) for v in values],
+                   loc="lower left", fontsize=8, framealpha=0.8)
+    axes[1].imshow(gray, cmap="gray", interpolation="nearest")
+    colormap = ListedColormap(uncertainty_colormap())
+    heat = colormap(np.clip(confidence[slice_index], 0, 1))
+    heat[..., 3] = np.clip(1.6 * (1.0 - confidence[slice_index]), 0.0, 0.9)
+    axes[1].imshow(heat, interpolation="nearest")
+    if slice_index == k:
+        axes[1].plot([i], [j], marker="+", color="cyan", markersize=18, markeredgewidth=2)
+    axes[1].set_title(f"Confidence (uncertainty {uncertainty_score(label, confidence):.3f})")
+    figure.colorbar(ScalarMappable(Normalize(0, 1), colormap), ax=axes[1], fraction=0.046, pad=0.04, label="max softmax probability")
+    for axis in axes:
+        axis.set_axis_off()
+    figure.suptitle(title or f"Review: axial slice {slice_index}")
+    figure.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path)
+    plt.close(figure)
+    return out_path
