@@ -1,0 +1,131 @@
+"""PNG plots of the accuracy benchmark: per-organ Dice bars and training curves (matplotlib, Agg).
+
+Both functions take plain data (aggregates from :mod:`PLBOptCore.bench.accuracy` and run folders)
+so they can be re-run on an existing ``results.json`` without training anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..engine.events import read_events
+from ..utils import atomic_write
+
+LOSS_TERMS: Tuple[str, ...] = ("loss", "loss_sup", "loss_unsup", "loss_tri", "loss_mc")
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend: the benchmark runs headless (CI, SSH, worker threads)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` atomically as PNG and close it."""
+    plt = _pyplot()
+    with atomic_write(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_dice_bars(aggregates: Mapping[str, dict], groups: Sequence[str], labels: Mapping[str, str],
+                   class_names: Sequence[str], path: Path, title: str) -> Path:
+    """Grouped bars: one group of bars per organ (and the class mean), one bar per method.
+
+    Args:
+        aggregates: ``results["aggregates"]``; each entry has ``classes[name]["dice"]`` and
+            ``mean_dice`` as ``{"mean", "std"}`` (fractions; plotted ×100 like the paper).
+        groups: which aggregates to draw, in legend order.
+        labels: legend text per group.
+        class_names: organs in label order.
+    """
+    plt = _pyplot()
+    categories = list(class_names) + ["mean"]
+    width = 0.8 / max(len(groups), 1)
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 2 + 0.3 * len(categories) * max(1, len(groups)))), 4.2))
+    x = np.arange(len(categories))
+    for index, group in enumerate(groups):
+        entry = aggregates[group]
+        stats = [entry["classes"][name]["dice"] for name in class_names] + [entry["mean_dice"]]
+        means = [100 * _number(s["mean"]) for s in stats]
+        # no error bar where a single seed gives no spread (std None)
+        errors = [100 * _number(s["std"], 0.0) for s in stats]
+        ax.bar(x + (index - (len(groups) - 1) / 2) * width, means, width, yerr=errors, capsize=2,
+               label=labels.get(group, group))
+    ax.set_xticks(x)
+    ax.set_xticklabels(categories, rotation=30, ha="right")
+    ax.set_ylabel("test Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _number(value: Optional[float], missing: float = float("nan")) -> float:
+    return missing if value is None else float(value)
+
+
+def _series(run_dir: Path, record_type: str, key: str) -> Dict[int, float]:
+    """``{step: value}`` of one field of one event type; a resumed run repeats steps, the last wins."""
+    series: Dict[int, float] = {}
+    for record in read_events(Path(run_dir)):
+        if record.get("type") == record_type and record.get(key) is not None:
+            series[int(record["step"])] = float(record[key])
+    return series
+
+
+def mean_curve(run_dirs: Sequence[Path], record_type: str, key: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Steps logged by every run and the mean value over the runs (seeds) at those steps."""
+    per_run = [_series(run_dir, record_type, key) for run_dir in run_dirs]
+    per_run = [s for s in per_run if s]
+    if not per_run:
+        return np.zeros(0), np.zeros(0)
+    steps = sorted(set.intersection(*(set(s) for s in per_run)))
+    values = [np.mean([s[step] for s in per_run]) for step in steps]
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def plot_training_curves(groups: Mapping[str, Sequence[Path]], labels: Mapping[str, str], path: Path) -> Path:
+    """Loss and each loss term vs step (mean over seeds), plus validation mean Dice when logged.
+
+    A panel is drawn only for terms that are non-zero in some run (e.g. ``loss_tri`` is absent
+    when no preset uses the triplet loss).
+    """
+    plt = _pyplot()
+    panels: List[Tuple[str, str, str]] = []
+    curves: Dict[Tuple[str, str], Dict[str, Tuple[np.ndarray, np.ndarray]]] = {}
+    candidates = [("train", term, term) for term in LOSS_TERMS] + [("validation", "mean_dice", "validation mean Dice")]
+    for record_type, key, title in candidates:
+        per_group = {group: mean_curve(run_dirs, record_type, key) for group, run_dirs in groups.items()}
+        if any(values.size and np.any(values != 0) for _, values in per_group.values()):
+            panels.append((record_type, key, title))
+            curves[(record_type, key)] = per_group
+    columns = min(3, max(len(panels), 1))
+    rows = max(1, -(-len(panels) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    for ax, (record_type, key, title) in zip(axes.ravel(), panels):
+        for group, (steps, values) in curves[(record_type, key)].items():
+            if steps.size:
+                ax.plot(steps, values, label=labels.get(group, group), marker="." if steps.size < 20 else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if panels:
+        axes.ravel()[0].legend(fontsize=7)
+    else:
+        axes[0, 0].text(0.5, 0.5, "no training events found", ha="center", va="center")
+    fig.suptitle("training curves (mean over seeds)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)

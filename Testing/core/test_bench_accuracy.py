@@ -1,0 +1,138 @@
+"""Accuracy benchmark (``plbopt bench accuracy``) on a tiny phantom: outputs, report and resumability."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from PLBOptCore.api import train
+from PLBOptCore.bench.accuracy import (METRICS_FILE, RunSpec, aggregate, base_overrides, plan_runs,
+                                       run_accuracy_bench)
+from PLBOptCore.data.phantom import LABELS, make_phantom_dataset
+from PLBOptCore.engine.events import read_events
+from PLBOptCore.errors import ConfigError, TrainingInterrupted
+
+# Smallest network and patch the VNet accepts, so two trainings + predictions take seconds on CPU.
+TINY = dict(patch_size=(16, 32, 32), base_filters=4, batch_size=1, log_every=1, checkpoint_every=1,
+            triplet_max_anchors=32, triplet_max_candidates=256, triplet_capacity=64, superpixel_divisor=20)
+CLASSES = [name for label, name in sorted(LABELS.items()) if label > 0]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """Run the bench once (supervised + dhc, 1 seed, 2 steps) and keep the first result for every test."""
+    root = tmp_path_factory.mktemp("bench")
+    dataset = make_phantom_dataset(root / "data", n_labeled=2, n_unlabeled=2, n_test=1, shape=(24, 48, 48))
+    out = root / "out"
+    results = run_accuracy_bench(dataset, out, presets=["supervised", "dhc"], seeds=1, iterations=2, small=True,
+                                 device="cpu", extra_overrides=TINY)
+    return dataset, out, results
+
+
+def test_results_json_structure(bench):
+    _, out, results = bench
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["tables"]["main"] == [{"group": "supervised", "label": "Supervised only (VNet)"},
+                                        {"group": "dhc", "label": "Baseline (DHC)"}]
+    assert stored["dataset"] == {"path": stored["dataset"]["path"], "n_labeled": 2, "n_unlabeled": 2, "n_test": 1,
+                                 "classes": CLASSES}
+    assert stored["this_call"]["trained"] == ["supervised-seed0", "dhc-seed0"]
+    assert stored["hardware"]["cpu_count"] >= 1 and stored["total_seconds"] > 0
+    assert stored["command"].startswith("plbopt bench accuracy ")
+    runs = {r["name"]: r for r in stored["runs"]}
+    assert set(runs) == {"supervised-seed0", "dhc-seed0"}
+    for record in runs.values():
+        assert set(record["dice"]) == set(CLASSES) and set(record["asd"]) == set(CLASSES)
+        assert 0.0 <= record["mean_dice"] <= 1.0
+        assert record["overrides"]["iterations"] == 2 and record["overrides"]["base_filters"] == 4
+        assert record["seconds"]["train"] > 0 and record["seconds"]["predict"] > 0
+        assert (out / record["run_dir"] / "checkpoints" / "best.pt").is_file()
+    for group in ("supervised", "dhc"):
+        entry = stored["aggregates"][group]
+        assert entry["n_seeds"] == 1 and entry["mean_dice"]["std"] is None  # no spread from one seed
+        assert entry["mean_dice"]["mean"] == pytest.approx(runs[f"{group}-seed0"]["mean_dice"])
+        assert set(entry["classes"]) == set(CLASSES)
+    # the returned dict is what was written (up to NaN -> null)
+    assert results["aggregates"].keys() == stored["aggregates"].keys()
+
+
+def test_results_markdown_and_plots(bench):
+    _, out, results = bench
+    markdown = (out / "RESULTS.md").read_text()
+    assert "| Method | Avg. Dice ↑ | Avg. ASD ↓ | " + " | ".join(CLASSES) + " |" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| Supervised only") or line.startswith("| Baseline (DHC)")]
+    assert len(rows) == 2
+    assert results["command"] in markdown and "CPUs" in markdown
+    assert set(results["plots"]) == {"main", "training_curves"}
+    for relative in results["plots"].values():
+        path = out / relative
+        assert path.suffix == ".png" and path.stat().st_size > 1000
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_second_call_skips_finished_runs(bench, capsys):
+    dataset, out, first = bench
+    metrics = {name: out / "runs" / name / METRICS_FILE for name in ("supervised-seed0", "dhc-seed0")}
+    checkpoints = {name: out / "runs" / name / "checkpoints" / "last.pt" for name in metrics}
+    before = {p: p.stat().st_mtime_ns for p in [*metrics.values(), *checkpoints.values()]}
+    again = run_accuracy_bench(dataset, out, presets=["supervised", "dhc"], seeds=1, iterations=2, small=True,
+                               device="cpu", extra_overrides=TINY)
+    assert again["this_call"]["skipped"] == ["supervised-seed0", "dhc-seed0"]
+    assert again["this_call"]["trained"] == [] and again["this_call"]["failed"] == []
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert "supervised-seed0: skipped" in capsys.readouterr().out
+    assert again["aggregates"]["dhc"]["mean_dice"] == first["aggregates"]["dhc"]["mean_dice"]
+
+
+def test_partial_training_is_resumed(bench, tmp_path):
+    dataset, _, _ = bench
+    run_dir = tmp_path / "runs" / "supervised-seed0"
+    polls = iter([False, True])  # stop at the second step boundary: one step done, checkpoint written
+    with pytest.raises(TrainingInterrupted):
+        train(dataset, run_dir, preset="supervised", overrides=dict(base_overrides(2, True, "cpu", TINY), seed=0),
+              should_stop=lambda: next(polls))
+    results = run_accuracy_bench(dataset, tmp_path, presets=["supervised"], seeds=1, iterations=2, device="cpu",
+                                 extra_overrides=TINY)
+    assert results["this_call"]["resumed"] == ["supervised-seed0"]
+    starts = [e["start_step"] for e in read_events(run_dir) if e["type"] == "start"]
+    assert starts == [0, 1]
+
+
+def test_other_settings_in_same_folder_are_refused(bench):
+    dataset, out, _ = bench
+    with pytest.raises(ConfigError, match="other settings"):
+        run_accuracy_bench(dataset, out, presets=["dhc"], seeds=1, iterations=3, small=True, device="cpu",
+                           extra_overrides=TINY)
+
+
+def test_plan_variants_reuse_the_main_run():
+    base = base_overrides(300, True, "cpu", None)
+    units, tables = plan_runs(["dhc", "plbopt"], 2, ["superpixel-methods", "superpixel-number", "noise"], base)
+    names = [u.name for u in units]
+    assert len(names) == len(set(names))
+    # SLIC and H*W/50 are the plbopt preset's own settings: the main run, not a second training
+    assert "plbopt[superpixel_method=slic]-seed0" not in names
+    assert "plbopt[superpixel_method=quickshift]-seed1" in names
+    assert "plbopt[superpixel_divisor=10]-seed0" in names
+    assert [r["label"] for r in tables["superpixel-methods"]] == [
+        "Baseline (DHC)", "Compact Watershed", "Felzenszwalb", "Quickshift", "SLIC"]
+    assert {"group": "plbopt", "label": "H×W/50"} in tables["superpixel-number"]
+    noise = [u for u in units if u.noise]
+    assert {u.run_name for u in noise} == {"dhc-seed0", "dhc-seed1", "plbopt-seed0", "plbopt-seed1"}
+    with pytest.raises(ConfigError, match="unknown variant"):
+        plan_runs(["dhc"], 1, ["colour-jitter"], base)
+    with pytest.raises(ConfigError):
+        plan_runs(["no-such-preset"], 1, [], base)
+
+
+def test_aggregate_mean_and_sample_std():
+    records = [{"group": "g", "preset": "dhc", "variant": {}, "noise": None, "seed": s, "mean_dice": d,
+                "mean_asd": a, "dice": {"liver": d}, "asd": {"liver": a}, "seconds": {"train": 1.0}}
+               for s, (d, a) in enumerate([(0.5, 2.0), (0.7, None)])]
+    entry = aggregate(records, ["liver"])["g"]
+    assert entry["mean_dice"]["mean"] == pytest.approx(0.6)
+    assert entry["mean_dice"]["std"] == pytest.approx(0.1414213, rel=1e-5)  # ddof=1
+    assert entry["mean_asd"] == {"mean": 2.0, "std": None, "n": 1}  # undefined distances left out
+    assert RunSpec("plbopt", 1, (("superpixel_method", "quickshift"),), "weak").name == \
+        "plbopt[superpixel_method=quickshift][noise=weak]-seed1"
