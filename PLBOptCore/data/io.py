@@ -126,7 +126,14 @@ def _check_nifti_complete(path: Path, compressed: bool) -> None:
 
 
 def _dicom_file_names(folder: Path) -> Sequence[str]:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    # GDCM prints a multi-line ITK warning on stderr for a folder without DICOM files; the
+    # DatasetError below says the same in one line.
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
     if not series:
         raise DatasetError(f"{folder}: folder contains no DICOM series")
     if len(series) > 1:

@@ -1,0 +1,275 @@
+"""``plbopt export``: a trained run as a self-describing TorchScript (and optionally ONNX) model.
+
+The exported :class:`EnsembleModule` is the inference ensemble of :class:`~PLBOptCore.engine.inference.Predictor`:
+softmax of the mean of the subnets' logits (A and B; only one subnet for ``supervised`` runs).
+It takes a **preprocessed** patch batch ``(B, 1, Z, Y, X)`` float32, ``(Z, Y, X) = patch_size``,
+and returns probabilities ``(B, C, Z, Y, X)``. Whatever a deployment needs besides the weights
+(class names and colours, patch size, preprocessing parameters, sliding-window overlap) is
+stored as JSON twice: inside the TorchScript archive (``_extra_files["plbopt.json"]``), so the
+``.pt`` file is self-contained, and as a sidecar ``<output stem>.json`` for tools that do not
+load TorchScript. The ONNX file carries the same JSON in its ``metadata_props["plbopt"]``.
+
+ONNX uses PyTorch's ``torch.export``-based exporter (``dynamo=True``, the default since PyTorch
+2.9; it needs the ``onnxscript`` package) with a dynamic batch axis; the spatial axes are fixed
+to ``patch_size``, which is what sliding-window inference feeds. Recent PyTorch (2.13 here) marks
+``torch.jit`` deprecated (a ``DeprecationWarning``, still fully working, and TorchScript stays
+loadable from C++ libtorch); ONNX is the format to prefer for new deployments.
+
+Memory of :func:`predict_with_export` (and of ``plbopt predict``, which works the same way), for
+an input of ``N`` voxels, ``V`` voxels after resampling and body crop, ``C`` classes; the input
+image stays loaded throughout. Preprocessing peaks at about 21 bytes per voxel (a SimpleITK
+float32 cast, its numpy copy, the body mask and int32 component map, then float32 temporaries of
+clipping and scaling; 17 bytes of it numpy, measured with ``tracemalloc``). Inference holds the
+preprocessed volume (4 V), the probability accumulator (4 C V) and the weight sum (4 V); then
+``probs.max`` adds an int64 label and float32 confidence (12 V) and restoring the original grid
+a full-size array plus a SimpleITK copy per output (about 10 N). Add the window batch,
+``sw_batch_size × C × prod(patch_size)`` floats a few times over (about 0.6 GB for 14 classes
+and 64×128×128 patches). Peak ≈ ``(4 C + 30) V`` bytes + window batch + input: about 5 GB for
+14 classes and 512×512×200 voxels. (Measured: 1.1 GB peak RSS above baseline for C = 14,
+128×256×256 voxels, 64×128×128 patches.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .utils import atomic_write
+
+if TYPE_CHECKING:
+    from .data.preprocess import PreprocessParams
+    from .engine.inference import Predictor
+
+EXPORT_FORMAT = "plbopt-export"
+EXPORT_VERSION = 1
+METADATA_NAME = "plbopt.json"
+
+
+class EnsembleModule(nn.Module):
+    """Softmax of the mean logits of ``subnets``, exactly as the Predictor's sliding window computes it."""
+
+    def __init__(self, subnets: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.subnets = nn.ModuleList(subnets)
+
+    def mean_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, Z, Y, X)`` → mean logits ``(B, C, Z, Y, X)``.
+
+        Summed in subnet order and divided once, like ``sum(...) / len(models)`` in
+        ``sliding_window_probabilities``, so exported and checkpoint predictions agree bit for bit.
+        """
+        total = self.subnets[0](x)[0].float()
+        for subnet in self.subnets[1:]:
+            total = total + subnet(x)[0].float()
+        return total / len(self.subnets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, Z, Y, X)`` preprocessed patches → probabilities ``(B, C, Z, Y, X)``."""
+        return torch.softmax(self.mean_logits(x), dim=1)
+
+
+class _LogitsAdapter(nn.Module):
+    """Makes an exported module look like a VNet (``(logits, features)``) to the sliding window.
+
+    It returns the exported ``mean_logits`` rather than log-probabilities so that the sliding
+    window's own softmax reproduces the Predictor's arithmetic exactly.
+    """
+
+    def __init__(self, exported: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.exported = exported
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return self.exported.mean_logits(x), None
+
+
+def export_metadata(predictor: Predictor, checkpoint: Path) -> Dict[str, Any]:
+    """Everything besides the weights that inference needs, as JSON-ready data."""
+    from .data.preprocess import BODY_MARGIN, BODY_THRESHOLD_HU, PreprocessParams
+
+    config = predictor.config
+    params = PreprocessParams.from_config(config)
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "preset": config.preset,
+        "subnets": len(predictor.models),
+        "num_classes": predictor.num_classes,
+        "labels": {str(k): v for k, v in sorted(predictor.labels.items())},
+        "colors": {str(k): list(v) for k, v in sorted(predictor.colors.items())},
+        "input": "image (B, 1, Z, Y, X) float32, preprocessed, (Z, Y, X) = patch_size",
+        "output": "probabilities (B, C, Z, Y, X) float32, softmax of the subnets' mean logits",
+        "patch_size": [int(p) for p in config.patch_size],
+        "overlap": float(config.sw_overlap),
+        "sw_batch_size": int(config.sw_batch_size),
+        "preprocessing": {**json.loads(json.dumps(dataclasses.asdict(params))), "key": params.key(),
+                          "body_threshold_hu": BODY_THRESHOLD_HU, "body_margin": BODY_MARGIN},
+        "checkpoint": str(checkpoint),
+        "torch_version": torch.__version__,
+    }
+
+
+def _trace(module: EnsembleModule, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """Trace ``forward`` and ``mean_logits`` (the latter for :func:`predict_with_export`)."""
+    with warnings.catch_warnings():
+        # The VNet's only Python branch is its "divisible by 16" size check, true for patch_size.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # check_trace would run the network twice more; the VNet has no data-dependent control flow.
+        return torch.jit.trace_module(module, {"forward": example, "mean_logits": example}, check_trace=False)
+
+
+@contextlib.contextmanager
+def _quiet_onnx_exporter() -> Iterator[None]:
+    """Hide PyTorch-internal exporter chatter (missing torchvision ops, its own deprecations)
+    that a PLBOpt user cannot act on; errors still propagate."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export_onnx(module: EnsembleModule, example: torch.Tensor, path: Path, metadata: Dict[str, Any]) -> None:
+    """Write ``module`` as one self-contained ONNX file with a dynamic batch axis and the metadata."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter imports it lazily; fail early and clearly)
+    except ImportError as exc:
+        raise ConfigError(f"{path}: ONNX export needs the '{exc.name}' package (pip install onnx onnxscript)") from None
+    with atomic_write(path) as tmp, _quiet_onnx_exporter():
+        # external_data=False: one file (weights inline, fine below ONNX's 2 GB limit) rather
+        # than a side '.data' file that would carry the temporary name.
+        torch.onnx.export(module, (example,), str(tmp), input_names=["image"], output_names=["probabilities"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
+                          external_data=False, verbose=False)
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, {"plbopt": json.dumps(metadata)})
+        onnx.save(model, str(tmp))
+
+
+def export_run(run_dir: Path, output: Path, onnx_path: Optional[Path] = None, checkpoint: str = "best") -> List[Path]:
+    """Export a run's ensemble; returns the written files (``output``, its ``.json`` sidecar, ONNX).
+
+    Args:
+        run_dir: a training run folder.
+        output: TorchScript file to write (e.g. ``model.pt``); the sidecar is ``output.with_suffix(".json")``.
+        onnx_path: also write an ONNX model here.
+        checkpoint: ``best``, ``last`` or a checkpoint path, as for ``plbopt predict``.
+    """
+    from .engine.inference import Predictor, resolve_checkpoint
+
+    output = Path(output)
+    source = resolve_checkpoint(Path(run_dir), checkpoint)
+    for target in (output, onnx_path):
+        if target is not None and Path(target).resolve() == source.resolve():
+            raise ConfigError(f"{target}: refusing to overwrite the checkpoint being exported")
+    predictor = Predictor.from_checkpoint(source, device="cpu")
+    metadata = export_metadata(predictor, source)
+    module = EnsembleModule(predictor.models).eval()
+    example = torch.zeros([1, 1] + metadata["patch_size"], dtype=torch.float32)
+    text = json.dumps(metadata, indent=2)
+    with torch.no_grad():
+        traced = _trace(module, example)
+    with atomic_write(output) as tmp:
+        torch.jit.save(traced, str(tmp), _extra_files={METADATA_NAME: text})
+    sidecar = output.with_suffix(".json")
+    with atomic_write(sidecar) as tmp:
+        tmp.write_text(text + "\n")
+    written = [output, sidecar]
+    if onnx_path is not None:
+        _export_onnx(module, example, Path(onnx_path), metadata)
+        written.append(Path(onnx_path))
+    return written
+
+
+def load_exported(path: Path, device: str = "cpu") -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
+    """Load an exported TorchScript model and its metadata; :class:`CheckpointError` names the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: exported model not found")
+    extra = {METADATA_NAME: ""}
+    try:
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a TorchScript model ({str(exc).splitlines()[0][:200]})") from None
+    try:
+        metadata = json.loads(extra[METADATA_NAME] or "null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        metadata = None
+    if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path}: not a PLBOpt export (no '{METADATA_NAME}' with format '{EXPORT_FORMAT}')")
+    if int(metadata.get("version", 0)) > EXPORT_VERSION:
+        raise CheckpointError(f"{path}: export version {metadata['version']} is newer than this PLBOpt "
+                              f"(supports {EXPORT_VERSION}); upgrade PLBOpt")
+    return module.eval(), metadata
+
+
+def preprocess_params(metadata: Dict[str, Any]) -> PreprocessParams:
+    """The :class:`PreprocessParams` recorded in export ``metadata``."""
+    from .data.preprocess import PreprocessParams
+
+    raw = metadata["preprocessing"]
+    return PreprocessParams(
+        target_spacing=tuple(raw["target_spacing"]) if raw["target_spacing"] else None,
+        clip_window=tuple(raw["clip_window"]) if raw["clip_window"] else None,
+        normalization=raw["normalization"], crop_to_body=raw["crop_to_body"],
+        superpixel_method=raw["superpixel_method"], superpixel_divisor=raw["superpixel_divisor"],
+        superpixel_compactness=raw["superpixel_compactness"])
+
+
+def predict_with_export(path: Path, image: sitk.Image, device: str = "cpu",
+                        overlap: Optional[float] = None) -> Tuple[sitk.Image, sitk.Image]:
+    """Label and confidence maps of ``image`` in its own geometry, from an exported model.
+
+    Same preprocessing, sliding window and restoring as ``Predictor.predict_image`` (without
+    superpixel refinement), so the labels equal those of the checkpoint the model came from.
+    """
+    from .data.preprocess import preprocess_image, restore_to_original
+    from .engine.inference import sliding_window_probabilities
+    from .utils import resolve_device
+
+    module, metadata = load_exported(path, device)
+    volume, info = preprocess_image(image, preprocess_params(metadata))
+    probs = sliding_window_probabilities(
+        [_LogitsAdapter(module)], torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)),
+        metadata["patch_size"], metadata["num_classes"], metadata["overlap"] if overlap is None else float(overlap),
+        metadata["sw_batch_size"], resolve_device(device))
+    confidence, label = probs.max(dim=0)
+    dtype = np.uint8 if metadata["num_classes"] <= 255 else np.uint16
+    label_image = restore_to_original(label.numpy().astype(dtype), info, is_label=True)
+    # Outside the body crop the network is certain of background, not unsure (as the Predictor).
+    confidence_image = restore_to_original(confidence.numpy(), info, is_label=False, fill=1.0)
+    return label_image, confidence_image
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    written = export_run(args.run_dir, args.output, args.onnx, args.checkpoint)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def add_export_arguments(subparsers: Any) -> None:
+    """Register ``plbopt export RUN_DIR -o model.pt [--onnx model.onnx] [--checkpoint best|last|PATH]``."""
+    p = subparsers.add_parser("export", help="export the inference ensemble as TorchScript (and ONNX) with metadata")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="TorchScript file, e.g. model.pt (+ model.json)")
+    p.add_argument("--onnx", type=Path, help="also write an ONNX model (dynamic batch axis)")
+    p.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint path")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,132 @@
+"""``plbopt export``: TorchScript/ONNX ensembles that predict exactly like the checkpoint they came from."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from PLBOptCore.cli import main
+from PLBOptCore.config import make_config
+from PLBOptCore.data.dataset import load_dataset
+from PLBOptCore.data.phantom import make_phantom_dataset
+from PLBOptCore.engine.inference import Predictor
+from PLBOptCore.engine.trainer import Trainer
+from PLBOptCore.errors import CheckpointError
+from PLBOptCore.export import EnsembleModule, load_exported, predict_with_export
+
+TINY = dict(patch_size=(16, 32, 32), base_filters=4, batch_size=1, iterations=1, device="cpu", log_every=1,
+            checkpoint_every=1, validate_every=1000)
+
+
+def _train(dataset: Path, run_dir: Path, preset: str) -> Path:
+    Trainer(make_config(preset, overrides=TINY), load_dataset(dataset), run_dir).fit()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    # 16×48×48: one window along Z, two along Y and X, so the Gaussian blending is exercised.
+    return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_labeled=1, n_unlabeled=1, n_test=1,
+                                shape=(16, 48, 48), seed=5)
+
+
+@pytest.fixture(scope="module")
+def exported(dataset, tmp_path_factory) -> Dict[str, Path]:
+    """A dual-subnet (dhc) run exported to TorchScript through the CLI."""
+    out = tmp_path_factory.mktemp("export")
+    run = _train(dataset, out / "run", "dhc")
+    assert main(["export", str(run), "-o", str(out / "model.pt")]) == 0
+    return {"run": run, "pt": out / "model.pt", "json": out / "model.json"}
+
+
+def _test_image(dataset: Path) -> sitk.Image:
+    return sitk.ReadImage(str(load_dataset(dataset).test[0].image))
+
+
+def test_torchscript_export_predicts_the_same_labels_as_the_checkpoint(exported, dataset):
+    image = _test_image(dataset)
+    expected = Predictor.from_run(exported["run"], device="cpu").predict_image(image)
+    label, confidence = predict_with_export(exported["pt"], image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(expected.label))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(confidence), sitk.GetArrayFromImage(expected.confidence),
+                               rtol=0, atol=1e-6)
+    for result in (label, confidence):
+        assert result.GetSize() == image.GetSize()
+        np.testing.assert_allclose(result.GetOrigin(), image.GetOrigin())
+        np.testing.assert_allclose(result.GetSpacing(), image.GetSpacing())
+
+
+def test_metadata_is_embedded_and_in_the_sidecar(exported):
+    module, metadata = load_exported(exported["pt"])
+    assert json.loads(exported["json"].read_text()) == metadata
+    config = json.loads((exported["run"] / "config.json").read_text())
+    run_labels = json.loads((exported["run"] / "dataset.json").read_text())["labels"]
+    assert metadata["labels"] == run_labels and set(metadata["colors"]) == set(run_labels)
+    assert metadata["patch_size"] == list(config["patch_size"]) and metadata["overlap"] == config["sw_overlap"]
+    assert metadata["preprocessing"]["clip_window"] == list(config["clip_window"])
+    assert metadata["subnets"] == 2 and metadata["num_classes"] == len(run_labels)
+    probs = module(torch.rand([2, 1] + metadata["patch_size"]))  # not the traced batch size (1)
+    assert probs.shape == (2, metadata["num_classes"], *metadata["patch_size"])
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2, *metadata["patch_size"]))
+
+
+def test_onnx_export_matches_the_ensemble_with_a_dynamic_batch(exported, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript", reason="the torch.export-based ONNX exporter needs onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    assert main(["export", str(exported["run"]), "-o", str(tmp_path / "model.pt"), "--onnx", str(path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.onnx", "model.pt"]  # no .data, no temporaries
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert json.loads({p.key: p.value for p in model.metadata_props}["plbopt"])["format"] == "plbopt-export"
+    predictor = Predictor.from_run(exported["run"], device="cpu")
+    reference = EnsembleModule(predictor.models).eval()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 2):
+        patch = torch.rand([batch, 1, *predictor.config.patch_size], generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = reference(patch).numpy()
+        (probs,) = session.run(None, {"image": patch.numpy()})
+        np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
+
+
+def test_supervised_run_exports_its_single_subnet(dataset, tmp_path):
+    run = _train(dataset, tmp_path / "run", "supervised")
+    assert main(["export", str(run), "-o", str(tmp_path / "sup.pt"), "--checkpoint", "last"]) == 0
+    module, metadata = load_exported(tmp_path / "sup.pt")
+    assert metadata["subnets"] == 1 and metadata["preset"] == "supervised"
+    assert not (tmp_path / "sup.onnx").exists()
+    predictor = Predictor.from_run(run, "last", device="cpu")
+    patch = torch.rand([1, 1, *predictor.config.patch_size], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.softmax(predictor.models[0](patch)[0], dim=1)
+        assert torch.equal(module(patch), expected)
+
+
+def test_load_exported_rejects_foreign_files(tmp_path):
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "other_script.pt"))
+    cases = {"foreign.pt": "not a TorchScript model", "noise.pt": "not a TorchScript model",
+             "other_script.pt": "not a PLBOpt export", "missing.pt": "not found"}
+    for name, problem in cases.items():
+        with pytest.raises(CheckpointError, match=problem) as info:
+            load_exported(tmp_path / name)
+        assert str(info.value).startswith(str(tmp_path / name))
+    assert zipfile.is_zipfile(tmp_path / "foreign.pt")  # a torch file, still refused
+
+
+def test_export_cli_reports_user_errors_in_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "model.pt")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no best checkpoint" in err and str(tmp_path / "run") in err
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "model.json").exists()
