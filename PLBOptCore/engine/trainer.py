@@ -14,6 +14,11 @@ One step (``Trainer.train_step``), with ``x = cat(x_labeled, x_unlabeled)`` as i
 
 Every random draw of step ``t`` is seeded from ``(seed, t)``, so a run resumed from a checkpoint
 reproduces an uninterrupted one exactly on the CPU.
+
+Under ``torchrun`` every process trains on its own patches (sampler stream = rank) and the ranks
+stay in lockstep through :mod:`.distributed`: averaged gradients and BatchNorm statistics, rank 0's
+DHC class-weight state, memory banks fed by all ranks, and a stop flag reduced at every step.
+Rank 0 alone writes files, logs and validates.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from ..method.triplet import ConfidenceTripletLoss
 from ..metrics import dice
 from ..utils import resolve_device, seed_everything, step_seed
 from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
+from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
 from .inference import build_models, sliding_window_probabilities
 
@@ -66,6 +72,9 @@ class Trainer:
         progress: called with every ``train``/``validation`` event record.
         should_stop: polled at every step boundary; True stops with a resumable checkpoint.
         cache_dir: preprocessing cache (default ``<dataset>/.plbopt_cache``).
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1), the constructor joins the process group and
+    ``fit()`` leaves it; ``progress`` and the progress bar are used on rank 0 only.
     """
 
     def __init__(self, config: Config, dataset: DatasetSpec, run_dir: Path, resume: bool = False,
@@ -77,16 +86,22 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.init_from = Path(init_from) if init_from else None
-        self.progress = progress
         self.should_stop = should_stop
-        self.show_progress_bar = show_progress_bar
         self.cache_dir = Path(cache_dir) if cache_dir else Path(dataset.root) / ".plbopt_cache"
         self._stop_signal: Optional[str] = None
         self.last_step_timings: Dict[str, float] = {}
-        self._prepare_run_dir(overwrite)
-        self.device = resolve_device(config.device)
+        device = resolve_device(config.device)
+        self.dist = init_from_env(device)
+        try:
+            self.device = rank_device(device, self.dist)
+            self._prepare_run_dir(overwrite)
+        except BaseException:
+            self.dist.close()
+            raise
+        self.progress = progress if self.dist.is_main else None
+        self.show_progress_bar = show_progress_bar and self.dist.is_main
         self.num_classes = dataset.num_classes
-        self.events = EventWriter(self.run_dir)
+        self.events = EventWriter(self.run_dir, enabled=self.dist.is_main)
 
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self, overwrite: bool) -> None:
@@ -97,15 +112,24 @@ class Trainer:
         if self.resume:
             if not (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "checkpoints" / "last.pt.prev").exists():
                 raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
-        elif existing:
-            if not overwrite:
-                raise ConfigError(f"{run_dir}: run folder is not empty; use --resume to continue it or --overwrite to start again")
+        elif existing and not overwrite:
+            raise ConfigError(f"{run_dir}: run folder is not empty; use --resume to continue it or --overwrite to start again")
+        # Every rank has judged the folder above; none may look at it while rank 0 changes it.
+        self.dist.barrier()
+        if not self.dist.is_main:
+            return
+        if existing and not self.resume:
             for name in ("events.jsonl", "checkpoints", "config.json", "dataset.json", "train.log"):
                 target = run_dir / name
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+        # A killed run may leave the temporaries of an unfinished atomic write; they are never
+        # read (final names are only ever os.replace'd into place), so they can go.
+        for folder in (run_dir, run_dir / "checkpoints"):
+            for stale in folder.glob(".tmp-*") if folder.is_dir() else ():
+                stale.unlink()
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def _write_run_files(self) -> None:
@@ -124,8 +148,9 @@ class Trainer:
         labeled = [preprocess_case(case, params, self.cache_dir, with_superpixels=False) for case in self.dataset.training]
         self.validation_cases = [preprocess_case(case, params, self.cache_dir, with_superpixels=False)
                                  for case in self.dataset.validation if case.label is not None]
+        # stream = rank: each process draws its own patches; rank 0 draws those of a plain run
         self.labeled_sampler = PatchSampler(labeled, cfg.patch_size, cfg.batch_size, self.num_classes,
-                                            cfg.foreground_oversample, cfg.augment, cfg.seed)
+                                            cfg.foreground_oversample, cfg.augment, cfg.seed, stream=self.dist.rank)
         self.unlabeled_sampler = None
         if cfg.uses_unlabeled:
             unlabeled_cases = list(self.dataset.unlabeled)
@@ -136,7 +161,7 @@ class Trainer:
                          for case in unlabeled_cases]
             # A different stream from the labeled sampler: unlabeled crops are not labeled crops' twins.
             self.unlabeled_sampler = PatchSampler(unlabeled, cfg.patch_size, cfg.unlabeled_batch, self.num_classes,
-                                                  0.0, cfg.augment, cfg.seed + 7919)
+                                                  0.0, cfg.augment, cfg.seed + 7919, stream=self.dist.rank)
         counts = torch.zeros(self.num_classes, dtype=torch.float64)
         for case in labeled:
             counts += torch.bincount(torch.from_numpy(case.label.astype(np.int64)).flatten(),
@@ -155,9 +180,11 @@ class Trainer:
         self.distdw = DistDW(self.num_classes, cfg.distdw_momentum)
         self.distdw.init_weights(self.label_counts)
         feature_dim = cfg.projection_dim or cfg.base_filters
+        # banks receive every rank's candidates, so they hold the same entries on every rank
+        share = self.dist.gather_rows if self.dist.enabled else None
         self.triplet_losses = [ConfidenceTripletLoss(cfg.triplet_levels, cfg.triplet_capacity, feature_dim,
                                                      cfg.triplet_margin, cfg.triplet_max_anchors,
-                                                     cfg.triplet_max_candidates) for _ in self.models]
+                                                     cfg.triplet_max_candidates, share=share) for _ in self.models]
         self.step = 0
         self.best_metric = -math.inf
         if self.init_from is not None:
@@ -205,8 +232,11 @@ class Trainer:
         self.best_metric = float(state["best_metric"])
 
     def save(self, name: str = "last.pt") -> Path:
-        path = save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict())
-        self.events.write("checkpoint", step=self.step, path=str(path))
+        """Write ``checkpoints/<name>`` (rank 0 only: the ranks hold identical state)."""
+        path = self.run_dir / "checkpoints" / name
+        if self.dist.is_main:
+            save_checkpoint(path, self.state_dict())
+            self.events.write("checkpoint", step=self.step, path=str(path))
         return path
 
     # ------------------------------------------------------------------ one step
@@ -218,7 +248,8 @@ class Trainer:
         cfg, step = self.config, self.step
         timings: Dict[str, float] = {}
         self._lap_time = time.perf_counter()
-        seed_everything(cfg.seed, step)  # dropout masks and mining draws of this step
+        own_seed = rank_seed(cfg.seed, self.dist.rank)
+        seed_everything(own_seed, step)  # dropout masks and mining draws of this step
         labeled = self.labeled_sampler.sample(step)
         x_l = labeled["image"].to(self.device, non_blocking=True)
         y_l = labeled["label"].to(self.device, non_blocking=True)
@@ -250,16 +281,17 @@ class Trainer:
         changed_fraction = 0.0
         ramp = sigmoid_rampup(step, cfg.rampup_iterations if cfg.rampup_iterations is not None else cfg.iterations)
 
+        if cfg.class_weighting:
+            self.diffdw.update(logits[0][:n_l].detach(), y_l)
+            if cfg.dual_subnets and x.shape[0] > n_l:
+                self.distdw.update(logits[1][n_l:].detach())
+            self._share_class_weights()
         if not cfg.dual_subnets:
-            weights = self.diffdw.update(logits[0][:n_l].detach(), y_l) if cfg.class_weighting else None
+            weights = self.diffdw.weights if cfg.class_weighting else None
             record["loss_sup"] = weighted_dice_ce_loss(logits[0][:n_l], y_l, weights)
         else:
             logit_a, logit_b = logits
-            if cfg.class_weighting:
-                w_a = self.diffdw.update(logit_a[:n_l].detach(), y_l)
-                w_b = self.distdw.update(logit_b[n_l:].detach()) if x.shape[0] > n_l else self.distdw.weights
-            else:
-                w_a = w_b = None
+            w_a, w_b = (self.diffdw.weights, self.distdw.weights) if cfg.class_weighting else (None, None)
             loss_sup = weighted_dice_ce_loss(logit_b[:n_l], y_l, w_b)
             if cfg.supervised_subnets == "AB":
                 loss_sup = loss_sup + weighted_dice_ce_loss(logit_a[:n_l], y_l, w_a)
@@ -283,7 +315,7 @@ class Trainer:
                 record["loss_unsup"] = (weighted_ce_loss(logit_a, pseudo[1], w_a)
                                         + weighted_ce_loss(logit_b, pseudo[0], w_b))
             if cfg.triplet and x.shape[0] > n_l:
-                generator = torch.Generator(device="cpu").manual_seed(step_seed(cfg.seed, step) % (2**62))
+                generator = torch.Generator(device="cpu").manual_seed(step_seed(own_seed, step) % (2**62))
                 record["loss_tri"] = sum(
                     triplet(features[i][n_l:], pseudo[i][n_l:], confidence[i][n_l:], generator)
                     for i, triplet in enumerate(self.triplet_losses))
@@ -298,15 +330,33 @@ class Trainer:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        for model in self.models:
+            self.dist.average_gradients(model)
         for optimizer in self.optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
+        for model in self.models:
+            self.dist.average_buffers(model)
         timings["backward"] = self._lap()
         timings["total"] = sum(timings.values())
         self.last_step_timings = timings
         self.step += 1
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in record.items()},
-                "lr": lr, "ramp": ramp, "refine_changed_fraction": changed_fraction}
+        values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in record.items()},
+                  "refine_changed_fraction": changed_fraction}
+        return {**self.dist.mean_values(values, self.device), "lr": lr, "ramp": ramp}
+
+    def _share_class_weights(self) -> None:
+        """Give every rank rank 0's DiffDW/DistDW state, so all ranks weight the losses alike.
+
+        Each rank updated its trackers from its own patches; their EMAs (momentum 0.98-0.99)
+        average over many steps, so following one rank's statistics loses little.
+        """
+        if not self.dist.enabled:
+            return
+        for tracker in (self.diffdw, self.distdw):
+            state = {key: value.to(self.device) for key, value in tracker.state_dict().items()}
+            self.dist.broadcast_tensors(list(state.values()))
+            tracker.load_state_dict(state)
 
     def _lap(self) -> float:
         """Seconds since the previous lap (synchronising CUDA so the numbers are real)."""
@@ -317,8 +367,14 @@ class Trainer:
         return elapsed
 
     # ------------------------------------------------------------------ validation
-    @torch.no_grad()
     def validate(self) -> Optional[Dict[str, Any]]:
+        """Validate on rank 0 while the other ranks wait; the record on rank 0, else None."""
+        record = self._validate() if self.dist.is_main else None
+        self.dist.barrier()
+        return record
+
+    @torch.no_grad()
+    def _validate(self) -> Optional[Dict[str, Any]]:
         if not self.validation_cases:
             return None
         for model in self.models:
@@ -345,24 +401,36 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def setup(self) -> None:
         """Write the run files, preprocess the data, build subnets and losses, restore on resume."""
-        self._write_run_files()
+        if self.dist.is_main:
+            self._write_run_files()
         self._load_data()
         self._build()
-        if self.resume:
+        if self.resume:  # every rank reads the same file, falling back to last.pt.prev alike
             self.load_state_dict(load_latest_good(self.run_dir / "checkpoints" / "last.pt"))
+        for model in self.models:  # as DDP does: one identical starting point whatever happened above
+            self.dist.broadcast_module(model)
 
     def fit(self) -> Path:
+        """Train to ``config.iterations``; returns the final checkpoint's path."""
+        try:
+            return self._fit()
+        finally:
+            self.dist.close()
+
+    def _fit(self) -> Path:
         cfg = self.config
         self.setup()
         self.events.write("start", total_steps=cfg.iterations, start_step=self.step, preset=cfg.preset,
                           device=str(self.device), num_classes=self.num_classes,
-                          labeled=len(self.dataset.training), unlabeled=len(self.dataset.unlabeled))
+                          labeled=len(self.dataset.training), unlabeled=len(self.dataset.unlabeled),
+                          world_size=self.dist.world_size)
         restore_handlers = self._install_signal_handlers()
         bar = self._progress_bar()
         window_start, window_steps = time.perf_counter(), 0
         try:
             while self.step < cfg.iterations:
-                if self._stop_requested():
+                # reduced over ranks: a signal reaching one process stops them all at the same step
+                if self.dist.any(self._stop_requested(), self.device):
                     self._interrupt(bar)
                 values = self.train_step()
                 window_steps += 1
@@ -383,11 +451,12 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                     self.save()
             validated = self.validate()
-            if validated is None or not (self.run_dir / "checkpoints" / "best.pt").exists():
+            if self.dist.is_main and (validated is None or not (self.run_dir / "checkpoints" / "best.pt").exists()):
                 # Without validation cases the final weights are the best we know.
                 save_checkpoint(self.run_dir / "checkpoints" / "best.pt", self.state_dict())
             final = self.save()
             self.events.write("end", step=self.step, status="completed", message="training completed")
+            self.dist.barrier()  # no rank leaves (and tears the job down) before rank 0 has written
             return final
         except TrainingInterrupted:
             raise
@@ -405,9 +474,12 @@ class Trainer:
     def _interrupt(self, bar) -> None:
         path = self.save()
         reason = self._stop_signal or "cancel requested"
+        launcher = (f"torchrun --nproc_per_node {self.dist.world_size} -m PLBOptCore train" if self.dist.enabled
+                    else "plbopt train")
         message = (f"training stopped at step {self.step}/{self.config.iterations} ({reason}); checkpoint {path}; "
-                   f"continue with: plbopt train {self.dataset.root} -o {self.run_dir} --resume")
+                   f"continue with: {launcher} {self.dataset.root} -o {self.run_dir} --resume")
         self.events.write("end", step=self.step, status="interrupted", message=message)
+        self.dist.barrier()  # the checkpoint is complete before any rank exits
         raise TrainingInterrupted(message)
 
     def _install_signal_handlers(self) -> Callable[[], None]:

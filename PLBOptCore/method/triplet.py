@@ -32,7 +32,7 @@ Our reading of section III-B (the authors published no code; every choice is doc
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 MINING = ("paper", "hardest")
 
@@ -235,10 +235,14 @@ class ConfidenceTripletLoss:
             pushed to the banks).
         mining: ``"paper"`` = eq. 5-6 as written (most similar positive, least similar negative);
             ``"hardest"`` = least similar positive, most similar negative.
+        share: optional ``(features (n, D), labels (n,)) -> (features, labels)`` applied to every
+            bank update before it is pushed; data-parallel training passes an all-gather so every
+            rank's banks receive all ranks' candidates and stay identical.
     """
 
     def __init__(self, levels: int = 3, capacity: int = 4096, dim: int = 32, margin: float = 0.5,
-                 max_anchors: int = 256, max_candidates: int = 2048, mining: str = "paper"):
+                 max_anchors: int = 256, max_candidates: int = 2048, mining: str = "paper",
+                 share: Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None):
         if levels < 1 or max_anchors < 1 or max_candidates < 1:
             raise ValueError("levels, max_anchors and max_candidates must be >= 1")
         if mining not in MINING:
@@ -249,6 +253,7 @@ class ConfidenceTripletLoss:
         self.margin = float(margin)
         self.max_anchors = int(max_anchors)
         self.max_candidates = int(max_candidates)
+        self.share = share
         self.positive = [MemoryBank(capacity, dim) for _ in range(self.levels)]
         self.negative = [MemoryBank(capacity, dim) for _ in range(self.levels)]
 
@@ -298,6 +303,8 @@ class ConfidenceTripletLoss:
 
         with torch.no_grad():  # eq. 7, after the loss: the banks never hold the current batch twice
             for lv, fb, lb, fi, li in updates:
+                if self.share is not None:
+                    (fb, lb), (fi, li) = self.share(fb, lb), self.share(fi, li)
                 self.positive[lv].push(fb, lb)
                 self.negative[lv].push(fi, li)
         hinge = torch.cat(hinges) if hinges else features.new_zeros(0)
