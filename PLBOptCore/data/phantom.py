@@ -34,12 +34,12 @@ ORIGIN_XYZ = (-71.25, -95.5, -412.5)  # mm, deliberately not zero
 # (label, centre, radii, mean HU). Order matters: an earlier organ keeps voxels a later one
 # also claims, so the gallbladder carves into the liver and kidneys are never covered by spleen.
 _ORGANS: Tuple[Tuple[int, Tuple[float, float, float], Tuple[float, float, float], float], ...] = (
-    (5, (0.0, 0.22, 0.10), (1.2, 0.08, 0.08), 200.0),  # aorta: contrast-filled tube along Z
-    (3, (-0.25, 0.28, -0.42), (0.40, 0.19, 0.14), 150.0),  # right kidney (patient right = small X)
-    (4, (-0.20, 0.28, 0.42), (0.40, 0.19, 0.14), 150.0),  # left kidney
-    (6, (-0.05, -0.28, -0.18), (0.20, 0.10, 0.09), 15.0),  # gallbladder: small, low HU
-    (2, (0.35, 0.12, 0.55), (0.36, 0.25, 0.17), 50.0),  # spleen: left, posterior
-    (1, (0.35, -0.08, -0.35), (0.55, 0.42, 0.38), 60.0),  # liver: right, anterior, large
+    (5, (0.0, 0.22, 0.10), (1.2, 0.08, 0.08), 220.0),  # aorta: contrast-filled tube along Z
+    (3, (-0.25, 0.28, -0.42), (0.40, 0.19, 0.14), 170.0),  # right kidney (patient right = small X)
+    (4, (-0.20, 0.28, 0.42), (0.40, 0.19, 0.14), 170.0),  # left kidney
+    (6, (-0.05, -0.28, -0.18), (0.20, 0.10, 0.09), 10.0),  # gallbladder: small, bile ~10 HU
+    (2, (0.35, 0.12, 0.55), (0.36, 0.25, 0.17), 115.0),  # spleen: left, posterior
+    (1, (0.35, -0.08, -0.35), (0.55, 0.42, 0.38), 105.0),  # liver: right, anterior, large
 )
 _SPINE_CENTRE_YX, _SPINE_RADIUS = (0.46, 0.0), 0.13
 
@@ -72,7 +72,9 @@ def make_phantom_case(shape: Tuple[int, int, int], rng: np.random.Generator) -> 
     inner = deformed((0.0, 0.02, 0.0), (10.0, body_radii[1] * 0.88, body_radii[2] * 0.9), 0.08) & body
     image = np.full(shape, -1000.0, dtype=np.float32)
     image[body] = -100.0
-    image[inner] = 40.0 + 6.0 * fields[1][inner]  # soft tissue with mild texture
+    # visceral fat mixed with bowel and muscle: organs (portal venous phase) stand out from it,
+    # while liver and spleen share their HU range, so position and shape must tell them apart
+    image[inner] = -30.0 + 15.0 * fields[1][inner]
     image[inner & deformed((0.0, 0.0, 0.0), (0.9, 0.35, 0.5), 0.6) & (fields[0] > 1.2)] = -90.0  # mesenteric fat
 
     # spine: cortical ring around cancellous bone, with lower-HU discs every ~12 slices; unlabeled
@@ -95,7 +97,7 @@ def make_phantom_case(shape: Tuple[int, int, int], rng: np.random.Generator) -> 
         occupied |= mask
 
     image = ndimage.gaussian_filter(image, sigma=0.75)  # partial-volume blur at organ edges
-    image += rng.normal(0.0, 15.0, size=shape).astype(np.float32)
+    image += rng.normal(0.0, 12.0, size=shape).astype(np.float32)
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16), label
 
 
@@ -115,7 +117,7 @@ def make_phantom_dataset(out_dir: Path, n_labeled: int = 4, n_unlabeled: int = 8
     colours. Deterministic in ``seed``: case ``i`` (numbered across splits in that order) always
     comes from ``np.random.default_rng([seed, i])``.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # dataset.json paths are made relative to it
     shape = tuple(int(s) for s in shape)
     splits = (("training", "imagesTr", "labelsTr", n_labeled), ("unlabeled", "imagesUn", None, n_unlabeled),
               ("validation", "imagesVal", "labelsVal", n_validation), ("test", "imagesTs", "labelsTs", n_test))

@@ -58,7 +58,8 @@ class PatchSampler:
     """
 
     def __init__(self, cases: Sequence[Preprocessed], patch_size: Sequence[int], batch_size: int, num_classes: int,
-                 foreground_oversample: float, augment: bool, seed: int, stream: int = 0):
+                 foreground_oversample: float, augment: bool, seed: int, stream: int = 0,
+                 flip_axes: str = "zyx", rotate90: bool = True):
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
         self.patch = tuple(int(p) for p in patch_size)
@@ -67,6 +68,7 @@ class PatchSampler:
         self.batch_size = int(batch_size)
         self.foreground_oversample = float(foreground_oversample)
         self.augment = augment
+        self.flip_axes, self.rotate90 = flip_axes, rotate90
         self.seed, self.stream = int(seed), int(stream)
         self._images: List[np.ndarray] = []
         self._labels: List[Optional[np.ndarray]] = []
@@ -114,23 +116,28 @@ class PatchSampler:
                  "superpixels": torch.from_numpy(superpixels)}
         if self.augment:
             generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-            batch = augment_batch(batch, generator)
+            batch = augment_batch(batch, generator, self.flip_axes, self.rotate90)
         return batch
 
 
 GEOMETRIC_KEYS = ("image", "label", "superpixels")
 
 
-def augment_batch(batch: Dict[str, torch.Tensor], generator: torch.Generator) -> Dict[str, torch.Tensor]:
-    """Random flips along Z/Y/X and 90° rotations in the Y-X plane (only when Y == X), the same for
-    ``image`` (B,1,Z,Y,X), ``label`` and ``superpixels`` (B,Z,Y,X) of a sample; then an intensity
-    scale in [0.9, 1.1] and shift in [-0.1, 0.1] on the image only. Other keys pass unchanged."""
+def augment_batch(batch: Dict[str, torch.Tensor], generator: torch.Generator, flip_axes: str = "zyx",
+                  rotate90: bool = True) -> Dict[str, torch.Tensor]:
+    """Random flips along the ``flip_axes`` (any of "z", "y", "x") and 90° rotations in the Y-X plane
+    (if ``rotate90`` and Y == X), the same for ``image`` (B,1,Z,Y,X), ``label`` and ``superpixels``
+    (B,Z,Y,X) of a sample; then an intensity scale in [0.9, 1.1] and shift in [-0.1, 0.1] on the
+    image only. Other keys pass unchanged. The random draws do not depend on the options, so
+    switching one off leaves the others' draws unchanged."""
     image = batch["image"]
-    square = image.shape[-1] == image.shape[-2]
+    square = rotate90 and image.shape[-1] == image.shape[-2]
+    allowed = torch.tensor([axis in flip_axes for axis in "zyx"])
     out: Dict[str, List[torch.Tensor]] = {key: [] for key in GEOMETRIC_KEYS if key in batch}
     for b in range(image.shape[0]):
-        flips = torch.rand(3, generator=generator) < 0.5
-        turns = int(torch.randint(0, 4, (1,), generator=generator)) if square else 0
+        flips = (torch.rand(3, generator=generator) < 0.5) & allowed
+        turns = int(torch.randint(0, 4, (1,), generator=generator))
+        turns = turns if square else 0
         scale = 0.9 + 0.2 * torch.rand(1, generator=generator)
         shift = 0.2 * torch.rand(1, generator=generator) - 0.1
         dims = [d for d, flip in zip((-3, -2, -1), flips.tolist()) if flip]

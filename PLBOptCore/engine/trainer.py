@@ -150,7 +150,8 @@ class Trainer:
                                  for case in self.dataset.validation if case.label is not None]
         # stream = rank: each process draws its own patches; rank 0 draws those of a plain run
         self.labeled_sampler = PatchSampler(labeled, cfg.patch_size, cfg.batch_size, self.num_classes,
-                                            cfg.foreground_oversample, cfg.augment, cfg.seed, stream=self.dist.rank)
+                                            cfg.foreground_oversample, cfg.augment, cfg.seed, stream=self.dist.rank,
+                                            flip_axes=cfg.flip_axes, rotate90=cfg.rotate90)
         self.unlabeled_sampler = None
         if cfg.uses_unlabeled:
             unlabeled_cases = list(self.dataset.unlabeled)
@@ -161,7 +162,8 @@ class Trainer:
                          for case in unlabeled_cases]
             # A different stream from the labeled sampler: unlabeled crops are not labeled crops' twins.
             self.unlabeled_sampler = PatchSampler(unlabeled, cfg.patch_size, cfg.unlabeled_batch, self.num_classes,
-                                                  0.0, cfg.augment, cfg.seed + 7919, stream=self.dist.rank)
+                                                  0.0, cfg.augment, cfg.seed + 7919, stream=self.dist.rank,
+                                                  flip_axes=cfg.flip_axes, rotate90=cfg.rotate90)
         counts = torch.zeros(self.num_classes, dtype=torch.float64)
         for case in labeled:
             counts += torch.bincount(torch.from_numpy(case.label.astype(np.int64)).flatten(),
@@ -184,7 +186,8 @@ class Trainer:
         share = self.dist.gather_rows if self.dist.enabled else None
         self.triplet_losses = [ConfidenceTripletLoss(cfg.triplet_levels, cfg.triplet_capacity, feature_dim,
                                                      cfg.triplet_margin, cfg.triplet_max_anchors,
-                                                     cfg.triplet_max_candidates, share=share) for _ in self.models]
+                                                     cfg.triplet_max_candidates, mining=cfg.triplet_mining, share=share)
+                               for _ in self.models]
         self.step = 0
         self.best_metric = -math.inf
         if self.init_from is not None:
