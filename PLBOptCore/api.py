@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -16,11 +16,7 @@ import SimpleITK as sitk
 from .config import Config, make_config
 from .errors import DatasetError
 
-if TYPE_CHECKING:
-    from .data.dataset import DatasetSpec
-
 PathLike = Union[str, Path]
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
 def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", config_file: Optional[PathLike] = None,
@@ -46,35 +42,15 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
         config = make_config(preset, Path(config_file) if config_file else None, overrides)
     dataset = load_dataset(Path(dataset_dir))
     validate_dataset(dataset, deep=True)
-    _check_before_writing(config, dataset, run_dir, init_from)
     trainer = Trainer(config, dataset, run_dir, resume=resume, overwrite=overwrite, init_from=init_from,
                       progress=progress, should_stop=should_stop, show_progress_bar=show_progress_bar)
     trainer.fit()
     return run_dir
 
 
-def _check_before_writing(config: Config, dataset: DatasetSpec, run_dir: Path, init_from: Optional[PathLike]) -> None:
-    """Refuse what the Trainer would only find out after creating the run folder and writing the
-    preprocessing cache into the dataset folder, so that a refused run writes nothing."""
-    from .engine.checkpoint import load_checkpoint
-    from .errors import ConfigError
-
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: exists and is not a folder; choose another run folder")
-    if config.uses_unlabeled and not dataset.unlabeled:
-        raise ConfigError(f"{dataset.root}: preset {config.preset!r} needs unlabeled cases; "
-                          "dataset.json has none (use --preset supervised)")
-    if init_from is not None:
-        subnets = load_checkpoint(Path(init_from)).get("models")
-        expected = 2 if config.dual_subnets else 1
-        if not isinstance(subnets, list) or len(subnets) != expected:
-            found = len(subnets) if isinstance(subnets, list) else 0
-            raise ConfigError(f"{init_from}: has {found} subnets, preset {config.preset!r} needs {expected}")
-
-
 def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
     """Image files (and DICOM series folders) named by a file, a folder, or a list of them."""
-    from .data.io import case_name
+    from .data.io import IMAGE_SUFFIXES, case_name
 
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     found: List[Path] = []
@@ -114,8 +90,7 @@ def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_
     if overlap is not None:
         predictor.config.sw_overlap = float(overlap)
     images = list_images(inputs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created by the first write, so a failed read leaves nothing behind
     input_set = {p.resolve() for p in images}
     written: List[Path] = []
     for index, image_path in enumerate(images):

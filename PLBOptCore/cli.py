@@ -7,13 +7,16 @@ exits 130 after writing a resumable checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import __version__
 from .config import PRESETS, parse_override
+from .convert import add_convert_arguments
 from .errors import PLBOptError, TrainingInterrupted
+from .export import add_export_arguments
 
 
 def _training_overrides(args: argparse.Namespace) -> Dict[str, Any]:
@@ -50,7 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides.update(_training_overrides(args))
     train(args.dataset, args.output, preset=args.preset, config_file=args.config, overrides=overrides,
           resume=args.resume, overwrite=args.overwrite, init_from=args.init_from, show_progress_bar=not args.quiet)
-    print(f"run folder: {args.output}  (checkpoints/best.pt, events.jsonl)")
+    if os.environ.get("RANK", "0") == "0":  # one line per job, not per torchrun process
+        print(f"run folder: {args.output}  (checkpoints/best.pt, events.jsonl)")
     return 0
 
 
@@ -167,18 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device")
     b.set_defaults(func=cmd_bench)
 
-    try:
-        from .convert import add_convert_arguments
-    except ImportError:
-        pass
-    else:
-        add_convert_arguments(sub)
-    try:
-        from .export import add_export_arguments
-    except ImportError:
-        pass
-    else:
-        add_export_arguments(sub)
+    add_convert_arguments(sub)
+    add_export_arguments(sub)
     return parser
 
 

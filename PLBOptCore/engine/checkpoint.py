@@ -50,7 +50,10 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a PLBOpt checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    if int(state.get("version", 0)) > CHECKPOINT_VERSION:
+    version = state.get("version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: malformed checkpoint (version {version!r} is not a number)")
+    if version > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {state['version']} is newer than this PLBOpt "
                               f"(supports {CHECKPOINT_VERSION}); upgrade PLBOpt")
     return state

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..errors import CheckpointError
+from ..errors import CheckpointError, PLBOptError
 from ..nets.vnet import VNet
 from ..utils import resolve_device
 from .checkpoint import load_checkpoint
@@ -104,6 +104,20 @@ def build_models(config: Config, num_classes: int) -> List[VNet]:
     return [VNet(1, num_classes, config.base_filters, config.dropout, config.projection_dim) for _ in range(count)]
 
 
+def load_subnet_weights(models: Sequence[torch.nn.Module], states, source: Path) -> None:
+    """Load per-subnet state dicts; any mismatch is a :class:`CheckpointError` naming ``source``."""
+    if not isinstance(states, (list, tuple)) or len(states) != len(models):
+        found = len(states) if isinstance(states, (list, tuple)) else 0
+        raise CheckpointError(f"{source}: has {found} subnets, this configuration needs {len(models)}")
+    for model, state in zip(models, states):
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{source}: weights do not fit this network "
+                                  f"(different classes or base filters?): {first}") from None
+
+
 @dataclass
 class Prediction:
     label: sitk.Image  # uint8/uint16 label map in the input's geometry
@@ -115,17 +129,15 @@ class Predictor:
     """Loads a trained run and predicts label + confidence maps in the input image's geometry."""
 
     def __init__(self, config: Config, labels: Dict[int, str], colors: Dict[int, Tuple[int, int, int]],
-                 model_states: List[Dict[str, torch.Tensor]], device: str = "auto") -> None:
+                 model_states: List[Dict[str, torch.Tensor]], device: str = "auto", source: Path = Path("checkpoint")) -> None:
         self.config = config
         self.labels = labels
         self.colors = colors
         self.num_classes = len(labels)
         self.device = resolve_device(device)
         self.models = build_models(config, self.num_classes)
-        if len(model_states) != len(self.models):
-            raise CheckpointError(f"checkpoint holds {len(model_states)} subnets, config expects {len(self.models)}")
-        for model, state in zip(self.models, model_states):
-            model.load_state_dict(state)
+        load_subnet_weights(self.models, model_states, source)
+        for model in self.models:
             model.to(self.device).eval()
 
     @classmethod
@@ -133,12 +145,14 @@ class Predictor:
         state = load_checkpoint(path)
         try:
             config = Config.from_dict(state["config"])
-            labels = {int(k): v for k, v in state["labels"].items()}
+            labels = {int(k): str(v) for k, v in state["labels"].items()}
             colors = {int(k): tuple(v) for k, v in state.get("colors", {}).items()}
             models = state["models"]
-        except (KeyError, TypeError) as exc:
+        except KeyError as exc:
             raise CheckpointError(f"{path}: checkpoint lacks {exc}") from None
-        return cls(config, labels, colors, models, device)
+        except (PLBOptError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: malformed checkpoint metadata ({exc})") from None
+        return cls(config, labels, colors, models, device, source=path)
 
     @classmethod
     def from_run(cls, run_dir: Path, checkpoint: str = "best", device: str = "auto") -> "Predictor":

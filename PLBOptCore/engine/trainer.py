@@ -52,7 +52,7 @@ from ..utils import resolve_device, seed_everything, step_seed
 from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
-from .inference import build_models, sliding_window_probabilities
+from .inference import build_models, load_subnet_weights, sliding_window_probabilities
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
 INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step number
@@ -94,6 +94,7 @@ class Trainer:
         self.dist = init_from_env(device)
         try:
             self.device = rank_device(device, self.dist)
+            self._check_inputs()
             self._prepare_run_dir(overwrite)
         except BaseException:
             self.dist.close()
@@ -104,6 +105,19 @@ class Trainer:
         self.events = EventWriter(self.run_dir, enabled=self.dist.is_main)
 
     # ------------------------------------------------------------------ set-up
+    def _check_inputs(self) -> None:
+        """Refuse, before anything is written, what would otherwise fail after the run folder and
+        the preprocessing cache exist."""
+        cfg = self.config
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"{self.run_dir}: exists and is not a folder; choose another run folder")
+        if cfg.uses_unlabeled and not self.dataset.unlabeled:
+            raise ConfigError(f"{self.dataset.root}: preset {cfg.preset!r} needs unlabeled cases; "
+                              "dataset.json has none (use --preset supervised)")
+        if self.init_from is not None:
+            load_subnet_weights(build_models(cfg, self.dataset.num_classes), load_checkpoint(self.init_from)["models"],
+                                self.init_from)
+
     def _prepare_run_dir(self, overwrite: bool) -> None:
         run_dir = self.run_dir
         if run_dir.resolve() == Path(self.dataset.root).resolve():
@@ -154,12 +168,8 @@ class Trainer:
                                             flip_axes=cfg.flip_axes, rotate90=cfg.rotate90)
         self.unlabeled_sampler = None
         if cfg.uses_unlabeled:
-            unlabeled_cases = list(self.dataset.unlabeled)
-            if not unlabeled_cases:
-                raise ConfigError(f"{self.dataset.root}: preset {cfg.preset!r} needs unlabeled cases; "
-                                  "dataset.json has none (use --preset supervised)")
             unlabeled = [preprocess_case(case, params, self.cache_dir, with_superpixels=cfg.refine)
-                         for case in unlabeled_cases]
+                         for case in self.dataset.unlabeled]
             # A different stream from the labeled sampler: unlabeled crops are not labeled crops' twins.
             self.unlabeled_sampler = PatchSampler(unlabeled, cfg.patch_size, cfg.unlabeled_batch, self.num_classes,
                                                   0.0, cfg.augment, cfg.seed + 7919, stream=self.dist.rank,
@@ -191,11 +201,7 @@ class Trainer:
         self.step = 0
         self.best_metric = -math.inf
         if self.init_from is not None:
-            state = load_checkpoint(self.init_from)
-            if len(state["models"]) != len(self.models):
-                raise ConfigError(f"{self.init_from}: has {len(state['models'])} subnets, preset {cfg.preset!r} needs {len(self.models)}")
-            for model, weights in zip(self.models, state["models"]):
-                model.load_state_dict(weights)
+            load_subnet_weights(self.models, load_checkpoint(self.init_from)["models"], self.init_from)
 
     def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
