@@ -84,6 +84,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.data_only:
+        from .data.phantom import make_phantom_dataset
+
+        print(f"wrote {make_phantom_dataset(args.output) / 'dataset.json'}")
+        return 0
+
     run_demo(Path(args.output), preset=args.preset, iterations=args.iterations, device=args.device or "auto",
              overwrite=args.overwrite)
     return 0
@@ -152,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int)
     p.add_argument("--device")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--data-only", action="store_true", help="only write the phantom dataset folder to -o")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks (not tests): refine | accuracy")

@@ -60,8 +60,16 @@ def _add_common(parser: argparse.ArgumentParser, default_labeled: str) -> None:
     parser.add_argument("--link", action="store_true", help="hard-link files instead of copying (copies across file systems)")
 
 
+def _run_totalseg(args: argparse.Namespace) -> int:
+    from ..data.totalseg import import_totalsegmentator
+
+    out = import_totalsegmentator(args.raw_dir, args.out_dir, args.classes)
+    print(f"wrote {out / 'dataset.json'}")
+    return 0
+
+
 def add_convert_arguments(subparsers: "argparse._SubParsersAction") -> "argparse._SubParsersAction":
-    """Register ``convert`` (synapse|amos) and ``split`` on ``subparsers``.
+    """Register ``convert`` (synapse|amos|totalseg) and ``split`` on ``subparsers``.
 
     Returns the ``convert`` command's own subparsers so that other converters can join it.
     """
@@ -78,6 +86,15 @@ def add_convert_arguments(subparsers: "argparse._SubParsersAction") -> "argparse
     amos = datasets.add_parser("amos", help="AMOS22 CT cases (dataset.json, imagesTr, imagesVa): 15 organs")
     _add_common(amos, "2%")
     amos.set_defaults(func=_run_amos)
+
+    totalseg = datasets.add_parser(
+        "totalseg", help="TotalSegmentator-style folder (ct_*.nii.gz + labels_*.nii.gz, classes_total_v2.json)"
+    )
+    totalseg.add_argument("raw_dir", type=Path, metavar="RAW_DIR")
+    totalseg.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    totalseg.add_argument("--classes", nargs="+", required=True, metavar="NAME",
+                          help="TotalSegmentator class names to keep, in label order (e.g. liver spleen aorta)")
+    totalseg.set_defaults(func=_run_totalseg)
 
     split = subparsers.add_parser("split", help="re-partition a dataset's labeled/unlabeled training cases")
     split.add_argument("dataset_dir", type=Path, metavar="DATASET_DIR")

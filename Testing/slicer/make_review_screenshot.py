@@ -1,11 +1,14 @@
 """Write Resources/Screenshots/review.png: what the Review step shows, rendered headless.
 
-A phantom CT case gets a synthetic refined pseudo label and confidence map (confidence drops near
-organ boundaries and in one deliberately ambiguous region), which go through the module's own data
-path: files -> WorkflowLogic.load_predictions -> segmentation + confidence nodes -> arrays read back
-from the nodes -> PLBOptLib.review.render_review_png.
+With ``--run RUN_DIR --image IMAGE`` (how the README screenshot is made, from the `plbopt demo`
+run and one of its unlabeled phantom CTs) the module's own background job computes the refined
+pseudo label and confidence (``python -m PLBOptCore refine``). Without, a phantom case gets a
+synthetic pseudo label and confidence map (confidence drops near organ boundaries and in one
+deliberately ambiguous region). Either way they go through the module's data path: files ->
+WorkflowLogic.load_predictions -> segmentation + confidence nodes -> arrays read back from the
+nodes -> PLBOptLib.review.render_review_png.
 
-    python Testing/slicer/make_review_screenshot.py [OUTPUT.png]
+    python Testing/slicer/make_review_screenshot.py [OUTPUT.png] [--run RUN_DIR --image IMAGE]
 """
 
 from __future__ import annotations
@@ -79,6 +82,43 @@ def main(out_path: Path) -> Path:
                                     title=f"PLBOpt review: {item.case_name} (uncertainty {item.prediction.uncertainty:.3f})")
 
 
+def main_from_run(out_path: Path, run_dir: Path, image_path: Path) -> Path:
+    """The review view of a real run's refined pseudo label for ``image_path``."""
+    import subprocess
+
+    import SimpleITK as sitk
+
+    scene = create_headless_scene()
+    image = imageio.read_image(image_path)
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", image_path.name.split(".")[0])
+    imageio.set_volume_from_array(volume, sitk.GetArrayFromImage(image), imageio.sitk_geometry(image))
+    meta = json.loads((run_dir / "dataset.json").read_text())
+    labels = {int(k): v for k, v in meta["labels"].items()}
+    colors = {int(k): tuple(v) for k, v in meta["colors"].items()}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        out_dir = work / "predictions"
+        subprocess.run([sys.executable, "-m", "PLBOptCore", "refine", str(run_dir), str(image_path), "-o", str(out_dir),
+                        "--device", "cpu", "--quiet"], check=True)
+        item = WorkflowLogic(scene, working_dir=work).load_predictions(run_dir, out_dir)[0]
+    case = cases.find_case(scene, item.case_name)
+    shown_label = np.zeros(slicer.util.arrayFromVolume(case.volume).shape, np.uint8)
+    for value, name in labels.items():
+        if value:
+            shown_label[slicer.util.arrayFromSegmentBinaryLabelmap(case.segmentation, name, case.volume) > 0] = value
+    return review.render_review_png(slicer.util.arrayFromVolume(case.volume), shown_label,
+                                    slicer.util.arrayFromVolume(item.prediction.confidence), labels, colors, out_path,
+                                    window=(-160.0, 240.0),
+                                    title=f"PLBOpt review: {item.case_name} (uncertainty {item.prediction.uncertainty:.3f})")
+
+
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parents[1] / "Resources" / "Screenshots" / "review.png"
-    print(main(target))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", nargs="?", type=Path,
+                        default=HERE.parents[1] / "Resources" / "Screenshots" / "review.png")
+    parser.add_argument("--run", type=Path, help="a trained run folder (e.g. plbopt-demo/run)")
+    parser.add_argument("--image", type=Path, help="an unlabeled image to review")
+    args = parser.parse_args()
+    print(main_from_run(args.output, args.run, args.image) if args.run else main(args.output))
