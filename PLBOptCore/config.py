@@ -78,7 +78,8 @@ class Config:
     superpixel_method: str = "slic"  # slic | slic3d | quickshift | felzenszwalb | watershed
     superpixel_divisor: int = 50  # n_segments = H*W/divisor per axial slice (paper: /50)
     superpixel_compactness: float = 0.1  # SLIC compactness on [0,1] intensities
-    refine_tau: float = 0.5  # entropy threshold in nats (max for C classes is ln C)
+    refine_tau: float = 0.5  # entropy threshold in nats (binary entropy is at most ln 2 = 0.69)
+    refine_entropy: str = "binary"  # "binary" (mask class vs rest) or "multiclass" (eq. 1 over C); docs/METHOD.md
 
     # ---- PLBOpt: triplet (eq. 3-8) ------------------------------------------------------------
     triplet_levels: int = 3  # k confidence levels
@@ -117,6 +118,8 @@ class Config:
         for name in ("iterations", "batch_size", "base_filters", "triplet_levels", "triplet_capacity", "superpixel_divisor"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refine_entropy not in ("binary", "multiclass"):
+            raise ConfigError(f"refine_entropy must be 'binary' or 'multiclass', got {self.refine_entropy!r}")
         if set(self.flip_axes) - set("zyx"):
             raise ConfigError(f"flip_axes may only contain z, y and x, got {self.flip_axes!r}")
         if self.triplet_mining not in ("paper", "hardest"):

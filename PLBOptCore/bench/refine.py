@@ -21,14 +21,16 @@ from ..method.superpixels import compute_superpixels
 from ..utils import atomic_write
 
 
-def _entropy(prob_sum: np.ndarray) -> float:
+def _entropy(prob_sum: np.ndarray, cls: int, mode: str) -> float:
     p = prob_sum / prob_sum.sum()
+    if mode == "binary":
+        p = np.array([p[cls], 1.0 - p[cls]])
     nonzero = p > 0
     return float(-(p[nonzero] * np.log(p[nonzero])).sum())
 
 
 def refine_reference(probs: torch.Tensor, pseudo: torch.Tensor, superpixels: torch.Tensor,
-                     tau: float) -> Tuple[torch.Tensor, float]:
+                     tau: float, entropy: str = "binary") -> Tuple[torch.Tensor, float]:
     """Loop over batch items, superpixels and foreground classes; same contract as
     :func:`refine_pseudo_labels` (module docstring of ``method/refine.py`` states the rule)."""
     p_all = probs.detach().cpu().double().numpy()
@@ -54,7 +56,8 @@ def refine_reference(probs: torch.Tensor, pseudo: torch.Tensor, superpixels: tor
                 if inside.all() or not inside.any():
                     continue  # an empty region has no entropy: no decision
                 sum_int = p[:, voxels[inside]].sum(1)
-                h_int, h_comp = _entropy(sum_int), _entropy(p[:, voxels[~inside]].sum(1))
+                h_int = _entropy(sum_int, c, entropy)
+                h_comp = _entropy(p[:, voxels[~inside]].sum(1), c, entropy)
                 if h_int > tau and h_int > h_comp:
                     ranked = sum_int.copy()
                     ranked[c] = -1.0

@@ -178,7 +178,8 @@ class Predictor:
             from ..method.refine import refine_pseudo_labels
 
             superpixels = torch.from_numpy(superpixels_for(volume, params).astype(np.int64))
-            refined, changed = refine_pseudo_labels(probs[None], label[None], superpixels[None], self.config.refine_tau)
+            refined, changed = refine_pseudo_labels(probs[None], label[None], superpixels[None], self.config.refine_tau,
+                                                    self.config.refine_entropy)
             label = refined[0]
         dtype = np.uint8 if self.num_classes <= 255 else np.uint16
         label_image = restore_to_original(label.numpy().astype(dtype), info, is_label=True)

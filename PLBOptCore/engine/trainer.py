@@ -314,7 +314,7 @@ class Trainer:
                 fractions = []
                 for index in range(2):
                     refined, fraction = refine_pseudo_labels(probs[index][n_l:].detach(), pseudo[index][n_l:],
-                                                             superpixels, cfg.refine_tau)
+                                                             superpixels, cfg.refine_tau, cfg.refine_entropy)
                     pseudo[index][n_l:] = refined
                     fractions.append(fraction)
                 changed_fraction = float(np.mean(fractions))

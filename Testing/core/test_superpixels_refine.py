@@ -8,7 +8,7 @@ import torch
 
 from PLBOptCore.bench.refine import refine_reference
 from PLBOptCore.errors import ConfigError
-from PLBOptCore.method.refine import refine_pseudo_labels, region_entropy
+from PLBOptCore.method.refine import mask_entropy, refine_pseudo_labels, region_entropy
 from PLBOptCore.method.superpixels import compute_superpixels
 
 
@@ -96,7 +96,7 @@ def test_contract_multiclass_goes_to_next_most_probable_class():
     p, y, s = _line([[0.1, 0.5, 0.4]] * 2 + [[0.95, 0.025, 0.025]] * 2, [1, 1, 0, 0])
     h_int = region_entropy(torch.tensor([0.1, 0.5, 0.4])).item()
     assert h_int == pytest.approx(0.9433, abs=1e-4)
-    assert refine_pseudo_labels(p, y, s, tau=0.5)[0].flatten().tolist() == [2, 2, 0, 0]
+    assert refine_pseudo_labels(p, y, s, tau=0.5, entropy="multiclass")[0].flatten().tolist() == [2, 2, 0, 0]
 
 
 def test_two_expansions_lowest_int_entropy_wins():
@@ -106,7 +106,7 @@ def test_two_expansions_lowest_int_entropy_wins():
     h_comp_1 = region_entropy(torch.tensor([0.225, 0.175, 0.6])).item()
     h_comp_2 = region_entropy(torch.tensor([0.21, 0.63, 0.16])).item()
     assert h_comp_1 == pytest.approx(0.9472, abs=1e-4) and h_comp_2 == pytest.approx(0.9120, abs=1e-4)
-    out, changed = refine_pseudo_labels(p, y, s, tau=0.5)
+    out, changed = refine_pseudo_labels(p, y, s, tau=0.5, entropy="multiclass")
     assert out.flatten().tolist() == [1] * 6 and changed == pytest.approx(4 / 6)
 
 
@@ -115,10 +115,42 @@ def test_expansion_overrides_contraction_in_the_same_superpixel():
     probs = [[0.02, 0.96, 0.02]] * 2 + [[0.3, 0.3, 0.4]] * 2 + [[0.9, 0.05, 0.05]] * 2
     p, y, s = _line(probs, [1, 1, 2, 2, 0, 0])
     assert region_entropy(torch.tensor([0.46, 0.505, 0.035])).item() == pytest.approx(0.8196, abs=1e-4)
-    assert refine_pseudo_labels(p, y, s, tau=0.5)[0].flatten().tolist() == [1] * 6
+    assert refine_pseudo_labels(p, y, s, tau=0.5, entropy="multiclass")[0].flatten().tolist() == [1] * 6
     # with only superpixel {2, 2, 0, 0} the contraction of class 2 applies (to class 0, next best)
     p2, y2, s2 = _line(probs, [1, 1, 2, 2, 0, 0], spx=[-1, -1, 0, 0, 0, 0])
-    assert refine_pseudo_labels(p2, y2, s2, tau=0.5)[0].flatten().tolist() == [1, 1, 0, 0, 0, 0]
+    assert refine_pseudo_labels(p2, y2, s2, tau=0.5, entropy="multiclass")[0].flatten().tolist() == [1, 1, 0, 0, 0, 0]
+
+
+def test_binary_entropy_ignores_a_mix_of_confident_classes():
+    # M_comp of class 1 holds confident background and confident class 2: mean (0.49, 0.02, 0.49).
+    # Multiclass: H = 0.7773 > τ, above H(int) → class 1 takes the whole superpixel.
+    # Binary: p(1|M_comp) = 0.02, H = 0.098 → no decision, nothing changes.
+    probs = [[0.02, 0.96, 0.02]] * 2 + [[0.96, 0.02, 0.02]] * 2 + [[0.02, 0.02, 0.96]] * 2
+    p, y, s = _line(probs, [1, 1, 0, 0, 2, 2])
+    assert region_entropy(torch.tensor([0.49, 0.02, 0.49])).item() == pytest.approx(0.7773, abs=1e-4)
+    assert mask_entropy(torch.tensor([0.49, 0.02, 0.49]), torch.tensor(1)).item() == pytest.approx(0.0980, abs=1e-4)
+    assert refine_pseudo_labels(p, y, s, tau=0.5, entropy="multiclass")[0].flatten().tolist() == [1] * 6
+    out, changed = refine_pseudo_labels(p, y, s, tau=0.5, entropy="binary")
+    assert out.flatten().tolist() == [1, 1, 0, 0, 2, 2] and changed == 0.0
+
+
+def test_binary_entropy_expands_an_uncertain_complement():
+    # class 1 confident inside; outside p(1) = 0.45: binary H = 0.688 > τ and > H(int) = 0.135 → expand
+    probs = [[0.02, 0.97, 0.01]] * 2 + [[0.5, 0.45, 0.05]] * 2
+    p, y, s = _line(probs, [1, 1, 0, 0])
+    assert mask_entropy(torch.tensor([0.5, 0.45, 0.05]), torch.tensor(1)).item() == pytest.approx(0.6881, abs=1e-4)
+    out, changed = refine_pseudo_labels(p, y, s, tau=0.5)  # binary is the default
+    assert out.flatten().tolist() == [1, 1, 1, 1] and changed == pytest.approx(0.5)
+
+
+def test_binary_and_multiclass_agree_with_two_classes():
+    gen = torch.Generator().manual_seed(11)
+    probs = torch.softmax(2 * torch.randn(1, 2, 3, 5, 5, generator=gen), 1)
+    pseudo = torch.randint(0, 2, (1, 3, 5, 5), generator=gen)
+    spx = torch.randint(0, 6, (1, 3, 5, 5), generator=gen)
+    for tau in (0.2, 0.5, 0.65):
+        binary = refine_pseudo_labels(probs, pseudo, spx, tau, entropy="binary")[0]
+        assert torch.equal(binary, refine_pseudo_labels(probs, pseudo, spx, tau, entropy="multiclass")[0])
 
 
 def test_3d_batch_items_do_not_mix():
@@ -133,8 +165,9 @@ def test_3d_batch_items_do_not_mix():
         assert torch.equal(joint[b:b + 1], alone)
 
 
+@pytest.mark.parametrize("entropy", ["binary", "multiclass"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_vectorised_equals_reference_loop(seed):
+def test_vectorised_equals_reference_loop(seed, entropy):
     gen = torch.Generator().manual_seed(seed)
     shape = (2, 4, 6, 8)
     probs = torch.softmax(2.5 * torch.randn(2, 4, 4, 6, 8, generator=gen), 1)
@@ -144,9 +177,9 @@ def test_vectorised_equals_reference_loop(seed):
     spx = torch.randint(0, 60, shape, generator=gen) * 1000 + 10**6  # sparse, volume-wide ids
     spx[:, :, :, :2] = -1  # padding
     seen = set()
-    for tau in (0.3, 0.8, 1.2):
-        fast, fast_changed = refine_pseudo_labels(probs, pseudo, spx, tau)
-        slow, slow_changed = refine_reference(probs, pseudo, spx, tau)
+    for tau in ((0.2, 0.4, 0.6) if entropy == "binary" else (0.3, 0.8, 1.2)):
+        fast, fast_changed = refine_pseudo_labels(probs, pseudo, spx, tau, entropy)
+        slow, slow_changed = refine_reference(probs, pseudo, spx, tau, entropy)
         assert torch.equal(fast, slow)
         assert fast_changed == pytest.approx(slow_changed, abs=1e-12)
         assert torch.equal(fast[spx < 0], pseudo[spx < 0])
