@@ -2,7 +2,7 @@
 
 Superpixels are computed once per unlabeled volume in preprocessing, so their cost is reported
 per volume (one-off), not per step. The step timings come from ``Trainer.last_step_timings``
-(phases: data, forward, losses_sup, refine, triplet, backward).
+(phases: data, forward, losses_sup, refine, cps, triplet = mining + loss, backward = MC + backward pass).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from ..config import CPU_DEMO_OVERRIDES, make_config
 from ..utils import atomic_write
 
-PHASES = ("data", "forward", "losses_sup", "refine", "triplet", "backward")
+PHASES = ("data", "forward", "losses_sup", "refine", "cps", "triplet", "backward")
 
 
 def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets=("dhc", "plbopt")) -> Dict:

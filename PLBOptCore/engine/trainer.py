@@ -323,6 +323,7 @@ class Trainer:
             if cfg.cps_weight > 0:
                 record["loss_unsup"] = (weighted_ce_loss(logit_a, pseudo[1], w_a)
                                         + weighted_ce_loss(logit_b, pseudo[0], w_b))
+            timings["cps"] = self._lap()
             if cfg.triplet and x.shape[0] > n_l:
                 generator = torch.Generator(device="cpu").manual_seed(step_seed(own_seed, step) % (2**62))
                 record["loss_tri"] = sum(
