@@ -50,7 +50,7 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
 
 def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
     """Image files (and DICOM series folders) named by a file, a folder, or a list of them."""
-    from .data.io import IMAGE_SUFFIXES, case_name
+    from .data.io import IMAGE_SUFFIXES, case_name, image_files
 
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     found: List[Path] = []
@@ -62,9 +62,7 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
         elif any(child.suffix.lower() == ".dcm" for child in path.iterdir()):
             found.append(path)
         else:
-            images = sorted(p for p in path.iterdir()
-                            if p.name.lower().endswith(IMAGE_SUFFIXES) and "_confidence" not in p.name
-                            and not p.name.startswith("."))
+            images = image_files(path)
             if not images:
                 raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             found.extend(images)
@@ -83,7 +81,7 @@ def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_
     Outputs are in each input's original geometry. Refusing to write over an input keeps the
     user's data safe even when ``out_dir`` is the input folder.
     """
-    from .data.io import case_name, read_image, write_image
+    from .data.io import CONFIDENCE_SUFFIX, case_name, read_image, write_image
     from .engine.inference import Predictor
 
     predictor = Predictor.from_run(Path(run_dir), checkpoint, device)
@@ -95,7 +93,7 @@ def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_
     written: List[Path] = []
     for index, image_path in enumerate(images):
         name = case_name(image_path)
-        label_path, confidence_path = out_dir / f"{name}.nii.gz", out_dir / f"{name}_confidence.nii.gz"
+        label_path, confidence_path = out_dir / f"{name}.nii.gz", out_dir / f"{name}{CONFIDENCE_SUFFIX}.nii.gz"
         for target in (label_path, confidence_path):
             if target.resolve() in input_set:
                 raise DatasetError(f"{target}: refusing to overwrite an input image; choose another output folder")

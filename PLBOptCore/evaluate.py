@@ -21,12 +21,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .data.io import IMAGE_SUFFIXES, case_name, read_image
+from .data.io import case_name, image_files, read_image
 from .errors import DatasetError
 from .metrics import METRIC_NAMES, compute_case_metrics
 from .utils import atomic_write
 
-CONFIDENCE_SUFFIX = "_confidence"
 SPACING_TOLERANCE = 1e-3  # relative; files written by different tools round spacing differently
 
 LabelsArg = Optional[Union[Dict[int, str], str, Path]]
@@ -174,13 +173,8 @@ def _list_cases(folder: Path, role: str) -> Dict[str, Path]:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: {role} folder not found")
     cases: Dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        # hidden names include atomic_write's ".tmp-<pid>-" files of an interrupted writer
-        if not path.is_file() or path.name.startswith(".") or not path.name.lower().endswith(IMAGE_SUFFIXES):
-            continue
+    for path in image_files(folder):
         name = case_name(path)
-        if name.endswith(CONFIDENCE_SUFFIX):
-            continue
         if name in cases:
             raise DatasetError(f"{path}: case {name!r} is also given by {cases[name].name}")
         cases[name] = path

@@ -10,7 +10,7 @@ import re
 import struct
 import zlib
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,6 +37,17 @@ def case_name(path: Path) -> str:
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
+
+
+CONFIDENCE_SUFFIX = "_confidence"  # `<case>_confidence.nii.gz`, written beside `<case>.nii.gz` by predict
+
+
+def image_files(folder: Path) -> List[Path]:
+    """Sorted image files of a folder, leaving out hidden files (including the ``.tmp-`` files of an
+    interrupted atomic write) and the ``<case>_confidence`` maps that ``plbopt predict`` writes."""
+    return [path for path in sorted(Path(folder).iterdir())
+            if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_SUFFIXES)
+            and not case_name(path).endswith(CONFIDENCE_SUFFIX)]
 
 
 def _image_suffix(path: Path) -> str:
