@@ -6,14 +6,13 @@ cancels cleanly) so a GUI can drive it from a worker thread.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from .config import Config, make_config
+from .config import Config, load_config_file, make_config
 from .errors import DatasetError
 
 PathLike = Union[str, Path]
@@ -33,7 +32,7 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
 
     run_dir = Path(run_dir)
     if resume and (run_dir / "config.json").is_file():
-        stored = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+        stored = Config.from_dict(load_config_file(run_dir / "config.json"))
         for key, value in (overrides or {}).items():
             if key in ("iterations", "device", "num_workers"):
                 setattr(stored, key, value)

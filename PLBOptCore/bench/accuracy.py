@@ -34,7 +34,7 @@ import SimpleITK as sitk
 import torch
 
 from ..api import evaluate, predict, train
-from ..config import CPU_DEMO_OVERRIDES, Config, make_config
+from ..config import CPU_DEMO_OVERRIDES, Config, load_config_file, make_config
 from ..data.dataset import DatasetSpec, load_dataset
 from ..data.io import array_to_image, case_name, read_image, write_image
 from ..engine.events import read_events
@@ -194,7 +194,7 @@ def check_same_config(run_dir: Path, preset: str, overrides: Dict[str, Any]) -> 
     if not stored_path.is_file():
         return
     # through Config as a resume would: keys added to Config since then take their defaults
-    stored = Config.from_dict(json.loads(stored_path.read_text())).to_dict()
+    stored = Config.from_dict(load_config_file(stored_path)).to_dict()
     expected = make_config(preset, overrides=overrides).to_dict()
     differing = sorted(k for k in expected if k not in IGNORED_KEYS and stored.get(k) != expected[k])
     if differing:
