@@ -308,16 +308,15 @@ class Trainer:
 
             probs = [torch.softmax(lg, dim=1) for lg in logits]
             confidence, pseudo = zip(*(p.detach().max(dim=1) for p in probs))
-            pseudo = [p.clone() for p in pseudo]
+            pseudo = list(pseudo)  # max() returns fresh index tensors: refined in place below
             timings["losses_sup"] = self._lap()
             if cfg.refine and superpixels is not None:
-                fractions = []
-                for index in range(2):
-                    refined, fraction = refine_pseudo_labels(probs[index][n_l:].detach(), pseudo[index][n_l:],
-                                                             superpixels, cfg.refine_tau, cfg.refine_entropy)
-                    pseudo[index][n_l:] = refined
-                    fractions.append(fraction)
-                changed_fraction = float(np.mean(fractions))
+                # both subnets in one call (batch items never mix); both halves have the same
+                # superpixels, so the joint changed fraction is the mean of the two
+                refined, changed_fraction = refine_pseudo_labels(
+                    torch.cat([p[n_l:].detach() for p in probs]), torch.cat([p[n_l:] for p in pseudo]),
+                    torch.cat([superpixels, superpixels]), cfg.refine_tau, cfg.refine_entropy)
+                pseudo[0][n_l:], pseudo[1][n_l:] = refined.chunk(2)
             timings["refine"] = self._lap()
 
             if cfg.cps_weight > 0:

@@ -43,7 +43,7 @@ Voxels without a superpixel (id -1, e.g. padding) are never read or changed.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -78,40 +78,52 @@ def mask_entropy(prob_sums: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 ENTROPY_MODES = ("binary", "multiclass")
 
 
-def _group_ids(superpixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Compact ids of the (batch item, superpixel) pairs.
+def _group_slots(superpixels: torch.Tensor, labels: torch.Tensor,
+                 num_classes: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Ids of the (batch item, superpixel) groups and of the (group, pseudo class) slots.
 
     Args:
         superpixels: (B, ...) long ids, -1 = none. Cropped patches carry large, sparse volume-wide ids.
+        labels: (N,) long pseudo labels of the flattened voxels, N = B·Π(...).
+        num_classes: C.
 
     Returns:
-        groups (N,) long in ``0..G-1`` for the flattened voxels, and real (G,) bool, False for the
-        per-item "no superpixel" groups (id -1), which are kept as groups so that no boolean-mask
-        gathers over the voxels are needed.
+        None when no voxel has a superpixel; else slots (N,) long ``group·C + label`` with groups in
+        ``0..G-1``, and real (G,) bool, False for the per-item "no superpixel" groups
+        (id -1), which are kept as groups so that no boolean-mask gathers over the voxels are needed.
+        Groups are ``item·stride + id - low + 1`` when that table is small (O(1) per voxel), and
+        compacted with ``torch.unique`` (a sort) only when the ids are sparse.
     """
     batch = superpixels.shape[0]
     ids = superpixels.reshape(batch, -1)
-    valid = ids >= 0
-    low = int(torch.where(valid, ids, torch.full_like(ids, torch.iinfo(torch.int64).max)).min())
-    ids = torch.where(valid, ids - low + 1, torch.zeros_like(ids))  # 0 = none, 1.. = superpixels
-    stride = int(ids.max()) + 1
-    key = (ids + torch.arange(batch, device=ids.device).unsqueeze(1) * stride).reshape(-1)
-    if batch * stride <= 4 * key.numel():
-        # dense id range (the usual case): presence table + cumsum, O(N), far faster than a sort
-        present = torch.bincount(key, minlength=batch * stride) > 0
-        groups = (present.cumsum(0) - 1)[key]
-        unique_keys = present.nonzero().squeeze(1)
+    low, high = torch.aminmax(ids)
+    low, high = int(low), int(high)
+    if low < 0:
+        valid = ids >= 0
+        if not bool(valid.any()):
+            return None
+        low = int(torch.where(valid, ids, high).min())
+        ids = torch.where(valid, ids, low - 1)
+    stride = high - low + 2  # key 0 of every item is its "no superpixel" group
+    offsets = torch.arange(batch, device=ids.device) * stride - (low - 1)
+    groups = (ids + offsets.unsqueeze(1)).reshape(-1)
+    if batch * stride * num_classes <= 2 * groups.numel():
+        real = torch.arange(batch * stride, device=ids.device) % stride != 0
     else:
-        unique_keys, groups = torch.unique(key, return_inverse=True)
-    return groups, unique_keys % stride != 0
+        keys, groups = torch.unique(groups, return_inverse=True)
+        real = keys % stride != 0
+    return groups.mul_(num_classes).add_(labels), real  # in place: one (N,) buffer for both
 
 
 def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels: torch.Tensor,
                          tau: float, entropy: str = "binary") -> Tuple[torch.Tensor, float]:
     """Refine pseudo labels by superpixel entropy voting (see the module docstring for the rule).
 
-    Vectorised: one ``index_add`` of the softmax vectors over (superpixel, pseudo class) pairs, then
-    decisions for all (superpixel, class) pairs at once; no Python loop over superpixels or classes.
+    Vectorised, no Python loop over superpixels or classes: one ``bincount`` of the (superpixel,
+    pseudo class) slots finds the superpixels that hold at least two pseudo classes (only those
+    can change: a pure superpixel has an empty ``M_int`` or ``M_comp`` for every class), then one
+    ``index_add`` of the softmax vectors of their voxels and decisions for all (superpixel, class)
+    pairs at once.
 
     Args:
         probs: (B, C, Z, Y, X) softmax probabilities.
@@ -130,47 +142,61 @@ def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels:
     if entropy not in ENTROPY_MODES:
         raise ValueError(f"entropy must be one of {ENTROPY_MODES}, got {entropy!r}")
     batch, num_classes = probs.shape[:2]
-    num_valid = int((superpixels >= 0).sum())
-    if num_valid == 0:
+    labels = pseudo.reshape(-1)
+    grouped = _group_slots(superpixels, labels, num_classes)
+    if grouped is None:
+        return pseudo.clone(), 0.0
+    slots, real_group = grouped
+    num_groups = real_group.numel()
+    counts = torch.bincount(slots, minlength=num_groups * num_classes).view(num_groups, num_classes)
+    num_valid = int(counts[real_group].sum())
+    mixed = ((counts > 0).sum(1) > 1) & real_group
+    num_mixed = int(mixed.sum())
+    if num_mixed == 0:
         return pseudo.clone(), 0.0
 
-    groups, real_group = _group_ids(superpixels)
-    num_groups = real_group.numel()
-    labels = pseudo.reshape(-1)
-    # (N, C) in one converting copy; float64: entropies of region means are compared with τ and
-    # with each other, and must not flip with the summation order
-    voxel_probs = probs.reshape(batch, num_classes, -1).transpose(1, 2).to(torch.float64).reshape(-1, num_classes)
+    # the voxels of mixed superpixels and their slots in a table of the mixed groups only
+    class_ids = torch.arange(num_classes, device=probs.device)
+    voxels = mixed.repeat_interleave(num_classes).index_select(0, slots).nonzero().squeeze(1)  # (M,)
+    compact_slots = ((torch.cumsum(mixed, 0) - 1) * num_classes).unsqueeze(1) + class_ids
+    mixed_slots = compact_slots.view(-1).index_select(0, slots.index_select(0, voxels))
+    counts = counts[mixed]
 
-    # sums[g, k, :] = Σ softmax over voxels of group g whose pseudo label is k
-    slot = groups * num_classes + labels
-    sums = torch.zeros(num_groups * num_classes, num_classes, dtype=torch.float64, device=probs.device)
-    sums.index_add_(0, slot, voxel_probs)
-    sums = sums.view(num_groups, num_classes, num_classes)
-    counts = torch.bincount(slot, minlength=num_groups * num_classes).view(num_groups, num_classes)
+    # (C, M) probabilities gathered item by item (voxels are sorted, so each item's are one run);
+    # float64: entropies of region means are compared with τ and with each other, and must not
+    # flip with the summation order
+    per_item = labels.numel() // batch
+    item_ends = torch.searchsorted(voxels, torch.arange(1, batch + 1, device=voxels.device) * per_item).tolist()
+    item_probs = probs.reshape(batch, num_classes, per_item)
+    voxel_probs = torch.cat([item_probs[b].index_select(1, voxels[start:end] - b * per_item)
+                             for b, (start, end) in enumerate(zip([0] + item_ends[:-1], item_ends))], 1)
+    voxel_probs = voxel_probs.to(torch.float64)
+    # sums[g, c, k] = Σ p_k over the voxels of mixed group g whose pseudo label is c
+    sums = torch.zeros(num_classes, num_mixed * num_classes, dtype=torch.float64, device=probs.device)
+    sums.index_add_(1, mixed_slots, voxel_probs)
+    sums = sums.view(num_classes, num_mixed, num_classes).permute(1, 2, 0)
 
     # row c of a group is M_int of class c; M_comp of class c is the superpixel minus that row
     comp_sums = (sums.sum(1, keepdim=True) - sums).clamp_min(0.0)
     comp_counts = counts.sum(1, keepdim=True) - counts
     if entropy == "binary":
-        mask_class = torch.arange(num_classes, device=probs.device).expand(num_groups, num_classes)
+        mask_class = class_ids.expand(num_mixed, num_classes)
         h_int, h_comp = mask_entropy(sums, mask_class), mask_entropy(comp_sums, mask_class)  # (G, C)
     else:
         h_int, h_comp = region_entropy(sums), region_entropy(comp_sums)
 
-    defined = (counts > 0) & (comp_counts > 0) & real_group.unsqueeze(1)
+    defined = (counts > 0) & (comp_counts > 0)
     defined[:, 0] = False  # background is not a pseudo-label mask
     contract = defined & (h_int > tau) & (h_int > h_comp)
     expand = defined & (h_comp > tau) & (h_comp > h_int)
 
-    # contraction target: next most probable class over M_int
+    # target label of every (group, class) slot: contraction to the next most probable class over
+    # M_int; an expansion (most certain M_int, argmin takes the smallest class on ties) overrides all
     own = torch.eye(num_classes, dtype=torch.bool, device=probs.device).unsqueeze(0)
-    contract_to = sums.masked_fill(own, -1.0).argmax(-1)  # (G, C)
-    # expansion winner: most certain M_int; argmin returns the first (smallest class) on ties
+    target = torch.where(contract, sums.masked_fill(own, -1.0).argmax(-1), class_ids)
     expand_key = torch.where(expand, h_int, torch.full_like(h_int, float("inf")))
-    winner = expand_key.argmin(1)
-    has_expand = expand.any(1)
+    target = torch.where(expand.any(1, keepdim=True), expand_key.argmin(1, keepdim=True), target)
 
-    new = torch.where(contract.view(-1)[slot], contract_to.view(-1)[slot], labels)
-    new = torch.where(has_expand[groups], winner[groups], new)
-    changed = int((new != labels).sum()) / num_valid  # only voxels with a superpixel can change
-    return new.view_as(pseudo), changed
+    changed = int(counts[target != class_ids].sum()) / num_valid  # only voxels with a superpixel
+    refined = labels.clone().index_copy_(0, voxels, target.view(-1).index_select(0, mixed_slots))
+    return refined.view_as(pseudo), changed

@@ -1,5 +1,6 @@
 """Superpixels (Algorithm 1 line 6) and entropy-voting refinement (eq. 1-2) on hand-built cases."""
 
+import json
 import math
 
 import numpy as np
@@ -165,16 +166,19 @@ def test_3d_batch_items_do_not_mix():
         assert torch.equal(joint[b:b + 1], alone)
 
 
+@pytest.mark.parametrize("ids", ["sparse", "dense"])
 @pytest.mark.parametrize("entropy", ["binary", "multiclass"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_vectorised_equals_reference_loop(seed, entropy):
+def test_vectorised_equals_reference_loop(seed, entropy, ids):
     gen = torch.Generator().manual_seed(seed)
     shape = (2, 4, 6, 8)
     probs = torch.softmax(2.5 * torch.randn(2, 4, 4, 6, 8, generator=gen), 1)
     # pseudo labels mostly the argmax, partly wrong, so that both decisions occur
     noise = torch.randint(0, 4, shape, generator=gen)
     pseudo = torch.where(torch.rand(shape, generator=gen) < 0.3, noise, probs.argmax(1))
-    spx = torch.randint(0, 60, shape, generator=gen) * 1000 + 10**6  # sparse, volume-wide ids
+    spx = torch.randint(0, 60, shape, generator=gen)
+    if ids == "sparse":  # volume-wide ids of a cropped patch: compacted by a sort
+        spx = spx * 1000 + 10**6
     spx[:, :, :, :2] = -1  # padding
     seen = set()
     for tau in ((0.2, 0.4, 0.6) if entropy == "binary" else (0.3, 0.8, 1.2)):
@@ -185,3 +189,24 @@ def test_vectorised_equals_reference_loop(seed, entropy):
         assert torch.equal(fast[spx < 0], pseudo[spx < 0])
         seen.add(round(fast_changed, 6))
     assert len(seen) > 1 and max(seen) > 0  # τ matters: the comparison is not vacuous
+
+
+def test_pure_superpixels_are_returned_unchanged():
+    # every superpixel holds one pseudo class: no region pair is defined, nothing can change
+    probs = torch.softmax(torch.randn(1, 3, 2, 4, 4), 1)
+    pseudo = torch.zeros(1, 2, 4, 4, dtype=torch.long)
+    pseudo[..., 2:] = 2
+    spx = torch.zeros(1, 2, 4, 4, dtype=torch.long)
+    spx[..., 2:] = 1
+    out, changed = refine_pseudo_labels(probs, pseudo, spx, tau=0.0)
+    assert torch.equal(out, pseudo) and changed == 0.0 and out.data_ptr() != pseudo.data_ptr()
+
+
+def test_refine_bench_writes_json_and_markdown(tmp_path):
+    from PLBOptCore.bench.refine import run_refine_bench
+
+    result = run_refine_bench(tmp_path, sizes=((4, 16, 16),), repeats=2, reference_repeats=1, device="cpu")
+    saved = json.loads((tmp_path / "refine_bench.json").read_text())
+    assert saved["rows"][0]["shape"] == [2, 6, 4, 16, 16] and saved["rows"][0]["speedup"] > 0
+    assert saved["target_met"] == result["target_met"] == (saved["rows"][0]["speedup"] >= 20)
+    assert "Speed-up target" in (tmp_path / "refine_bench.md").read_text()
