@@ -80,6 +80,7 @@ class Config:
     superpixel_compactness: float = 0.1  # SLIC compactness on [0,1] intensities
     refine_tau: float = 0.5  # entropy threshold in nats (binary entropy is at most ln 2 = 0.69)
     refine_entropy: str = "binary"  # "binary" (mask class vs rest) or "multiclass" (eq. 1 over C); docs/METHOD.md
+    refine_start: float = 0.0  # fraction of the run before refinement starts (0 = Algorithm 1); docs/METHOD.md
 
     # ---- PLBOpt: triplet (eq. 3-8) ------------------------------------------------------------
     triplet_levels: int = 3  # k confidence levels
@@ -118,6 +119,8 @@ class Config:
         for name in ("iterations", "batch_size", "base_filters", "triplet_levels", "triplet_capacity", "superpixel_divisor"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.refine_start < 1.0:
+            raise ConfigError(f"refine_start must be a fraction of the run in [0, 1), got {self.refine_start}")
         if self.refine_entropy not in ("binary", "multiclass"):
             raise ConfigError(f"refine_entropy must be 'binary' or 'multiclass', got {self.refine_entropy!r}")
         if set(self.flip_axes) - set("zyx"):

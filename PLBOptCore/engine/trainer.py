@@ -310,7 +310,7 @@ class Trainer:
             confidence, pseudo = zip(*(p.detach().max(dim=1) for p in probs))
             pseudo = list(pseudo)  # max() returns fresh index tensors: refined in place below
             timings["losses_sup"] = self._lap()
-            if cfg.refine and superpixels is not None:
+            if cfg.refine and superpixels is not None and step >= cfg.refine_start * cfg.iterations:
                 # both subnets in one call (batch items never mix); both halves have the same
                 # superpixels, so the joint changed fraction is the mean of the two
                 refined, changed_fraction = refine_pseudo_labels(

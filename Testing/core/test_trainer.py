@@ -73,6 +73,17 @@ def test_one_step_of_each_preset_updates_every_subnet_and_logs_its_terms(preset,
         assert key in record
 
 
+def test_refinement_starts_after_refine_start_of_the_run(tiny_dataset, tmp_path):
+    trainer = Trainer(make_config("refine-only", overrides=dict(TINY, iterations=3, refine_start=0.5)),
+                      load_dataset(tiny_dataset), tmp_path / "run")
+    trainer.fit()
+    changed = [r["refine_changed_fraction"] for r in read_events(tmp_path / "run") if r["type"] == "train"]
+    assert changed[:2] == [0.0, 0.0] and changed[2] > 0  # steps 0 and 1 (< 1.5) skipped, step 2 refined
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="refine_start"):
+            make_config("plbopt", overrides=dict(refine_start=bad))
+
+
 def test_resume_reproduces_an_uninterrupted_run(tiny_dataset, tmp_path):
     full = Trainer(make_config("plbopt", overrides=dict(TINY, iterations=4)), load_dataset(tiny_dataset), tmp_path / "full")
     full.fit()
