@@ -182,3 +182,13 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert str(tmp_path / "data") in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "Resources" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_sample_configs_are_valid(path):
+    from PLBOptCore.config import load_config_file
+
+    overrides = load_config_file(path)  # unknown keys or invalid values raise ConfigError
+    applied = make_config("plbopt", overrides=overrides).to_dict()
+    assert {key: applied[key] for key in overrides} == overrides
