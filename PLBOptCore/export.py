@@ -241,8 +241,8 @@ def predict_with_export(path: Path, image: sitk.Image, device: str = "cpu",
     Same preprocessing, sliding window and restoring as ``Predictor.predict_image`` (without
     superpixel refinement), so the labels equal those of the checkpoint the model came from.
     """
-    from .data.preprocess import preprocess_image, restore_to_original
-    from .engine.inference import sliding_window_probabilities
+    from .data.preprocess import preprocess_image
+    from .engine.inference import restore_prediction, sliding_window_probabilities
     from .utils import resolve_device
 
     module, metadata = load_exported(path, device)
@@ -252,11 +252,7 @@ def predict_with_export(path: Path, image: sitk.Image, device: str = "cpu",
         metadata["patch_size"], metadata["num_classes"], metadata["overlap"] if overlap is None else float(overlap),
         metadata["sw_batch_size"], resolve_device(device))
     confidence, label = probs.max(dim=0)
-    dtype = np.uint8 if metadata["num_classes"] <= 255 else np.uint16
-    label_image = restore_to_original(label.numpy().astype(dtype), info, is_label=True)
-    # Outside the body crop the network is certain of background, not unsure (as the Predictor).
-    confidence_image = restore_to_original(confidence.numpy(), info, is_label=False, fill=1.0)
-    return label_image, confidence_image
+    return restore_prediction(label, confidence, info, metadata["num_classes"])
 
 
 def cmd_export(args: argparse.Namespace) -> int:

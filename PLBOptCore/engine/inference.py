@@ -14,7 +14,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,6 +26,9 @@ from ..errors import CheckpointError, PLBOptError
 from ..nets.vnet import VNet
 from ..utils import resolve_device
 from .checkpoint import load_checkpoint
+
+if TYPE_CHECKING:
+    from ..data.preprocess import RestoreInfo
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -167,7 +170,7 @@ class Predictor:
 
     def predict_image(self, image: sitk.Image, refine: bool = False, should_stop=None) -> Prediction:
         """Preprocess like training, predict, optionally refine with superpixels, restore geometry."""
-        from ..data.preprocess import PreprocessParams, preprocess_image, restore_to_original, superpixels_for
+        from ..data.preprocess import PreprocessParams, preprocess_image, superpixels_for
 
         params = PreprocessParams.from_config(self.config)
         volume, info = preprocess_image(image, params)
@@ -181,11 +184,30 @@ class Predictor:
             refined, changed = refine_pseudo_labels(probs[None], label[None], superpixels[None], self.config.refine_tau,
                                                     self.config.refine_entropy)
             label = refined[0]
-        dtype = np.uint8 if self.num_classes <= 255 else np.uint16
-        label_image = restore_to_original(label.numpy().astype(dtype), info, is_label=True)
-        # Outside the body crop the network is certain of background, not unsure.
-        confidence_image = restore_to_original(confidence.numpy().astype(np.float32), info, is_label=False, fill=1.0)
+        label_image, confidence_image = restore_prediction(label, confidence, info, self.num_classes)
         return Prediction(label_image, confidence_image, float(changed))
+
+
+def restore_prediction(label: torch.Tensor, confidence: torch.Tensor, info: RestoreInfo,
+                       num_classes: int) -> Tuple[sitk.Image, sitk.Image]:
+    """Label and confidence maps of a preprocessed volume as images in the input's geometry.
+
+    Args:
+        label: (Z, Y, X) long class ids on the preprocessed grid.
+        confidence: (Z, Y, X) float max softmax probability on that grid.
+        info: the :class:`RestoreInfo` from ``preprocess_image``.
+        num_classes: C; labels are written as uint8, or uint16 above 255 classes.
+
+    Returns:
+        (label image, float32 confidence image). Outside the body crop the network is certain of
+        background, not unsure, so the confidence there is 1.
+    """
+    from ..data.preprocess import restore_to_original
+
+    dtype = np.uint8 if num_classes <= 255 else np.uint16
+    label_image = restore_to_original(label.cpu().numpy().astype(dtype), info, is_label=True)
+    confidence_image = restore_to_original(confidence.cpu().numpy().astype(np.float32), info, is_label=False, fill=1.0)
+    return label_image, confidence_image
 
 
 def resolve_checkpoint(run_dir: Path, checkpoint: str = "best") -> Path:
