@@ -62,12 +62,9 @@ def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = 
 
 def write_montage(spec, predictions_dir: Path, path: Path, max_cases: int = 4) -> Path:
     """Rows = test cases; columns = image, ground truth overlay, prediction overlay (middle slice)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
+    from .bench.plots import pyplot_agg, save_png
     from .data.io import case_name, read_image
     import SimpleITK as sitk
 
@@ -77,7 +74,7 @@ def write_montage(spec, predictions_dir: Path, path: Path, max_cases: int = 4) -
         rgb = spec.colors.get(c, (255, 0, 0))
         colors[c] = [rgb[0] / 255, rgb[1] / 255, rgb[2] / 255, 0.55]
     cmap = ListedColormap(colors)
-    fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
+    fig, axes = pyplot_agg().subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
     for row, case in enumerate(cases):
         image = sitk.GetArrayFromImage(read_image(case.image))
         truth = sitk.GetArrayFromImage(read_image(case.label))
@@ -91,7 +88,4 @@ def write_montage(spec, predictions_dir: Path, path: Path, max_cases: int = 4) -
             ax.set_title(f"{case.name}: {title}" if col == 0 else title, fontsize=9)
             ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=90)

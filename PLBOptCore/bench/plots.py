@@ -1,6 +1,6 @@
 """PNG plots of the accuracy benchmark: per-organ Dice bars and training curves (matplotlib, Agg).
 
-Both functions take plain data (aggregates from :mod:`PLBOptCore.bench.accuracy` and run folders)
+:func:`pyplot_agg` and :func:`save_png` also serve the demo's montage. Both plot functions take plain data (aggregates from :mod:`PLBOptCore.bench.accuracy` and run folders)
 so they can be re-run on an existing ``results.json`` without training anything.
 """
 
@@ -17,7 +17,7 @@ from ..utils import atomic_write
 LOSS_TERMS: Tuple[str, ...] = ("loss", "loss_sup", "loss_unsup", "loss_tri", "loss_mc")
 
 
-def _pyplot():
+def pyplot_agg():
     """matplotlib.pyplot on the Agg backend: the benchmark runs headless (CI, SSH, worker threads)."""
     import matplotlib
 
@@ -27,11 +27,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path, dpi: int = 100) -> Path:
     """Write ``fig`` atomically as PNG and close it."""
-    plt = _pyplot()
+    plt = pyplot_agg()
     with atomic_write(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return Path(path)
 
@@ -47,7 +47,7 @@ def plot_dice_bars(aggregates: Mapping[str, dict], groups: Sequence[str], labels
         labels: legend text per group.
         class_names: organs in label order.
     """
-    plt = _pyplot()
+    plt = pyplot_agg()
     categories = list(class_names) + ["mean"]
     width = 0.8 / max(len(groups), 1)
     fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 2 + 0.3 * len(categories) * max(1, len(groups)))), 4.2))
@@ -68,7 +68,7 @@ def plot_dice_bars(aggregates: Mapping[str, dict], groups: Sequence[str], labels
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _number(value: Optional[float], missing: float = float("nan")) -> float:
@@ -101,7 +101,7 @@ def plot_training_curves(groups: Mapping[str, Sequence[Path]], labels: Mapping[s
     A panel is drawn only for terms that are non-zero in some run (e.g. ``loss_tri`` is absent
     when no preset uses the triplet loss).
     """
-    plt = _pyplot()
+    plt = pyplot_agg()
     panels: List[Tuple[str, str, str]] = []
     curves: Dict[Tuple[str, str], Dict[str, Tuple[np.ndarray, np.ndarray]]] = {}
     candidates = [("train", term, term) for term in LOSS_TERMS] + [("validation", "mean_dice", "validation mean Dice")]
@@ -128,4 +128,4 @@ def plot_training_curves(groups: Mapping[str, Sequence[Path]], labels: Mapping[s
         axes[0, 0].text(0.5, 0.5, "no training events found", ha="center", va="center")
     fig.suptitle("training curves (mean over seeds)", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

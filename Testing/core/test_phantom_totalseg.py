@@ -114,3 +114,19 @@ def test_import_totalsegmentator_warns_for_absent_class_and_needs_labels(tmp_pat
     shutil.copy(TOTALSEG / "ct_small.nii.gz", src)
     with pytest.raises(DatasetError, match="no labeled CT"):
         import_totalsegmentator(src, tmp_path / "out", ["liver"])
+
+
+def test_demo_montage_is_a_png_written_in_place(tmp_path):
+    from PLBOptCore.data.io import case_name
+    from PLBOptCore.demo import write_montage
+
+    spec = load_dataset(make_phantom_dataset(tmp_path / "data", n_labeled=1, n_unlabeled=0, n_test=2,
+                                             shape=(16, 32, 32)))
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    for case in spec.test:  # the ground truth stands in for predictions
+        shutil.copy(case.label, predictions / f"{case_name(case.image)}.nii.gz")
+    path = write_montage(spec, predictions, tmp_path / "new" / "montage.png")
+    assert path == tmp_path / "new" / "montage.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["montage.png"]  # no temporary left
