@@ -70,14 +70,18 @@ def main(out_path: Path) -> Path:
         imageio.write_image(imageio.array_to_sitk(predicted, geometry), out_dir / "unlabeled_case.nii.gz")
         imageio.write_image(imageio.array_to_sitk(confidence, geometry), out_dir / "unlabeled_case_confidence.nii.gz")
         item = WorkflowLogic(scene, working_dir=work).load_predictions(run_dir, out_dir)[0]
+    return render_loaded(scene, item, LABELS, COLORS, out_path)
 
+
+def render_loaded(scene, item, labels, colors, out_path: Path) -> Path:
+    """Read a loaded pseudo label back from its segment nodes and render the review view of it."""
     case = cases.find_case(scene, item.case_name)
-    shown_label = np.zeros(image.shape, np.uint8)
-    for value, name in LABELS.items():
+    shown_label = np.zeros(slicer.util.arrayFromVolume(case.volume).shape, np.uint8)
+    for value, name in labels.items():
         if value:
-            shown_label[slicer.util.arrayFromSegmentBinaryLabelmap(case.segmentation, name, volume) > 0] = value
-    return review.render_review_png(slicer.util.arrayFromVolume(volume), shown_label,
-                                    slicer.util.arrayFromVolume(item.prediction.confidence), LABELS, COLORS, out_path,
+            shown_label[slicer.util.arrayFromSegmentBinaryLabelmap(case.segmentation, name, case.volume) > 0] = value
+    return review.render_review_png(slicer.util.arrayFromVolume(case.volume), shown_label,
+                                    slicer.util.arrayFromVolume(item.prediction.confidence), labels, colors, out_path,
                                     window=(-160.0, 240.0),  # abdominal soft-tissue window
                                     title=f"PLBOpt review: {item.case_name} (uncertainty {item.prediction.uncertainty:.3f})")
 
@@ -101,15 +105,7 @@ def main_from_run(out_path: Path, run_dir: Path, image_path: Path) -> Path:
         subprocess.run([sys.executable, "-m", "PLBOptCore", "refine", str(run_dir), str(image_path), "-o", str(out_dir),
                         "--device", "cpu", "--quiet"], check=True)
         item = WorkflowLogic(scene, working_dir=work).load_predictions(run_dir, out_dir)[0]
-    case = cases.find_case(scene, item.case_name)
-    shown_label = np.zeros(slicer.util.arrayFromVolume(case.volume).shape, np.uint8)
-    for value, name in labels.items():
-        if value:
-            shown_label[slicer.util.arrayFromSegmentBinaryLabelmap(case.segmentation, name, case.volume) > 0] = value
-    return review.render_review_png(slicer.util.arrayFromVolume(case.volume), shown_label,
-                                    slicer.util.arrayFromVolume(item.prediction.confidence), labels, colors, out_path,
-                                    window=(-160.0, 240.0),
-                                    title=f"PLBOpt review: {item.case_name} (uncertainty {item.prediction.uncertainty:.3f})")
+    return render_loaded(scene, item, labels, colors, out_path)
 
 
 if __name__ == "__main__":
