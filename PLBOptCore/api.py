@@ -74,16 +74,18 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
 
 def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_dir: PathLike,
             checkpoint: str = "best", device: str = "auto", refine: bool = False, overlap: Optional[float] = None,
-            progress: Optional[Callable[[dict], None]] = None, should_stop: Optional[Callable[[], bool]] = None) -> List[Path]:
+            progress: Optional[Callable[[dict], None]] = None, should_stop: Optional[Callable[[], bool]] = None,
+            subnet: str = "both") -> List[Path]:
     """Write ``<case>.nii.gz`` (labels) and ``<case>_confidence.nii.gz`` for every input image.
 
-    Outputs are in each input's original geometry. Refusing to write over an input keeps the
+    Outputs are in each input's original geometry. ``subnet`` is ``"a"``, ``"b"`` or ``"both"``
+    (DHC's ensemble, the default). Refusing to write over an input keeps the
     user's data safe even when ``out_dir`` is the input folder.
     """
     from .data.io import CONFIDENCE_SUFFIX, case_name, read_image, write_image
     from .engine.inference import Predictor
 
-    predictor = Predictor.from_run(Path(run_dir), checkpoint, device)
+    predictor = Predictor.from_run(Path(run_dir), checkpoint, device, subnet)
     if overlap is not None:
         predictor.config.sw_overlap = float(overlap)
     images = list_images(inputs)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import __version__
-from .config import PRESETS, parse_override
+from .config import PRESETS, SUBNETS, parse_override
 from .convert import add_convert_arguments
 from .errors import PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
@@ -67,7 +67,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"[{event['index']}/{event['total']}] {event['case']} -> {event['path']}{extra}", flush=True)
 
     written = predict(args.run_dir, args.input, args.output, checkpoint=args.checkpoint, device=args.device or "auto",
-                      refine=args.refine, overlap=args.overlap, progress=report)
+                      refine=args.refine, overlap=args.overlap, subnet=args.subnet, progress=report)
     print(f"wrote {len(written)} label maps and confidence maps to {args.output}")
     return 0
 
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", type=Path, required=True)
         p.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint path")
         p.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1)")
+        p.add_argument("--subnet", default="both", choices=SUBNETS,
+                       help="predict with subnet a, b, or both averaged (default; a supervised run has only a)")
         p.add_argument("--device")
         p.add_argument("-q", "--quiet", action="store_true")
         if refine:

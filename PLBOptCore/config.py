@@ -73,14 +73,33 @@ class Config:
     # ---- DHC class weighting ------------------------------------------------------------------
     distdw_momentum: float = 0.99
     diffdw_momentum: float = 0.98  # DHC accumulate_iters=50
+    # Lowest class weight used in the losses (weights are in [0, C]). DHC's DistDW gives the most
+    # frequent class (background) weight 0, so subnet B never learns background on unlabeled
+    # patches and predicts most of them as organ; 0 restores DHC's literal weights. docs/METHOD.md
+    class_weight_floor: float = 1.0
+    # DHC also weights the CPS cross entropy. On pseudo labels that feeds back: weighted CE moves a
+    # subnet's probabilities to p_k ∝ w_k·q_k, its argmax becomes the other subnet's target, and
+    # the organs (weights up to C) grow over the unlabeled background step after step. The class
+    # weights act on the supervised loss only unless this is true (DHC's literal loss). docs/METHOD.md
+    weighted_cps: bool = False
 
     # ---- PLBOpt: refinement (eq. 1-2) ---------------------------------------------------------
     superpixel_method: str = "slic"  # slic | slic3d | quickshift | felzenszwalb | watershed
-    superpixel_divisor: int = 50  # n_segments = H*W/divisor per axial slice (paper: /50)
+    superpixel_divisor: int = 50  # n_segments = H*W/divisor per axial slice (paper: /50); see superpixel_area_mm2
+    # Mean superpixel area in mm² (None = use superpixel_divisor pixels). A physical size does not
+    # change with resampling; 112.5 mm² is the paper's 50 pixels at DHC's 1.5 mm in-plane grid.
+    superpixel_area_mm2: Optional[float] = 112.5
     superpixel_compactness: float = 0.1  # SLIC compactness on [0,1] intensities
     refine_tau: float = 0.5  # entropy threshold in nats (binary entropy is at most ln 2 = 0.69)
     refine_entropy: str = "binary"  # "binary" (mask class vs rest) or "multiclass" (eq. 1 over C); docs/METHOD.md
     refine_start: float = 0.0  # fraction of the run before refinement starts (0 = Algorithm 1); docs/METHOD.md
+    refine_mode: str = "safe"  # "safe" (never hands voxels to another organ) or "paper" (Algorithm 1 as published)
+    # Refinement acts only in superpixels whose intensity std is at most this many times the
+    # volume's noise level (0 = in every superpixel, as the paper).
+    refine_homogeneity: float = 1.5
+    # Each step, refine the labeled patches' predictions too, score the change per class against
+    # their labels, and refine a class only while the running mean of that gain is >= 0.
+    refine_self_check: bool = True
 
     # ---- PLBOpt: triplet (eq. 3-8) ------------------------------------------------------------
     triplet_levels: int = 3  # k confidence levels
@@ -94,6 +113,7 @@ class Config:
     # ---- PLBOpt: mutual correction (eq. 9-10) -------------------------------------------------
     mc_tau: float = 0.8  # confidence threshold tau
     lambda_mc: float = 1.0
+    mc_mode: str = "teacher"  # "teacher": the confident subnet teaches, detached; "paper": symmetric gradients
 
     # ---- inference ----------------------------------------------------------------------------
     sw_overlap: float = 0.5
@@ -121,6 +141,14 @@ class Config:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.refine_start < 1.0:
             raise ConfigError(f"refine_start must be a fraction of the run in [0, 1), got {self.refine_start}")
+        if self.refine_mode not in ("safe", "paper"):
+            raise ConfigError(f"refine_mode must be 'safe' or 'paper', got {self.refine_mode!r}")
+        if self.mc_mode not in ("teacher", "paper"):
+            raise ConfigError(f"mc_mode must be 'teacher' or 'paper', got {self.mc_mode!r}")
+        if self.refine_homogeneity < 0 or self.class_weight_floor < 0:
+            raise ConfigError("refine_homogeneity and class_weight_floor must be >= 0")
+        if self.superpixel_area_mm2 is not None and not self.superpixel_area_mm2 > 0:
+            raise ConfigError(f"superpixel_area_mm2 must be > 0 or null, got {self.superpixel_area_mm2}")
         if self.refine_entropy not in ("binary", "multiclass"):
             raise ConfigError(f"refine_entropy must be 'binary' or 'multiclass', got {self.refine_entropy!r}")
         if set(self.flip_axes) - set("zyx"):
@@ -155,6 +183,7 @@ class Config:
 
 
 SUPERPIXEL_METHODS = ("slic", "slic3d", "quickshift", "felzenszwalb", "watershed")
+SUBNETS = ("both", "a", "b")  # what predicts: DHC's ensemble (logits averaged) or one subnet alone
 
 # Each preset is a set of overrides on the defaults. The single-component presets switch the other
 # two PLBOpt components off but otherwise match `plbopt`, which is how the paper's Table V ablates.
@@ -166,6 +195,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "supervised": dict(dual_subnets=False, class_weighting=False, cps_weight=0.0, refine=False, triplet=False, mutual_correction=False),
     "dhc": dict(dual_subnets=True, supervised_subnets="AB", cps_weight=0.1, refine=False, triplet=False, mutual_correction=False),
     "plbopt": dict(dual_subnets=True, supervised_subnets="AB", cps_weight=0.1, refine=True, triplet=True, mutual_correction=True),
+    # PLBOpt's components exactly as published (refinement rule, superpixel count, symmetric mutual
+    # correction, eq. 5-6 mining) on the same healthy DHC base, to reproduce and compare the paper.
+    "plbopt-paper": dict(dual_subnets=True, supervised_subnets="AB", cps_weight=0.1, refine=True, triplet=True,
+                         mutual_correction=True, refine_mode="paper", refine_homogeneity=0.0, refine_self_check=False,
+                         superpixel_area_mm2=None, mc_mode="paper", triplet_mining="paper"),
     "refine-only": dict(dual_subnets=True, supervised_subnets="AB", cps_weight=0.1, refine=True, triplet=False, mutual_correction=False),
     "triplet-only": dict(dual_subnets=True, supervised_subnets="AB", cps_weight=0.1, refine=False, triplet=True, mutual_correction=False),
     "mc-only": dict(dual_subnets=True, supervised_subnets="AB", cps_weight=0.1, refine=False, triplet=False, mutual_correction=True),

@@ -231,7 +231,7 @@ def preprocess_params(metadata: Dict[str, Any]) -> PreprocessParams:
         clip_window=tuple(raw["clip_window"]) if raw["clip_window"] else None,
         normalization=raw["normalization"], crop_to_body=raw["crop_to_body"],
         superpixel_method=raw["superpixel_method"], superpixel_divisor=raw["superpixel_divisor"],
-        superpixel_compactness=raw["superpixel_compactness"])
+        superpixel_compactness=raw["superpixel_compactness"], superpixel_area_mm2=raw.get("superpixel_area_mm2"))
 
 
 def predict_with_export(path: Path, image: sitk.Image, device: str = "cpu",

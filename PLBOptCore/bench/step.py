@@ -27,7 +27,6 @@ def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets
     from ..data.phantom import make_phantom_dataset
     from ..data.preprocess import PreprocessParams
     from ..engine.trainer import Trainer
-    from ..method.superpixels import compute_superpixels
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,12 +48,12 @@ def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets
             results[preset] = {"mean_seconds": mean,
                                "share_refine_plus_triplet": (mean["refine"] + mean["triplet"]) / mean["total"]}
         params = PreprocessParams.from_config(make_config("plbopt", overrides=dict(CPU_DEMO_OVERRIDES)))
-        from ..data.preprocess import preprocess_image
+        from ..data.preprocess import preprocess_image, superpixels_for
         from ..data.io import read_image
 
-        volume, _ = preprocess_image(read_image(spec.unlabeled[0].image), params)
+        volume, info = preprocess_image(read_image(spec.unlabeled[0].image), params)
         started = time.perf_counter()
-        compute_superpixels(volume, params.superpixel_method, params.superpixel_divisor, params.superpixel_compactness)
+        superpixels_for(volume, params, info)
         superpixel_seconds = time.perf_counter() - started
 
     share = results["plbopt"]["share_refine_plus_triplet"]

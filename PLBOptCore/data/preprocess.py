@@ -41,6 +41,13 @@ class PreprocessParams:
     superpixel_method: str
     superpixel_divisor: int
     superpixel_compactness: float
+    superpixel_area_mm2: Optional[float] = None
+
+    def superpixel_pixels(self, spacing_zyx: Tuple[float, float, float]) -> int:
+        """Mean superpixel size in pixels on a grid of ``spacing_zyx`` mm (the ``divisor``)."""
+        if self.superpixel_area_mm2 is None:
+            return self.superpixel_divisor
+        return max(1, int(round(self.superpixel_area_mm2 / (float(spacing_zyx[1]) * float(spacing_zyx[2])))))
 
     @classmethod
     def from_config(cls, cfg: Any) -> "PreprocessParams":
@@ -52,6 +59,7 @@ class PreprocessParams:
             superpixel_method=cfg.superpixel_method,
             superpixel_divisor=int(cfg.superpixel_divisor),
             superpixel_compactness=float(cfg.superpixel_compactness),
+            superpixel_area_mm2=float(cfg.superpixel_area_mm2) if cfg.superpixel_area_mm2 else None,
         )
 
     def key(self) -> str:
@@ -248,7 +256,7 @@ def _save_cache(path: Path, case: Preprocessed, stamp: Dict[str, Any]) -> None:
         np.savez(tmp, **arrays)
 
 
-def superpixels_for(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
+def superpixels_for(image: np.ndarray, params: PreprocessParams, info: RestoreInfo) -> np.ndarray:
     """Superpixel ids (Z,Y,X) of a preprocessed volume; the same call in training and inference."""
     from ..method.superpixels import compute_superpixels
 
@@ -256,7 +264,8 @@ def superpixels_for(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
         # superpixel compactness is calibrated for [0, 1] intensities
         low, high = float(image.min()), float(image.max())
         image = (image - low) / (high - low) if high > low else np.zeros_like(image)
-    return compute_superpixels(image, params.superpixel_method, params.superpixel_divisor,
+    spacing_zyx = tuple(reversed(info.resampled_spacing))
+    return compute_superpixels(image, params.superpixel_method, params.superpixel_pixels(spacing_zyx),
                               params.superpixel_compactness)
 
 
@@ -284,7 +293,7 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
         array, label_array, info = _prepare(image, params, label)
         cached = Preprocessed(case.name, array, label_array, None, info)
     if with_superpixels:
-        cached.superpixels = superpixels_for(cached.image, params)
+        cached.superpixels = superpixels_for(cached.image, params, cached.info)
     if path is not None:
         _save_cache(path, cached, stamp)
     return cached

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..method.superpixels import noise_sigma
 from .preprocess import Preprocessed
 
 # Patch centres are drawn from at most this many voxels per class and case: bounds memory on large
@@ -37,14 +38,33 @@ def class_indices(label_zyx: np.ndarray, num_classes: int,
     return out
 
 
-def _pad_to(array: Optional[np.ndarray], patch: Tuple[int, int, int], value: float) -> Optional[np.ndarray]:
-    """Pad ``array`` (Z, Y, X) symmetrically to at least ``patch`` with ``value``."""
+def centred_padding(shape: Sequence[int], patch: Sequence[int]) -> List[Tuple[int, int]]:
+    """(before, after) padding per axis that centres a volume of ``shape`` in a ``patch`` where the
+    volume is smaller (``m = patch - shape``: ``m // 2`` before, the rest after), zero elsewhere.
+
+    This is *the* layout of a small volume: inference pads with it, and training crops place the
+    volume anywhere from flush-left to flush-right, this centred placement included.
+    """
+    missing = np.maximum(np.asarray(patch, dtype=np.int64) - np.asarray(shape, dtype=np.int64), 0)
+    return [(int(m) // 2, int(m) - int(m) // 2) for m in missing]
+
+
+def pad_to_patch(array: np.ndarray, patch: Sequence[int], value: float) -> np.ndarray:
+    """``array`` (Z, Y, X) padded with ``value`` to at least ``patch`` in the centred layout."""
+    padding = centred_padding(array.shape, patch)
+    return np.pad(array, padding, constant_values=value) if any(sum(p) for p in padding) else array
+
+
+def _pad_for_crops(array: Optional[np.ndarray], patch: Tuple[int, int, int], value: float) -> Optional[np.ndarray]:
+    """Pad each axis shorter than the patch by its shortfall ``m`` on *both* sides, so a crop start
+    in ``[0, m]`` puts the volume at any offset in the patch (a translation the network must not
+    rely on), with the centred inference layout at start ``m - m // 2``."""
     if array is None:
         return None
     missing = np.maximum(np.array(patch) - np.array(array.shape), 0)
     if not missing.any():
         return array
-    return np.pad(array, [(m // 2, m - m // 2) for m in missing], constant_values=value)
+    return np.pad(array, [(m, m) for m in missing], constant_values=value)
 
 
 class PatchSampler:
@@ -53,8 +73,9 @@ class PatchSampler:
     Each patch picks a case uniformly; with probability ``foreground_oversample`` (and if the case
     has foreground) it is centred near a voxel of a foreground class chosen uniformly among the
     classes present in that case, so rare small organs are seen as often as large ones; otherwise
-    it is a uniform random crop. Volumes smaller than the patch are padded (image with its minimum,
-    label 0, superpixels -1). ``stream`` separates samplers sharing a seed (labeled vs unlabeled).
+    it is a uniform random crop. An axis shorter than the patch is padded (image with the volume's
+    minimum, label 0, superpixels -1) so that crops place the volume at every offset inside the
+    patch, the centred layout of :func:`pad_to_patch` (inference) among them. ``stream`` separates samplers sharing a seed (labeled vs unlabeled).
     """
 
     def __init__(self, cases: Sequence[Preprocessed], patch_size: Sequence[int], batch_size: int, num_classes: int,
@@ -74,11 +95,13 @@ class PatchSampler:
         self._labels: List[Optional[np.ndarray]] = []
         self._superpixels: List[Optional[np.ndarray]] = []
         self._foreground: List[Dict[int, np.ndarray]] = []
+        # noise level of each volume, for refinement's homogeneity test (cheap: ms per volume)
+        self._noise = [noise_sigma(case.image) if case.superpixels is not None else 0.0 for case in cases]
         for case in cases:
-            self._images.append(_pad_to(case.image, self.patch, float(case.image.min())))
-            label = _pad_to(case.label, self.patch, 0)
+            self._images.append(_pad_for_crops(case.image, self.patch, float(case.image.min())))
+            label = _pad_for_crops(case.label, self.patch, 0)
             self._labels.append(label)
-            self._superpixels.append(_pad_to(case.superpixels, self.patch, -1))
+            self._superpixels.append(_pad_for_crops(case.superpixels, self.patch, -1))
             self._foreground.append(class_indices(label, num_classes) if label is not None else {})
 
     def _start(self, index: int, rng: np.random.Generator) -> np.ndarray:
@@ -97,13 +120,15 @@ class PatchSampler:
 
     def sample(self, step: int) -> Dict[str, torch.Tensor]:
         """The batch of ``step``: ``image`` (B,1,Z,Y,X) float32, ``label`` (B,Z,Y,X) int64 (zeros if
-        unlabeled), ``superpixels`` (B,Z,Y,X) int64 (-1 where none)."""
+        unlabeled), ``superpixels`` (B,Z,Y,X) int64 (-1 where none), ``noise_sigma`` (B,) float32
+        (the volume's image noise level, 0 without superpixels)."""
         rng = np.random.default_rng([self.seed, int(step), self.stream])
         shape = (self.batch_size,) + self.patch
         image = np.empty((self.batch_size, 1) + self.patch, dtype=np.float32)
         label = np.zeros(shape, dtype=np.int64)
         superpixels = np.full(shape, -1, dtype=np.int64)
         cases = rng.integers(len(self._images), size=self.batch_size)
+        noise = torch.tensor([self._noise[int(index)] for index in cases], dtype=torch.float32)
         for b, index in enumerate(cases):
             start = self._start(int(index), rng)
             box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
@@ -113,7 +138,7 @@ class PatchSampler:
             if self._superpixels[index] is not None:
                 superpixels[b] = self._superpixels[index][box]
         batch = {"image": torch.from_numpy(image), "label": torch.from_numpy(label),
-                 "superpixels": torch.from_numpy(superpixels)}
+                 "superpixels": torch.from_numpy(superpixels), "noise_sigma": noise}
         if self.augment:
             generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
             batch = augment_batch(batch, generator, self.flip_axes, self.rotate90)
@@ -128,18 +153,20 @@ def augment_batch(batch: Dict[str, torch.Tensor], generator: torch.Generator, fl
     """Random flips along the ``flip_axes`` (any of "z", "y", "x") and 90° rotations in the Y-X plane
     (if ``rotate90`` and Y == X), the same for ``image`` (B,1,Z,Y,X), ``label`` and ``superpixels``
     (B,Z,Y,X) of a sample; then an intensity scale in [0.9, 1.1] and shift in [-0.1, 0.1] on the
-    image only. Other keys pass unchanged. The random draws do not depend on the options, so
+    image only (``noise_sigma`` (B,), if present, scales with it). Other keys pass unchanged. The random draws do not depend on the options, so
     switching one off leaves the others' draws unchanged."""
     image = batch["image"]
     square = rotate90 and image.shape[-1] == image.shape[-2]
     allowed = torch.tensor([axis in flip_axes for axis in "zyx"])
     out: Dict[str, List[torch.Tensor]] = {key: [] for key in GEOMETRIC_KEYS if key in batch}
+    scales = []
     for b in range(image.shape[0]):
         flips = (torch.rand(3, generator=generator) < 0.5) & allowed
         turns = int(torch.randint(0, 4, (1,), generator=generator))
         turns = turns if square else 0
         scale = 0.9 + 0.2 * torch.rand(1, generator=generator)
         shift = 0.2 * torch.rand(1, generator=generator) - 0.1
+        scales.append(scale)
         dims = [d for d, flip in zip((-3, -2, -1), flips.tolist()) if flip]
         for key in out:
             x = batch[key][b]
@@ -150,4 +177,6 @@ def augment_batch(batch: Dict[str, torch.Tensor], generator: torch.Generator, fl
             out[key].append(x * scale + shift if key == "image" else x)
     result = dict(batch)
     result.update({key: torch.stack(values).contiguous() for key, values in out.items()})
+    if "noise_sigma" in batch:
+        result["noise_sigma"] = batch["noise_sigma"] * torch.cat(scales)
     return result

@@ -80,6 +80,14 @@ class DistContext:
         packed /= self.world_size
         return dict(zip(keys, packed.tolist()))
 
+    def mean_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of ``tensor`` averaged over ranks (every rank gets the same result)."""
+        if not self.enabled:
+            return tensor
+        averaged = tensor.clone()
+        _average_flat([averaged], self.world_size)
+        return averaged
+
     def average_gradients(self, module: torch.nn.Module) -> None:
         """Replace every gradient of ``module`` by its mean over ranks, in one flat all-reduce."""
         if not self.enabled:

@@ -21,8 +21,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..config import Config
-from ..errors import CheckpointError, PLBOptError
+from ..config import SUBNETS, Config
+from ..data.sampling import centred_padding, pad_to_patch
+from ..errors import CheckpointError, ConfigError, PLBOptError
 from ..nets.vnet import VNet
 from ..utils import resolve_device
 from .checkpoint import load_checkpoint
@@ -75,10 +76,10 @@ def sliding_window_probabilities(
     device = device or next(models[0].parameters()).device
     patch = [int(p) for p in patch_size]
     shape = list(volume.shape)
-    pads = [max(0, p - s) for p, s in zip(patch, shape)]
-    if any(pads):
-        # F.pad pads the last dim first; pad at the end only so cropping back is a slice.
-        volume = F.pad(volume[None, None], (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")[0, 0]
+    padding = centred_padding(shape, patch)
+    if any(before or after for before, after in padding):
+        # the layout training crops include: centred, padded with the volume's minimum (air)
+        volume = torch.from_numpy(pad_to_patch(volume.numpy(), patch, float(volume.min())))
     padded = list(volume.shape)
     probs = torch.zeros([num_classes] + padded, dtype=torch.float32)
     weight_sum = torch.zeros(padded, dtype=torch.float32)
@@ -98,7 +99,8 @@ def sliding_window_probabilities(
             probs[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]] += window_prob * importance
             weight_sum[z:z + patch[0], y:y + patch[1], x:x + patch[2]] += importance
     probs /= weight_sum
-    return probs[:, : shape[0], : shape[1], : shape[2]].contiguous()
+    (z0, _), (y0, _), (x0, _) = padding
+    return probs[:, z0:z0 + shape[0], y0:y0 + shape[1], x0:x0 + shape[2]].contiguous()
 
 
 def build_models(config: Config, num_classes: int) -> List[VNet]:
@@ -121,6 +123,18 @@ def load_subnet_weights(models: Sequence[torch.nn.Module], states, source: Path)
                                   f"(different classes or base filters?): {first}") from None
 
 
+def select_subnets(models: Sequence[torch.nn.Module], subnet: str, source: Path) -> List[torch.nn.Module]:
+    """The models that predict: ``"both"`` (all, logits averaged), ``"a"`` or ``"b"`` alone."""
+    if subnet not in SUBNETS:
+        raise ConfigError(f"subnet must be one of {', '.join(SUBNETS)}, got {subnet!r}")
+    if subnet == "both":
+        return list(models)
+    index = "ab".index(subnet)
+    if index >= len(models):
+        raise ConfigError(f"{source}: has no subnet {subnet!r} (a supervised run has subnet a only)")
+    return [models[index]]
+
+
 @dataclass
 class Prediction:
     label: sitk.Image  # uint8/uint16 label map in the input's geometry
@@ -132,7 +146,8 @@ class Predictor:
     """Loads a trained run and predicts label + confidence maps in the input image's geometry."""
 
     def __init__(self, config: Config, labels: Dict[int, str], colors: Dict[int, Tuple[int, int, int]],
-                 model_states: List[Dict[str, torch.Tensor]], device: str = "auto", source: Path = Path("checkpoint")) -> None:
+                 model_states: List[Dict[str, torch.Tensor]], device: str = "auto", source: Path = Path("checkpoint"),
+                 subnet: str = "both") -> None:
         self.config = config
         self.labels = labels
         self.colors = colors
@@ -140,11 +155,12 @@ class Predictor:
         self.device = resolve_device(device)
         self.models = build_models(config, self.num_classes)
         load_subnet_weights(self.models, model_states, source)
+        self.models = select_subnets(self.models, subnet, source)
         for model in self.models:
             model.to(self.device).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: Path, device: str = "auto") -> "Predictor":
+    def from_checkpoint(cls, path: Path, device: str = "auto", subnet: str = "both") -> "Predictor":
         state = load_checkpoint(path)
         try:
             config = Config.from_dict(state["config"])
@@ -155,11 +171,11 @@ class Predictor:
             raise CheckpointError(f"{path}: checkpoint lacks {exc}") from None
         except (PLBOptError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{path}: malformed checkpoint metadata ({exc})") from None
-        return cls(config, labels, colors, models, device, source=path)
+        return cls(config, labels, colors, models, device, source=path, subnet=subnet)
 
     @classmethod
-    def from_run(cls, run_dir: Path, checkpoint: str = "best", device: str = "auto") -> "Predictor":
-        return cls.from_checkpoint(resolve_checkpoint(run_dir, checkpoint), device)
+    def from_run(cls, run_dir: Path, checkpoint: str = "best", device: str = "auto", subnet: str = "both") -> "Predictor":
+        return cls.from_checkpoint(resolve_checkpoint(run_dir, checkpoint), device, subnet)
 
     def predict_probabilities(self, volume_zyx: np.ndarray, should_stop=None) -> torch.Tensor:
         """(C, Z, Y, X) probabilities of a preprocessed (Z, Y, X) volume."""
@@ -180,9 +196,9 @@ class Predictor:
         if refine:
             from ..method.refine import refine_pseudo_labels
 
-            superpixels = torch.from_numpy(superpixels_for(volume, params).astype(np.int64))
+            superpixels = torch.from_numpy(superpixels_for(volume, params, info).astype(np.int64))
             refined, changed = refine_pseudo_labels(probs[None], label[None], superpixels[None], self.config.refine_tau,
-                                                    self.config.refine_entropy)
+                                                    self.config.refine_entropy, self.config.refine_mode)
             label = refined[0]
         label_image, confidence_image = restore_prediction(label, confidence, info, self.num_classes)
         return Prediction(label_image, confidence_image, float(changed))

@@ -45,7 +45,7 @@ from ..errors import ConfigError, TrainingInterrupted
 from ..method.dhc import DiffDW, DistDW, weighted_ce_loss, weighted_dice_ce_loss
 from ..method.mutual import mutual_correction_loss
 from ..method.rampup import sigmoid_rampup
-from ..method.refine import refine_pseudo_labels
+from ..method.refine import homogeneous_superpixels, refine_pseudo_labels, refinement_gain
 from ..method.triplet import ConfidenceTripletLoss
 from ..metrics import dice
 from ..utils import resolve_device, seed_everything, step_seed
@@ -56,6 +56,9 @@ from .inference import build_models, load_subnet_weights, sliding_window_probabi
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
 INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step number
+# EMA momentum of the refinement self-check: a gain must stay negative over ~20 steps to switch a
+# class off, so a single unlucky patch does not.
+SELF_CHECK_MOMENTUM = 0.95
 
 
 class Trainer:
@@ -159,7 +162,9 @@ class Trainer:
     def _load_data(self) -> None:
         cfg = self.config
         params = PreprocessParams.from_config(cfg)
-        labeled = [preprocess_case(case, params, self.cache_dir, with_superpixels=False) for case in self.dataset.training]
+        self_check = cfg.refine and cfg.refine_self_check  # refinement is also tried on labeled patches
+        labeled = [preprocess_case(case, params, self.cache_dir, with_superpixels=self_check)
+                   for case in self.dataset.training]
         self.validation_cases = [preprocess_case(case, params, self.cache_dir, with_superpixels=False)
                                  for case in self.dataset.validation if case.label is not None]
         # stream = rank: each process draws its own patches; rank 0 draws those of a plain run
@@ -198,6 +203,8 @@ class Trainer:
                                                      cfg.triplet_margin, cfg.triplet_max_anchors,
                                                      cfg.triplet_max_candidates, mining=cfg.triplet_mining, share=share)
                                for _ in self.models]
+        # running mean of refinement's per-class Dice gain on labeled patches (the self-check)
+        self.refine_gain = torch.zeros(self.num_classes)
         self.step = 0
         self.best_metric = -math.inf
         if self.init_from is not None:
@@ -224,6 +231,7 @@ class Trainer:
             "diffdw": self.diffdw.state_dict(),
             "distdw": self.distdw.state_dict(),
             "triplet": [t.state_dict() for t in self.triplet_losses],
+            "refine_gain": self.refine_gain.clone(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -237,6 +245,8 @@ class Trainer:
         self.distdw.load_state_dict(state["distdw"])
         for triplet, triplet_state in zip(self.triplet_losses, state["triplet"]):
             triplet.load_state_dict(triplet_state)
+        if "refine_gain" in state:  # absent from checkpoints of earlier versions
+            self.refine_gain = state["refine_gain"].float().cpu()
         self.step = int(state["step"])
         self.best_metric = float(state["best_metric"])
 
@@ -267,7 +277,7 @@ class Trainer:
         if self.unlabeled_sampler is not None:
             unlabeled = self.unlabeled_sampler.sample(step)
             x = torch.cat([x_l, unlabeled["image"].to(self.device, non_blocking=True)])
-            superpixels = unlabeled["superpixels"].to(self.device, non_blocking=True)
+            superpixels = self._refinable(unlabeled)
         else:
             x = x_l
         timings["data"] = self._lap()
@@ -288,6 +298,7 @@ class Trainer:
         zero = x.new_zeros(())
         record = dict(loss_sup=zero, loss_unsup=zero, loss_tri=zero, loss_mc=zero)
         changed_fraction = 0.0
+        gain = None
         ramp = sigmoid_rampup(step, cfg.rampup_iterations if cfg.rampup_iterations is not None else cfg.iterations)
 
         if cfg.class_weighting:
@@ -296,11 +307,12 @@ class Trainer:
                 self.distdw.update(logits[1][n_l:].detach())
             self._share_class_weights()
         if not cfg.dual_subnets:
-            weights = self.diffdw.weights if cfg.class_weighting else None
+            weights = self.diffdw.weights.clamp_min(cfg.class_weight_floor) if cfg.class_weighting else None
             record["loss_sup"] = weighted_dice_ce_loss(logits[0][:n_l], y_l, weights)
         else:
             logit_a, logit_b = logits
-            w_a, w_b = (self.diffdw.weights, self.distdw.weights) if cfg.class_weighting else (None, None)
+            w_a, w_b = ((self.diffdw.weights.clamp_min(cfg.class_weight_floor),
+                         self.distdw.weights.clamp_min(cfg.class_weight_floor)) if cfg.class_weighting else (None, None))
             loss_sup = weighted_dice_ce_loss(logit_b[:n_l], y_l, w_b)
             if cfg.supervised_subnets == "AB":
                 loss_sup = loss_sup + weighted_dice_ce_loss(logit_a[:n_l], y_l, w_a)
@@ -311,17 +323,25 @@ class Trainer:
             pseudo = list(pseudo)  # max() returns fresh index tensors: refined in place below
             timings["losses_sup"] = self._lap()
             if cfg.refine and superpixels is not None and step >= cfg.refine_start * cfg.iterations:
+                allowed = None
+                if cfg.refine_self_check:
+                    gain = self._self_check([p[:n_l].detach() for p in probs], [p[:n_l] for p in pseudo],
+                                            self._refinable(labeled), y_l)
+                    allowed = self.refine_gain >= 0
+                    gain = gain * allowed  # the gain of refinement as it is applied this step
                 # both subnets in one call (batch items never mix); both halves have the same
                 # superpixels, so the joint changed fraction is the mean of the two
                 refined, changed_fraction = refine_pseudo_labels(
                     torch.cat([p[n_l:].detach() for p in probs]), torch.cat([p[n_l:] for p in pseudo]),
-                    torch.cat([superpixels, superpixels]), cfg.refine_tau, cfg.refine_entropy)
+                    torch.cat([superpixels, superpixels]), cfg.refine_tau, cfg.refine_entropy, cfg.refine_mode,
+                    allowed)
                 pseudo[0][n_l:], pseudo[1][n_l:] = refined.chunk(2)
             timings["refine"] = self._lap()
 
             if cfg.cps_weight > 0:
-                record["loss_unsup"] = (weighted_ce_loss(logit_a, pseudo[1], w_a)
-                                        + weighted_ce_loss(logit_b, pseudo[0], w_b))
+                cps_a, cps_b = (w_a, w_b) if cfg.weighted_cps else (None, None)
+                record["loss_unsup"] = (weighted_ce_loss(logit_a, pseudo[1], cps_a)
+                                        + weighted_ce_loss(logit_b, pseudo[0], cps_b))
             timings["cps"] = self._lap()
             if cfg.triplet and x.shape[0] > n_l:
                 generator = torch.Generator(device="cpu").manual_seed(step_seed(own_seed, step) % (2**62))
@@ -330,7 +350,8 @@ class Trainer:
                     for i, triplet in enumerate(self.triplet_losses))
             timings["triplet"] = self._lap()
             if cfg.mutual_correction and x.shape[0] > n_l:
-                record["loss_mc"] = mutual_correction_loss(probs[0][n_l:], probs[1][n_l:], cfg.mc_tau)
+                record["loss_mc"] = mutual_correction_loss(probs[0][n_l:], probs[1][n_l:], cfg.mc_tau,
+                                                           teacher=cfg.mc_mode == "teacher")
 
         loss = record["loss_sup"] + ramp * (cfg.cps_weight * record["loss_unsup"] + cfg.lambda_triplet * record["loss_tri"]
                                             + cfg.lambda_mc * record["loss_mc"])
@@ -352,7 +373,46 @@ class Trainer:
         self.step += 1
         values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in record.items()},
                   "refine_changed_fraction": changed_fraction}
-        return {**self.dist.mean_values(values, self.device), "lr": lr, "ramp": ramp}
+        if gain is not None:
+            values.update({f"refine_gain/{c}": float(g) for c, g in enumerate(gain.tolist())})
+        values = self.dist.mean_values(values, self.device)
+        if gain is not None:  # one {class name: gain} entry in the log record
+            values["refine_gain"] = {self.dataset.labels[c]: values.pop(f"refine_gain/{c}")
+                                     for c in range(1, self.num_classes)}
+            values.pop("refine_gain/0")
+        return {**values, "lr": lr, "ramp": ramp}
+
+    def _refinable(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, Z, Y, X) superpixel ids of a sampled batch on the device, the heterogeneous ones set
+        to -1 (none) when ``refine_homogeneity`` restricts refinement to homogeneous superpixels."""
+        superpixels = batch["superpixels"].to(self.device, non_blocking=True)
+        if self.config.refine_homogeneity > 0:
+            superpixels = homogeneous_superpixels(superpixels, batch["image"].to(self.device), batch["noise_sigma"],
+                                                  self.config.refine_homogeneity)
+        return superpixels
+
+    @torch.no_grad()
+    def _self_check(self, probs: List[torch.Tensor], pseudo: List[torch.Tensor], superpixels: torch.Tensor,
+                    target: torch.Tensor) -> torch.Tensor:
+        """Refine both subnets' predictions of the labeled patches with every class allowed, score
+        the change per class against the labels, and update the running mean that gates each class.
+
+        Args:
+            probs: per subnet (B_l, C, Z, Y, X) softmax; pseudo: per subnet (B_l, Z, Y, X) argmax;
+            superpixels: (B_l, Z, Y, X) ids of the labeled patches; target: (B_l, Z, Y, X) labels.
+
+        Returns:
+            (C,) this step's per-class gain (CPU float32; background always 0).
+        """
+        cfg = self.config
+        before = torch.cat(pseudo)
+        refined, _ = refine_pseudo_labels(torch.cat(probs), before, torch.cat([superpixels] * len(probs)),
+                                          cfg.refine_tau, cfg.refine_entropy, cfg.refine_mode)
+        gain = refinement_gain(before, refined, torch.cat([target] * len(probs)), self.num_classes).cpu()
+        gain[0] = 0.0
+        gain = self.dist.mean_tensor(gain.to(self.device)).cpu()
+        self.refine_gain = SELF_CHECK_MOMENTUM * self.refine_gain + (1 - SELF_CHECK_MOMENTUM) * gain
+        return gain
 
     def _share_class_weights(self) -> None:
         """Give every rank rank 0's DiffDW/DistDW state, so all ranks weight the losses alike.
@@ -388,18 +448,27 @@ class Trainer:
             return None
         for model in self.models:
             model.eval()
-        per_class: Dict[str, List[float]] = {name: [] for c, name in self.dataset.labels.items() if c > 0}
-        for case in self.validation_cases:
-            probs = sliding_window_probabilities(self.models, torch.from_numpy(case.image), self.config.patch_size,
-                                                 self.num_classes, self.config.sw_overlap, self.config.sw_batch_size,
-                                                 self.device)
-            prediction = probs.argmax(0).numpy()
-            for c, name in self.dataset.labels.items():
-                if c > 0:
-                    per_class[name].append(dice(prediction == c, case.label == c))
-        scores = {name: float(np.mean(values)) for name, values in per_class.items()}
-        mean_dice = float(np.mean(list(scores.values()))) if scores else 0.0
-        record = self.events.write("validation", step=self.step, dice=scores, mean_dice=mean_dice)
+        # the ensemble decides best.pt; each subnet alone shows whether one of them is failing
+        members = {"both": self.models}
+        if len(self.models) == 2:
+            members.update(a=self.models[:1], b=self.models[1:])
+        scores: Dict[str, Dict[str, float]] = {}
+        for member, models in members.items():
+            per_class: Dict[str, List[float]] = {name: [] for c, name in self.dataset.labels.items() if c > 0}
+            for case in self.validation_cases:
+                probs = sliding_window_probabilities(models, torch.from_numpy(case.image), self.config.patch_size,
+                                                     self.num_classes, self.config.sw_overlap,
+                                                     self.config.sw_batch_size, self.device)
+                prediction = probs.argmax(0).numpy()
+                for c, name in self.dataset.labels.items():
+                    if c > 0:
+                        per_class[name].append(dice(prediction == c, case.label == c))
+            scores[member] = {name: float(np.mean(values)) for name, values in per_class.items()}
+        means = {member: float(np.mean(list(s.values()))) if s else 0.0 for member, s in scores.items()}
+        mean_dice = means["both"]
+        subnets = {member: {"mean_dice": means[member], "dice": scores[member]} for member in members if member != "both"}
+        record = self.events.write("validation", step=self.step, dice=scores["both"], mean_dice=mean_dice,
+                                   **({"subnets": subnets} if subnets else {}))
         if self.progress:
             self.progress(record)
         if mean_dice > self.best_metric:

@@ -77,6 +77,12 @@ def mask_entropy(prob_sums: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 
 ENTROPY_MODES = ("binary", "multiclass")
 
+# "paper": the rule above, Algorithm 1 as published. "safe" (default, docs/METHOD.md) changes
+# only what the phantom measurements showed to do harm: a contraction gives its voxels to
+# background, never to a neighbouring organ; an expansion takes only background voxels; a class
+# thinner than a superpixel in a slice is not contracted there; no class vanishes from a patch.
+REFINE_MODES = ("paper", "safe")
+
 
 def _group_slots(superpixels: torch.Tensor, labels: torch.Tensor,
                  num_classes: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -116,7 +122,8 @@ def _group_slots(superpixels: torch.Tensor, labels: torch.Tensor,
 
 
 def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels: torch.Tensor,
-                         tau: float, entropy: str = "binary") -> Tuple[torch.Tensor, float]:
+                         tau: float, entropy: str = "binary", mode: str = "paper",
+                         allowed_classes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, float]:
     """Refine pseudo labels by superpixel entropy voting (see the module docstring for the rule).
 
     Vectorised, no Python loop over superpixels or classes: one ``bincount`` of the (superpixel,
@@ -131,6 +138,8 @@ def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels:
         superpixels: (B, Z, Y, X) long superpixel ids, -1 where there is none.
         tau: entropy threshold in nats.
         entropy: ``"binary"`` (mask class against the rest) or ``"multiclass"`` (eq. 1 over C classes).
+        mode: ``"paper"`` (the rule above) or ``"safe"`` (see :data:`REFINE_MODES`).
+        allowed_classes: (C,) bool; decisions about the other classes are dropped (None = all).
 
     Returns:
         refined (B, Z, Y, X) long on the input device, and the fraction of voxels with a
@@ -141,6 +150,8 @@ def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels:
                          f"{tuple(pseudo.shape)} and superpixels {tuple(superpixels.shape)} do not match")
     if entropy not in ENTROPY_MODES:
         raise ValueError(f"entropy must be one of {ENTROPY_MODES}, got {entropy!r}")
+    if mode not in REFINE_MODES:
+        raise ValueError(f"mode must be one of {tuple(REFINE_MODES)}, got {mode!r}")
     batch, num_classes = probs.shape[:2]
     labels = pseudo.reshape(-1)
     grouped = _group_slots(superpixels, labels, num_classes)
@@ -187,16 +198,134 @@ def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels:
 
     defined = (counts > 0) & (comp_counts > 0)
     defined[:, 0] = False  # background is not a pseudo-label mask
+    if allowed_classes is not None:
+        defined &= allowed_classes.to(device=defined.device, dtype=torch.bool)
     contract = defined & (h_int > tau) & (h_int > h_comp)
     expand = defined & (h_comp > tau) & (h_comp > h_int)
+    safe = mode == "safe"
+    if safe:
+        contract &= ~_thin_in_slice(pseudo, superpixels, voxels, mixed_slots, num_mixed, num_classes)
 
     # target label of every (group, class) slot: contraction to the next most probable class over
-    # M_int; an expansion (most certain M_int, argmin takes the smallest class on ties) overrides all
+    # M_int (safe: to background); an expansion (most certain M_int, argmin takes the smallest class
+    # on ties) overrides all (safe: it takes only the background slot, never another organ's voxels)
     own = torch.eye(num_classes, dtype=torch.bool, device=probs.device).unsqueeze(0)
-    target = torch.where(contract, sums.masked_fill(own, -1.0).argmax(-1), class_ids)
+    next_best = torch.zeros_like(class_ids) if safe else sums.masked_fill(own, -1.0).argmax(-1)
+    target = torch.where(contract, next_best, class_ids)
     expand_key = torch.where(expand, h_int, torch.full_like(h_int, float("inf")))
-    target = torch.where(expand.any(1, keepdim=True), expand_key.argmin(1, keepdim=True), target)
+    takes = expand.any(1, keepdim=True)
+    if safe:
+        takes = takes & (class_ids == 0)
+    target = torch.where(takes, expand_key.argmin(1, keepdim=True), target)
 
-    changed = int(counts[target != class_ids].sum()) / num_valid  # only voxels with a superpixel
-    refined = labels.clone().index_copy_(0, voxels, target.view(-1).index_select(0, mixed_slots))
-    return refined.view_as(pseudo), changed
+    refined = labels.clone().index_copy_(0, voxels, target.view(-1).index_select(0, mixed_slots)).view_as(pseudo)
+    changed = int(counts[target != class_ids].sum())  # only voxels with a superpixel change
+    if safe:
+        refined, restored = _keep_every_class(pseudo, refined, num_classes)
+        if restored:
+            changed = int((refined != pseudo).sum())
+    return refined, changed / num_valid
+
+
+def _thin_in_slice(pseudo: torch.Tensor, superpixels: torch.Tensor, voxels: torch.Tensor, mixed_slots: torch.Tensor,
+                   num_mixed: int, num_classes: int) -> torch.Tensor:
+    """(G_mixed, C) bool: class ``c`` covers fewer voxels than an average superpixel in an axial slice
+    that mixed superpixel ``g`` touches. Contracting such a class would erase its cross-section there.
+
+    Args:
+        pseudo, superpixels: (B, Z, Y, X); voxels: (M,) flat indices of the mixed superpixels' voxels;
+        mixed_slots: (M,) their ``g·C + label`` slots.
+    """
+    batch, depth = pseudo.shape[:2]
+    per_slice = pseudo[0, 0].numel()
+    slice_ids = torch.arange(batch * depth, device=pseudo.device).repeat_interleave(per_slice)  # (N,)
+    area = torch.bincount(slice_ids * num_classes + pseudo.reshape(-1),
+                          minlength=batch * depth * num_classes).view(batch * depth, num_classes)
+    ids = superpixels.reshape(batch, -1)
+    valid = ids >= 0
+    sizes = []
+    for b in range(batch):  # mean superpixel size of each batch item, in voxels
+        present = torch.unique(ids[b][valid[b]])
+        sizes.append(valid[b].sum() / max(1, present.numel()))
+    mean_size = torch.stack(sizes).to(area.device).repeat_interleave(depth).unsqueeze(1)  # (B·Z, 1)
+    thin = area < mean_size  # (B·Z, C)
+    voxel_thin = thin.index_select(0, slice_ids.index_select(0, voxels)).to(torch.uint8)  # (M, C)
+    groups = mixed_slots // num_classes
+    out = torch.zeros(num_mixed, num_classes, dtype=torch.uint8, device=pseudo.device)
+    out.scatter_reduce_(0, groups.unsqueeze(1).expand_as(voxel_thin), voxel_thin, "amax")
+    return out.bool()
+
+
+def _keep_every_class(pseudo: torch.Tensor, refined: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, bool]:
+    """Undo the changes to the voxels of an organ class that refinement removed from a batch item entirely.
+
+    Args:
+        pseudo, refined: (B, Z, Y, X) long labels before and after refinement.
+
+    Returns:
+        the labels, and whether any voxel was restored.
+    """
+    batch = pseudo.shape[0]
+    offsets = (torch.arange(batch, device=pseudo.device) * num_classes).view(batch, *([1] * (pseudo.dim() - 1)))
+    before = torch.bincount((pseudo + offsets).reshape(-1), minlength=batch * num_classes).view(batch, num_classes)
+    after = torch.bincount((refined + offsets).reshape(-1), minlength=batch * num_classes).view(batch, num_classes)
+    vanished = (before > 0) & (after == 0)  # (B, C)
+    vanished[:, 0] = False  # an organ may grow over all the background of a patch
+    if not bool(vanished.any()):
+        return refined, False
+    restore = vanished.gather(1, pseudo.reshape(batch, -1)).view_as(pseudo)
+    return torch.where(restore, pseudo, refined), True
+
+
+def homogeneous_superpixels(superpixels: torch.Tensor, image: torch.Tensor, noise_sigma: torch.Tensor,
+                            factor: float) -> torch.Tensor:
+    """Superpixel ids with every *heterogeneous* superpixel set to -1 (none), so refinement skips it.
+
+    A superpixel is homogeneous when the standard deviation of its intensities is at most
+    ``factor`` times its volume's noise level: then it holds one tissue plus noise and cannot
+    straddle an edge that the image shows.
+
+    Args:
+        superpixels: (B, Z, Y, X) long ids, -1 = none.
+        image: (B, 1, Z, Y, X) or (B, Z, Y, X) float intensities of the same patches.
+        noise_sigma: (B,) noise standard deviation of each patch's volume (same intensity scale).
+        factor: threshold on std / noise_sigma.
+
+    Returns:
+        (B, Z, Y, X) long ids.
+    """
+    batch = superpixels.shape[0]
+    grouped = _group_slots(superpixels, torch.zeros(superpixels.numel(), dtype=torch.long,
+                                                    device=superpixels.device), 1)
+    if grouped is None:
+        return superpixels.clone()
+    groups, real = grouped
+    values = image.reshape(-1).to(torch.float64)
+    size = real.numel()
+    count = torch.bincount(groups, minlength=size).double()
+    mean = torch.bincount(groups, values, minlength=size) / count.clamp_min(1.0)
+    spread = (torch.bincount(groups, values * values, minlength=size) / count.clamp_min(1.0) - mean * mean)
+    sigma = noise_sigma.to(torch.float64).repeat_interleave(superpixels[0].numel()).to(values.device)
+    limit = torch.zeros(size, dtype=torch.float64, device=values.device).scatter_reduce_(0, groups, sigma, "amax")
+    heterogeneous = spread.clamp_min(0.0).sqrt() > factor * limit
+    return torch.where(heterogeneous.index_select(0, groups).view_as(superpixels), -1, superpixels)
+
+
+def refinement_gain(pseudo: torch.Tensor, refined: torch.Tensor, target: torch.Tensor,
+                    num_classes: int) -> torch.Tensor:
+    """Per-class change of hard Dice that refinement makes on patches whose labels are known.
+
+    Args:
+        pseudo, refined, target: (B, Z, Y, X) long labels before/after refinement and the truth.
+
+    Returns:
+        (C,) float32 ``Dice(refined) − Dice(pseudo)`` per class over the whole batch; 0 for a class
+        absent from all three.
+    """
+    def batch_dice(labels: torch.Tensor) -> torch.Tensor:
+        tp = torch.bincount(labels[labels == target], minlength=num_classes)[:num_classes].float()
+        total = (torch.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes]
+                 + torch.bincount(target.reshape(-1), minlength=num_classes)[:num_classes]).float()
+        return torch.where(total > 0, 2 * tp / total.clamp_min(1.0), torch.ones_like(tp))
+
+    return batch_dice(refined) - batch_dice(pseudo)

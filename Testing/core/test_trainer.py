@@ -40,6 +40,7 @@ EXPECTED_TERMS = {
     "supervised": set(),
     "dhc": {"loss_unsup"},
     "plbopt": {"loss_unsup", "loss_tri", "loss_mc"},
+    "plbopt-paper": {"loss_unsup", "loss_tri", "loss_mc"},
     "refine-only": {"loss_unsup"},
     "triplet-only": {"loss_unsup", "loss_tri"},
     "mc-only": {"loss_unsup", "loss_mc"},
@@ -68,7 +69,7 @@ def test_one_step_of_each_preset_updates_every_subnet_and_logs_its_terms(preset,
         else:
             assert record[term] == 0, f"{preset}: {term} should be off"
     assert record["loss_sup"] > 0
-    assert (record["refine_changed_fraction"] >= 0) and (preset in ("plbopt", "refine-only") or record["refine_changed_fraction"] == 0)
+    assert (record["refine_changed_fraction"] >= 0) and (preset in ("plbopt", "plbopt-paper", "refine-only") or record["refine_changed_fraction"] == 0)
     for key in ("step", "loss", "loss_sup", "loss_unsup", "loss_tri", "loss_mc", "lr", "refine_changed_fraction", "seconds"):
         assert key in record
 

@@ -1,0 +1,241 @@
+"""The learning core's contracts: one layout for training and inference, the safe refinement rule,
+its homogeneity test and self-check, mutual correction with a detached teacher, class-weight floor,
+and per-subnet prediction/validation. Hand-computed tensors throughout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from PLBOptCore.config import make_config
+from PLBOptCore.data.dataset import load_dataset
+from PLBOptCore.data.phantom import make_phantom_dataset
+from PLBOptCore.data.preprocess import Preprocessed
+from PLBOptCore.data.sampling import PatchSampler, centred_padding, pad_to_patch
+from PLBOptCore.engine.events import read_events
+from PLBOptCore.engine.inference import Predictor, sliding_window_probabilities
+from PLBOptCore.engine.trainer import Trainer
+from PLBOptCore.errors import ConfigError
+from PLBOptCore.method.mutual import mutual_correction_loss
+from PLBOptCore.method.refine import homogeneous_superpixels, refine_pseudo_labels, refinement_gain
+from PLBOptCore.method.superpixels import noise_sigma
+
+TINY = dict(patch_size=(16, 32, 32), base_filters=4, batch_size=1, iterations=3, device="cpu", log_every=1,
+            checkpoint_every=10, validate_every=2, triplet_max_anchors=32, triplet_max_candidates=256,
+            triplet_capacity=64, superpixel_divisor=20, mc_tau=0.2)
+
+
+# ---------------------------------------------------------------------------------------- layout
+class _PositionSensitive(torch.nn.Module):
+    """A conv net whose output depends on where the content sits (zero padding at its borders)."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv3d(1, num_classes, 5, padding=2)
+
+    def forward(self, x):
+        return self.conv(x), None
+
+
+def test_small_volume_is_predicted_in_the_layout_training_crops_contain():
+    rng = np.random.default_rng(0)
+    volume = rng.random((10, 20, 30)).astype(np.float32)
+    patch = (16, 32, 32)
+    padding = centred_padding(volume.shape, patch)
+    assert padding == [(3, 3), (6, 6), (1, 1)]
+    centred = pad_to_patch(volume, patch, float(volume.min()))
+    assert centred.shape == patch and centred[0, 0, 0] == volume.min()
+
+    # inference: one window, the centred layout, cropped back
+    model = _PositionSensitive().eval()
+    probs = sliding_window_probabilities([model], torch.from_numpy(volume), patch, 3, device=torch.device("cpu"))
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(centred)[None, None])[0], 1)[0]
+    expected = expected[:, 3:13, 6:26, 1:31]
+    torch.testing.assert_close(probs, expected)
+
+    # training: the sampler pads by the shortfall on both sides, so the crop starting at
+    # m - m // 2 is exactly the centred layout; other starts translate the volume
+    case = Preprocessed("small", volume, np.zeros(volume.shape, np.int16), None, None)
+    sampler = PatchSampler([case], patch, 1, 3, 0.0, False, seed=0)
+    padded = sampler._images[0]
+    assert padded.shape == (22, 44, 34)
+    np.testing.assert_array_equal(padded[3:19, 6:38, 1:33], centred)
+    starts = {tuple(int(s) for s in sampler._start(0, np.random.default_rng([0, step]))) for step in range(200)}
+    assert {s[1] for s in starts} == set(range(0, 13)) and {s[2] for s in starts} == {0, 1, 2}
+
+
+# ------------------------------------------------------------------------------ safe refinement
+def _row(probs, labels, superpixels=None):
+    """A (1, C, 1, 1, N) probability row, (1, 1, 1, N) labels and superpixels (default: one)."""
+    p = torch.tensor(probs, dtype=torch.float32).T.reshape(1, len(probs[0]), 1, 1, len(probs))
+    y = torch.tensor(labels).reshape(1, 1, 1, -1)
+    s = torch.zeros_like(y) if superpixels is None else torch.tensor(superpixels).reshape(1, 1, 1, -1)
+    return p, y, s
+
+
+def test_safe_contraction_gives_voxels_to_background_not_to_the_neighbouring_organ():
+    # superpixel 0 = six voxels: class 1 uncertain (H_bin(0.5) = ln 2 > τ, above H(comp)), class 2
+    # and background certain (class 2's complement: p = 0.185, H = 0.479 < τ); superpixel 1 holds
+    # enough class-1 voxels that class 1 is not thinner than a superpixel
+    probs = [[0.15, 0.5, 0.35]] * 2 + [[0.02, 0.02, 0.96]] * 2 + [[0.96, 0.02, 0.02]] * 2 + [[0.02, 0.96, 0.02]] * 6
+    p, y, s = _row(probs, [1, 1, 2, 2, 0, 0] + [1] * 6, [0] * 6 + [1] * 6)
+    paper, _ = refine_pseudo_labels(p, y, s, tau=0.5, mode="paper")
+    safe, changed = refine_pseudo_labels(p, y, s, tau=0.5, mode="safe")
+    assert paper.flatten().tolist()[:6] == [2, 2, 2, 2, 0, 0]  # next most probable: the organ
+    assert safe.flatten().tolist() == [0, 0, 2, 2, 0, 0] + [1] * 6
+    assert changed == pytest.approx(2 / 12)
+
+
+def test_safe_expansion_takes_only_background_voxels():
+    # class 1 certain inside; its complement (organ 2 and background, both unsure of themselves and
+    # leaning to 1) is uncertain: paper expands over both, safe only over background
+    probs = [[0.01, 0.98, 0.01]] * 4 + [[0.1, 0.45, 0.45]] * 2 + [[0.5, 0.45, 0.05]] * 2
+    p, y, s = _row(probs, [1, 1, 1, 1, 2, 2, 0, 0])
+    paper, _ = refine_pseudo_labels(p, y, s, tau=0.5, mode="paper")
+    safe, changed = refine_pseudo_labels(p, y, s, tau=0.5, mode="safe")
+    assert paper.flatten().tolist() == [1] * 8
+    assert safe.flatten().tolist() == [1, 1, 1, 1, 2, 2, 1, 1] and changed == pytest.approx(2 / 8)
+
+
+def test_safe_rule_never_contracts_a_class_thinner_than_a_superpixel_in_its_slice():
+    # two slices, superpixels of 8 voxels on average (6, 6, 12); class 1 has 2 voxels in slice 0: no
+    # contraction there, while in slice 1 (8 voxels of class 1) the same uncertainty contracts
+    unsure, sure_bg = [0.5, 0.5], [0.95, 0.05]
+    p0 = [unsure] * 2 + [sure_bg] * 4
+    p1 = [unsure] * 8 + [sure_bg] * 4
+    probs = torch.zeros(1, 2, 2, 1, 12)
+    probs[0, :, 0, 0, :6] = torch.tensor(p0).T
+    probs[0, :, 0, 0, 6:] = torch.tensor([sure_bg] * 6).T
+    probs[0, :, 1, 0, :] = torch.tensor(p1).T
+    labels = torch.zeros(1, 2, 1, 12, dtype=torch.long)
+    labels[0, 0, 0, :2] = 1
+    labels[0, 1, 0, :8] = 1
+    superpixels = torch.tensor([[0] * 6 + [1] * 6, [2] * 12]).reshape(1, 2, 1, 12)
+    out, _ = refine_pseudo_labels(probs, labels, superpixels, tau=0.5, mode="safe")
+    assert out[0, 0, 0, :2].tolist() == [1, 1]  # thin: kept
+    assert out[0, 1, 0, :8].tolist() == [0] * 8  # wide enough: contracted to background
+    paper, _ = refine_pseudo_labels(probs, labels, superpixels, tau=0.5, mode="paper")
+    assert paper[0, 0, 0, :2].tolist() == [0, 0]
+
+
+def test_safe_rule_never_removes_a_class_from_a_patch():
+    # all of class 2 sits in one superpixel and would be contracted: it must survive
+    probs = [[0.45, 0.05, 0.5]] * 6 + [[0.96, 0.02, 0.02]] * 6 + [[0.02, 0.96, 0.02]] * 12
+    p, y, s = _row(probs, [2] * 6 + [0] * 6 + [1] * 12, [0] * 12 + [1] * 12)
+    paper, _ = refine_pseudo_labels(p, y, s, tau=0.5, mode="paper")
+    safe, changed = refine_pseudo_labels(p, y, s, tau=0.5, mode="safe")
+    assert 2 not in paper.flatten().tolist()
+    assert safe.flatten().tolist() == y.flatten().tolist() and changed == 0.0
+
+
+def test_refinement_leaves_classes_that_are_not_allowed():
+    p, y, s = _row([[0.1, 0.9]] * 2 + [[0.5, 0.5]] * 2, [1, 1, 0, 0])
+    assert refine_pseudo_labels(p, y, s, tau=0.5, mode="safe")[0].flatten().tolist() == [1, 1, 1, 1]
+    blocked, changed = refine_pseudo_labels(p, y, s, tau=0.5, mode="safe", allowed_classes=torch.tensor([True, False]))
+    assert blocked.flatten().tolist() == [1, 1, 0, 0] and changed == 0.0
+
+
+def test_homogeneous_superpixels_drop_those_that_straddle_an_edge():
+    # superpixel 0: values 0.50 ± 0.01 (std 0.01); superpixel 1: 0.2 | 0.8 (std 0.3); noise 0.01
+    image = torch.tensor([0.49, 0.51, 0.49, 0.51, 0.2, 0.2, 0.8, 0.8]).reshape(1, 1, 1, 1, 8)
+    superpixels = torch.tensor([0, 0, 0, 0, 1, 1, 1, -1]).reshape(1, 1, 1, 8)
+    out = homogeneous_superpixels(superpixels, image, torch.tensor([0.01]), factor=1.5)
+    assert out.flatten().tolist() == [0, 0, 0, 0, -1, -1, -1, -1]
+    # the threshold scales with each item's own noise level
+    out = homogeneous_superpixels(superpixels, image, torch.tensor([0.25]), factor=1.5)
+    assert out.flatten().tolist() == [0, 0, 0, 0, 1, 1, 1, -1]
+
+
+def test_noise_sigma_recovers_known_noise_on_a_ramp_with_edges_and_clipping():
+    rng = np.random.default_rng(1)
+    z, y, x = np.meshgrid(np.arange(8), np.arange(64), np.arange(64), indexing="ij")
+    volume = 0.2 + 0.004 * x + 0.003 * y + 0.3 * (x > 40) + rng.normal(0, 0.02, (8, 64, 64))
+    volume[:, :8] = 0.0  # clipped air: no noise, must not pull the estimate down
+    assert noise_sigma(np.clip(volume, 0.0, None)) == pytest.approx(0.02, rel=0.1)
+
+
+def test_refinement_gain_is_the_per_class_dice_change():
+    target = torch.tensor([[1, 1, 1, 1, 0, 0, 2, 2]])
+    before = torch.tensor([[1, 1, 0, 0, 0, 0, 2, 2]])  # class 1 Dice 2·2/(2+4) = 2/3
+    after = torch.tensor([[1, 1, 1, 0, 0, 0, 2, 0]])  # class 1: 2·3/(3+4) = 6/7; class 2: 2/3
+    gain = refinement_gain(before, after, target, 4)
+    # background: 4 predicted, 2 right, before and after (2·2/6 both); class 3 absent everywhere: 0
+    expected = torch.tensor([0.0, 6 / 7 - 2 / 3, 2 / 3 - 1.0, 0.0])
+    torch.testing.assert_close(gain, expected)
+
+
+# ------------------------------------------------------------------------------- mutual correction
+def test_mutual_correction_teacher_mode_only_moves_the_unsure_subnet():
+    # voxel 0: A confident (0.9), B not (0.6): mask on. voxel 1: both confident: mask off.
+    a = torch.tensor([[0.9, 0.1], [0.95, 0.05]]).T.reshape(1, 2, 2).requires_grad_()
+    b = torch.tensor([[0.6, 0.4], [0.9, 0.1]]).T.reshape(1, 2, 2).requires_grad_()
+    symmetric = mutual_correction_loss(a, b, tau=0.8)
+    teacher = mutual_correction_loss(a, b, tau=0.8, teacher=True)
+    assert symmetric.item() == pytest.approx(teacher.item()) and teacher.item() == pytest.approx(2 * 0.3 ** 2 / 2)
+    teacher.backward()
+    assert torch.all(a.grad == 0)  # the confident teacher is not pulled towards the unsure student
+    assert b.grad[0, 0, 0].item() == pytest.approx(-2 * 0.3 / 2) and b.grad[0, 0, 1].item() == 0.0
+
+
+# ----------------------------------------------------------------------- trainer and prediction
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_labeled=2, n_unlabeled=2, n_test=1,
+                                n_validation=1, shape=(24, 48, 48), seed=5)
+
+
+def test_class_weight_floor_lifts_dhc_zero_background_weight():
+    cfg = make_config("dhc", overrides=dict(class_weight_floor=0.0))
+    assert cfg.class_weight_floor == 0.0
+    assert make_config("dhc").class_weight_floor == 1.0
+    with pytest.raises(ConfigError):
+        make_config("dhc", overrides=dict(class_weight_floor=-1.0))
+
+
+def test_plbopt_run_logs_self_check_and_per_subnet_validation(small_dataset, tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(make_config("plbopt", overrides=TINY), load_dataset(small_dataset), run)
+    trainer.fit()
+    events = read_events(run)
+    train = [e for e in events if e["type"] == "train"]
+    assert all(set(e["refine_gain"]) == {"liver", "spleen", "kidney_right", "kidney_left", "aorta", "gallbladder"}
+               for e in train)
+    validation = [e for e in events if e["type"] == "validation"]
+    assert validation and all(set(e["subnets"]) == {"a", "b"} for e in validation)
+    record = validation[-1]
+    assert set(record["subnets"]["a"]["dice"]) == set(record["dice"])
+    assert trainer.refine_gain.shape == (7,) and trainer.refine_gain[0] == 0
+
+    # predict with each subnet alone and both; a supervised run has no subnet b
+    out = {}
+    for subnet in ("a", "b", "both"):
+        cmd = [sys.executable, "-m", "PLBOptCore", "predict", str(run), str(small_dataset / "imagesTs"),
+               "-o", str(tmp_path / subnet), "--subnet", subnet, "-q", "--device", "cpu"]
+        assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+        out[subnet] = next((tmp_path / subnet).glob("*[0-9].nii.gz"))
+    assert len(Predictor.from_run(run, subnet="a", device="cpu").models) == 1
+    assert len(Predictor.from_run(run, subnet="both", device="cpu").models) == 2
+
+
+def test_subnet_b_of_a_supervised_run_is_a_one_line_error(small_dataset, tmp_path):
+    run = tmp_path / "sup"
+    Trainer(make_config("supervised", overrides=dict(TINY, iterations=1)), load_dataset(small_dataset), run).fit()
+    result = subprocess.run([sys.executable, "-m", "PLBOptCore", "predict", str(run), str(small_dataset / "imagesTs"),
+                             "-o", str(tmp_path / "out"), "--subnet", "b", "-q"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no subnet 'b'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_paper_preset_keeps_the_published_rule():
+    cfg = make_config("plbopt-paper")
+    assert (cfg.refine_mode, cfg.refine_homogeneity, cfg.refine_self_check, cfg.superpixel_area_mm2,
+            cfg.mc_mode, cfg.triplet_mining) == ("paper", 0.0, False, None, "paper", "paper")
+    assert make_config("plbopt").refine_mode == "safe"
