@@ -40,7 +40,7 @@ from ..data.io import array_to_image, case_name, read_image, write_image
 from ..engine.events import read_events
 from ..errors import ConfigError, DatasetError, TrainingInterrupted
 from ..utils import atomic_write, resolve_device
-from .plots import plot_dice_bars, plot_training_curves
+from .plots import plot_dice_bars, plot_refine_gain, plot_training_curves
 
 METRICS_FILE = "bench_metrics.json"
 # Gaussian noise on the test images in HU (Table IX). The paper's weak noise is a colour jitter that
@@ -50,18 +50,26 @@ NOISE_SEED = 20240
 NOISE_PRESETS = ("supervised", "dhc", "plbopt")
 # Variant sweeps over the full method, in the paper's row order; the value equal to the preset's
 # own setting (SLIC, H*W/50) is the main `plbopt` run and is not trained twice.
+PAPER_PIXEL_MM2 = 1.5 * 1.5  # one in-plane pixel of DHC's half-resolution Synapse grid
 SWEEPS: Dict[str, Tuple[str, Tuple[Dict[str, Any], ...]]] = {
     "superpixel-methods": ("Table VI: superpixel methods", tuple(
         {"superpixel_method": m} for m in ("watershed", "felzenszwalb", "quickshift", "slic"))),
-    "superpixel-number": ("Table VII: superpixel number", tuple(
-        {"superpixel_divisor": d} for d in (10, 50, 100))),
+    # the paper's H×W/10, /50, /100 pixels at DHC's 1.5 mm grid, as areas (superpixel_area_mm2)
+    "superpixel-number": ("Table VII: superpixel size", tuple(
+        {"superpixel_area_mm2": PAPER_PIXEL_MM2 * d} for d in (10, 50, 100))),
 }
 VARIANTS = tuple(SWEEPS) + ("noise",)
 PRESET_LABELS = {"supervised": "Supervised only (VNet)", "dhc": "Baseline (DHC)", "plbopt": "Full (PLBOpt)",
+                 "plbopt-paper": "Full, the paper's rules (PLBOpt-paper)",
                  "refine-only": "Only Refinement", "triplet-only": "Only Triplet Loss",
                  "mc-only": "Only Mutual Correction"}
 SUPERPIXEL_LABELS = {"slic": "SLIC", "slic3d": "SLIC 3D", "quickshift": "Quickshift",
                      "felzenszwalb": "Felzenszwalb", "watershed": "Compact Watershed"}
+# A run scoring below this mean Dice (its ensemble or either subnet alone) counts as collapsed.
+COLLAPSE_DICE = 0.60
+# Paired comparisons reported when both presets ran: (better candidate, reference).
+PAIRS = (("plbopt", "dhc"), ("dhc", "supervised"), ("plbopt", "supervised"), ("plbopt", "plbopt-paper"),
+         ("refine-only", "dhc"), ("triplet-only", "dhc"), ("mc-only", "dhc"))
 # Config keys that may differ between a stored run and a re-run without changing the experiment.
 IGNORED_KEYS = ("device", "num_workers")
 
@@ -255,13 +263,25 @@ def noisy_test_images(spec: DatasetSpec, out_dir: Path, level: str) -> List[Path
     return paths
 
 
-def _predict_and_score(ctx: BenchContext, run_dir: Path, images: Sequence[Path], work_dir: Path) -> Dict[str, Any]:
-    """Predict ``images`` with the run's best checkpoint into ``work_dir/predictions`` and score them."""
+def _predict_and_score(ctx: BenchContext, run_dir: Path, images: Sequence[Path], work_dir: Path,
+                       subnet: str = "both") -> Dict[str, Any]:
+    """Predict ``images`` with the run's best checkpoint (``subnet`` a, b or both) into
+    ``work_dir/predictions[-a|-b]`` and score them."""
+    suffix = "" if subnet == "both" else f"-{subnet}"
     started = time.perf_counter()
-    predict(run_dir, list(images), work_dir / "predictions", device=ctx.device)
+    predict(run_dir, list(images), work_dir / f"predictions{suffix}", device=ctx.device, subnet=subnet)
     predicted = time.perf_counter()
-    results = evaluate(work_dir / "predictions", ctx.gt_dir, labels=ctx.spec.json_path, out_dir=work_dir / "evaluation")
+    results = evaluate(work_dir / f"predictions{suffix}", ctx.gt_dir, labels=ctx.spec.json_path,
+                       out_dir=work_dir / f"evaluation{suffix}")
     return {**_summarise(results), "seconds": {"predict": predicted - started, "evaluate": time.perf_counter() - predicted}}
+
+
+def mean_refine_gain(run_dir: Path) -> Optional[Dict[str, float]]:
+    """Per class, refinement's self-check gain averaged over the logged steps of a run (None if not logged)."""
+    logged = [r["refine_gain"] for r in read_events(run_dir) if r.get("type") == "train" and r.get("refine_gain")]
+    if not logged:
+        return None
+    return {name: float(np.mean([gains[name] for gains in logged])) for name in logged[0]}
 
 
 def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
@@ -295,12 +315,17 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
             seconds["train"] = time.perf_counter() - started
     scores = _predict_and_score(ctx, run_dir, images, work_dir)
     seconds.update(scores.pop("seconds"))
+    # each subnet alone: a dual run whose ensemble looks fine can hide one failing subnet
+    subnets = {"a": scores["mean_dice"]}
+    if make_config(unit.preset, overrides=overrides).dual_subnets and not unit.noise:
+        subnets = {name: _predict_and_score(ctx, run_dir, images, work_dir, name)["mean_dice"] for name in ("a", "b")}
     seconds["total"] = sum(seconds.values())
     record = {"name": unit.name, "group": unit.group, "preset": unit.preset, "seed": unit.seed,
               "variant": dict(unit.variant), "noise": ({"level": unit.noise, "sigma_hu": NOISE_LEVELS[unit.noise]}
                                                        if unit.noise else None),
               "run_dir": os.path.relpath(run_dir, ctx.out_dir), "overrides": overrides,
-              "trained_as": outcome, "seconds": seconds, **scores}
+              "trained_as": outcome, "seconds": seconds, "subnets": subnets,
+              "refine_gain": None if unit.noise else mean_refine_gain(run_dir), **scores}
     _write_json(metrics_path, record)
     return outcome, _nan_to_none(record)
 
@@ -328,8 +353,34 @@ def aggregate(records: Sequence[Dict[str, Any]], class_names: Sequence[str]) -> 
             "classes": {name: {"dice": _stats([r["dice"].get(name) for r in runs]),
                                "asd": _stats([r["asd"].get(name) for r in runs])} for name in class_names},
             "train_seconds": _stats([r["seconds"]["train"] for r in runs]),
+            "subnets": {name: _stats([r["subnets"].get(name) for r in runs]) for name in first["subnets"]},
+            "collapsed": sum(1 for r in runs if collapsed(r)),
         }
     return out
+
+
+def collapsed(record: Dict[str, Any]) -> bool:
+    """The run's ensemble or one of its subnets scores below :data:`COLLAPSE_DICE`."""
+    scores = [record["mean_dice"]] + list(record["subnets"].values())
+    return any(score is None or score < COLLAPSE_DICE for score in scores)
+
+
+def paired_differences(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Mean Dice differences of :data:`PAIRS` on the seeds both presets ran (no variant, no noise).
+
+    Returns rows ``{"better", "reference", "seeds", "differences", "mean", "std", "min", "wins"}``.
+    """
+    plain = {(r["preset"], r["seed"]): r["mean_dice"] for r in records
+             if not r["variant"] and not r["noise"] and r["mean_dice"] is not None}
+    rows = []
+    for better, reference in PAIRS:
+        seeds = sorted(seed for preset, seed in plain if preset == better and (reference, seed) in plain)
+        if not seeds:
+            continue
+        differences = [plain[(better, s)] - plain[(reference, s)] for s in seeds]
+        rows.append({"better": better, "reference": reference, "seeds": seeds, "differences": differences,
+                     **_stats(differences), "min": min(differences), "wins": sum(d > 0 for d in differences)})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -339,8 +390,9 @@ def method_label(unit: RunSpec) -> str:
     settings = dict(unit.variant)
     if "superpixel_method" in settings:
         label = SUPERPIXEL_LABELS.get(settings.pop("superpixel_method"), label)
-    if "superpixel_divisor" in settings:
-        label = f"H×W/{settings.pop('superpixel_divisor')}"
+    if "superpixel_area_mm2" in settings:
+        area = settings.pop("superpixel_area_mm2")
+        label = f"{area:g} mm² (H×W/{area / PAPER_PIXEL_MM2:g} at 1.5 mm)"
     if settings:
         label += " (" + ", ".join(f"{k}={v}" for k, v in settings.items()) + ")"
     if unit.noise:
@@ -391,7 +443,8 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
     lines = [
         "# PLBOpt accuracy benchmark", "",
         f"Command: `{results['command']}`", "",
-        f"- Dataset: `{data['path']}`: {data['n_labeled']} labeled, {data['n_unlabeled']} unlabeled, "
+        f"- Dataset: `{data['path']}`: {data['n_labeled']} labeled, {data['n_unlabeled']} unlabeled "
+        f"(labeled ratio {labeled_ratio(data)}), {data.get('n_validation', 0)} validation (chooses best.pt), "
         f"{data['n_test']} test cases; classes: {', '.join(class_names)}",
         f"- Budget, identical for every run: {settings['iterations']} iterations, "
         f"{'CPU demo schedule (CPU_DEMO_OVERRIDES)' if settings['small'] else 'preset network size'}, "
@@ -414,6 +467,7 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
                       "hue/saturation/contrast jitter that has no CT equivalent.", ""]
         if table in plots:
             lines += [f"![Dice per organ, {table}]({plots[table]})", ""]
+    lines += subnet_section(results) + paired_section(results) + self_check_section(results, plots)
     if "training_curves" in plots:
         lines += ["## Training curves", "", f"![training curves]({plots['training_curves']})", ""]
     lines += ["## Runs", "", "| Run | This call | Train (s) | Predict (s) | Avg. Dice | Avg. ASD (mm) |",
@@ -427,6 +481,79 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
     if calls["failed"]:
         lines += ["", "## Failed runs", ""] + [f"- {name}: {message}" for name, message in results["failures"].items()]
     return "\n".join(lines) + "\n"
+
+
+def labeled_ratio(data: Dict[str, Any]) -> str:
+    """``"2/14 = 14 %"``: labeled cases among the training cases (labeled + unlabeled)."""
+    total = data["n_labeled"] + data["n_unlabeled"]
+    return f"{data['n_labeled']}/{total} = {100 * data['n_labeled'] / max(total, 1):.0f} %"
+
+
+def subnet_section(results: Dict[str, Any]) -> List[str]:
+    """Per seed: the ensemble's and each subnet's mean Dice ×100, and the collapse count per preset."""
+    main = [row["group"] for row in results["tables"].get("main", []) if row["group"] in results["aggregates"]]
+    if not main:
+        return []
+    by_group: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for record in results["runs"]:
+        by_group.setdefault(record["group"], {})[record["seed"]] = record
+    seeds = sorted({seed for group in main for seed in by_group.get(group, {})})
+    lines = ["## Each subnet on its own", "",
+             f"Mean Dice ×100 per seed as ensemble / subnet A / subnet B (supervised: one network). A run is "
+             f"*collapsed* when any of them is below {100 * COLLAPSE_DICE:.0f}.", "",
+             "| Method | " + " | ".join(f"seed {s}" for s in seeds) + " | Subnet A | Subnet B | Collapsed |",
+             "|" + "---|" * (len(seeds) + 4)]
+    for group in main:
+        entry, cells = results["aggregates"][group], []
+        for seed in seeds:
+            record = by_group[group].get(seed)
+            cells.append("" if record is None else " / ".join(
+                f"{100 * v:.1f}" for v in [record["mean_dice"]] + list(record["subnets"].values())))
+        subnets = entry["subnets"]
+        cells += [_cell(subnets["a"], 100, 1), _cell(subnets["b"], 100, 1) if "b" in subnets else "–",
+                  f"{entry['collapsed']}/{entry['n_seeds']}"]
+        lines.append(f"| {PRESET_LABELS.get(entry['preset'], group)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def paired_section(results: Dict[str, Any]) -> List[str]:
+    """Paired mean-Dice differences over seeds (same seed = same initialisation and patches)."""
+    rows = paired_differences(results["runs"])
+    if not rows:
+        return []
+    lines = ["## Paired differences", "",
+             "Mean Dice difference ×100 on each seed both presets ran; mean ± sample std, the worst seed, and on "
+             "how many seeds the first preset was better.", "",
+             "| Comparison | Per seed | Mean ± std | Worst | Better on |", "|---|---|---|---|---|"]
+    for row in rows:
+        per_seed = ", ".join(f"{100 * d:+.1f}" for d in row["differences"])
+        spread = f"{100 * row['mean']:+.1f}" + (f" ± {100 * row['std']:.1f}" if row["std"] is not None else "")
+        lines.append(f"| {row['better']} − {row['reference']} | {per_seed} | {spread} | {100 * row['min']:+.1f} | "
+                     f"{row['wins']}/{len(row['seeds'])} |")
+    return lines + [""]
+
+
+def self_check_section(results: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
+    """Refinement's self-check: per class, the run-averaged Dice gain on labeled patches."""
+    class_names = results["dataset"]["classes"]
+    groups: Dict[str, List[Dict[str, float]]] = {}
+    for record in results["runs"]:
+        if record.get("refine_gain"):
+            groups.setdefault(record["group"], []).append(record["refine_gain"])
+    if not groups:
+        return []
+    lines = ["## Refinement self-check", "",
+             "Each step the refinement is also applied to the labeled patches' predictions and scored against "
+             "their labels; a class is refined only while the running mean of its gain is ≥ 0. Dice gain ×100 "
+             "of refinement as applied, averaged over the logged steps of each run, then over seeds.", "",
+             "| Method | " + " | ".join(class_names) + " |", "|" + "---|" * (len(class_names) + 1)]
+    for group, gains in groups.items():
+        cells = [f"{100 * np.mean([g[name] for g in gains]):+.2f}" for name in class_names]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if "refine_gain" in plots:
+        lines += [f"![refinement self-check]({plots['refine_gain']})", ""]
+    return lines
 
 
 def write_plots(results: Dict[str, Any], units: Sequence[RunSpec], out_dir: Path) -> Dict[str, str]:
@@ -444,9 +571,12 @@ def write_plots(results: Dict[str, Any], units: Sequence[RunSpec], out_dir: Path
     for unit in trained:
         curves.setdefault(unit.group, []).append(out_dir / "runs" / unit.run_name)
     if curves:
-        path = plot_training_curves(curves, {u.group: method_label(u) for u in trained},
-                                    out_dir / "plots" / "training_curves.png")
+        labels = {u.group: method_label(u) for u in trained}
+        path = plot_training_curves(curves, labels, out_dir / "plots" / "training_curves.png")
         plots["training_curves"] = os.path.relpath(path, out_dir)
+        path = plot_refine_gain(curves, labels, out_dir / "plots" / "refine_self_check.png")
+        if path is not None:
+            plots["refine_gain"] = os.path.relpath(path, out_dir)
     return plots
 
 
@@ -532,7 +662,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
                      "small": small, "device": device, "extra_overrides": extra_overrides or {},
                      "base_overrides": base, "noise_levels_hu": NOISE_LEVELS, "noise_seed": NOISE_SEED},
         "dataset": {"path": str(dataset_dir), "n_labeled": len(spec.training), "n_unlabeled": len(spec.unlabeled),
-                    "n_test": len(spec.test), "classes": class_names},
+                    "n_validation": len(spec.validation), "n_test": len(spec.test), "classes": class_names},
         "hardware": hardware_note(device),
         "tables": tables,
         "this_call": {outcome: [] for outcome in ("trained", "resumed", "evaluated", "skipped", "missing", "failed")},
@@ -557,7 +687,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
             records.append(record)
             _log(out_dir, _progress_line(index, len(units), unit, outcome, record))
         results.update(runs=records, aggregates=aggregate(records, class_names),
-                       total_seconds=time.perf_counter() - started, plots={})
+                       paired=paired_differences(records), total_seconds=time.perf_counter() - started, plots={})
         _write_reports(results, units, out_dir, with_plots=False)  # partial results survive a crash
     results["plots"] = write_plots(results, units, out_dir)
     results["total_seconds"] = time.perf_counter() - started

@@ -95,6 +95,49 @@ def mean_curve(run_dirs: Sequence[Path], record_type: str, key: str) -> Tuple[np
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
+def refine_gain_curves(run_dirs: Sequence[Path]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Per class: steps logged by every run and the mean (over runs) of refinement's self-check gain."""
+    per_run: List[Dict[str, Dict[int, float]]] = []
+    for run_dir in run_dirs:
+        series: Dict[str, Dict[int, float]] = {}
+        for record in read_events(Path(run_dir)):
+            for name, gain in (record.get("refine_gain") or {}).items() if record.get("type") == "train" else ():
+                series.setdefault(name, {})[int(record["step"])] = float(gain)
+        if series:
+            per_run.append(series)
+    curves: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+    for name in per_run[0] if per_run else ():
+        steps = sorted(set.intersection(*(set(run.get(name, {})) for run in per_run)))
+        curves[name] = (np.asarray(steps, dtype=float),
+                        np.asarray([np.mean([run[name][s] for run in per_run]) for s in steps], dtype=float))
+    return curves
+
+
+def plot_refine_gain(groups: Mapping[str, Sequence[Path]], labels: Mapping[str, str], path: Path,
+                     window: int = 10) -> Optional[Path]:
+    """One panel per group: refinement's per-class Dice gain on labeled patches vs step (running
+    mean over ``window`` logged steps, mean over seeds). None when no group logged the self-check."""
+    drawn = {group: refine_gain_curves(run_dirs) for group, run_dirs in groups.items()}
+    drawn = {group: curves for group, curves in drawn.items() if curves}
+    if not drawn:
+        return None
+    plt = pyplot_agg()
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5 * len(drawn), 3.4), squeeze=False)
+    for ax, (group, curves) in zip(axes.ravel(), drawn.items()):
+        for name, (steps, values) in curves.items():
+            if steps.size:
+                smooth = np.convolve(values, np.ones(window) / window, mode="valid") if values.size >= window else values
+                ax.plot(steps[len(steps) - smooth.size:], 100 * smooth, label=name)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{labels.get(group, group)}: refinement self-check", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("Dice gain on labeled patches (points)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
 def plot_training_curves(groups: Mapping[str, Sequence[Path]], labels: Mapping[str, str], path: Path) -> Path:
     """Loss and each loss term vs step (mean over seeds), plus validation mean Dice when logged.
 

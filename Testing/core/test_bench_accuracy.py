@@ -35,8 +35,8 @@ def test_results_json_structure(bench):
     stored = json.loads((out / "results.json").read_text())
     assert stored["tables"]["main"] == [{"group": "supervised", "label": "Supervised only (VNet)"},
                                         {"group": "dhc", "label": "Baseline (DHC)"}]
-    assert stored["dataset"] == {"path": stored["dataset"]["path"], "n_labeled": 2, "n_unlabeled": 2, "n_test": 1,
-                                 "classes": CLASSES}
+    assert stored["dataset"] == {"path": stored["dataset"]["path"], "n_labeled": 2, "n_unlabeled": 2,
+                                 "n_validation": 0, "n_test": 1, "classes": CLASSES}
     assert stored["this_call"]["trained"] == ["supervised-seed0", "dhc-seed0"]
     assert stored["hardware"]["cpu_count"] >= 1 and stored["total_seconds"] > 0
     assert stored["command"].startswith("plbopt bench accuracy ")
@@ -48,6 +48,13 @@ def test_results_json_structure(bench):
         assert record["overrides"]["iterations"] == 2 and record["overrides"]["base_filters"] == 4
         assert record["seconds"]["train"] > 0 and record["seconds"]["predict"] > 0
         assert (out / record["run_dir"] / "checkpoints" / "best.pt").is_file()
+    # each subnet scored on its own: both of the dual run, the single network of the supervised run
+    assert set(runs["dhc-seed0"]["subnets"]) == {"a", "b"} and set(runs["supervised-seed0"]["subnets"]) == {"a"}
+    assert runs["supervised-seed0"]["subnets"]["a"] == runs["supervised-seed0"]["mean_dice"]
+    assert (out / runs["dhc-seed0"]["run_dir"] / "predictions-b").is_dir()
+    pair = stored["paired"][0]
+    assert (pair["better"], pair["reference"], pair["seeds"]) == ("dhc", "supervised", [0])
+    assert pair["differences"][0] == pytest.approx(runs["dhc-seed0"]["mean_dice"] - runs["supervised-seed0"]["mean_dice"])
     for group in ("supervised", "dhc"):
         entry = stored["aggregates"][group]
         assert entry["n_seeds"] == 1 and entry["mean_dice"]["std"] is None  # no spread from one seed
@@ -62,8 +69,12 @@ def test_results_markdown_and_plots(bench):
     markdown = (out / "RESULTS.md").read_text()
     assert "| Method | Avg. Dice ↑ | Avg. ASD ↓ | " + " | ".join(CLASSES) + " |" in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| Supervised only") or line.startswith("| Baseline (DHC)")]
-    assert len(rows) == 2
+    assert len(rows) == 4  # the main table, then the per-subnet table
+    assert rows[3].endswith(" | 1/1 |") or rows[3].endswith(" | 0/1 |")  # collapse count of the one seed
     assert results["command"] in markdown and "CPUs" in markdown
+    assert "labeled ratio 2/4 = 50 %" in markdown
+    assert "## Each subnet on its own" in markdown and "## Paired differences" in markdown
+    assert "| dhc − supervised |" in markdown
     assert set(results["plots"]) == {"main", "training_curves"}
     for relative in results["plots"].values():
         path = out / relative
@@ -114,10 +125,10 @@ def test_plan_variants_reuse_the_main_run():
     # SLIC and H*W/50 are the plbopt preset's own settings: the main run, not a second training
     assert "plbopt[superpixel_method=slic]-seed0" not in names
     assert "plbopt[superpixel_method=quickshift]-seed1" in names
-    assert "plbopt[superpixel_divisor=10]-seed0" in names
+    assert "plbopt[superpixel_area_mm2=22.5]-seed0" in names
     assert [r["label"] for r in tables["superpixel-methods"]] == [
         "Baseline (DHC)", "Compact Watershed", "Felzenszwalb", "Quickshift", "SLIC"]
-    assert {"group": "plbopt", "label": "H×W/50"} in tables["superpixel-number"]
+    assert {"group": "plbopt", "label": "112.5 mm² (H×W/50 at 1.5 mm)"} in tables["superpixel-number"]
     noise = [u for u in units if u.noise]
     assert {u.run_name for u in noise} == {"dhc-seed0", "dhc-seed1", "plbopt-seed0", "plbopt-seed1"}
     with pytest.raises(ConfigError, match="unknown variant"):
@@ -128,11 +139,13 @@ def test_plan_variants_reuse_the_main_run():
 
 def test_aggregate_mean_and_sample_std():
     records = [{"group": "g", "preset": "dhc", "variant": {}, "noise": None, "seed": s, "mean_dice": d,
-                "mean_asd": a, "dice": {"liver": d}, "asd": {"liver": a}, "seconds": {"train": 1.0}}
+                "mean_asd": a, "dice": {"liver": d}, "asd": {"liver": a}, "seconds": {"train": 1.0},
+                "subnets": {"a": d, "b": 0.59}}
                for s, (d, a) in enumerate([(0.5, 2.0), (0.7, None)])]
     entry = aggregate(records, ["liver"])["g"]
     assert entry["mean_dice"]["mean"] == pytest.approx(0.6)
     assert entry["mean_dice"]["std"] == pytest.approx(0.1414213, rel=1e-5)  # ddof=1
     assert entry["mean_asd"] == {"mean": 2.0, "std": None, "n": 1}  # undefined distances left out
+    assert entry["subnets"]["b"]["mean"] == pytest.approx(0.59) and entry["collapsed"] == 2  # B < 0.60 twice
     assert RunSpec("plbopt", 1, (("superpixel_method", "quickshift"),), "weak").name == \
         "plbopt[superpixel_method=quickshift][noise=weak]-seed1"
