@@ -87,11 +87,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.data_only:
         from .data.phantom import make_phantom_dataset
 
-        print(f"wrote {make_phantom_dataset(args.output) / 'dataset.json'}")
+        path = make_phantom_dataset(args.output, n_labeled=args.labeled, n_unlabeled=args.unlabeled)
+        print(f"wrote {path / 'dataset.json'}")
         return 0
 
     run_demo(Path(args.output), preset=args.preset, iterations=args.iterations, device=args.device or "auto",
-             overwrite=args.overwrite)
+             overwrite=args.overwrite, n_labeled=args.labeled, n_unlabeled=args.unlabeled)
     return 0
 
 
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--data-only", action="store_true", help="only write the phantom dataset folder to -o")
+    p.add_argument("--labeled", type=int, default=2, help="labeled phantom volumes (default 2)")
+    p.add_argument("--unlabeled", type=int, default=12, help="unlabeled phantom volumes (default 12)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks (not tests): refine | accuracy")

@@ -15,12 +15,18 @@ from typing import Dict, Optional
 import numpy as np
 
 from .config import CPU_DEMO_OVERRIDES
+from .data.phantom import DEMO_SPLIT
 from .errors import ConfigError
 
 
 def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = None, device: str = "auto",
-             overwrite: bool = False, seed: int = 0) -> Dict[str, float]:
-    """Run the demo in ``out_dir`` and return the per-class mean test Dice (plus ``mean``)."""
+             overwrite: bool = False, seed: int = 0, n_labeled: int = DEMO_SPLIT["n_labeled"],
+             n_unlabeled: int = DEMO_SPLIT["n_unlabeled"]) -> Dict[str, float]:
+    """Run the demo in ``out_dir`` and return the per-class mean test Dice (plus ``mean``).
+
+    ``n_labeled``/``n_unlabeled`` set the phantom split (default: 2 labeled, 12 unlabeled, the
+    paper's scarce-label regime); validation (2) and test (4) cases are always added.
+    """
     from .api import evaluate, predict, train
     from .data.dataset import load_dataset
     from .data.phantom import make_phantom_dataset
@@ -32,10 +38,12 @@ def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = 
             raise ConfigError(f"{out_dir}: demo folder is not empty; use --overwrite or another -o")
         shutil.rmtree(out_dir)
     started = time.perf_counter()
-    data_dir = make_phantom_dataset(out_dir / "data", seed=seed)
+    data_dir = make_phantom_dataset(out_dir / "data", n_labeled=n_labeled, n_unlabeled=n_unlabeled, seed=seed)
     spec = load_dataset(data_dir)
-    print(f"phantom dataset: {len(spec.training)} labeled, {len(spec.unlabeled)} unlabeled, "
-          f"{len(spec.test)} test cases, classes: {', '.join(n for c, n in spec.labels.items() if c)} -> {data_dir}")
+    ratio = 100 * len(spec.training) / max(1, len(spec.training) + len(spec.unlabeled))
+    print(f"phantom dataset: {len(spec.training)} labeled, {len(spec.unlabeled)} unlabeled ({ratio:.0f} % labeled), "
+          f"{len(spec.validation)} validation, {len(spec.test)} test cases, "
+          f"classes: {', '.join(n for c, n in spec.labels.items() if c)} -> {data_dir}")
 
     overrides = dict(CPU_DEMO_OVERRIDES, device=device, seed=seed)
     if iterations is not None:
@@ -74,7 +82,9 @@ def write_montage(spec, predictions_dir: Path, path: Path, max_cases: int = 4) -
         rgb = spec.colors.get(c, (255, 0, 0))
         colors[c] = [rgb[0] / 255, rgb[1] / 255, rgb[2] / 255, 0.55]
     cmap = ListedColormap(colors)
-    fig, axes = pyplot_agg().subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
+    from matplotlib.patches import Patch
+
+    fig, axes = pyplot_agg().subplots(len(cases), 3, figsize=(9, 3 * len(cases) + 0.6), squeeze=False)
     for row, case in enumerate(cases):
         image = sitk.GetArrayFromImage(read_image(case.image))
         truth = sitk.GetArrayFromImage(read_image(case.label))
@@ -87,5 +97,7 @@ def write_montage(spec, predictions_dir: Path, path: Path, max_cases: int = 4) -
                 ax.imshow(overlay[z], cmap=cmap, vmin=0, vmax=spec.num_classes - 1, interpolation="nearest")
             ax.set_title(f"{case.name}: {title}" if col == 0 else title, fontsize=9)
             ax.axis("off")
-    fig.tight_layout()
+    legend = [Patch(facecolor=colors[c][:3], label=spec.labels[c]) for c in range(1, spec.num_classes)]
+    fig.legend(handles=legend, loc="lower center", ncol=min(len(legend), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (3 * len(cases) + 0.6), 1, 1))  # room for the class legend below
     return save_png(fig, path, dpi=90)

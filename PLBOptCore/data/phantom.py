@@ -108,9 +108,14 @@ def _image(array: np.ndarray) -> sitk.Image:
     return image
 
 
-def make_phantom_dataset(out_dir: Path, n_labeled: int = 4, n_unlabeled: int = 8, n_test: int = 4,
-                         n_validation: int = 0, shape: Tuple[int, int, int] = (48, 96, 96), seed: int = 0) -> Path:
-    """Write a phantom dataset folder and return it.
+# The demo and benchmark split: the paper's regime, where labels are scarce (Synapse 10 %, AMOS
+# 2-5 %): 2 labeled of 14 training volumes, a validation pair that chooses best.pt, 4 test volumes.
+DEMO_SPLIT = dict(n_labeled=2, n_unlabeled=12, n_validation=2, n_test=4)
+
+
+def make_phantom_dataset(out_dir: Path, n_labeled: int = 2, n_unlabeled: int = 12, n_test: int = 4,
+                         n_validation: int = 2, shape: Tuple[int, int, int] = (48, 96, 96), seed: int = 0) -> Path:
+    """Write a phantom dataset folder and return it (default: :data:`DEMO_SPLIT`).
 
     Layout: ``imagesTr/labelsTr`` (labeled), ``imagesUn`` (unlabeled), ``imagesVal/labelsVal``
     (when ``n_validation > 0``), ``imagesTs/labelsTs`` (test) and ``dataset.json`` with labels and

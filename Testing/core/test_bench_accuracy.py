@@ -23,7 +23,7 @@ CLASSES = [name for label, name in sorted(LABELS.items()) if label > 0]
 def bench(tmp_path_factory):
     """Run the bench once (supervised + dhc, 1 seed, 2 steps) and keep the first result for every test."""
     root = tmp_path_factory.mktemp("bench")
-    dataset = make_phantom_dataset(root / "data", n_labeled=2, n_unlabeled=2, n_test=1, shape=(24, 48, 48))
+    dataset = make_phantom_dataset(root / "data", n_labeled=2, n_unlabeled=2, n_test=1, n_validation=0, shape=(24, 48, 48))
     out = root / "out"
     results = run_accuracy_bench(dataset, out, presets=["supervised", "dhc"], seeds=1, iterations=2, small=True,
                                  device="cpu", extra_overrides=TINY)

@@ -30,7 +30,7 @@ def _mean_test_dice(run_dir, spec, out_dir) -> float:
 
 
 def test_plbopt_training_lowers_the_loss_and_beats_an_untrained_network(tmp_path):
-    data = make_phantom_dataset(tmp_path / "data", n_labeled=2, n_unlabeled=2, n_test=1, seed=5)
+    data = make_phantom_dataset(tmp_path / "data", n_labeled=2, n_unlabeled=2, n_test=1, n_validation=0, seed=5)
     spec = load_dataset(data)
 
     untrained = Trainer(make_config("plbopt", overrides=dict(SCHEDULE, iterations=1, lr=1e-12)), spec, tmp_path / "untrained")

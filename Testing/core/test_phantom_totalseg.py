@@ -38,14 +38,14 @@ def test_phantom_dataset_layout_and_validity(tmp_path):
     assert image.GetSize() == (32, 32, 16) and image.GetPixelID() == sitk.sitkInt16
     assert image.GetSpacing() == tuple(reversed(SPACING_ZYX)) and image.GetOrigin() == ORIGIN_XYZ
     assert not (tmp_path / "ph" / "imagesVal").exists() or (tmp_path / "ph" / "labelsVal").exists()
-    no_val = make_phantom_dataset(tmp_path / "ph2", 1, 0, 0, shape=(16, 32, 32))
+    no_val = make_phantom_dataset(tmp_path / "ph2", 1, 0, 0, n_validation=0, shape=(16, 32, 32))
     assert not (no_val / "imagesVal").exists() and json.loads((no_val / "dataset.json").read_text())["validation"] == []
 
 
 def test_phantom_is_deterministic(tmp_path):
-    a = make_phantom_dataset(tmp_path / "a", 1, 1, 0, shape=(12, 24, 24), seed=3)
-    b = make_phantom_dataset(tmp_path / "b", 1, 1, 0, shape=(12, 24, 24), seed=3)
-    c = make_phantom_dataset(tmp_path / "c", 1, 1, 0, shape=(12, 24, 24), seed=4)
+    a = make_phantom_dataset(tmp_path / "a", 1, 1, 0, n_validation=0, shape=(12, 24, 24), seed=3)
+    b = make_phantom_dataset(tmp_path / "b", 1, 1, 0, n_validation=0, shape=(12, 24, 24), seed=3)
+    c = make_phantom_dataset(tmp_path / "c", 1, 1, 0, n_validation=0, shape=(12, 24, 24), seed=4)
     for rel in ("imagesTr/phantom_000.nii.gz", "labelsTr/phantom_000.nii.gz", "imagesUn/phantom_001.nii.gz"):
         np.testing.assert_array_equal(_array(a / rel), _array(b / rel))
     assert not np.array_equal(_array(a / "imagesTr/phantom_000.nii.gz"), _array(c / "imagesTr/phantom_000.nii.gz"))
