@@ -39,6 +39,7 @@ def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets
             config = make_config(preset, overrides=dict(CPU_DEMO_OVERRIDES, iterations=warmup + iterations,
                                                         device="cpu", validate_every=10**6, checkpoint_every=10**6))
             trainer = Trainer(config, spec, Path(tmp) / f"run-{preset}")
+            trainer.time_phases = True
             trainer.setup()
             samples: List[Dict[str, float]] = []
             for step in range(warmup + iterations):

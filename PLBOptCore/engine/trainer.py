@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..data.dataset import DatasetSpec
+from ..data.loader import StepLoader
 from ..data.preprocess import PreprocessParams, preprocess_case
 from ..data.sampling import PatchSampler
 from ..errors import ConfigError, TrainingInterrupted
@@ -48,7 +49,7 @@ from ..method.rampup import sigmoid_rampup
 from ..method.refine import refine_pseudo_labels
 from ..method.triplet import ConfidenceTripletLoss
 from ..metrics import dice
-from ..utils import resolve_device, seed_everything, step_seed
+from ..utils import resolve_device, seed_everything, step_seed, torch_backend_flags
 from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
@@ -90,6 +91,7 @@ class Trainer:
         self.cache_dir = Path(cache_dir) if cache_dir else Path(dataset.root) / ".plbopt_cache"
         self._stop_signal: Optional[str] = None
         self.last_step_timings: Dict[str, float] = {}
+        self.time_phases = False  # True: last_step_timings are exact on CUDA too (synchronises every phase)
         device = resolve_device(config.device)
         self.dist = init_from_env(device)
         try:
@@ -174,6 +176,8 @@ class Trainer:
             self.unlabeled_sampler = PatchSampler(unlabeled, cfg.patch_size, cfg.unlabeled_batch, self.num_classes,
                                                   0.0, cfg.augment, cfg.seed + 7919, stream=self.dist.rank,
                                                   flip_axes=cfg.flip_axes, rotate90=cfg.rotate90)
+        self.loader = StepLoader(self.labeled_sampler, self.unlabeled_sampler, cfg.iterations, cfg.num_workers,
+                                 pin_memory=self.device.type == "cuda")
         counts = torch.zeros(self.num_classes, dtype=torch.float64)
         for case in labeled:
             counts += torch.bincount(torch.from_numpy(case.label.astype(np.int64)).flatten(),
@@ -259,13 +263,14 @@ class Trainer:
         self._lap_time = time.perf_counter()
         own_seed = rank_seed(cfg.seed, self.dist.rank)
         seed_everything(own_seed, step)  # dropout masks and mining draws of this step
-        labeled = self.labeled_sampler.sample(step)
+        batch = self.loader.batch(step)
+        labeled = batch["labeled"]
         x_l = labeled["image"].to(self.device, non_blocking=True)
         y_l = labeled["label"].to(self.device, non_blocking=True)
         n_l = x_l.shape[0]
         superpixels = None
         if self.unlabeled_sampler is not None:
-            unlabeled = self.unlabeled_sampler.sample(step)
+            unlabeled = batch["unlabeled"]
             x = torch.cat([x_l, unlabeled["image"].to(self.device, non_blocking=True)])
             superpixels = unlabeled["superpixels"].to(self.device, non_blocking=True)
         else:
@@ -368,8 +373,9 @@ class Trainer:
             tracker.load_state_dict(state)
 
     def _lap(self) -> float:
-        """Seconds since the previous lap (synchronising CUDA so the numbers are real)."""
-        if self.device.type == "cuda":
+        """Seconds since the previous lap. CUDA runs asynchronously, so only with ``time_phases``
+        (the benchmarks) does it synchronise to make the phase times real; training does not wait."""
+        if self.time_phases and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         elapsed, self._lap_time = now - self._lap_time, now
@@ -422,7 +428,8 @@ class Trainer:
     def fit(self) -> Path:
         """Train to ``config.iterations``; returns the final checkpoint's path."""
         try:
-            return self._fit()
+            with torch_backend_flags(self.config.deterministic):
+                return self._fit()
         finally:
             self.dist.close()
 
@@ -476,6 +483,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             restore_handlers()
+            self.loader.close()
 
     def _stop_requested(self) -> bool:
         return self._stop_signal is not None or bool(self.should_stop and self.should_stop())
