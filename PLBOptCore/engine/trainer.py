@@ -54,6 +54,7 @@ from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
 from .inference import build_models, load_subnet_weights, sliding_window_probabilities
+from .tensorboard import TENSORBOARD_DIR, TensorBoardSink, require_tensorboard
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
 INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step number
@@ -104,7 +105,8 @@ class Trainer:
         self.progress = progress if self.dist.is_main else None
         self.show_progress_bar = show_progress_bar and self.dist.is_main
         self.num_classes = dataset.num_classes
-        self.events = EventWriter(self.run_dir, enabled=self.dist.is_main)
+        sinks = [TensorBoardSink(self.run_dir / TENSORBOARD_DIR)] if config.tensorboard and self.dist.is_main else []
+        self.events = EventWriter(self.run_dir, enabled=self.dist.is_main, sinks=sinks)
 
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self) -> None:
@@ -116,6 +118,8 @@ class Trainer:
         if cfg.uses_unlabeled and not self.dataset.unlabeled:
             raise ConfigError(f"{self.dataset.root}: preset {cfg.preset!r} needs unlabeled cases; "
                               "dataset.json has none (use --preset supervised)")
+        if cfg.tensorboard:
+            require_tensorboard()
         if self.init_from is not None:
             load_subnet_weights(build_models(cfg, self.dataset.num_classes), load_checkpoint(self.init_from)["models"],
                                 self.init_from)
@@ -135,7 +139,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         if existing and not self.resume:
-            for name in ("events.jsonl", "checkpoints", "config.json", "dataset.json", "train.log"):
+            for name in ("events.jsonl", "checkpoints", "config.json", "dataset.json", TENSORBOARD_DIR):
                 target = run_dir / name
                 if target.is_dir():
                     shutil.rmtree(target)
