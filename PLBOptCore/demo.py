@@ -7,6 +7,7 @@ image / ground truth / prediction.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 
 from .config import CPU_DEMO_OVERRIDES
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = None, device: str = "auto",
@@ -34,7 +37,7 @@ def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = 
     started = time.perf_counter()
     data_dir = make_phantom_dataset(out_dir / "data", seed=seed)
     spec = load_dataset(data_dir)
-    print(f"phantom dataset: {len(spec.training)} labeled, {len(spec.unlabeled)} unlabeled, "
+    logger.info(f"phantom dataset: {len(spec.training)} labeled, {len(spec.unlabeled)} unlabeled, "
           f"{len(spec.test)} test cases, classes: {', '.join(n for c, n in spec.labels.items() if c)} -> {data_dir}")
 
     overrides = dict(CPU_DEMO_OVERRIDES, device=device, seed=seed)
@@ -51,11 +54,11 @@ def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = 
     for case in spec.test:
         shutil.copy2(case.label, gt_dir / case.label.name)
     results = evaluate(predictions, gt_dir, labels=data_dir / "dataset.json")
-    print(format_table(results))
+    logger.info(format_table(results))
     montage = write_montage(spec, predictions, out_dir / "montage.png")
     summary = {name: float(values["dice"]["mean"]) for name, values in results["classes"].items()}
     summary["mean"] = float(results["mean"]["dice"])
-    print(f"test-case mean Dice over {len(spec.test)} cases: {summary['mean']:.3f}  "
+    logger.info(f"test-case mean Dice over {len(spec.test)} cases: {summary['mean']:.3f}  "
           f"({time.perf_counter() - started:.0f} s in total; montage {montage})")
     return summary
 
