@@ -402,7 +402,7 @@ class Trainer:
         for case in self.validation_cases:
             probs = sliding_window_probabilities(self.models, torch.from_numpy(case.image), self.config.patch_size,
                                                  self.num_classes, self.config.sw_overlap, self.config.sw_batch_size,
-                                                 self.device)
+                                                 self.device, amp=self.config.amp)
             prediction = probs.argmax(0).numpy()
             for c, name in self.dataset.labels.items():
                 if c > 0:
