@@ -164,7 +164,16 @@ def test_loader_restarts_at_any_step_with_the_same_batches(tiny_dataset, tmp_pat
             assert torch.equal(in_order[4][key][field], sampler.sample(4)[field])
 
 
-def test_deterministic_run_restores_the_torch_flags(tiny_dataset, tmp_path):
-    before = torch.are_deterministic_algorithms_enabled()
-    Trainer(make_config("dhc", overrides=dict(TINY, deterministic=True)), load_dataset(tiny_dataset), tmp_path / "run").fit()
-    assert torch.are_deterministic_algorithms_enabled() == before
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_sets_the_torch_flags_while_training_only(deterministic, tiny_dataset, tmp_path):
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    during = []
+
+    def progress(_record: dict) -> None:
+        during.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                       torch.backends.cudnn.benchmark))
+
+    Trainer(make_config("dhc", overrides=dict(TINY, deterministic=deterministic)), load_dataset(tiny_dataset),
+            tmp_path / "run", progress=progress).fit()
+    assert during and set(during) == {(deterministic, deterministic, not deterministic)}
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
