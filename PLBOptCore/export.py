@@ -169,8 +169,10 @@ def _export_program(subnets: Sequence[nn.Module], example: torch.Tensor) -> torc
 
     ``example`` needs a batch of 2 or more: torch.export specialises a dimension traced at size 1.
     """
-    return torch.export.export(_MeanLogits(subnets).eval(), (example,),
-                               dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    program = torch.export.export(_MeanLogits(subnets).eval(), (example,),
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    program.example_inputs = None  # else saved with the program: 8 MB of zeros for a 64×128×128 patch
+    return program
 
 
 @contextlib.contextmanager
@@ -227,7 +229,6 @@ def export_run(run_dir: Path, output: Path, onnx_path: Optional[Path] = None, ch
             raise ConfigError(f"{target}: refusing to overwrite the checkpoint being exported")
     predictor = Predictor.from_checkpoint(source, device="cpu")
     metadata = export_metadata(predictor, source)
-    module = EnsembleModule(predictor.models).eval()
     example = torch.zeros([2, 1] + metadata["patch_size"], dtype=torch.float32)
     text = json.dumps(metadata, indent=2)
     with torch.no_grad():
@@ -239,7 +240,7 @@ def export_run(run_dir: Path, output: Path, onnx_path: Optional[Path] = None, ch
         tmp.write_text(text + "\n")
     written = [output, sidecar]
     if onnx_path is not None:
-        _export_onnx(module, example, Path(onnx_path), metadata)
+        _export_onnx(EnsembleModule(predictor.models).eval(), example, Path(onnx_path), metadata)
         written.append(Path(onnx_path))
     return written
 
