@@ -10,10 +10,15 @@ Public API (imported on first use, so ``import PLBOptCore`` stays light for Slic
     PLBOptCore.make_config(preset, config_file=None, overrides=None)
 """
 
+import logging
 from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
+
+# Library convention: messages go to whatever handlers the application (CLI, Slicer, a script)
+# installs on "PLBOptCore" or the root logger; none are printed by default.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {
     "train": "PLBOptCore.api",

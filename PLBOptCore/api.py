@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .config import Config, load_config_file, make_config
+from .config import Config, load_config_file, make_config, resume_config
 from .errors import DatasetError
 
 PathLike = Union[str, Path]
@@ -24,8 +24,10 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
           should_stop: Optional[Callable[[], bool]] = None, show_progress_bar: bool = False) -> Path:
     """Train a run folder from a dataset folder; returns ``run_dir``.
 
-    With ``resume=True`` the configuration stored in the run folder is used (overrides may only
-    change ``iterations`` and ``device``), so a resumed run continues the same experiment.
+    With ``resume=True`` the configuration stored in the run folder is used, so a resumed run
+    continues the same experiment: ``config_file`` and ``overrides`` may change only the keys of
+    :data:`~PLBOptCore.config.RESUME_SAFE_KEYS` (schedule length, device, workers, logging);
+    a different value of any other key is a :class:`ConfigError`.
     """
     from .data.dataset import load_dataset, validate_dataset
     from .engine.trainer import Trainer
@@ -33,10 +35,8 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
     run_dir = Path(run_dir)
     if resume and (run_dir / "config.json").is_file():
         stored = Config.from_dict(load_config_file(run_dir / "config.json"))
-        for key, value in (overrides or {}).items():
-            if key in ("iterations", "device", "num_workers"):
-                setattr(stored, key, value)
-        config = stored.validate()
+        requested = {**(load_config_file(Path(config_file)) if config_file else {}), **(overrides or {})}
+        config = resume_config(stored, requested, run_dir / "config.json")
     else:
         config = make_config(preset, Path(config_file) if config_file else None, overrides)
     dataset = load_dataset(Path(dataset_dir))

@@ -1,19 +1,21 @@
-"""``plbopt`` command line: train / predict / refine / evaluate / demo / convert / split / bench / export.
+"""``plbopt`` command line: train / predict / refine / evaluate / demo / convert / split / bench / export / plot.
 
 User errors print one line ``plbopt: error: <file>: <problem>`` and exit 2; an interrupted training
-exits 130 after writing a resumable checkpoint.
+exits 130 after writing a resumable checkpoint. The library's INFO log messages are printed on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from . import __version__
-from .config import PRESETS, SUBNETS, parse_override
+from .config import CPU_DEMO_OVERRIDES, PRESETS, SUBNETS, parse_override
 from .convert import add_convert_arguments
 from .errors import PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
@@ -47,12 +49,17 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import train
-    from .config import CPU_DEMO_OVERRIDES
 
     overrides = dict(CPU_DEMO_OVERRIDES) if args.small else {}
     overrides.update(_training_overrides(args))
-    train(args.dataset, args.output, preset=args.preset, config_file=args.config, overrides=overrides,
-          resume=args.resume, overwrite=args.overwrite, init_from=args.init_from, show_progress_bar=not args.quiet)
+    if args.tensorboard:
+        overrides["tensorboard"] = True
+    # log lines go above the progress bar instead of through it
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm([logging.getLogger("PLBOptCore")]) if not args.quiet else contextlib.nullcontext():
+        train(args.dataset, args.output, preset=args.preset, config_file=args.config, overrides=overrides,
+              resume=args.resume, overwrite=args.overwrite, init_from=args.init_from, show_progress_bar=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # one line per job, not per torchrun process
         print(f"run folder: {args.output}  (checkpoints/best.pt, events.jsonl)")
     return 0
@@ -96,7 +103,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .bench.plots import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench in ("step", "predict"):
+        from .bench.throughput import run_predict_bench, run_step_bench_throughput
+
+        small = True if args.small else None
+        overrides = dict(parse_override(text) for text in args.set or [])
+        if args.bench == "step":
+            run_step_bench_throughput(args.output, args.device or "auto", args.preset, args.steps, small=small,
+                                      overrides=overrides)
+        else:
+            run_predict_bench(args.output, args.device or "auto", args.preset, args.shape, args.classes, args.repeats,
+                              small=small, overrides=overrides)
+        return 0
     if args.bench == "refine":
         from .bench.refine import run_refine_bench
 
@@ -125,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start again in a non-empty run folder")
     p.add_argument("--init-from", type=Path, help="initialise the subnets from this checkpoint (fine-tune)")
-    p.add_argument("--small", action="store_true", help="CPU-sized schedule (8 filters, 32x64x64, 300 steps)")
+    p.add_argument("--small", action="store_true",
+                   help=(f"CPU-sized schedule ({CPU_DEMO_OVERRIDES['base_filters']} filters, "
+                         f"{'x'.join(map(str, CPU_DEMO_OVERRIDES['patch_size']))} patches, {CPU_DEMO_OVERRIDES['iterations']} "
+                         f"steps, {CPU_DEMO_OVERRIDES['optimizer']} lr {CPU_DEMO_OVERRIDES['lr']})"))
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to RUN_DIR/tensorboard (pip install \"plbopt[tensorboard]\")")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -166,8 +197,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", type=int, default=12, help="unlabeled phantom volumes (default 12)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks (not tests): refine | accuracy")
+    p = sub.add_parser("plot", help="training-curve PNG of a run folder from its events.jsonl")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("-o", "--output", type=Path, help="PNG to write (default RUN_DIR/training_curves.png)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("bench", help="benchmarks (not tests): refine | accuracy | step | predict")
     bench = p.add_subparsers(dest="bench", required=True)
+    for name, helptext in (("step", "training steps/s, voxels/s and peak memory on this device"),
+                           ("predict", "sliding-window inference voxels/s and peak memory on this device")):
+        b = bench.add_parser(name, help=helptext)
+        b.add_argument("-o", "--output", type=Path, default=Path(f"bench-{name}"))
+        b.add_argument("--preset", default="plbopt", choices=sorted(PRESETS))
+        b.add_argument("--device")
+        b.add_argument("--small", action="store_true", help="CPU demo size even on CUDA (default: preset size on CUDA)")
+        b.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="config overrides, e.g. num_workers=4 amp=false")
+        if name == "step":
+            b.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
+        else:
+            b.add_argument("--shape", type=int, nargs=3, default=[128, 256, 256], metavar=("Z", "Y", "X"),
+                           help="random preprocessed volume to predict")
+            b.add_argument("--classes", type=int, default=14)
+            b.add_argument("--repeats", type=int, default=1)
+        b.set_defaults(func=cmd_bench)
     b = bench.add_parser("refine", help="vectorised vs reference refinement, and the step-time share of PLBOpt's extras")
     b.add_argument("-o", "--output", type=Path, default=Path("bench-refine"))
     b.add_argument("--steps", type=int, default=10, help="training steps timed per preset")
@@ -188,11 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _console_logging() -> Iterator[None]:
+    """Print the library's INFO messages on stdout while a command runs (removed afterwards, so
+    repeated ``main()`` calls in one process do not print twice)."""
+    package = logging.getLogger("PLBOptCore")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _console_logging():
+            return int(args.func(args) or 0)
     except TrainingInterrupted as exc:
         print(f"plbopt: {exc}", file=sys.stderr)
         return 130

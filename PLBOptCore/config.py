@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -45,7 +47,7 @@ class Config:
     # ambiguous: off by default. DHC mirrors Y and X ("yx"); any of "zyx" can be chosen.
     flip_axes: str = ""
     rotate90: bool = False  # 90° rotations in the axial plane (square patches only)
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes preparing patches ahead of the step (0 = in the training process)
 
     # ---- network ------------------------------------------------------------------------------
     base_filters: int = 32
@@ -61,13 +63,14 @@ class Config:
     poly_power: float = 0.9
     amp: bool = True  # only used on CUDA
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    deterministic: bool = False  # torch deterministic algorithms (slower on GPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    deterministic: bool = False  # torch deterministic algorithms, no cuDNN autotuning (slower on GPU)
 
     # ---- schedule / logging -------------------------------------------------------------------
     log_every: int = 10
     checkpoint_every: int = 200
     validate_every: int = 500
+    tensorboard: bool = False  # also write RUN_DIR/tensorboard/ (needs pip install "plbopt[tensorboard]")
     rampup_iterations: Optional[int] = None  # None = whole run (DHC ramps over all epochs)
 
     # ---- DHC class weighting ------------------------------------------------------------------
@@ -123,40 +126,23 @@ class Config:
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "Config":
-        """Raise :class:`ConfigError` on inconsistent values; return self."""
-        if len(self.patch_size) != 3 or any(int(p) < 16 or int(p) % 16 for p in self.patch_size):
-            raise ConfigError(f"patch_size must be 3 multiples of 16 (4 VNet poolings), got {self.patch_size}")
-        if self.supervised_subnets not in ("AB", "B"):
-            raise ConfigError(f"supervised_subnets must be 'AB' or 'B', got {self.supervised_subnets!r}")
+        """Check every field's type and range; raise a one-line :class:`ConfigError` naming the key.
+
+        Everything is checked here, before a run folder or cache exists, so a bad value fails at
+        once instead of at the first validation or checkpoint hours later. Returns self.
+        """
+        for f in fields(self):
+            _check_field(f.name, getattr(self, f.name))
+        if len(self.patch_size) != 3 or any(p < 16 or p % 16 for p in self.patch_size):
+            raise ConfigError(f"patch_size must be 3 multiples of 16 (4 VNet poolings), got {list(self.patch_size)}")
+        if self.clip_window is not None and not self.clip_window[0] < self.clip_window[1]:
+            raise ConfigError(f"clip_window must be [low, high] with low < high, got {list(self.clip_window)}")
         if not self.dual_subnets and (self.cps_weight or self.mutual_correction or self.refine or self.triplet):
             raise ConfigError("a single-subnet (supervised) run cannot use CPS, refinement, triplet or mutual correction")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if self.normalization not in ("minmax", "zscore"):
-            raise ConfigError(f"normalization must be 'minmax' or 'zscore', got {self.normalization!r}")
-        if self.superpixel_method not in SUPERPIXEL_METHODS:
-            raise ConfigError(f"superpixel_method must be one of {SUPERPIXEL_METHODS}, got {self.superpixel_method!r}")
-        for name in ("iterations", "batch_size", "base_filters", "triplet_levels", "triplet_capacity", "superpixel_divisor"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.refine_start < 1.0:
-            raise ConfigError(f"refine_start must be a fraction of the run in [0, 1), got {self.refine_start}")
-        if self.refine_mode not in ("safe", "paper"):
-            raise ConfigError(f"refine_mode must be 'safe' or 'paper', got {self.refine_mode!r}")
-        if self.mc_mode not in ("teacher", "paper"):
-            raise ConfigError(f"mc_mode must be 'teacher' or 'paper', got {self.mc_mode!r}")
-        if self.refine_homogeneity < 0 or self.class_weight_floor < 0:
-            raise ConfigError("refine_homogeneity and class_weight_floor must be >= 0")
-        if self.superpixel_area_mm2 is not None and not self.superpixel_area_mm2 > 0:
-            raise ConfigError(f"superpixel_area_mm2 must be > 0 or null, got {self.superpixel_area_mm2}")
-        if self.refine_entropy not in ("binary", "multiclass"):
-            raise ConfigError(f"refine_entropy must be 'binary' or 'multiclass', got {self.refine_entropy!r}")
         if set(self.flip_axes) - set("zyx"):
             raise ConfigError(f"flip_axes may only contain z, y and x, got {self.flip_axes!r}")
-        if self.triplet_mining not in ("paper", "hardest"):
-            raise ConfigError(f"triplet_mining must be 'paper' or 'hardest', got {self.triplet_mining!r}")
-        if not 0.0 <= self.sw_overlap < 1.0:
-            raise ConfigError(f"sw_overlap must be in [0, 1), got {self.sw_overlap}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         return self
 
     @property
@@ -184,6 +170,41 @@ class Config:
 
 SUPERPIXEL_METHODS = ("slic", "slic3d", "quickshift", "felzenszwalb", "watershed")
 SUBNETS = ("both", "a", "b")  # what predicts: DHC's ensemble (logits averaged) or one subnet alone
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+# Allowed values of the text fields (``preset``: the keys of PRESETS; ``flip_axes`` and ``device``: in validate).
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "supervised_subnets": ("AB", "B"),
+    "normalization": ("minmax", "zscore"),
+    "optimizer": ("sgd", "adamw"),
+    "superpixel_method": SUPERPIXEL_METHODS,
+    "refine_entropy": ("binary", "multiclass"),
+    "triplet_mining": ("paper", "hardest"),
+    "refine_mode": ("safe", "paper"),
+    "mc_mode": ("teacher", "paper"),
+}
+# Inclusive lower bounds of the integer fields (counts are >= 1, sizes and seeds >= 0).
+INT_MINIMUM: Dict[str, int] = {
+    "batch_size": 1, "unlabeled_batch_size": 1, "base_filters": 1, "iterations": 1, "log_every": 1,
+    "checkpoint_every": 1, "validate_every": 1, "triplet_levels": 1, "triplet_capacity": 1, "triplet_max_anchors": 1,
+    "triplet_max_candidates": 1, "superpixel_divisor": 1, "sw_batch_size": 1,
+    "num_workers": 0, "projection_dim": 0, "seed": 0, "rampup_iterations": 0,
+}
+# (low, high, high included) of the float fields; None = unbounded.
+FLOAT_RANGE: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
+    "lr": (0.0, None, False), "momentum": (0.0, 1.0, False), "weight_decay": (0.0, None, False),
+    "poly_power": (0.0, None, False), "cps_weight": (0.0, None, False),
+    "foreground_oversample": (0.0, 1.0, True), "distdw_momentum": (0.0, 1.0, False),
+    "diffdw_momentum": (0.0, 1.0, False), "superpixel_compactness": (0.0, None, False),
+    "refine_tau": (0.0, None, False), "refine_start": (0.0, 1.0, False), "triplet_margin": (0.0, None, False),
+    "lambda_triplet": (0.0, None, False), "mc_tau": (0.0, 1.0, True), "lambda_mc": (0.0, None, False),
+    "sw_overlap": (0.0, 1.0, False), "class_weight_floor": (0.0, None, False),
+    "refine_homogeneity": (0.0, None, False), "superpixel_area_mm2": (0.0, None, False),
+}
+# Fields that must be strictly above their lower bound (a zero learning rate never trains).
+STRICTLY_POSITIVE = ("lr", "superpixel_compactness", "superpixel_area_mm2")
+# Float tuples: (length, every element > 0).
+FLOAT_TUPLES: Dict[str, Tuple[int, bool]] = {"target_spacing": (3, True), "clip_window": (2, False)}
 
 # Each preset is a set of overrides on the defaults. The single-component presets switch the other
 # two PLBOpt components off but otherwise match `plbopt`, which is how the paper's Table V ablates.
@@ -228,6 +249,26 @@ def make_config(preset: str = "plbopt", config_file: Optional[Path] = None,
     return Config.from_dict(data).validate()
 
 
+# What a resumed run may change: how it runs and reports, not what it learns.
+RESUME_SAFE_KEYS = ("iterations", "device", "num_workers", "deterministic", "log_every", "validate_every",
+                    "checkpoint_every", "tensorboard", "sw_overlap", "sw_batch_size")
+
+
+def resume_config(stored: Config, overrides: Optional[Dict[str, Any]], source: Path) -> Config:
+    """The configuration ``stored`` in a run folder (read from ``source``) with ``overrides`` applied.
+
+    Overrides of :data:`RESUME_SAFE_KEYS` apply; any other key whose value differs from the stored
+    one is refused with a :class:`ConfigError`, since a resumed run continues the same experiment.
+    """
+    merged = Config.from_dict({**stored.to_dict(), **(overrides or {})}).validate()
+    changed = sorted(key for key in overrides or {}
+                     if key not in RESUME_SAFE_KEYS and getattr(merged, key) != getattr(stored, key))
+    if changed:
+        raise ConfigError(f"{source}: --resume keeps the stored configuration; {', '.join(changed)} cannot change "
+                          f"(only {', '.join(RESUME_SAFE_KEYS)} can); start a new run folder instead")
+    return merged
+
+
 def load_config_file(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -260,26 +301,78 @@ def parse_override(text: str) -> Tuple[str, Any]:
     return key.strip().replace("-", "_"), value
 
 
+OPTIONAL_FIELDS = ("unlabeled_batch_size", "target_spacing", "clip_window", "rampup_iterations", "superpixel_area_mm2")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_field(name: str, value: Any) -> None:
+    """Type and range of one field; :class:`ConfigError` ``"<name> must be ..., got <value>"``."""
+    if value is None and name in OPTIONAL_FIELDS:
+        return
+    default = Config.__dataclass_fields__[name].default
+    problem = None
+    if name in INT_MINIMUM:
+        if not _is_int(value) or value < INT_MINIMUM[name]:
+            problem = f"an integer >= {INT_MINIMUM[name]}"
+    elif name in FLOAT_RANGE:
+        low, high, high_included = FLOAT_RANGE[name]
+        strict = name in STRICTLY_POSITIVE
+        if not _is_number(value) or (value <= low if strict else value < low) or (
+                high is not None and (value > high if high_included else value >= high)):
+            upper = "" if high is None else f", {high}{']' if high_included else ')'}"
+            problem = f"a number in {'(' if strict else '['}{low}{upper or ', inf)'}"
+    elif name in FLOAT_TUPLES:
+        length, positive = FLOAT_TUPLES[name]
+        if not isinstance(value, (tuple, list)) or len(value) != length or not all(_is_number(v) for v in value) \
+                or (positive and min(value) <= 0):
+            problem = f"a list of {length} {'positive ' if positive else ''}numbers"
+    elif name == "patch_size":
+        if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
+            problem = "a list of 3 integers"
+    elif name == "preset" or name in CHOICES:
+        choices = tuple(PRESETS) if name == "preset" else CHOICES[name]
+        if value not in choices:
+            problem = f"one of {', '.join(choices)}"
+    elif isinstance(default, bool):
+        if not isinstance(value, bool):
+            problem = "true or false"
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            problem = "a string"
+    elif name == "extra" and not isinstance(value, dict):
+        problem = "a mapping"
+    if problem:
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(f"{name} must be {problem}, got {shown!r}")
+
+
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    default = f.default if f.default is not dataclasses.MISSING else None
+    """Convert a value read from YAML/JSON to the field's type (lists → tuples, 3 → 3.0 for floats,
+    2.0 → 2 for integers); anything else is left for :func:`_check_field` to name."""
     if value is None:
         return None
-    if isinstance(default, tuple) or "Tuple" in str(f.type):
+    if f.name in FLOAT_TUPLES or f.name == "patch_size":
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{f.name} must be a list, got {value!r}")
-        cast = float if "float" in str(f.type) else int
-        return tuple(cast(v) for v in value)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{f.name} must be true or false, got {value!r}")
-        return value
-    try:
-        if isinstance(default, int) or "int" in str(f.type) and "float" not in str(f.type):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if isinstance(default, float) or "float" in str(f.type):
-            return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{f.name}: cannot use {value!r}") from None
+        return tuple(_coerce_number(f.name, v, as_int=f.name == "patch_size") for v in value)
+    if f.name in INT_MINIMUM or f.name in FLOAT_RANGE:
+        return _coerce_number(f.name, value, as_int=f.name in INT_MINIMUM)
     return value
+
+
+def _coerce_number(name: str, value: Any, as_int: bool) -> Any:
+    """``value`` as int (if ``as_int``, only from whole numbers) or float; non-numbers unchanged."""
+    if not _is_number(value):
+        return value
+    if as_int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    return float(value)

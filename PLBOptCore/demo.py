@@ -7,6 +7,7 @@ image / ground truth / prediction.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 from .config import CPU_DEMO_OVERRIDES
 from .data.phantom import DEMO_SPLIT
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = None, device: str = "auto",
@@ -41,9 +44,9 @@ def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = 
     data_dir = make_phantom_dataset(out_dir / "data", n_labeled=n_labeled, n_unlabeled=n_unlabeled, seed=seed)
     spec = load_dataset(data_dir)
     ratio = 100 * len(spec.training) / max(1, len(spec.training) + len(spec.unlabeled))
-    print(f"phantom dataset: {len(spec.training)} labeled, {len(spec.unlabeled)} unlabeled ({ratio:.0f} % labeled), "
-          f"{len(spec.validation)} validation, {len(spec.test)} test cases, "
-          f"classes: {', '.join(n for c, n in spec.labels.items() if c)} -> {data_dir}")
+    logger.info(f"phantom dataset: {len(spec.training)} labeled, {len(spec.unlabeled)} unlabeled "
+                f"({ratio:.0f} % labeled), {len(spec.validation)} validation, {len(spec.test)} test cases, "
+                f"classes: {', '.join(n for c, n in spec.labels.items() if c)} -> {data_dir}")
 
     overrides = dict(CPU_DEMO_OVERRIDES, device=device, seed=seed)
     if iterations is not None:
@@ -59,11 +62,11 @@ def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = 
     for case in spec.test:
         shutil.copy2(case.label, gt_dir / case.label.name)
     results = evaluate(predictions, gt_dir, labels=data_dir / "dataset.json")
-    print(format_table(results))
+    logger.info(format_table(results))
     montage = write_montage(spec, predictions, out_dir / "montage.png")
     summary = {name: float(values["dice"]["mean"]) for name, values in results["classes"].items()}
     summary["mean"] = float(results["mean"]["dice"])
-    print(f"test-case mean Dice over {len(spec.test)} cases: {summary['mean']:.3f}  "
+    logger.info(f"test-case mean Dice over {len(spec.test)} cases: {summary['mean']:.3f}  "
           f"({time.perf_counter() - started:.0f} s in total; montage {montage})")
     return summary
 

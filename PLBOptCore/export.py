@@ -1,19 +1,25 @@
-"""``plbopt export``: a trained run as a self-describing TorchScript (and optionally ONNX) model.
+"""``plbopt export``: a trained run as a self-describing ``torch.export`` program (and optionally ONNX).
 
-The exported :class:`EnsembleModule` is the inference ensemble of :class:`~PLBOptCore.engine.inference.Predictor`:
-softmax of the mean of the subnets' logits (A and B; only one subnet for ``supervised`` runs).
-It takes a **preprocessed** patch batch ``(B, 1, Z, Y, X)`` float32, ``(Z, Y, X) = patch_size``,
-and returns probabilities ``(B, C, Z, Y, X)``. Whatever a deployment needs besides the weights
-(class names and colours, patch size, preprocessing parameters, sliding-window overlap) is
-stored as JSON twice: inside the TorchScript archive (``_extra_files["plbopt.json"]``), so the
-``.pt`` file is self-contained, and as a sidecar ``<output stem>.json`` for tools that do not
-load TorchScript. The ONNX file carries the same JSON in its ``metadata_props["plbopt"]``.
+The export is the inference ensemble of :class:`~PLBOptCore.engine.inference.Predictor`: the
+mean of the subnets' logits (A and B; only one subnet for ``supervised`` runs), whose softmax over
+classes is the probability map. It takes a **preprocessed** patch batch ``(B, 1, Z, Y, X)`` float32,
+``(Z, Y, X) = patch_size``, with a dynamic batch ``B``; the spatial axes are fixed to
+``patch_size``, which is what sliding-window inference feeds.
 
-ONNX uses PyTorch's ``torch.export``-based exporter (``dynamo=True``, the default since PyTorch
-2.9; it needs the ``onnxscript`` package) with a dynamic batch axis; the spatial axes are fixed
-to ``patch_size``, which is what sliding-window inference feeds. Recent PyTorch (2.13 here) marks
-``torch.jit`` deprecated (a ``DeprecationWarning``, still fully working, and TorchScript stays
-loadable from C++ libtorch); ONNX is the format to prefer for new deployments.
+- ``model.pt2`` (``torch.export.save``): a program returning the **mean logits** ``(B, C, Z, Y, X)``,
+  from which the sliding window's own softmax reproduces the checkpoint's predictions bit for bit.
+  ``torch.export.load("model.pt2").module()`` runs it; :func:`load_exported` returns an
+  :class:`ExportedEnsemble` that also gives the probabilities.
+- ``model.onnx`` (PyTorch's ``torch.export``-based exporter, ``dynamo=True``; needs ``onnxscript``):
+  returns the **probabilities** ``(B, C, Z, Y, X)``.
+
+Whatever a deployment needs besides the weights (class names and colours, patch size,
+preprocessing parameters, sliding-window overlap) is stored as JSON: inside the ``.pt2`` archive
+(``extra_files["plbopt.json"]``), as a sidecar ``<output stem>.json`` for other tools, and in the
+ONNX file's ``metadata_props["plbopt"]``.
+
+``torch.jit`` is deprecated in recent PyTorch (2.13 here), so PLBOpt no longer writes TorchScript;
+:func:`load_exported` still reads the TorchScript ``.pt`` files of earlier versions (export format 1).
 
 Memory of :func:`predict_with_export` (and of ``plbopt predict``, which works the same way), for
 an input of ``N`` voxels, ``V`` voxels after resampling and body crop, ``C`` classes; the input
@@ -37,6 +43,7 @@ import dataclasses
 import json
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -53,8 +60,9 @@ if TYPE_CHECKING:
     from .engine.inference import Predictor
 
 EXPORT_FORMAT = "plbopt-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 1: TorchScript .pt (read, no longer written); 2: torch.export .pt2
 METADATA_NAME = "plbopt.json"
+PROGRAM_SUFFIX = ".pt2"
 
 
 class EnsembleModule(nn.Module):
@@ -80,14 +88,48 @@ class EnsembleModule(nn.Module):
         return torch.softmax(self.mean_logits(x), dim=1)
 
 
-class _LogitsAdapter(nn.Module):
-    """Makes an exported module look like a VNet (``(logits, features)``) to the sliding window.
+class _MeanLogits(EnsembleModule):
+    """The ensemble with ``mean_logits`` as ``forward``: what the ``.pt2`` program computes."""
 
-    It returns the exported ``mean_logits`` rather than log-probabilities so that the sliding
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mean_logits(x)
+
+
+class ExportedEnsemble(nn.Module):
+    """A loaded export, used like :class:`EnsembleModule`: ``forward`` gives probabilities
+    ``(B, C, Z, Y, X)``, ``mean_logits`` the mean logits.
+
+    Args:
+        program: the module computing the mean logits from ``(B, 1, Z, Y, X)`` patches.
+        method: its method that does so (``forward`` for ``.pt2`` programs, ``mean_logits`` for
+            TorchScript files of export format 1).
+    """
+
+    def __init__(self, program: nn.Module, method: str = "forward") -> None:
+        super().__init__()
+        self.program, self.method = program, method
+
+    def train(self, mode: bool = True) -> "ExportedEnsemble":
+        """Only flags this wrapper: an exported program was recorded in eval mode and refuses
+        ``train()``/``eval()`` (so does not need them), and a traced TorchScript graph is fixed too."""
+        self.training = mode
+        return self
+
+    def mean_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.program, self.method)(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.mean_logits(x), dim=1)
+
+
+class _LogitsAdapter(nn.Module):
+    """Makes an exported ensemble look like a VNet (``(logits, features)``) to the sliding window.
+
+    It returns the exported mean logits rather than log-probabilities so that the sliding
     window's own softmax reproduces the Predictor's arithmetic exactly.
     """
 
-    def __init__(self, exported: torch.jit.ScriptModule) -> None:
+    def __init__(self, exported: ExportedEnsemble) -> None:
         super().__init__()
         self.exported = exported
 
@@ -110,7 +152,8 @@ def export_metadata(predictor: Predictor, checkpoint: Path) -> Dict[str, Any]:
         "labels": {str(k): v for k, v in sorted(predictor.labels.items())},
         "colors": {str(k): list(v) for k, v in sorted(predictor.colors.items())},
         "input": "image (B, 1, Z, Y, X) float32, preprocessed, (Z, Y, X) = patch_size",
-        "output": "probabilities (B, C, Z, Y, X) float32, softmax of the subnets' mean logits",
+        "output": ".pt2: the subnets' mean logits (B, C, Z, Y, X) float32, softmax over C gives the probabilities; "
+                  ".onnx: the probabilities (B, C, Z, Y, X) float32",
         "patch_size": [int(p) for p in config.patch_size],
         "overlap": float(config.sw_overlap),
         "sw_batch_size": int(config.sw_batch_size),
@@ -121,13 +164,15 @@ def export_metadata(predictor: Predictor, checkpoint: Path) -> Dict[str, Any]:
     }
 
 
-def _trace(module: EnsembleModule, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """Trace ``forward`` and ``mean_logits`` (the latter for :func:`predict_with_export`)."""
-    with warnings.catch_warnings():
-        # The VNet's only Python branch is its "divisible by 16" size check, true for patch_size.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # check_trace would run the network twice more; the VNet has no data-dependent control flow.
-        return torch.jit.trace_module(module, {"forward": example, "mean_logits": example}, check_trace=False)
+def _export_program(subnets: Sequence[nn.Module], example: torch.Tensor) -> torch.export.ExportedProgram:
+    """The mean-logits program with a dynamic batch axis.
+
+    ``example`` needs a batch of 2 or more: torch.export specialises a dimension traced at size 1.
+    """
+    program = torch.export.export(_MeanLogits(subnets).eval(), (example,),
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    program.example_inputs = None  # else saved with the program: 8 MB of zeros for a 64×128×128 patch
+    return program
 
 
 @contextlib.contextmanager
@@ -169,46 +214,73 @@ def export_run(run_dir: Path, output: Path, onnx_path: Optional[Path] = None, ch
 
     Args:
         run_dir: a training run folder.
-        output: TorchScript file to write (e.g. ``model.pt``); the sidecar is ``output.with_suffix(".json")``.
+        output: ``.pt2`` file to write (e.g. ``model.pt2``); the sidecar is ``output.with_suffix(".json")``.
         onnx_path: also write an ONNX model here.
         checkpoint: ``best``, ``last`` or a checkpoint path, as for ``plbopt predict``.
     """
     from .engine.inference import Predictor, resolve_checkpoint
 
     output = Path(output)
+    if output.suffix != PROGRAM_SUFFIX:
+        raise ConfigError(f"{output}: the exported program is a torch.export archive; name it *{PROGRAM_SUFFIX}")
     source = resolve_checkpoint(Path(run_dir), checkpoint)
     for target in (output, onnx_path):
         if target is not None and Path(target).resolve() == source.resolve():
             raise ConfigError(f"{target}: refusing to overwrite the checkpoint being exported")
     predictor = Predictor.from_checkpoint(source, device="cpu")
     metadata = export_metadata(predictor, source)
-    module = EnsembleModule(predictor.models).eval()
-    example = torch.zeros([1, 1] + metadata["patch_size"], dtype=torch.float32)
+    example = torch.zeros([2, 1] + metadata["patch_size"], dtype=torch.float32)
     text = json.dumps(metadata, indent=2)
     with torch.no_grad():
-        traced = _trace(module, example)
+        program = _export_program(predictor.models, example)
     with atomic_write(output) as tmp:
-        torch.jit.save(traced, str(tmp), _extra_files={METADATA_NAME: text})
+        torch.export.save(program, tmp, extra_files={METADATA_NAME: text})
     sidecar = output.with_suffix(".json")
     with atomic_write(sidecar) as tmp:
         tmp.write_text(text + "\n")
     written = [output, sidecar]
     if onnx_path is not None:
-        _export_onnx(module, example, Path(onnx_path), metadata)
+        _export_onnx(EnsembleModule(predictor.models).eval(), example, Path(onnx_path), metadata)
         written.append(Path(onnx_path))
     return written
 
 
-def load_exported(path: Path, device: str = "cpu") -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
-    """Load an exported TorchScript model and its metadata; :class:`CheckpointError` names the file otherwise."""
+def _archive_kind(path: Path) -> Optional[str]:
+    """``"pt2"`` (torch.export archive), ``"torchscript"``, or None, from the zip's entry names:
+    asking the loaders instead makes them log tracebacks for every foreign file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(name.endswith("/archive_format") for name in names):
+        return "pt2"
+    if any(name.endswith("/constants.pkl") for name in names) and any("/code/" in name for name in names):
+        return "torchscript"
+    return None
+
+
+def load_exported(path: Path, device: str = "cpu") -> Tuple[ExportedEnsemble, Dict[str, Any]]:
+    """Load an exported model (``.pt2``, or a TorchScript ``.pt`` of export format 1) and its
+    metadata; :class:`CheckpointError` names the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: exported model not found")
+    kind = _archive_kind(path)
+    if kind is None:
+        raise CheckpointError(f"{path}: not an exported model (neither a torch.export .pt2 archive nor TorchScript)")
     extra = {METADATA_NAME: ""}
     try:
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a TorchScript model ({str(exc).splitlines()[0][:200]})") from None
+        if kind == "pt2":
+            with open(path, "rb") as handle:  # a file object: torch.export.load insists on the .pt2 suffix for paths
+                module = ExportedEnsemble(torch.export.load(handle, extra_files=extra).module().to(device))
+        else:
+            with warnings.catch_warnings():  # reading the files earlier versions wrote; torch.jit is deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = ExportedEnsemble(torch.jit.load(str(path), map_location=device, _extra_files=extra),
+                                          method="mean_logits")
+    except (RuntimeError, ValueError, OSError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot read the exported model ({str(exc).splitlines()[0][:200]})") from None
     try:
         metadata = json.loads(extra[METADATA_NAME] or "null")
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -262,10 +334,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export_arguments(subparsers: Any) -> None:
-    """Register ``plbopt export RUN_DIR -o model.pt [--onnx model.onnx] [--checkpoint best|last|PATH]``."""
-    p = subparsers.add_parser("export", help="export the inference ensemble as TorchScript (and ONNX) with metadata")
+    """Register ``plbopt export RUN_DIR -o model.pt2 [--onnx model.onnx] [--checkpoint best|last|PATH]``."""
+    p = subparsers.add_parser("export", help="export the inference ensemble as a torch.export program (and ONNX) with metadata")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True, help="TorchScript file, e.g. model.pt (+ model.json)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="torch.export program, e.g. model.pt2 (+ model.json)")
     p.add_argument("--onnx", type=Path, help="also write an ONNX model (dynamic batch axis)")
     p.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint path")
     p.set_defaults(func=cmd_export)

@@ -31,14 +31,23 @@ def atomic_write(path: Path) -> Iterator[Path]:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; otherwise ``torch.device(name)`` (validated)."""
+    """``auto`` → CUDA when available, else CPU; otherwise ``torch.device(name)``, refused with a
+    :class:`ConfigError` when this machine does not have it."""
+    from .errors import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
-        raise ConfigError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__})")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} requested but MPS is not available (torch {torch.__version__})")
     return device
 
 
@@ -51,3 +60,22 @@ def seed_everything(seed: int, step: int = 0) -> None:
     value = step_seed(seed, step)
     torch.manual_seed(value)
     np.random.seed(value % (2**32))
+
+
+@contextlib.contextmanager
+def torch_backend_flags(deterministic: bool) -> Iterator[None]:
+    """Within the block: with ``deterministic``, torch's deterministic algorithms (a warning names
+    any op that has none) and cuDNN without autotuning; otherwise cuDNN autotuning, which pays off
+    because training and sliding-window inference feed one fixed patch size. Restored on exit."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if deterministic:
+        # cuBLAS needs a fixed workspace for reproducible matrix products (read when CUDA starts).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]

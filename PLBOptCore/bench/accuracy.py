@@ -18,6 +18,7 @@ folder trained with other settings is refused (mixing budgets would make the tab
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -41,6 +42,8 @@ from ..engine.events import read_events
 from ..errors import ConfigError, DatasetError, TrainingInterrupted
 from ..utils import atomic_write, resolve_device
 from .plots import plot_dice_bars, plot_refine_gain, plot_training_curves
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "bench_metrics.json"
 # Gaussian noise on the test images in HU (Table IX). The paper's weak noise is a colour jitter that
@@ -603,8 +606,8 @@ def hardware_note(device: str) -> Dict[str, Any]:
 
 
 def _log(out_dir: Path, message: str) -> None:
-    """Print and append to ``OUT/bench.log`` so an unattended bench leaves its history."""
-    print(message, flush=True)
+    """Log and append to ``OUT/bench.log`` so an unattended bench leaves its history."""
+    logger.info(message)
     with open(out_dir / "bench.log", "a", encoding="utf-8") as handle:
         handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
@@ -692,7 +695,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     results["plots"] = write_plots(results, units, out_dir)
     results["total_seconds"] = time.perf_counter() - started
     markdown = _write_reports(results, units, out_dir, with_plots=True)
-    print(markdown, flush=True)
+    logger.info(markdown)
     return results
 
 

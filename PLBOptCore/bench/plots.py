@@ -12,6 +12,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..engine.events import read_events
+from ..errors import ConfigError
 from ..utils import atomic_write
 
 LOSS_TERMS: Tuple[str, ...] = ("loss", "loss_sup", "loss_unsup", "loss_tri", "loss_mc")
@@ -138,7 +139,8 @@ def plot_refine_gain(groups: Mapping[str, Sequence[Path]], labels: Mapping[str, 
     return save_png(fig, path)
 
 
-def plot_training_curves(groups: Mapping[str, Sequence[Path]], labels: Mapping[str, str], path: Path) -> Path:
+def plot_training_curves(groups: Mapping[str, Sequence[Path]], labels: Mapping[str, str], path: Path,
+                         heading: str = "training curves (mean over seeds)") -> Path:
     """Loss and each loss term vs step (mean over seeds), plus validation mean Dice when logged.
 
     A panel is drawn only for terms that are non-zero in some run (e.g. ``loss_tri`` is absent
@@ -169,6 +171,21 @@ def plot_training_curves(groups: Mapping[str, Sequence[Path]], labels: Mapping[s
         axes.ravel()[0].legend(fontsize=7)
     else:
         axes[0, 0].text(0.5, 0.5, "no training events found", ha="center", va="center")
-    fig.suptitle("training curves (mean over seeds)", fontsize=11)
+    fig.suptitle(heading, fontsize=11)
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def plot_run(run_dir: Path, path: Optional[Path] = None) -> Path:
+    """``plbopt plot``: the training curves of one run folder from its ``events.jsonl``.
+
+    Writes ``path`` (default ``RUN_DIR/training_curves.png``); a folder without training events
+    is a :class:`ConfigError` naming it.
+    """
+    from ..engine.events import EVENTS_FILE
+
+    run_dir = Path(run_dir)
+    if not any(record.get("type") == "train" for record in read_events(run_dir)):
+        raise ConfigError(f"{run_dir / EVENTS_FILE}: no training events (not a run folder, or no step logged yet)")
+    return plot_training_curves({run_dir.name: [run_dir]}, {}, Path(path) if path else run_dir / "training_curves.png",
+                                heading=f"training curves of {run_dir.name}")

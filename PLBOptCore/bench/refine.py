@@ -8,6 +8,7 @@ it again on demo-sized inputs and reports the speed-up.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from ..method.refine import refine_pseudo_labels
 from ..method.superpixels import compute_superpixels
 from ..utils import atomic_write
+
+logger = logging.getLogger(__name__)
 
 
 def _entropy(prob_sum: np.ndarray, cls: int, mode: str) -> float:
@@ -159,6 +162,6 @@ def run_refine_bench(out_dir: Path, sizes: Sequence[Tuple[int, int, int]] = ((32
     with atomic_write(out_dir / "refine_bench.md") as tmp:
         tmp.write_text(f"# Refinement benchmark ({dev}, {torch.get_num_threads()} threads, τ={tau})\n\n"
                        f"{table}\n\n{verdict}\n")
-    print(table)
-    print(verdict)
+    logger.info(table)
+    logger.info(verdict)
     return result

@@ -8,6 +8,7 @@ per volume (one-off), not per step. The step timings come from ``Trainer.last_st
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 
 from ..config import CPU_DEMO_OVERRIDES, make_config
 from ..utils import atomic_write
+
+logger = logging.getLogger(__name__)
 
 PHASES = ("data", "forward", "losses_sup", "refine", "cps", "triplet", "backward")
 
@@ -38,6 +41,7 @@ def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets
             config = make_config(preset, overrides=dict(CPU_DEMO_OVERRIDES, iterations=warmup + iterations,
                                                         device="cpu", validate_every=10**6, checkpoint_every=10**6))
             trainer = Trainer(config, spec, Path(tmp) / f"run-{preset}")
+            trainer.time_phases = True
             trainer.setup()
             samples: List[Dict[str, float]] = []
             for step in range(warmup + iterations):
@@ -73,7 +77,7 @@ def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets
               f"PLBOpt step / DHC step = {overhead:.2f}x; superpixels (once per volume, cached) "
               f"{superpixel_seconds:.2f} s for a {tuple(volume.shape)} volume."]
     table = "\n".join(lines)
-    print(table)
+    logger.info(table)
     with atomic_write(out_dir / "step_bench.json") as path:
         path.write_text(json.dumps(summary, indent=2))
     with atomic_write(out_dir / "step_bench.md") as path:

@@ -4,14 +4,18 @@ The ensemble is DHC's: softmax of the mean of subnet A's and B's logits. Windows
 ``overlap`` (fraction of the patch) and are blended with a Gaussian importance map (nnU-Net's
 sigma = patch/8) so window borders, where a VNet sees least context, count least.
 
-Memory: the probability volume is accumulated on the CPU in float32, ``C × Z × Y × X × 4`` bytes
-plus one copy for the weights, after preprocessing (body crop, optional resampling).
+Memory: the probability volume is accumulated in float32 on the inference device, ``C × Z × Y × X × 4``
+bytes plus one volume for the weights, after preprocessing (body crop, optional resampling); a
+volume whose accumulator does not fit in GPU memory is accumulated on the CPU instead. On CUDA the
+subnets run under autocast (float16) and cuDNN autotunes its kernels for the fixed patch size.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -30,6 +34,8 @@ from .checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
     from ..data.preprocess import RestoreInfo
+
+logger = logging.getLogger(__name__)
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -65,15 +71,17 @@ def sliding_window_probabilities(
     batch_size: int = 2,
     device: Optional[torch.device] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    amp: bool = True,
 ) -> torch.Tensor:
     """Blend softmax(mean of the models' logits) over overlapping windows.
 
     Args:
         volume: (Z, Y, X) float tensor, already preprocessed.
+        amp: run the models under float16 autocast when ``device`` is CUDA (ignored elsewhere).
     Returns:
         (C, Z, Y, X) float32 probabilities on the CPU, summing to 1 over C.
     """
-    device = device or next(models[0].parameters()).device
+    device = torch.device(device) if device is not None else next(models[0].parameters()).device
     patch = [int(p) for p in patch_size]
     shape = list(volume.shape)
     padding = centred_padding(shape, patch)
@@ -81,9 +89,15 @@ def sliding_window_probabilities(
         # the layout training crops include: centred, padded with the volume's minimum (air)
         volume = torch.from_numpy(pad_to_patch(volume.numpy(), patch, float(volume.min())))
     padded = list(volume.shape)
-    probs = torch.zeros([num_classes] + padded, dtype=torch.float32)
-    weight_sum = torch.zeros(padded, dtype=torch.float32)
-    importance = gaussian_importance_map(patch)
+    try:  # on the device: no copy of every window's probabilities back to the host
+        probs = torch.zeros([num_classes] + padded, dtype=torch.float32, device=device)
+    except torch.cuda.OutOfMemoryError:
+        logger.warning("probabilities of a %s volume do not fit in %s memory; accumulating on the CPU", padded, device)
+        probs = torch.zeros([num_classes] + padded, dtype=torch.float32)
+    weight_sum = torch.zeros(padded, dtype=torch.float32, device=probs.device)
+    importance = gaussian_importance_map(patch).to(probs.device)
+    volume = volume.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
     corners = list(itertools.product(*(window_starts(padded[d], patch[d], overlap) for d in range(3))))
     for first in range(0, len(corners), batch_size):
         if should_stop is not None and should_stop():
@@ -93,14 +107,16 @@ def sliding_window_probabilities(
         chunk = corners[first:first + batch_size]
         windows = torch.stack([volume[z:z + patch[0], y:y + patch[1], x:x + patch[2]] for z, y, x in chunk])
         windows = windows[:, None].to(device=device, dtype=torch.float32)
-        logits = sum(model(windows)[0].float() for model in models) / len(models)
-        window_probs = torch.softmax(logits, dim=1).cpu()
+        with autocast:
+            outputs = [model(windows)[0] for model in models]
+        logits = sum(output.float() for output in outputs) / len(models)
+        window_probs = torch.softmax(logits, dim=1).to(probs.device)
         for (z, y, x), window_prob in zip(chunk, window_probs):
             probs[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]] += window_prob * importance
             weight_sum[z:z + patch[0], y:y + patch[1], x:x + patch[2]] += importance
     probs /= weight_sum
     (z0, _), (y0, _), (x0, _) = padding
-    return probs[:, z0:z0 + shape[0], y0:y0 + shape[1], x0:x0 + shape[2]].contiguous()
+    return probs[:, z0:z0 + shape[0], y0:y0 + shape[1], x0:x0 + shape[2]].contiguous().cpu()
 
 
 def build_models(config: Config, num_classes: int) -> List[VNet]:
@@ -158,6 +174,8 @@ class Predictor:
         self.models = select_subnets(self.models, subnet, source)
         for model in self.models:
             model.to(self.device).eval()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every window has the patch size: tune the kernels once
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: str = "auto", subnet: str = "both") -> "Predictor":
@@ -182,7 +200,7 @@ class Predictor:
         return sliding_window_probabilities(
             self.models, torch.from_numpy(np.ascontiguousarray(volume_zyx, dtype=np.float32)),
             self.config.patch_size, self.num_classes, self.config.sw_overlap, self.config.sw_batch_size,
-            self.device, should_stop)
+            self.device, should_stop, amp=self.config.amp)
 
     def predict_image(self, image: sitk.Image, refine: bool = False, should_stop=None) -> Prediction:
         """Preprocess like training, predict, optionally refine with superpixels, restore geometry."""

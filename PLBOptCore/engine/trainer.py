@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..data.dataset import DatasetSpec
+from ..data.loader import StepLoader
 from ..data.preprocess import PreprocessParams, preprocess_case
 from ..data.sampling import PatchSampler
 from ..errors import ConfigError, TrainingInterrupted
@@ -48,11 +49,12 @@ from ..method.rampup import sigmoid_rampup
 from ..method.refine import homogeneous_superpixels, refine_pseudo_labels, refinement_gain
 from ..method.triplet import ConfidenceTripletLoss
 from ..metrics import dice
-from ..utils import resolve_device, seed_everything, step_seed
+from ..utils import resolve_device, seed_everything, step_seed, torch_backend_flags
 from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
 from .inference import build_models, load_subnet_weights, sliding_window_probabilities
+from .tensorboard import TENSORBOARD_DIR, TensorBoardSink, require_tensorboard
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
 INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step number
@@ -93,6 +95,7 @@ class Trainer:
         self.cache_dir = Path(cache_dir) if cache_dir else Path(dataset.root) / ".plbopt_cache"
         self._stop_signal: Optional[str] = None
         self.last_step_timings: Dict[str, float] = {}
+        self.time_phases = False  # True: last_step_timings are exact on CUDA too (synchronises every phase)
         device = resolve_device(config.device)
         self.dist = init_from_env(device)
         try:
@@ -105,7 +108,8 @@ class Trainer:
         self.progress = progress if self.dist.is_main else None
         self.show_progress_bar = show_progress_bar and self.dist.is_main
         self.num_classes = dataset.num_classes
-        self.events = EventWriter(self.run_dir, enabled=self.dist.is_main)
+        sinks = [TensorBoardSink(self.run_dir / TENSORBOARD_DIR)] if config.tensorboard and self.dist.is_main else []
+        self.events = EventWriter(self.run_dir, enabled=self.dist.is_main, sinks=sinks)
 
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self) -> None:
@@ -117,6 +121,8 @@ class Trainer:
         if cfg.uses_unlabeled and not self.dataset.unlabeled:
             raise ConfigError(f"{self.dataset.root}: preset {cfg.preset!r} needs unlabeled cases; "
                               "dataset.json has none (use --preset supervised)")
+        if cfg.tensorboard:
+            require_tensorboard()
         if self.init_from is not None:
             load_subnet_weights(build_models(cfg, self.dataset.num_classes), load_checkpoint(self.init_from)["models"],
                                 self.init_from)
@@ -136,7 +142,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         if existing and not self.resume:
-            for name in ("events.jsonl", "checkpoints", "config.json", "dataset.json", "train.log"):
+            for name in ("events.jsonl", "checkpoints", "config.json", "dataset.json", TENSORBOARD_DIR):
                 target = run_dir / name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -179,6 +185,8 @@ class Trainer:
             self.unlabeled_sampler = PatchSampler(unlabeled, cfg.patch_size, cfg.unlabeled_batch, self.num_classes,
                                                   0.0, cfg.augment, cfg.seed + 7919, stream=self.dist.rank,
                                                   flip_axes=cfg.flip_axes, rotate90=cfg.rotate90)
+        self.loader = StepLoader(self.labeled_sampler, self.unlabeled_sampler, cfg.iterations, cfg.num_workers,
+                                 pin_memory=self.device.type == "cuda")
         counts = torch.zeros(self.num_classes, dtype=torch.float64)
         for case in labeled:
             counts += torch.bincount(torch.from_numpy(case.label.astype(np.int64)).flatten(),
@@ -269,13 +277,14 @@ class Trainer:
         self._lap_time = time.perf_counter()
         own_seed = rank_seed(cfg.seed, self.dist.rank)
         seed_everything(own_seed, step)  # dropout masks and mining draws of this step
-        labeled = self.labeled_sampler.sample(step)
+        batch = self.loader.batch(step)
+        labeled = batch["labeled"]
         x_l = labeled["image"].to(self.device, non_blocking=True)
         y_l = labeled["label"].to(self.device, non_blocking=True)
         n_l = x_l.shape[0]
         superpixels = None
         if self.unlabeled_sampler is not None:
-            unlabeled = self.unlabeled_sampler.sample(step)
+            unlabeled = batch["unlabeled"]
             x = torch.cat([x_l, unlabeled["image"].to(self.device, non_blocking=True)])
             superpixels = self._refinable(unlabeled)
         else:
@@ -428,8 +437,9 @@ class Trainer:
             tracker.load_state_dict(state)
 
     def _lap(self) -> float:
-        """Seconds since the previous lap (synchronising CUDA so the numbers are real)."""
-        if self.device.type == "cuda":
+        """Seconds since the previous lap. CUDA runs asynchronously, so only with ``time_phases``
+        (the benchmarks) does it synchronise to make the phase times real; training does not wait."""
+        if self.time_phases and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         elapsed, self._lap_time = now - self._lap_time, now
@@ -458,7 +468,7 @@ class Trainer:
             for case in self.validation_cases:
                 probs = sliding_window_probabilities(models, torch.from_numpy(case.image), self.config.patch_size,
                                                      self.num_classes, self.config.sw_overlap,
-                                                     self.config.sw_batch_size, self.device)
+                                                     self.config.sw_batch_size, self.device, amp=self.config.amp)
                 prediction = probs.argmax(0).numpy()
                 for c, name in self.dataset.labels.items():
                     if c > 0:
@@ -491,7 +501,8 @@ class Trainer:
     def fit(self) -> Path:
         """Train to ``config.iterations``; returns the final checkpoint's path."""
         try:
-            return self._fit()
+            with torch_backend_flags(self.config.deterministic):
+                return self._fit()
         finally:
             self.dist.close()
 
@@ -545,6 +556,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             restore_handlers()
+            self.loader.close()
 
     def _stop_requested(self) -> bool:
         return self._stop_signal is not None or bool(self.should_stop and self.should_stop())

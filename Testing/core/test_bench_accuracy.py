@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -82,7 +83,8 @@ def test_results_markdown_and_plots(bench):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_second_call_skips_finished_runs(bench, capsys):
+def test_second_call_skips_finished_runs(bench, caplog):
+    caplog.set_level(logging.INFO, logger="PLBOptCore")
     dataset, out, first = bench
     metrics = {name: out / "runs" / name / METRICS_FILE for name in ("supervised-seed0", "dhc-seed0")}
     checkpoints = {name: out / "runs" / name / "checkpoints" / "last.pt" for name in metrics}
@@ -92,7 +94,7 @@ def test_second_call_skips_finished_runs(bench, capsys):
     assert again["this_call"]["skipped"] == ["supervised-seed0", "dhc-seed0"]
     assert again["this_call"]["trained"] == [] and again["this_call"]["failed"] == []
     assert {p: p.stat().st_mtime_ns for p in before} == before
-    assert "supervised-seed0: skipped" in capsys.readouterr().out
+    assert "supervised-seed0: skipped" in caplog.text
     assert again["aggregates"]["dhc"]["mean_dice"] == first["aggregates"]["dhc"]["mean_dice"]
 
 

@@ -1,0 +1,179 @@
+"""Configs that fail early (one line naming the key, exit 2, nothing written), resume overrides,
+and the DataLoader that prepares training batches in worker processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from PLBOptCore.cli import main
+from PLBOptCore.config import CPU_DEMO_OVERRIDES, RESUME_SAFE_KEYS, Config, make_config, resume_config
+from PLBOptCore.data.dataset import load_dataset
+from PLBOptCore.data.phantom import make_phantom_dataset
+from PLBOptCore.engine.trainer import Trainer
+from PLBOptCore.errors import ConfigError
+
+TINY = dict(patch_size=(16, 32, 32), base_filters=4, batch_size=1, iterations=2, device="cpu", log_every=1,
+            checkpoint_every=1, validate_every=1000, triplet_max_anchors=32, triplet_max_candidates=256,
+            triplet_capacity=64, superpixel_divisor=20, mc_tau=0.2)
+
+# (override, the start of the one-line message): every kind of check, each field kind at least once.
+BAD_VALUES = [
+    ({"clip_window": [1]}, "clip_window must be a list of 2 numbers"),
+    ({"clip_window": [300, -100]}, "clip_window must be [low, high] with low < high"),
+    ({"target_spacing": [1, 1]}, "target_spacing must be a list of 3 positive numbers"),
+    ({"target_spacing": [1, 0, 1]}, "target_spacing must be a list of 3 positive numbers"),
+    ({"target_spacing": "1mm"}, "target_spacing must be a list"),
+    ({"patch_size": [16, 32]}, "patch_size must be 3 multiples of 16"),
+    ({"patch_size": [16.5, 32, 32]}, "patch_size must be an integer"),
+    ({"sw_batch_size": 0}, "sw_batch_size must be an integer >= 1"),
+    ({"log_every": 0}, "log_every must be an integer >= 1"),
+    ({"validate_every": 0}, "validate_every must be an integer >= 1"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be an integer >= 1"),
+    ({"iterations": 2.5}, "iterations must be an integer"),
+    ({"batch_size": True}, "batch_size must be an integer >= 1"),
+    ({"unlabeled_batch_size": 0}, "unlabeled_batch_size must be an integer >= 1"),
+    ({"num_workers": -1}, "num_workers must be an integer >= 0"),
+    ({"seed": -3}, "seed must be an integer >= 0"),
+    ({"lr": -0.01}, "lr must be a number in (0.0, inf)"),
+    ({"lr": 0}, "lr must be a number in (0.0, inf)"),
+    ({"lr": float("nan")}, "lr must be a number in (0.0, inf)"),
+    ({"lr": "fast"}, "lr must be a number"),
+    ({"momentum": 1.0}, "momentum must be a number in [0.0, 1.0)"),
+    ({"weight_decay": -1e-5}, "weight_decay must be a number in [0.0, inf)"),
+    ({"foreground_oversample": 1.5}, "foreground_oversample must be a number in [0.0, 1.0]"),
+    ({"mc_tau": -0.1}, "mc_tau must be a number in [0.0, 1.0]"),
+    ({"sw_overlap": 1.0}, "sw_overlap must be a number in [0.0, 1.0)"),
+    ({"refine_start": 1.0}, "refine_start must be a number in [0.0, 1.0)"),
+    ({"distdw_momentum": 1.2}, "distdw_momentum must be a number in [0.0, 1.0)"),
+    ({"lambda_mc": -1}, "lambda_mc must be a number in [0.0, inf)"),
+    ({"device": 0}, "device must be a string, got 0"),
+    ({"device": "gpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
+    ({"optimizer": "adam"}, "optimizer must be one of sgd, adamw"),
+    ({"normalization": "ct"}, "normalization must be one of minmax, zscore"),
+    ({"amp": "yes"}, "amp must be true or false"),
+    ({"deterministic": 1}, "deterministic must be true or false"),
+    ({"flip_axes": "xw"}, "flip_axes may only contain z, y and x"),
+    ({"extra": [1]}, "extra must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES, ids=lambda v: str(v)[:40])
+def test_make_config_refuses_bad_values_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        make_config("dhc", overrides=override)
+    text = str(info.value)
+    assert text.startswith(message), text
+    assert "\n" not in text
+
+
+def test_every_field_is_checked():
+    """A field added without a rule would accept anything: each must refuse a value of another type."""
+    for name in Config.__dataclass_fields__:
+        with pytest.raises(ConfigError, match=f"^{name} "):
+            Config.from_dict({name: [["not valid"]]}).validate()
+
+
+def test_valid_values_pass_unchanged():
+    config = make_config("plbopt", overrides=dict(CPU_DEMO_OVERRIDES, clip_window=None, target_spacing=[1, 2, 3.5],
+                                                  device="cuda:1", unlabeled_batch_size=None, num_workers=2))
+    assert config.target_spacing == (1.0, 2.0, 3.5) and config.clip_window is None and config.device == "cuda:1"
+    assert isinstance(config.lr, float) and config.patch_size == tuple(CPU_DEMO_OVERRIDES["patch_size"])
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_labeled=2, n_unlabeled=2, n_test=0,
+                                shape=(24, 48, 48), seed=3)
+
+
+@pytest.mark.parametrize("setting", ["clip_window=[1]", "target_spacing=[1,1]", "sw_batch_size=0", "log_every=0",
+                                     "validate_every=0", "checkpoint_every=0", "lr=-1", "device=0"])
+def test_cli_refuses_a_bad_setting_in_one_line_before_writing(setting, tiny_dataset, tmp_path, capfd):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_dataset), "-o", str(run), "--set", setting, "-q"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"plbopt: error: {setting.split('=')[0]} must be"), err
+    assert not run.exists()
+    assert not (tiny_dataset / ".plbopt_cache").exists()
+
+
+def test_cli_refuses_a_missing_cuda_device(tiny_dataset, tmp_path, capfd):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "run"), "--device", "cuda:0", "-q"]) == 2
+    assert "CUDA is not available" in capfd.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_applies_safe_overrides_and_refuses_the_others(tmp_path):
+    stored = make_config("dhc", overrides=TINY)
+    source = tmp_path / "config.json"
+    resumed = resume_config(stored, {"iterations": 9, "log_every": 3, "num_workers": 2, "sw_batch_size": 4,
+                                     "lr": stored.lr}, source)  # an unchanged value of another key is fine
+    assert (resumed.iterations, resumed.log_every, resumed.num_workers, resumed.sw_batch_size) == (9, 3, 2, 4)
+    with pytest.raises(ConfigError, match=r"config.json: --resume keeps the stored configuration; base_filters, lr "):
+        resume_config(stored, {"lr": 0.5, "base_filters": 8, "iterations": 9}, source)
+    with pytest.raises(ConfigError, match="log_every must be"):
+        resume_config(stored, {"log_every": 0}, source)
+    assert "iterations" in RESUME_SAFE_KEYS and "lr" not in RESUME_SAFE_KEYS
+
+
+def test_cli_resume_refuses_a_changed_learning_setting(tiny_dataset, tmp_path, capfd):
+    run = tmp_path / "run"
+    overrides = [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in TINY.items()]
+    assert main(["train", str(tiny_dataset), "-o", str(run), "--preset", "dhc", "-q", "--set", *overrides]) == 0
+    events_before = (run / "events.jsonl").read_text()
+    capfd.readouterr()
+    assert main(["train", str(tiny_dataset), "-o", str(run), "--resume", "-q", "--set", "lr=0.5"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lr cannot change" in err
+    assert (run / "events.jsonl").read_text() == events_before
+    assert main(["train", str(tiny_dataset), "-o", str(run), "--resume", "-q", "--iterations", "3",
+                 "--set", "log_every=3"]) == 0
+    assert json.loads((run / "config.json").read_text())["log_every"] == 3
+
+
+def test_zero_and_two_workers_train_bit_identical_weights(tiny_dataset, tmp_path):
+    weights = []
+    for workers in (0, 2):
+        config = make_config("dhc", overrides=dict(TINY, iterations=20, checkpoint_every=100, log_every=10,
+                                                   num_workers=workers))
+        trainer = Trainer(config, load_dataset(tiny_dataset), tmp_path / f"run{workers}")
+        trainer.fit()
+        weights.append([p.detach().clone() for m in trainer.models for p in m.state_dict().values()])
+    assert len(weights[0]) == len(weights[1])
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)
+
+
+def test_loader_restarts_at_any_step_with_the_same_batches(tiny_dataset, tmp_path):
+    trainer = Trainer(make_config("dhc", overrides=dict(TINY, iterations=6, num_workers=1)), load_dataset(tiny_dataset),
+                      tmp_path / "run")
+    trainer.setup()
+    in_order = [trainer.loader.batch(step) for step in range(6)]
+    jumped = trainer.loader.batch(4)  # as a resumed run does
+    trainer.loader.close()
+    samplers = {"labeled": trainer.labeled_sampler, "unlabeled": trainer.unlabeled_sampler}
+    for key, sampler in samplers.items():
+        for field in ("image", "label", "superpixels"):
+            assert torch.equal(jumped[key][field], in_order[4][key][field])
+            assert torch.equal(in_order[4][key][field], sampler.sample(4)[field])
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_sets_the_torch_flags_while_training_only(deterministic, tiny_dataset, tmp_path):
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    during = []
+
+    def progress(_record: dict) -> None:
+        during.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                       torch.backends.cudnn.benchmark))
+
+    Trainer(make_config("dhc", overrides=dict(TINY, deterministic=deterministic)), load_dataset(tiny_dataset),
+            tmp_path / "run", progress=progress).fit()
+    assert during and set(during) == {(deterministic, deterministic, not deterministic)}
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
