@@ -53,6 +53,7 @@ from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
 from .inference import build_models, load_subnet_weights, sliding_window_probabilities
+from .runcontrol import RUN_LOCK_NAME, RunLock, stop_requested
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
 INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step number
@@ -89,14 +90,19 @@ class Trainer:
         self.should_stop = should_stop
         self.cache_dir = Path(cache_dir) if cache_dir else Path(dataset.root) / ".plbopt_cache"
         self._stop_signal: Optional[str] = None
+        self._run_lock: Optional[RunLock] = None
         self.last_step_timings: Dict[str, float] = {}
         device = resolve_device(config.device)
         self.dist = init_from_env(device)
         try:
             self.device = rank_device(device, self.dist)
             self._check_inputs()
+            if self.dist.is_main:  # one trainer per run folder: taken before anything in it changes
+                self._run_lock = RunLock(self.run_dir).acquire()
             self._prepare_run_dir(overwrite)
         except BaseException:
+            if self._run_lock is not None:
+                self._run_lock.release()
             self.dist.close()
             raise
         self.progress = progress if self.dist.is_main else None
@@ -122,7 +128,7 @@ class Trainer:
         run_dir = self.run_dir
         if run_dir.resolve() == Path(self.dataset.root).resolve():
             raise ConfigError(f"{run_dir}: the run folder must not be the dataset folder")
-        existing = run_dir.exists() and any(run_dir.iterdir())
+        existing = run_dir.exists() and any(p.name != RUN_LOCK_NAME for p in run_dir.iterdir())
         if self.resume:
             if not (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "checkpoints" / "last.pt.prev").exists():
                 raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
@@ -424,6 +430,8 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
             self.dist.close()
 
     def _fit(self) -> Path:
@@ -478,7 +486,8 @@ class Trainer:
             restore_handlers()
 
     def _stop_requested(self) -> bool:
-        return self._stop_signal is not None or bool(self.should_stop and self.should_stop())
+        return (self._stop_signal is not None or bool(self.should_stop and self.should_stop())
+                or stop_requested(self.run_dir))
 
     def _interrupt(self, bar) -> None:
         path = self.save()
