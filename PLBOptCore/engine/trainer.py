@@ -53,7 +53,7 @@ from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
 from .inference import build_models, load_subnet_weights, sliding_window_probabilities
-from .runcontrol import RUN_LOCK_NAME, RunLock, stop_requested
+from .runcontrol import RUN_LOCK_NAME, STOP_FILE_NAME, RunLock, stop_requested
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
 INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step number
@@ -128,7 +128,7 @@ class Trainer:
         run_dir = self.run_dir
         if run_dir.resolve() == Path(self.dataset.root).resolve():
             raise ConfigError(f"{run_dir}: the run folder must not be the dataset folder")
-        existing = run_dir.exists() and any(p.name != RUN_LOCK_NAME for p in run_dir.iterdir())
+        existing = run_dir.exists() and any(p.name not in (RUN_LOCK_NAME, STOP_FILE_NAME) for p in run_dir.iterdir())
         if self.resume:
             if not (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "checkpoints" / "last.pt.prev").exists():
                 raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")

@@ -11,6 +11,7 @@ Working folder layout::
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,15 @@ from typing import Callable, Dict, List, Optional
 
 import slicer
 
+from . import bundle, review
 from . import cases as case_utils
-from . import review
 from .cases import ExportedDataset, SceneCase, Status
 from .errors import PLBOptSlicerError
 from .events import EventsFollower, TrainingProgress
-from .process import EXIT_INTERRUPTED, JobProcess, TrainSettings, python_executable, refine_command, train_command
+from .process import (EXIT_INTERRUPTED, STOP_FILE_NAME, JobProcess, TrainSettings, in_slicer_application,
+                      python_executable, refine_command, train_command)
+
+PREDICTION_KILL_AFTER_SECONDS = 10.0  # a prediction has nothing to save: SIGTERM, then kill soon
 
 
 @dataclass
@@ -83,6 +87,10 @@ class PredictionJob:
     out_dir: Path
     process: JobProcess
 
+    def cancel(self) -> None:
+        """Stop the prediction (its partial outputs are not loaded)."""
+        self.process.cancel()
+
 
 @dataclass
 class ReviewItem:
@@ -100,10 +108,11 @@ class WorkflowLogic:
     """
 
     def __init__(self, scene=None, working_dir: Optional[Path] = None, python: Optional[str] = None,
-                 log_callback: Optional[Callable[[str], None]] = None):
+                 log_callback: Optional[Callable[[str], None]] = None, core_root: Optional[Path] = None):
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.working_dir = Path(working_dir) if working_dir else None
         self.python = python
+        self.core_root = Path(core_root) if core_root else None  # None: the PLBOptCore shipped with the module
         self.log_callback = log_callback or print
         self.review_items: Dict[str, ReviewItem] = {}
 
@@ -168,6 +177,20 @@ class WorkflowLogic:
         """Interpreter for PLBOptCore jobs: ``python`` if given, else PythonSlicer / the current one."""
         return self.python or python_executable()
 
+    def job_environment(self) -> Dict[str, str]:
+        """Environment of PLBOptCore jobs: the bundled PLBOptCore first on ``PYTHONPATH``."""
+        base = slicer.util.startupEnvironment() if in_slicer_application() else os.environ
+        return bundle.job_environment(self.core_root or bundle.core_root(), base)
+
+    def _start_job(self, command: List[str], stop_file: Optional[Path] = None,
+                   kill_after_seconds: float = 120.0) -> JobProcess:
+        """Check that the job will run the bundled PLBOptCore at the module's version, then start it."""
+        environment = self.job_environment()
+        bundle.check_core(command[0], self.core_root or bundle.core_root(), environment, cwd=self._work())
+        self.log_callback("Running: " + " ".join(command))
+        return JobProcess(command, cwd=self._work(), environment=environment, stop_file=stop_file,
+                          kill_after_seconds=kill_after_seconds).start()
+
     def start_training(self, settings: TrainSettings, resume: bool = False, init_from: Optional[Path] = None,
                        export: bool = True) -> TrainingJob:
         """Launch ``PLBOptCore train`` in a child process and return the job to poll.
@@ -185,9 +208,10 @@ class WorkflowLogic:
             run_dir = self.new_run_dir()
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         command = train_command(self.job_python(), self.dataset_dir, run_dir, settings, resume=resume, init_from=init_from)
-        self.log_callback("Running: " + " ".join(command))
         events = EventsFollower.from_end(run_dir / "events.jsonl")
-        return TrainingJob(run_dir=run_dir, process=JobProcess(command, cwd=self._work()).start(), events=events)
+        # Cancel creates the stop file; the trainer stops at the next step with a checkpoint.
+        process = self._start_job(command, stop_file=run_dir / STOP_FILE_NAME)
+        return TrainingJob(run_dir=run_dir, process=process, events=events)
 
     def resume_training(self, settings: TrainSettings) -> TrainingJob:
         return self.start_training(settings, resume=True)
@@ -211,8 +235,8 @@ class WorkflowLogic:
             raise PLBOptSlicerError(f"{inputs}: no unlabeled images exported")
         out_dir = self._work() / "predictions" / run_dir.name
         command = refine_command(self.job_python(), run_dir, inputs, out_dir)
-        self.log_callback("Running: " + " ".join(command))
-        return PredictionJob(run_dir=run_dir, out_dir=out_dir, process=JobProcess(command, cwd=self._work()).start())
+        process = self._start_job(command, kill_after_seconds=PREDICTION_KILL_AFTER_SECONDS)
+        return PredictionJob(run_dir=run_dir, out_dir=out_dir, process=process)
 
     def load_predictions(self, run_dir: Path, out_dir: Path) -> List[ReviewItem]:
         """Load every predicted case as pseudo label + confidence map; return them most uncertain first.
