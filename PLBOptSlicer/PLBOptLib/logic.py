@@ -117,6 +117,13 @@ class WorkflowLogic:
         self.review_items: Dict[str, ReviewItem] = {}
 
     # ---- folders -----------------------------------------------------------------------------
+    @staticmethod
+    def working_folder_from_text(text: str) -> Optional[Path]:
+        """The folder a text field names, or None when it is empty: ``Path("")`` would be the
+        current directory ``.``, i.e. wherever Slicer was started from."""
+        text = str(text).strip()
+        return Path(text).expanduser() if text not in ("", ".") else None
+
     def _work(self) -> Path:
         if self.working_dir is None:
             raise PLBOptSlicerError("choose a working folder first")
@@ -278,6 +285,34 @@ class WorkflowLogic:
             raise PLBOptSlicerError(f"{case_name}: no pseudo label loaded for review")
         review.jump_slices_to(self.scene, item.prediction.least_confident_ras)
         return item.prediction.least_confident_ras
+
+    def show_case(self, case_name: str) -> Optional["slicer.vtkMRMLScalarVolumeNode"]:
+        """Show this case's segmentation and hide the other cases' ones; return its confidence map.
+
+        Only segmentations of the module's cases are touched: anything else the user has in the
+        scene keeps its visibility.
+        """
+        selected = case_utils.find_case(self.scene, case_name)
+        for case in self.cases():
+            if case.segmentation is not None and case.segmentation.GetDisplayNode() is not None:
+                case.segmentation.GetDisplayNode().SetVisibility(case.name == selected.name)
+        return selected.volume.GetNodeReference(review.CONFIDENCE_REFERENCE_ROLE)
+
+    def show_in_3d(self, case_name: str) -> "slicer.vtkMRMLSegmentationNode":
+        """Build the case's segmentation surfaces and show them in the 3D view."""
+        case = case_utils.find_case(self.scene, case_name)
+        if case.segmentation is None:
+            raise PLBOptSlicerError(f"{case_name}: has no segmentation to show in 3D")
+        if not case.segmentation.CreateClosedSurfaceRepresentation():
+            raise PLBOptSlicerError(f"{case.segmentation.GetName()}: could not build the 3D surfaces")
+        display = case.segmentation.GetDisplayNode()
+        display.SetVisibility(True)
+        display.SetVisibility3D(True)
+        return case.segmentation
+
+    def set_confidence_threshold(self, threshold: float) -> None:
+        """Confidence at or above which the overlay is transparent (all confidence maps share the table)."""
+        review.confidence_color_node(self.scene, threshold)
 
     # ---- correction --------------------------------------------------------------------------
     def begin_correction(self, case_name: str) -> "slicer.vtkMRMLSegmentationNode":

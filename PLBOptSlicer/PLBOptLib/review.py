@@ -1,5 +1,5 @@
 """Review of pseudo labels: load PLBOptCore predictions as MRML nodes, rank cases by uncertainty,
-locate the least confident region, and render the review picture with matplotlib.
+locate the least confident region, and draw the confidence overlay so that only doubt shows.
 
 ``<case>.nii.gz`` is a class-index label map and ``<case>_confidence.nii.gz`` the max-softmax
 probability per voxel, both on the input image's grid (PLBOptCore's refine contract).
@@ -16,13 +16,19 @@ import vtk
 
 import slicer
 
-from . import imageio
+from . import imageio, terminology
 from .cases import ROLE_ATTRIBUTE
 from .errors import PLBOptSlicerError
 
 CONFIDENCE_REFERENCE_ROLE = "PLBOptConfidence"
 CONFIDENCE_ROLE = "confidence"
 CONFIDENCE_COLORS_ROLE = "confidence-colors"
+PSEUDO_LABEL_ROLE = "pseudo-label"
+THRESHOLD_ATTRIBUTE = "PLBOpt.ConfidenceThreshold"
+# Voxels at least this confident are transparent in the overlay: the clinician sees only doubt.
+DEFAULT_CONFIDENCE_THRESHOLD = 0.9
+# Fully opaque from here down; below 0.5 the predicted class is no longer even a majority.
+OPAQUE_CONFIDENCE = 0.5
 # Used when a run's dataset.json has no "colors" (0-255 RGB; a qualitative palette).
 DEFAULT_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
@@ -98,22 +104,58 @@ def uncertainty_colormap(count: int = 256) -> np.ndarray:
     return np.clip(np.stack([3 * uncertainty, 3 * uncertainty - 1, 3 * uncertainty - 2], axis=1), 0.0, 1.0)
 
 
-def confidence_color_node(scene) -> "slicer.vtkMRMLColorTableNode":
-    """The module's colour table for confidence maps (created once per scene)."""
+def confidence_alpha(confidence: np.ndarray, threshold: float) -> np.ndarray:
+    """Overlay opacity per confidence: 0 at or above ``threshold`` (confident voxels leave the CT
+    untouched), rising linearly to 1 at ``OPAQUE_CONFIDENCE`` and below."""
+    span = max(threshold - OPAQUE_CONFIDENCE, 1e-3)
+    return np.clip((threshold - np.asarray(confidence, np.float64)) / span, 0.0, 1.0)
+
+
+def confidence_rgba(threshold: float, count: int = 256) -> np.ndarray:
+    """(count, 4) RGBA in 0..1 indexed by confidence 0..1: the uncertainty colours of
+    :func:`uncertainty_colormap` with :func:`confidence_alpha` as opacity."""
+    alpha = confidence_alpha(np.linspace(0.0, 1.0, count), threshold)
+    return np.concatenate([uncertainty_colormap(count), alpha[:, None]], axis=1)
+
+
+def confidence_color_node(scene, threshold: Optional[float] = None) -> "slicer.vtkMRMLColorTableNode":
+    """The module's colour table for confidence maps (one per scene), with the opacity ramp of
+    ``threshold`` (default: the table's current threshold, else DEFAULT_CONFIDENCE_THRESHOLD)."""
+    node = None
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
-        node = scene.GetNthNodeByClass(index, "vtkMRMLColorTableNode")
-        if node.GetAttribute(ROLE_ATTRIBUTE) == CONFIDENCE_COLORS_ROLE:
-            return node
-    node = slicer.vtkMRMLColorTableNode()
-    node.SetName("PLBOpt confidence")
-    node.SetTypeToUser()
-    node.SetAttribute(ROLE_ATTRIBUTE, CONFIDENCE_COLORS_ROLE)
-    colors = uncertainty_colormap()
-    node.SetNumberOfColors(len(colors))
-    for index, (r, g, b) in enumerate(colors):
-        node.SetColor(index, f"confidence {index / (len(colors) - 1):.2f}", r, g, b, 1.0)
-    scene.AddNode(node)
+        candidate = scene.GetNthNodeByClass(index, "vtkMRMLColorTableNode")
+        if candidate.GetAttribute(ROLE_ATTRIBUTE) == CONFIDENCE_COLORS_ROLE:
+            node = candidate
+    if node is None:
+        node = slicer.vtkMRMLColorTableNode()
+        node.SetName("PLBOpt confidence")
+        node.SetTypeToUser()
+        node.SetAttribute(ROLE_ATTRIBUTE, CONFIDENCE_COLORS_ROLE)
+        scene.AddNode(node)
+    if threshold is None:
+        threshold = float(node.GetAttribute(THRESHOLD_ATTRIBUTE) or DEFAULT_CONFIDENCE_THRESHOLD)
+    if node.GetAttribute(THRESHOLD_ATTRIBUTE) != f"{threshold:.3f}":
+        colors = confidence_rgba(threshold)
+        disabled = node.StartModify()
+        node.SetNumberOfColors(len(colors))
+        for index, (r, g, b, a) in enumerate(colors):
+            node.SetColor(index, f"confidence {index / (len(colors) - 1):.2f}", r, g, b, a)
+        node.SetAttribute(THRESHOLD_ATTRIBUTE, f"{threshold:.3f}")
+        node.EndModify(disabled)
     return node
+
+
+def place_under(volume_node, nodes: Sequence) -> None:
+    """Put ``nodes`` under ``volume_node`` in the subject hierarchy (so they travel with the
+    patient/study in the Data module and DICOM export)."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volume_node.GetScene())
+    parent = hierarchy.GetItemByDataNode(volume_node) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), volume_node)
+    for node in nodes:
+        item = hierarchy.GetItemByDataNode(node)
+        if item:
+            hierarchy.SetItemParent(item, parent)
+        else:
+            hierarchy.CreateItem(parent, node)
 
 
 def _read_on_grid(path: Path, volume_node, what: str) -> np.ndarray:
@@ -142,13 +184,18 @@ def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels
         raise PLBOptSlicerError(f"{label_path}: label values {unknown} are not in the run's class list {labels}")
 
     segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} pseudo label")
+    segmentation_node.SetAttribute(ROLE_ATTRIBUTE, PSEUDO_LABEL_ROLE)
     segmentation_node.CreateDefaultDisplayNodes()
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     segment_ids = vtk.vtkStringArray()
     for value in range(1, max(labels) + 1):
         name = labels.get(value, f"class {value}")
         rgb = [c / 255.0 for c in class_color(value, colors)]
-        segment_ids.InsertNextValue(segmentation_node.GetSegmentation().AddEmptySegment(name, name, rgb))
+        segment_id = segmentation_node.GetSegmentation().AddEmptySegment(name, name, rgb)
+        entry = terminology.terminology_entry(name)
+        if entry is not None:
+            segmentation_node.GetSegmentation().GetSegment(segment_id).SetTerminology(entry)
+        segment_ids.InsertNextValue(segment_id)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PLBOpt_import__")
     try:
         imageio.set_volume_from_array(labelmap, label.astype(np.int16), grid)
@@ -166,8 +213,13 @@ def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels
     display = confidence_node.GetDisplayNode()
     display.SetAndObserveColorNodeID(confidence_color_node(scene).GetID())
     display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetWindowLevelMinMax(0.0, 1.0)  # colour table index = confidence
+    legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(confidence_node)
+    if legend is not None:
+        legend.SetTitleText("Confidence")
+        legend.SetLabelFormat("%.2f")
     volume_node.SetNodeReferenceID(CONFIDENCE_REFERENCE_ROLE, confidence_node.GetID())
+    place_under(volume_node, (segmentation_node, confidence_node))
 
     return LoadedPrediction(segmentation=segmentation_node, confidence=confidence_node,
                             uncertainty=uncertainty_score(label, confidence),
