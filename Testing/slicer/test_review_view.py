@@ -8,7 +8,7 @@ import pytest
 
 import slicer
 from conftest import add_segmentation, add_volume, phantom_case
-from PLBOptLib import Status, WorkflowLogic, cases, review, selftest, terminology
+from PLBOptLib import WorkflowLogic, cases, review, selftest, terminology
 
 
 def test_self_test_review_loop_runs_without_torch(scene, tmp_path):
