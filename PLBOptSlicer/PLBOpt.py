@@ -23,7 +23,7 @@ from slicer.util import VTKObservationMixin
 from PLBOptLib import (DEVICES, PRESETS, JobProcess, PLBOptSlicerError, Status, TrainSettings, WorkflowLogic, bundle,
                        dependencies, selftest)
 from PLBOptLib.events import TrainingProgress
-from PLBOptLib.review import DEFAULT_CONFIDENCE_THRESHOLD
+from PLBOptLib.review import DEFAULT_CONFIDENCE_THRESHOLD, OVERLAY_OPACITY
 
 POLL_INTERVAL_MS = 1000
 SCENE_REFRESH_DELAY_MS = 300  # one case-table refresh for a burst of node additions/removals
@@ -395,9 +395,9 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if case is None:
             return
         confidence = self.logic.show_case(case.name)
-        # Opacity comes from the colour table (clear where confident), so the layer is fully on.
+        # Confident voxels are clear through the colour table; doubtful ones tint the CT.
         slicer.util.setSliceViewerLayers(background=case.volume, foreground=confidence,
-                                         foregroundOpacity=1.0 if confidence else 0.0, fit=True)
+                                         foregroundOpacity=OVERLAY_OPACITY if confidence else 0.0, fit=True)
 
     def onShow3D(self) -> None:
         case = self.selectedCase()

@@ -1,5 +1,5 @@
 """Review of pseudo labels: load PLBOptCore predictions as MRML nodes, rank cases by uncertainty,
-locate the least confident region, and draw the confidence overlay so that only doubt shows.
+locate the least confident region, and colour the confidence overlay so that only doubt shows.
 
 ``<case>.nii.gz`` is a class-index label map and ``<case>_confidence.nii.gz`` the max-softmax
 probability per voxel, both on the input image's grid (PLBOptCore's refine contract).
@@ -27,8 +27,9 @@ PSEUDO_LABEL_ROLE = "pseudo-label"
 THRESHOLD_ATTRIBUTE = "PLBOpt.ConfidenceThreshold"
 # Voxels at least this confident are transparent in the overlay: the clinician sees only doubt.
 DEFAULT_CONFIDENCE_THRESHOLD = 0.9
-# Fully opaque from here down; below 0.5 the predicted class is no longer even a majority.
+# The strongest doubt colour from here down; below 0.5 the predicted class is not even a majority.
 OPAQUE_CONFIDENCE = 0.5
+OVERLAY_OPACITY = 0.6  # foreground layer opacity of the confidence map in the slice views
 # Used when a run's dataset.json has no "colors" (0-255 RGB; a qualitative palette).
 DEFAULT_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
@@ -97,25 +98,30 @@ def voxel_to_ras(volume_node, kji: Sequence[int]) -> Tuple[float, float, float]:
     return tuple(float(v) for v in ras)
 
 
-def uncertainty_colormap(count: int = 256) -> np.ndarray:
-    """(count, 3) RGB in 0..1 indexed by confidence 0..1: black when certain, red→yellow→white as
-    confidence drops ("hot" on 1 - confidence), so uncertain voxels glow in a foreground overlay."""
-    uncertainty = 1.0 - np.linspace(0.0, 1.0, count)
-    return np.clip(np.stack([3 * uncertainty, 3 * uncertainty - 1, 3 * uncertainty - 2], axis=1), 0.0, 1.0)
-
-
-def confidence_alpha(confidence: np.ndarray, threshold: float) -> np.ndarray:
-    """Overlay opacity per confidence: 0 at or above ``threshold`` (confident voxels leave the CT
-    untouched), rising linearly to 1 at ``OPAQUE_CONFIDENCE`` and below."""
-    span = max(threshold - OPAQUE_CONFIDENCE, 1e-3)
-    return np.clip((threshold - np.asarray(confidence, np.float64)) / span, 0.0, 1.0)
+def doubt_colors(doubt: np.ndarray) -> np.ndarray:
+    """RGB in 0..1 for doubt 0..1: yellow (just below the threshold) -> orange -> red -> magenta
+    (confidence at OPAQUE_CONFIDENCE or lower). Light, saturated hues: over a CT they tint the
+    anatomy instead of darkening it."""
+    doubt = np.clip(np.asarray(doubt, np.float64), 0.0, 1.0)
+    green = np.clip(1.0 - 1.5 * doubt, 0.0, 1.0)
+    blue = np.clip(3.0 * doubt - 2.0, 0.0, 1.0)
+    return np.stack([np.ones_like(doubt), green, blue], axis=-1)
 
 
 def confidence_rgba(threshold: float, count: int = 256) -> np.ndarray:
-    """(count, 4) RGBA in 0..1 indexed by confidence 0..1: the uncertainty colours of
-    :func:`uncertainty_colormap` with :func:`confidence_alpha` as opacity."""
-    alpha = confidence_alpha(np.linspace(0.0, 1.0, count), threshold)
-    return np.concatenate([uncertainty_colormap(count), alpha[:, None]], axis=1)
+    """(count, 4) RGBA in 0..1 indexed by confidence 0..1.
+
+    Entries at or above ``threshold`` have alpha 0: confident voxels leave the CT untouched. Below
+    it alpha is 1 and the colour says how doubtful the model is (:func:`doubt_colors`, doubt
+    rising linearly from the threshold to OPAQUE_CONFIDENCE). Slicer's slice views use a colour
+    table's alpha only as on/off for a scalar volume layer (measured with its slice logic: any
+    alpha above 0 is drawn opaque), so the degree of doubt is carried by the colour, and the layer
+    opacity OVERLAY_OPACITY keeps the anatomy visible under it.
+    """
+    confidence = np.linspace(0.0, 1.0, count)
+    doubt = (threshold - confidence) / max(threshold - OPAQUE_CONFIDENCE, 1e-3)
+    alpha = (confidence < threshold).astype(np.float64)
+    return np.concatenate([doubt_colors(doubt), alpha[:, None]], axis=1)
 
 
 def confidence_color_node(scene, threshold: Optional[float] = None) -> "slicer.vtkMRMLColorTableNode":
@@ -229,57 +235,3 @@ def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels
 def jump_slices_to(scene, ras: Sequence[float]) -> None:
     """Centre every slice view on ``ras`` (the views' own orientation is kept)."""
     slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *[float(v) for v in ras], slicer.vtkMRMLSliceNode.CenteredJumpSlice)
-
-
-def render_review_png(image: np.ndarray, label: np.ndarray, confidence: np.ndarray, labels: Dict[int, str],
-                      colors: Dict[int, Tuple[int, int, int]], out_path: Path, title: str = "",
-                      slice_index: Optional[int] = None, window: Optional[Tuple[float, float]] = None) -> Path:
-    """Write the review view as a PNG: an axial slice with the pseudo label coloured per class, and
-    the same slice with the confidence map overlaid (colour table of the Slicer overlay).
-
-    Arrays are (Z, Y, X). The default slice holds the least confident region, marked with a cross.
-    ``window`` is the displayed intensity range (default: 1st-99th percentile). Uncertain voxels
-    are drawn more opaque, as when the overlay fades with confidence in the slice view.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import ListedColormap, Normalize
-    from matplotlib.patches import Patch
-
-    k, j, i = least_confident_voxel(label, confidence)
-    if slice_index is None:
-        slice_index = k
-    low, high = window if window is not None else np.percentile(image, [1, 99])
-    gray = np.clip((image[slice_index] - low) / max(high - low, 1e-6), 0, 1)
-    values = sorted(v for v in labels if v > 0)
-    overlay = np.zeros(gray.shape + (4,))
-    for value in values:
-        overlay[label[slice_index] == value] = (*[c / 255 for c in class_color(value, colors)], 0.55)
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 5.4), dpi=100)
-    axes[0].imshow(gray, cmap="gray", interpolation="nearest")
-    axes[0].imshow(overlay, interpolation="nearest")
-    axes[0].set_title("Refined pseudo label")
-    axes[0].legend(handles=[Patch(color=[c / 255 for c in class_color(v, colors)], label=labels[v]) for v in values],
-                   loc="lower left", fontsize=8, framealpha=0.8)
-    axes[1].imshow(gray, cmap="gray", interpolation="nearest")
-    colormap = ListedColormap(uncertainty_colormap())
-    heat = colormap(np.clip(confidence[slice_index], 0, 1))
-    heat[..., 3] = np.clip(1.6 * (1.0 - confidence[slice_index]), 0.0, 0.9)
-    axes[1].imshow(heat, interpolation="nearest")
-    if slice_index == k:
-        axes[1].plot([i], [j], marker="+", color="cyan", markersize=18, markeredgewidth=2)
-    axes[1].set_title(f"Confidence (uncertainty {uncertainty_score(label, confidence):.3f})")
-    figure.colorbar(ScalarMappable(Normalize(0, 1), colormap), ax=axes[1], fraction=0.046, pad=0.04, label="max softmax probability")
-    for axis in axes:
-        axis.set_axis_off()
-    figure.suptitle(title or f"Review: axial slice {slice_index}")
-    figure.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path)
-    plt.close(figure)
-    return out_path

@@ -205,21 +205,6 @@ def test_least_confident_voxel_prefers_region_over_single_voxel():
     assert review.uncertainty_score(label, confidence) == pytest.approx(float(np.mean(1 - confidence)))
 
 
-def test_review_png_renders_overlay_and_confidence(tmp_path):
-    image, label = phantom_case(shape=(16, 64, 64), seed=4)
-    confidence = np.where(label > 0, 0.92, 0.99).astype(np.float32)
-    confidence[6:10, 20:30, 10:22] = 0.45
-    path = review.render_review_png(image, label, confidence, {0: "background", 1: "liver", 2: "spleen"},
-                                    {1: (230, 102, 51)}, tmp_path / "review.png", title="phantom")
-    import matplotlib.image
-
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[:2] == (540, 1000)
-    # the liver colour and the default spleen colour both appear (blended over grey)
-    reds = (pixels[..., 0] > 0.6) & (pixels[..., 2] < 0.45)
-    assert reds.sum() > 500
-
-
 # ---- events and processes ---------------------------------------------------------------------
 
 def test_events_follower_waits_for_complete_lines(tmp_path):

@@ -19,12 +19,39 @@ def test_self_test_review_loop_runs_without_torch(scene, tmp_path):
     assert result.labeled_after_accept == ["selftest_labeled", "selftest_unlabeled"]
 
 
-def test_confidence_overlay_is_transparent_where_confident():
+def test_confidence_colour_table_is_clear_above_the_threshold():
     rgba = review.confidence_rgba(threshold=0.9, count=101)  # entry i = confidence i/100
-    assert np.all(rgba[90:, 3] == 0)  # confident: the CT shows through untouched
-    assert np.all(rgba[:51, 3] == 1)  # at most 0.5: opaque
-    assert np.all(np.diff(rgba[50:91, 3]) <= 0) and 0 < rgba[70, 3] < 1  # ramps with uncertainty
-    assert review.confidence_alpha(np.array([0.95, 0.7]), threshold=0.98).tolist() == pytest.approx([0.0625, 0.5833], abs=1e-3)
+    assert np.all(rgba[90:, 3] == 0) and np.all(rgba[:90, 3] == 1)
+    assert rgba[89, :3].tolist() == pytest.approx([1.0, 1.0, 0.0], abs=0.05)  # slight doubt: yellow
+    assert rgba[50, :3].tolist() == [1.0, 0.0, 1.0] and rgba[10, :3].tolist() == [1.0, 0.0, 1.0]  # strong: magenta
+    assert np.all(np.diff(rgba[50:90, 1]) >= 0)  # green fades out steadily as doubt grows
+
+
+def test_slice_view_shows_the_ct_untouched_where_confident(scene):
+    """Rendered through Slicer's slice logic, as the panel shows it: what a clinician sees."""
+    from make_review_screenshot import render_slice_view
+
+    grid = dict(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), directions=np.eye(3))
+    ct = add_volume(scene, "ct", np.full((4, 32, 32), 40.0, np.float32), **grid)
+    ct.GetDisplayNode().AutoWindowLevelOff()
+    ct.GetDisplayNode().SetWindowLevelMinMax(-160.0, 240.0)  # the constant 40 HU shows as mid-grey
+    confidence_map = np.full((4, 32, 32), 0.97, np.float32)
+    confidence_map[:, :, 16:] = 0.6  # doubtful right half
+    confidence = add_volume(scene, "confidence", confidence_map, **grid)
+    display = confidence.GetDisplayNode()
+    display.SetAndObserveColorNodeID(review.confidence_color_node(scene, 0.9).GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    plain = render_slice_view(scene, ct, pixels=64).astype(int)
+    overlaid = render_slice_view(scene, ct, foreground=confidence, pixels=64).astype(int)
+    rows = slice(24, 40)
+    left, right = slice(4, 20), slice(44, 60)  # columns well inside each half (RAS: I runs right to left)
+    sides = {"a": (overlaid[rows, left, :3] - plain[rows, left, :3]), "b": (overlaid[rows, right, :3] - plain[rows, right, :3])}
+    changed = {name: bool(np.abs(delta).max() > 10) for name, delta in sides.items()}
+    assert sorted(changed.values()) == [False, True]  # one half untouched, the doubtful half tinted
+    tinted = sides["a"] if changed["a"] else sides["b"]
+    # 0.6 of the doubt colour (255, 0, 64) over grey 127: redder, much less green
+    assert tinted[..., 0].mean() > 40 and tinted[..., 1].mean() < -40
 
 
 def test_loaded_prediction_has_legend_terminology_hierarchy_and_threshold(scene, tmp_path):
@@ -35,11 +62,11 @@ def test_loaded_prediction_has_legend_terminology_hierarchy_and_threshold(scene,
     assert legend is not None and legend.GetTitleText() == "Confidence"
     table = confidence.GetDisplayNode().GetColorNode()
     rgba = [0.0] * 4
-    table.GetColor(255, rgba)
-    assert rgba[3] == 0.0  # confidence 1.0: transparent
-    WorkflowLogic(scene, working_dir=tmp_path).set_confidence_threshold(1.0)
     table.GetColor(240, rgba)
-    assert 0.0 < rgba[3] < 1.0  # confidence 0.94 now shows, faintly
+    assert rgba[3] == 0.0  # confidence 0.94 is above the default threshold: clear
+    WorkflowLogic(scene, working_dir=tmp_path).set_confidence_threshold(0.95)
+    table.GetColor(240, rgba)
+    assert rgba[3] == 1.0 and table.GetAttribute(review.THRESHOLD_ATTRIBUTE) == "0.950"  # now it shows
 
     segmentation = cases.find_case(scene, "selftest_unlabeled").segmentation
     liver = segmentation.GetSegmentation().GetSegment("liver")
