@@ -115,6 +115,7 @@ class WorkflowLogic:
         self.core_root = Path(core_root) if core_root else None  # None: the PLBOptCore shipped with the module
         self.log_callback = log_callback or print
         self.review_items: Dict[str, ReviewItem] = {}
+        self.confidence_threshold = review.DEFAULT_CONFIDENCE_THRESHOLD  # overlay is clear from here up
 
     # ---- folders -----------------------------------------------------------------------------
     @staticmethod
@@ -259,7 +260,7 @@ class WorkflowLogic:
                 continue
             self._remove_pseudo_label(case)
             prediction = review.load_prediction(case.volume, label_path, Path(out_dir) / f"{case.name}_confidence.nii.gz",
-                                                labels, colors)
+                                                labels, colors, threshold=self.confidence_threshold)
             case_utils.set_case_segmentation(case.volume, prediction.segmentation, Status.PSEUDO_LABELED)
             self.review_items[case.name] = ReviewItem(case.name, prediction)
             loaded.append(case.name)
@@ -311,8 +312,11 @@ class WorkflowLogic:
         return case.segmentation
 
     def set_confidence_threshold(self, threshold: float) -> None:
-        """Confidence at or above which the overlay is transparent (all confidence maps share the table)."""
-        review.confidence_color_node(self.scene, threshold)
+        """Confidence at or above which the overlay is transparent, for the maps in the scene (they
+        share one colour table) and those loaded later."""
+        self.confidence_threshold = float(threshold)
+        if review.find_confidence_color_node(self.scene) is not None:
+            review.confidence_color_node(self.scene, self.confidence_threshold)
 
     # ---- correction --------------------------------------------------------------------------
     def begin_correction(self, case_name: str) -> "slicer.vtkMRMLSegmentationNode":

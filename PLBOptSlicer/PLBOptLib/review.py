@@ -124,14 +124,19 @@ def confidence_rgba(threshold: float, count: int = 256) -> np.ndarray:
     return np.concatenate([doubt_colors(doubt), alpha[:, None]], axis=1)
 
 
-def confidence_color_node(scene, threshold: Optional[float] = None) -> "slicer.vtkMRMLColorTableNode":
-    """The module's colour table for confidence maps (one per scene), with the opacity ramp of
-    ``threshold`` (default: the table's current threshold, else DEFAULT_CONFIDENCE_THRESHOLD)."""
-    node = None
+def find_confidence_color_node(scene) -> Optional["slicer.vtkMRMLColorTableNode"]:
+    """The module's colour table for confidence maps, if the scene has one."""
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
-        candidate = scene.GetNthNodeByClass(index, "vtkMRMLColorTableNode")
-        if candidate.GetAttribute(ROLE_ATTRIBUTE) == CONFIDENCE_COLORS_ROLE:
-            node = candidate
+        node = scene.GetNthNodeByClass(index, "vtkMRMLColorTableNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) == CONFIDENCE_COLORS_ROLE:
+            return node
+    return None
+
+
+def confidence_color_node(scene, threshold: Optional[float] = None) -> "slicer.vtkMRMLColorTableNode":
+    """The module's colour table for confidence maps (one per scene, shared by all of them), clear
+    from ``threshold`` up (default: the table's current threshold, else DEFAULT_CONFIDENCE_THRESHOLD)."""
+    node = find_confidence_color_node(scene)
     if node is None:
         node = slicer.vtkMRMLColorTableNode()
         node.SetName("PLBOpt confidence")
@@ -175,7 +180,8 @@ def _read_on_grid(path: Path, volume_node, what: str) -> np.ndarray:
 
 
 def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels: Dict[int, str],
-                    colors: Dict[int, Tuple[int, int, int]]) -> LoadedPrediction:
+                    colors: Dict[int, Tuple[int, int, int]],
+                    threshold: float = DEFAULT_CONFIDENCE_THRESHOLD) -> LoadedPrediction:
     """Add a case's pseudo label (one named, coloured segment per class) and confidence map to the scene.
 
     Both files must lie on the volume's grid; the segmentation takes the volume as its reference
@@ -217,7 +223,7 @@ def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels
     imageio.set_volume_from_array(confidence_node, confidence, grid)
     confidence_node.CreateDefaultDisplayNodes()
     display = confidence_node.GetDisplayNode()
-    display.SetAndObserveColorNodeID(confidence_color_node(scene).GetID())
+    display.SetAndObserveColorNodeID(confidence_color_node(scene, threshold).GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(0.0, 1.0)  # colour table index = confidence
     legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(confidence_node)

@@ -54,7 +54,8 @@ def synthetic_case(seed: int) -> Tuple[np.ndarray, np.ndarray]:
     return image.astype(np.float32), label
 
 
-def _add_volume(scene, name: str, image: np.ndarray):
+def add_synthetic_volume(scene, name: str, image: np.ndarray):
+    """A volume holding ``image`` (K, J, I) on a 0.8 x 0.8 x 2 mm LPS-like grid."""
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     grid = imageio.Geometry(size=tuple(reversed(SHAPE)), spacing=(0.8, 0.8, 2.0), origin=(-12.0, 8.0, 20.0),
                             directions=np.diag([-1.0, -1.0, 1.0]))
@@ -63,7 +64,8 @@ def _add_volume(scene, name: str, image: np.ndarray):
     return volume
 
 
-def _add_segmentation(scene, volume, label: np.ndarray):
+def add_synthetic_segmentation(scene, volume, label: np.ndarray):
+    """A labeled case: one segment per CLASS_NAMES entry from ``label``, linked to ``volume``."""
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} segmentation")
     segmentation.CreateDefaultDisplayNodes()
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
@@ -90,9 +92,9 @@ def write_synthetic_prediction(volume, case_name: str, run_dir: Path, out_dir: P
 def run_review_self_test(scene, working_dir: Path) -> ReviewSelfTestResult:
     """Build the synthetic scene in ``scene`` and run the review loop on it in ``working_dir``."""
     labeled_image, labeled_label = synthetic_case(seed=0)
-    _add_segmentation(scene, _add_volume(scene, "selftest labeled", labeled_image), labeled_label)
+    add_synthetic_segmentation(scene, add_synthetic_volume(scene, "selftest labeled", labeled_image), labeled_label)
     image, label = synthetic_case(seed=1)
-    unlabeled = _add_volume(scene, "selftest unlabeled", image)
+    unlabeled = add_synthetic_volume(scene, "selftest unlabeled", image)
 
     logic = WorkflowLogic(scene, working_dir=working_dir, log_callback=lambda line: None)
     logic.export_dataset()

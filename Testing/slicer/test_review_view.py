@@ -78,6 +78,18 @@ def test_loaded_prediction_has_legend_terminology_hierarchy_and_threshold(scene,
     assert result.ranked
 
 
+def test_threshold_chosen_before_loading_applies_to_loaded_maps(scene, tmp_path):
+    logic = WorkflowLogic(scene, working_dir=tmp_path)
+    logic.set_confidence_threshold(0.97)
+    assert review.find_confidence_color_node(scene) is None  # nothing loaded: no table added to the scene
+    image, label = selftest.synthetic_case(seed=3)
+    volume = selftest.add_synthetic_volume(scene, "U", image)
+    run_dir, out_dir = tmp_path / "runs" / "run-001", tmp_path / "predictions" / "run-001"
+    selftest.write_synthetic_prediction(volume, "U", run_dir, out_dir, label)
+    logic.load_predictions(run_dir, out_dir)
+    assert review.find_confidence_color_node(scene).GetAttribute(review.THRESHOLD_ATTRIBUTE) == "0.970"
+
+
 def test_terminology_names():
     assert "SCT^18639004^Left kidney" in terminology.terminology_entry("Kidney_Left")
     assert "SCT^28231008^Gallbladder" in terminology.terminology_entry("gall bladder")
