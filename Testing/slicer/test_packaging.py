@@ -18,7 +18,17 @@ from conftest import HERE, MODULE_DIR
 REPO = MODULE_DIR.parent
 MODULES_SUBDIR = Path("lib/Slicer-5.12/qt-scripted-modules")  # Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR of the stand-in
 
-pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed: cannot build the extension")
+
+
+def find_cmake() -> str:
+    """cmake on PATH, else the one the ``test`` extra's cmake wheel put next to this interpreter
+    (a venv used without activating it, as in .ci/run), else ""."""
+    beside = Path(sys.executable).with_name("cmake")
+    return shutil.which("cmake") or (str(beside) if beside.is_file() else "")
+
+
+CMAKE = find_cmake()
+pytestmark = pytest.mark.skipif(not CMAKE, reason="cmake is not installed: cannot build the extension")
 
 # Runs in a child whose only PYTHONPATH entry is the installed module folder, from a folder
 # outside the checkout: the real workflow logic, jobs included, on the installed files.
@@ -54,10 +64,10 @@ def installed(tmp_path_factory) -> Path:
     """Prefix into which the extension was installed by its own CMake."""
     root = tmp_path_factory.mktemp("package")
     run = dict(capture_output=True, text=True, timeout=300)
-    configure = subprocess.run(["cmake", "-S", str(REPO), "-B", str(root / "build"), "-DBUILD_TESTING=OFF",
+    configure = subprocess.run([CMAKE, "-S", str(REPO), "-B", str(root / "build"), "-DBUILD_TESTING=OFF",
                                 f"-DSlicer_DIR={HERE / 'slicer_cmake_standin'}"], **run)
     assert configure.returncode == 0, configure.stdout + configure.stderr
-    install = subprocess.run(["cmake", "--install", str(root / "build"), "--prefix", str(root / "prefix")], **run)
+    install = subprocess.run([CMAKE, "--install", str(root / "build"), "--prefix", str(root / "prefix")], **run)
     assert install.returncode == 0, install.stdout + install.stderr
     return root / "prefix"
 
