@@ -8,13 +8,15 @@ entry; the segment keeps the class name and colour from training.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Optional, Tuple
 
-CATEGORY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# The entry format and codes SlicerTotalSegmentator writes for the same organs.
+CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 ANATOMICAL_STRUCTURE = "SCT^123037004^Anatomical Structure"
+LATERALITY = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
 
-# Normalised class name -> (SNOMED CT code, code meaning).
+# Normalised class name (without side) -> (SNOMED CT code, code meaning).
 ANATOMY_CODES = {
     "liver": ("10200004", "Liver"),
     "spleen": ("78961009", "Spleen"),
@@ -24,36 +26,41 @@ ANATOMY_CODES = {
     "aorta": ("15825003", "Aorta"),
     "inferior vena cava": ("64131007", "Inferior vena cava"),
     "esophagus": ("32849002", "Esophagus"),
+    "trachea": ("44567001", "Trachea"),
     "duodenum": ("38848004", "Duodenum"),
+    "small intestine": ("30315005", "Small Intestine"),
+    "colon": ("71854001", "Colon"),
     "kidney": ("64033007", "Kidney"),
-    "right kidney": ("9846003", "Right kidney"),
-    "left kidney": ("18639004", "Left kidney"),
     "adrenal gland": ("23451007", "Adrenal gland"),
     "urinary bladder": ("89837001", "Urinary bladder"),
     "prostate": ("41216001", "Prostate"),
     "heart": ("80891009", "Heart"),
     "lung": ("39607008", "Lung"),
     "brain": ("12738006", "Brain"),
-    "colon": ("71854001", "Colon"),
-    "small intestine": ("30315005", "Small intestine"),
 }
 SYNONYMS = {"gall bladder": "gallbladder", "bladder": "urinary bladder", "ivc": "inferior vena cava",
-            "postcava": "inferior vena cava", "oesophagus": "esophagus"}
+            "postcava": "inferior vena cava", "oesophagus": "esophagus", "small bowel": "small intestine"}
 
 
-def normalise(name: str) -> str:
-    """``Kidney_Left`` -> ``left kidney`` (case, separators and a trailing laterality unified)."""
+def normalise(name: str) -> Tuple[str, Optional[str]]:
+    """``Kidney_Left`` / ``left kidney`` -> (``kidney``, ``left``): case and separators unified,
+    the side (first or last word) split off."""
     words = re.sub(r"[_\-.]+", " ", name.strip().lower()).split()
+    side = None
+    if len(words) > 1 and words[0] in LATERALITY:
+        side, words = words[0], words[1:]
+    elif len(words) > 1 and words[-1] in LATERALITY:
+        side, words = words[-1], words[:-1]
     text = " ".join(words)
-    if len(words) == 2 and words[1] in ("left", "right"):
-        text = f"{words[1]} {words[0]}"
-    return SYNONYMS.get(text, text)
+    return SYNONYMS.get(text, text), side
 
 
 def terminology_entry(class_name: str) -> Optional[str]:
     """Slicer's serialised terminology entry for ``class_name``, or None when it is not known."""
-    code = ANATOMY_CODES.get(normalise(class_name))
+    base, side = normalise(class_name)
+    code = ANATOMY_CODES.get(base)
     if code is None:
         return None
     value, meaning = code
-    return f"{CATEGORY_CONTEXT}~{ANATOMICAL_STRUCTURE}~SCT^{value}^{meaning}~^^~{ANATOMIC_CONTEXT}~^^~^^"
+    modifier = LATERALITY[side] if side else "^^"
+    return f"{CATEGORY_CONTEXT}~{ANATOMICAL_STRUCTURE}~SCT^{value}^{meaning}~{modifier}~{ANATOMIC_CONTEXT}~^^~^^"

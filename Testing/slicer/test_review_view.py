@@ -91,7 +91,10 @@ def test_threshold_chosen_before_loading_applies_to_loaded_maps(scene, tmp_path)
 
 
 def test_terminology_names():
-    assert "SCT^18639004^Left kidney" in terminology.terminology_entry("Kidney_Left")
+    assert terminology.terminology_entry("Kidney_Left") == (
+        "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^64033007^Kidney"
+        "~SCT^7771000^Left~Anatomic codes - DICOM master list~^^~^^")
+    assert "~SCT^24028007^Right~" in terminology.terminology_entry("right adrenal gland")
     assert "SCT^28231008^Gallbladder" in terminology.terminology_entry("gall bladder")
     assert terminology.terminology_entry("tumour core") is None
 
