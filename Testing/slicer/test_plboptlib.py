@@ -7,7 +7,9 @@ import json
 import os
 import re
 import sys
+import subprocess
 import textwrap
+import types
 import time
 from pathlib import Path
 
@@ -322,6 +324,33 @@ def test_stop_file_alone_stops_a_trainer_that_gets_no_signal(tmp_path):
     assert process.wait(timeout=20) == 130 and "stopped by the stop file" in process.output
 
 
+def test_slicer_512_job_ends_at_the_completed_callback_after_the_last_line(monkeypatch):
+    """Slicer 5.12 hands output and the exit status over on a Qt timer: the job is over when the
+    completed callback has run (after the last line), not when Popen.poll() sees the exit."""
+    launched = []
+
+    def launch_console_process(args, updateEnvironment=None, cwd=None, blocking=True, logCallback=None,
+                               completedCallback=None):
+        process = subprocess.Popen(args, env=updateEnvironment, cwd=cwd, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        launched.append((process, logCallback, completedCallback))
+        return process
+
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None), raising=False)
+    monkeypatch.setattr(slicer.util, "launchConsoleProcess", launch_console_process)
+    code = "import sys; print('dataset.json: no labeled case', flush=True); sys.exit(2)"
+    job = JobProcess([sys.executable, "-c", code]).start()
+    process, log_callback, completed_callback = launched[0]
+    process.wait()
+    job.poll()
+    assert job.running and job.returncode is None  # exited, but Slicer's timer has not delivered yet
+    for line in process.stdout:
+        log_callback(line.rstrip())
+    completed_callback(process.returncode)
+    job.poll()
+    assert not job.running and job.returncode == 2 and job.failure_message() == "dataset.json: no labeled case"
+
+
 def test_failed_process_reports_its_last_line(tmp_path):
     code = "import sys; print('starting'); sys.stderr.write('dataset.json: no labeled case\\n'); sys.exit(2)"
     job = TrainingJob(run_dir=tmp_path, process=JobProcess([sys.executable, "-c", code]).start(),
@@ -406,6 +435,4 @@ def test_plboptlib_does_not_import_torch_or_qt():
     code = ("import sys; sys.path.insert(0, %r); import PLBOptLib; "
             "bad = [m for m in ('torch', 'qt', 'ctk', 'PLBOptCore') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
             % str(MODULE_DIR))
-    import subprocess
-
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
