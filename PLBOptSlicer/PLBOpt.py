@@ -6,6 +6,7 @@ torch is never imported into Slicer and the application stays responsive.
 """
 
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,10 +20,13 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
-from PLBOptLib import DEVICES, PRESETS, PLBOptSlicerError, Status, TrainSettings, WorkflowLogic, dependencies
+from PLBOptLib import (DEVICES, PRESETS, JobProcess, PLBOptSlicerError, Status, TrainSettings, WorkflowLogic, bundle,
+                       dependencies, selftest)
 from PLBOptLib.events import TrainingProgress
+from PLBOptLib.review import DEFAULT_CONFIDENCE_THRESHOLD, OVERLAY_OPACITY
 
 POLL_INTERVAL_MS = 1000
+SCENE_REFRESH_DELAY_MS = 300  # one case-table refresh for a burst of node additions/removals
 MAX_LOG_CHARACTERS = 256 * 1024  # the log box gets slow beyond this; older lines are dropped
 
 
@@ -36,7 +40,8 @@ class PLBOpt(ScriptedLoadableModule):
         self.parent.helpText = """
 Semi-supervised 3D CT segmentation with pseudo-label optimisation.
 <ol>
-<li><b>Dependencies</b>: installs torch (through the PyTorch extension) and PLBOptCore on first use.</li>
+<li><b>Dependencies</b>: installs torch (through the PyTorch extension) and a few small packages on first use,
+after asking; PLBOptCore itself comes with the extension.</li>
 <li><b>Dataset</b>: volumes in the scene are cases; a volume with a segmentation is labeled. Segment names
 are the classes and must be the same in every labeled case. Export writes the working folder's dataset.</li>
 <li><b>Train</b>: choose a preset and schedule, Start; Cancel keeps a resumable checkpoint, Resume continues.</li>
@@ -64,6 +69,7 @@ class PLBOptParameterNode:
     patchX: Annotated[int, WithinRange(8, 512)] = 96
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     baseFilters: Annotated[int, WithinRange(0, 256)] = 0  # 0 = the preset's width
+    confidenceThreshold: Annotated[float, WithinRange(0.5, 1.0)] = DEFAULT_CONFIDENCE_THRESHOLD
 
 
 class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -77,6 +83,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._trainingJob = None
         self._predictionJob = None
+        self._probeJob = None  # child interpreter telling which torch/device training gets
         self._devicePrompted = False
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -92,15 +99,25 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollTimer)
+        self.sceneRefreshTimer = qt.QTimer()
+        self.sceneRefreshTimer.setSingleShot(True)
+        self.sceneRefreshTimer.setInterval(SCENE_REFRESH_DELAY_MS)
+        self.sceneRefreshTimer.connect("timeout()", self.refreshCaseTable)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # Volumes and segmentations added or removed anywhere (Data module, DICOM, Segment Editor)
+        # change the cases: the table follows without a Refresh click.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
 
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
         self.ui.refreshCasesButton.connect("clicked(bool)", self.refreshCaseTable)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.startButton.connect("clicked(bool)", self.onStartTraining)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelTraining)
+        self.ui.cancelPredictionButton.connect("clicked(bool)", self.onCancelPrediction)
+        self.ui.show3DButton.connect("clicked(bool)", self.onShow3D)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeTraining)
         self.ui.predictButton.connect("clicked(bool)", self.onPredict)
         self.ui.casesTable.connect("itemSelectionChanged()", self.onCaseSelected)
@@ -116,7 +133,11 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Module unloaded: stop polling (a running job keeps running and can be resumed)."""
         self.pollTimer.stop()
+        self.sceneRefreshTimer.stop()
         self.removeObservers()
+
+    def onSceneNodesChanged(self, caller, event) -> None:
+        self.sceneRefreshTimer.start()  # restarts while a burst of events lasts
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -145,16 +166,20 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, parameterNode: Optional[PLBOptParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
-            self.updateButtons()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self.logic.set_confidence_threshold(self._parameterNode.confidenceThreshold)
+        self.updateButtons()
 
     # ---- state shown in the panel ------------------------------------------------------------
     def _syncLogicWithParameters(self) -> None:
-        self.logic.working_dir = Path(self._parameterNode.workingFolder)
+        self.logic.working_dir = WorkflowLogic.working_folder_from_text(str(self._parameterNode.workingFolder))
 
     def _busy(self) -> bool:
         return any(job is not None and job.process.running for job in (self._trainingJob, self._predictionJob))
@@ -162,14 +187,17 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateButtons(self, caller=None, event=None) -> None:
         busy = self._busy()
         training = self._trainingJob is not None and self._trainingJob.process.running
+        predicting = self._predictionJob is not None and self._predictionJob.process.running
         hasRun = False
         if self._parameterNode:
             self._syncLogicWithParameters()
-            hasRun = self.logic.latest_run_dir() is not None
+            hasRun = self.logic.working_dir is not None and self.logic.latest_run_dir() is not None
         selected = self.selectedCase()
         for button in (self.ui.exportButton, self.ui.startButton):
             button.enabled = not busy
-        self.ui.cancelButton.enabled = training
+        self.ui.cancelButton.enabled = training and not self._trainingJob.process.cancel_requested
+        self.ui.cancelPredictionButton.enabled = predicting and not self._predictionJob.process.cancel_requested
+        self.ui.show3DButton.enabled = selected is not None and selected.segmentation is not None
         self.ui.resumeButton.enabled = not busy and hasRun
         self.ui.predictButton.enabled = not busy and hasRun
         self.ui.retrainButton.enabled = not busy and hasRun
@@ -218,30 +246,51 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- dependencies ------------------------------------------------------------------------
     def onCheckDependencies(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Dependency check failed.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Dependency check failed."):
             self.ensureDependencies(askToInstall=True)
 
     def ensureDependencies(self, askToInstall: bool) -> bool:
-        """True when training can start; offers to install what is missing (asks first)."""
+        """True when jobs can start. Asks once, listing every package, before installing anything;
+        offers a restart when an installed package replaced one Slicer had already loaded."""
         status = dependencies.check_dependencies()
-        self.ui.dependencyStatusLabel.text = status.summary()
+        self.ui.dependencyStatusLabel.text = f"{status.summary()}; PLBOptCore: bundled"
         if not status.ready:
             if not askToInstall:
                 return False
-            source = dependencies.plbopt_requirement(Path(self.resourcePath("")).parent)
-            if not slicer.util.confirmOkCancelDisplay(status.install_description(source), "PLBOpt: install packages"):
+            coreDir = bundle.core_root() / bundle.CORE_PACKAGE
+            if not slicer.util.confirmOkCancelDisplay(status.install_description(coreDir), "PLBOpt: install packages"):
                 return False
-            self.logic.install_dependencies(status, source)
+            restartReasons = self.logic.install_dependencies(status)
             status = dependencies.check_dependencies()
-            self.ui.dependencyStatusLabel.text = status.summary()
+            self.ui.dependencyStatusLabel.text = f"{status.summary()}; PLBOptCore: bundled"
+            if restartReasons and slicer.util.confirmYesNoDisplay(
+                    "Slicer has older versions of these packages loaded; restart to use the new ones:\n"
+                    + "\n".join(restartReasons) + "\n\nRestart Slicer now?", "PLBOpt: restart recommended"):
+                slicer.util.restart()
+                return False
             if not status.ready:
                 raise PLBOptSlicerError("installation finished but packages are still missing: " + status.summary())
-        if not self._devicePrompted:
-            message = dependencies.device_message(dependencies.probe_torch(self.logic.job_python()))
-            self.ui.deviceStatusLabel.text = message
-            self.appendLog(message)
-            self._devicePrompted = True
+        if not self._devicePrompted and self._probeJob is None:
+            # Importing torch takes seconds: ask a child in the background, the panel stays usable.
+            self.ui.deviceStatusLabel.text = "Checking which device training will use…"
+            self._probeJob = JobProcess(dependencies.torch_probe_command(self.logic.job_python()),
+                                        environment=self.logic.job_environment()).start()
+            self.pollTimer.start()
         return True
+
+    def _pollProbe(self) -> None:
+        self._probeJob.poll()
+        if self._probeJob.running:
+            return
+        try:
+            message = dependencies.device_message(dependencies.parse_torch_probe(list(self._probeJob.output),
+                                                                                self._probeJob.returncode))
+        except (RuntimeError, ValueError) as error:
+            message = str(error)
+        self.ui.deviceStatusLabel.text = message
+        self.appendLog(message)
+        self._devicePrompted = True
+        self._probeJob = None
 
     # ---- dataset and training ----------------------------------------------------------------
     def trainSettings(self) -> TrainSettings:
@@ -255,7 +304,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startTrainingJob(self, start) -> None:
         self._syncLogicWithParameters()
-        with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Could not start training."):
             if not self.ensureDependencies(askToInstall=True):
                 return
             self._trainingJob = start()
@@ -277,7 +326,13 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._trainingJob is not None:
             self.appendLog("Cancelling: the trainer saves a checkpoint at the end of the current step…")
             self._trainingJob.cancel()
-            self.ui.cancelButton.enabled = False
+            self.updateButtons()
+
+    def onCancelPrediction(self) -> None:
+        if self._predictionJob is not None:
+            self.appendLog("Cancelling the prediction…")
+            self._predictionJob.cancel()
+            self.updateButtons()
 
     def onPollTimer(self) -> None:
         if self._trainingJob is not None:
@@ -293,7 +348,9 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._predictionJob.process.running:
                 self.onPredictionFinished(self._predictionJob)
                 self._predictionJob = None
-        if not self._busy():
+        if self._probeJob is not None:
+            self._pollProbe()
+        if not self._busy() and self._probeJob is None:
             self.pollTimer.stop()
         self.updateButtons()
 
@@ -309,7 +366,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---- review ------------------------------------------------------------------------------
     def onPredict(self) -> None:
         self._syncLogicWithParameters()
-        with slicer.util.tryWithErrorDisplay("Could not start prediction.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Could not start prediction."):
             if not self.ensureDependencies(askToInstall=True):
                 return
             self._predictionJob = self.logic.start_prediction()
@@ -318,6 +375,9 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onPredictionFinished(self, job) -> None:
+        if job.process.cancel_requested:
+            self.ui.progressLabel.text = "Prediction cancelled"
+            return
         if job.process.returncode != 0:
             slicer.util.errorDisplay(f"Prediction failed: {job.process.failure_message()}",
                                      detailedText="\n".join(job.process.output))
@@ -334,13 +394,16 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
         if case is None:
             return
-        confidence = case.volume.GetNodeReference("PLBOptConfidence")
+        confidence = self.logic.show_case(case.name)
+        # Confident voxels are clear through the colour table; doubtful ones tint the CT.
         slicer.util.setSliceViewerLayers(background=case.volume, foreground=confidence,
-                                         foregroundOpacity=0.4 if confidence else 0.0, fit=True)
-        for index in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
-            node = slicer.mrmlScene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
-            if node.GetDisplayNode():
-                node.GetDisplayNode().SetVisibility(node is case.segmentation)
+                                         foregroundOpacity=OVERLAY_OPACITY if confidence else 0.0, fit=True)
+
+    def onShow3D(self) -> None:
+        case = self.selectedCase()
+        with slicer.util.tryWithErrorDisplay("Could not show the segmentation in 3D.", waitCursor=True):
+            self.logic.show_in_3d(case.name)
+            slicer.app.layoutManager().threeDWidget(0).threeDView().resetFocalPoint()
 
     def onJumpToLeastConfident(self) -> None:
         case = self.selectedCase()
@@ -389,12 +452,15 @@ class PLBOptLogic(ScriptedLoadableModuleLogic, WorkflowLogic):
                              patch_size=(parameterNode.patchZ, parameterNode.patchY, parameterNode.patchX),
                              device=parameterNode.device, base_filters=parameterNode.baseFilters or None)
 
-    def install_dependencies(self, status, plbopt_source: str) -> None:
-        """Install torch (PyTorch extension) and PLBOptCore without replacing torch/SimpleITK."""
-        if status.torch_version is None:
+    def install_dependencies(self, status) -> list:
+        """Install torch (PyTorch extension) and the missing light packages, never replacing
+        SimpleITK; returns why a restart is needed (empty when it is not)."""
+        names = ["torch", *status.missing_light]
+        before, loaded = dependencies.installed_versions(names), set(sys.modules)
+        if not status.torch_ok:
             dependencies.install_torch(self.log_callback)
-        if status.plbopt_version is None or status.missing_light:
-            dependencies.install_plbopt(status, plbopt_source, self.log_callback)
+        dependencies.install_light(status.missing_light, self.log_callback)
+        return dependencies.restart_reasons(before, dependencies.installed_versions(names), imported=loaded)
 
 
 class PLBOptTest(ScriptedLoadableModuleTest):
@@ -405,7 +471,19 @@ class PLBOptTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         self.setUp()
+        self.test_review_loop_without_torch()
+        self.setUp()
         self.test_workflow_on_synthetic_volumes()
+
+    def test_review_loop_without_torch(self) -> None:
+        """Load a synthetic prediction, jump, correct and accept, through the real segmentations logic."""
+        self.delayDisplay("Review loop on a synthetic prediction (no torch needed)")
+        result = selftest.run_review_self_test(slicer.mrmlScene, Path(tempfile.mkdtemp(prefix="PLBOptReview-")))
+        self.assertEqual(result.ranked, ["selftest_unlabeled"])
+        self.assertLess(float(np.linalg.norm(np.subtract(result.jumped_to, result.expected_jump))), 2.0)
+        self.assertTrue(result.accepted.is_file())
+        self.assertEqual(result.labeled_after_accept, ["selftest_labeled", "selftest_unlabeled"])
+        self.delayDisplay("Review loop passed")
 
     def _addVolume(self, name: str, seed: int):
         rng = np.random.default_rng(seed)

@@ -54,6 +54,7 @@ from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
 from .inference import build_models, load_subnet_weights, sliding_window_probabilities
+from .runcontrol import RUN_LOCK_NAME, STOP_FILE_NAME, RunLock, stop_requested
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink, require_tensorboard
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
@@ -94,6 +95,7 @@ class Trainer:
         self.should_stop = should_stop
         self.cache_dir = Path(cache_dir) if cache_dir else Path(dataset.root) / ".plbopt_cache"
         self._stop_signal: Optional[str] = None
+        self._run_lock: Optional[RunLock] = None
         self.last_step_timings: Dict[str, float] = {}
         self.time_phases = False  # True: last_step_timings are exact on CUDA too (synchronises every phase)
         device = resolve_device(config.device)
@@ -101,8 +103,12 @@ class Trainer:
         try:
             self.device = rank_device(device, self.dist)
             self._check_inputs()
+            if self.dist.is_main:  # one trainer per run folder: taken before anything in it changes
+                self._run_lock = RunLock(self.run_dir).acquire()
             self._prepare_run_dir(overwrite)
         except BaseException:
+            if self._run_lock is not None:
+                self._run_lock.release()
             self.dist.close()
             raise
         self.progress = progress if self.dist.is_main else None
@@ -131,7 +137,7 @@ class Trainer:
         run_dir = self.run_dir
         if run_dir.resolve() == Path(self.dataset.root).resolve():
             raise ConfigError(f"{run_dir}: the run folder must not be the dataset folder")
-        existing = run_dir.exists() and any(run_dir.iterdir())
+        existing = run_dir.exists() and any(p.name not in (RUN_LOCK_NAME, STOP_FILE_NAME) for p in run_dir.iterdir())
         if self.resume:
             if not (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "checkpoints" / "last.pt.prev").exists():
                 raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
@@ -504,6 +510,8 @@ class Trainer:
             with torch_backend_flags(self.config.deterministic):
                 return self._fit()
         finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
             self.dist.close()
 
     def _fit(self) -> Path:
@@ -559,7 +567,8 @@ class Trainer:
             self.loader.close()
 
     def _stop_requested(self) -> bool:
-        return self._stop_signal is not None or bool(self.should_stop and self.should_stop())
+        return (self._stop_signal is not None or bool(self.should_stop and self.should_stop())
+                or stop_requested(self.run_dir))
 
     def _interrupt(self, bar) -> None:
         path = self.save()

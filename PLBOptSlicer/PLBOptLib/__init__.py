@@ -3,6 +3,9 @@
 PLBOptCore (torch) is never imported here: training and prediction run in a child process.
 """
 
+# The extension's version; the PLBOptCore it ships (and every job imports) must report the same.
+__version__ = "0.1.0"
+
 from .cases import SceneCase, Status, export_dataset, find_cases
 from .errors import PLBOptSlicerError
 from .events import EventsFollower, TrainingProgress

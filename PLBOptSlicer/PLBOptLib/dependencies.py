@@ -1,9 +1,14 @@
-"""Detect and install what training needs: torch (via the PyTorch extension) and PLBOptCore.
+"""Detect and install the third-party packages training needs: torch and PLBOptCore's light dependencies.
+
+PLBOptCore itself ships with the extension (see :mod:`PLBOptLib.bundle`) and is never installed
+from a package index: a bare ``plbopt`` from an index could be anyone's code. What is installed
+comes from the index by pinned-minimum name only: torch through the PyTorch extension (it picks
+the CUDA build for the driver), the light packages through Slicer's ``pip_install`` with a
+constraints file that pins the installed torch and SimpleITK, so pip can never replace Slicer's
+SimpleITK or the PyTorch extension's CUDA torch.
 
 Nothing here imports torch into Slicer: detection reads package metadata, and the device check
-runs in a child interpreter, like training itself. PLBOptCore is installed without its declared
-dependencies so pip can never swap Slicer's SimpleITK or the PyTorch extension's CUDA torch for a
-PyPI build; its light dependencies are installed separately, only if missing.
+runs in a child interpreter, like training itself.
 """
 
 from __future__ import annotations
@@ -11,20 +16,24 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
-import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import slicer
 
-TORCH_REQUIREMENT = ">=2.2"
-PLBOPT_DISTRIBUTION = "plbopt"
+TORCH_MINIMUM = "2.2"
 # Provided by Slicer (SimpleITK) and the PyTorch extension (torch); pinned, never replaced.
 PROTECTED_PACKAGES = ("torch", "SimpleITK")
 # PLBOptCore's dependencies other than the protected ones (pyproject.toml [project].dependencies).
 LIGHT_REQUIREMENTS = ("numpy>=1.23", "scikit-image>=0.21", "scipy>=1.10", "tqdm>=4.60", "pyyaml>=6", "matplotlib>=3.6")
+# Distribution name -> top-level module, where they differ (to tell whether Slicer has it imported).
+IMPORT_NAMES = {"scikit-image": "skimage", "pyyaml": "yaml"}
+TORCH_PROBE_CODE = ("import json, torch; cuda = torch.cuda.is_available(); "
+                    "print(json.dumps({'torch': torch.__version__, 'cuda': cuda, "
+                    "'device_name': torch.cuda.get_device_name(0) if cuda else 'CPU'}))")
 
 VersionLookup = Callable[[str], Optional[str]]
 
@@ -42,50 +51,53 @@ def requirement_name(requirement: str) -> str:
     return re.split(r"[\s<>=!~;\[@]", requirement.strip(), maxsplit=1)[0]
 
 
-def plbopt_requirement(module_dir: Path) -> str:
-    """What pip should install for PLBOptCore: the source tree the module runs from (developer
-    checkout, identified by its pyproject.toml) or the released package."""
-    root = Path(module_dir).resolve().parent
-    pyproject = root / "pyproject.toml"
-    if pyproject.is_file() and re.search(r'^name\s*=\s*"plbopt"', pyproject.read_text(), re.MULTILINE):
-        return f"{PLBOPT_DISTRIBUTION} @ {root.as_uri()}"
-    return PLBOPT_DISTRIBUTION
+def version_key(version: str) -> Tuple[int, ...]:
+    """``2.3.1+cu121`` -> ``(2, 3, 1)``: enough to compare release numbers with a minimum."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 @dataclass
 class DependencyStatus:
-    """What is installed and what an install would add."""
+    """What is installed and what an install would add or upgrade."""
 
     torch_version: Optional[str]
-    plbopt_version: Optional[str]
     missing_light: List[str] = field(default_factory=list)
 
     @property
+    def torch_ok(self) -> bool:
+        return self.torch_version is not None and version_key(self.torch_version) >= version_key(TORCH_MINIMUM)
+
+    @property
     def ready(self) -> bool:
-        return self.torch_version is not None and self.plbopt_version is not None and not self.missing_light
+        return self.torch_ok and not self.missing_light
 
     def summary(self) -> str:
-        return (f"torch: {self.torch_version or 'not installed'}; "
-                f"PLBOptCore: {self.plbopt_version or 'not installed'}"
-                + (f"; missing: {', '.join(self.missing_light)}" if self.missing_light else ""))
-
-    def install_description(self, plbopt_source: str) -> str:
-        """The confirmation text: every package an install would add, and what it leaves alone."""
-        lines = ["PLBOpt needs these Python packages:"]
         if self.torch_version is None:
-            lines.append(f"  • torch{TORCH_REQUIREMENT} (through the PyTorch extension: CUDA build when a GPU is found)")
-        if self.plbopt_version is None:
-            lines.append(f"  • {plbopt_source} (without its dependencies)")
+            torch = "torch: not installed"
+        elif not self.torch_ok:
+            torch = f"torch: {self.torch_version} (older than {TORCH_MINIMUM})"
+        else:
+            torch = f"torch: {self.torch_version}"
+        return torch + (f"; missing: {', '.join(self.missing_light)}" if self.missing_light else "")
+
+    def install_description(self, core_dir: Path) -> str:
+        """The one confirmation text: every package an install would add, and what it leaves alone."""
+        lines = ["PLBOpt needs these Python packages from the Python Package Index:"]
+        if self.torch_version is None:
+            lines.append(f"  • torch>={TORCH_MINIMUM} (through the PyTorch extension: CUDA build when a GPU is found)")
+        elif not self.torch_ok:
+            lines.append(f"  • torch>={TORCH_MINIMUM}, replacing torch {self.torch_version} (through the PyTorch "
+                         "extension; Slicer must be restarted afterwards if torch is already loaded)")
         lines += [f"  • {requirement}" for requirement in self.missing_light]
-        lines.append("Installed torch and SimpleITK are kept as they are. Download size can be several GB for torch.")
+        lines.append(f"PLBOptCore comes with the extension ({core_dir}) and is not downloaded.")
+        lines.append("Installed SimpleITK (and torch, unless listed) are kept as they are. torch can be several GB.")
         return "\n".join(lines)
 
 
 def check_dependencies(lookup: VersionLookup = installed_version) -> DependencyStatus:
-    """Installed torch / PLBOptCore versions and the light requirements that are missing."""
+    """Installed torch version and the light requirements that are missing."""
     missing = [r for r in LIGHT_REQUIREMENTS if lookup(requirement_name(r)) is None]
-    return DependencyStatus(torch_version=lookup("torch"), plbopt_version=lookup(PLBOPT_DISTRIBUTION),
-                            missing_light=missing)
+    return DependencyStatus(torch_version=lookup("torch"), missing_light=missing)
 
 
 def protected_constraints(lookup: VersionLookup = installed_version) -> List[str]:
@@ -93,67 +105,78 @@ def protected_constraints(lookup: VersionLookup = installed_version) -> List[str
     return [f"{name}=={version}" for name in PROTECTED_PACKAGES if (version := lookup(name))]
 
 
+def installed_versions(requirements: Iterable[str], lookup: VersionLookup = installed_version) -> Dict[str, Optional[str]]:
+    """``{name: installed version or None}`` for requirement strings."""
+    return {requirement_name(r): lookup(requirement_name(r)) for r in requirements}
+
+
+def restart_reasons(before: Dict[str, Optional[str]], after: Dict[str, Optional[str]],
+                    imported: Optional[Iterable[str]] = None) -> List[str]:
+    """Packages whose version changed while Slicer has them imported (``imported``, default the
+    modules loaded now; the old code stays in memory until a restart), as ``name old -> new``."""
+    loaded = set(sys.modules if imported is None else imported)
+    return [f"{name} {before[name]} -> {after[name]}" for name in sorted(before)
+            if before[name] is not None and after.get(name) != before[name] and IMPORT_NAMES.get(name, name) in loaded]
+
+
 def _slicer_packaging():
-    """Slicer's package manager module (``slicer.packaging``; ``slicer.pydeps`` in 5.11), or None before 5.11."""
-    for name in ("packaging", "pydeps"):
-        try:
-            return __import__(f"slicer.{name}", fromlist=["pip_ensure"])
-        except ImportError:
-            continue
-    return None
+    """Slicer's package manager module (``slicer.packaging``, 5.12+), or None before that."""
+    try:
+        return __import__("slicer.packaging", fromlist=["pip_install"])
+    except ImportError:
+        return None
 
 
 def install_torch(log: Callable[[str], None]) -> None:
-    """Install torch with the PyTorch extension (picks the CUDA build for the driver), else from PyPI."""
+    """Install (or upgrade to) torch >= TORCH_MINIMUM with the PyTorch extension, else from PyPI."""
+    requirement = f"torch>={TORCH_MINIMUM}"
     try:
         import PyTorchUtils
     except ImportError:
         log("PyTorch extension not found: installing torch from PyPI (CPU build on Windows and macOS). "
             "Install the PyTorch extension for GPU training.")
-        slicer.util.pip_install(f"torch{TORCH_REQUIREMENT}")
+        slicer.util.pip_install(requirement)
         return
     log("Installing torch with the PyTorch extension…")
     torch_logic = PyTorchUtils.PyTorchUtilsLogic()
-    if torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+    if torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=f">={TORCH_MINIMUM}") is None:
         raise RuntimeError("PyTorch installation failed or was cancelled")
 
 
-def install_plbopt(status: DependencyStatus, plbopt_source: str, log: Callable[[str], None]) -> None:
-    """Install PLBOptCore and its missing light requirements, never touching torch or SimpleITK."""
-    packaging = _slicer_packaging()
-    if packaging is not None:
-        # Slicer 5.11+: skip_packages drops the protected packages from the whole dependency tree.
-        from packaging.requirements import Requirement
+def install_light(requirements: Sequence[str], log: Callable[[str], None]) -> None:
+    """Install light requirements with torch and SimpleITK pinned to their installed versions.
 
-        log(f"Installing {plbopt_source} (keeping {', '.join(PROTECTED_PACKAGES)})…")
-        packaging.pip_ensure([Requirement(plbopt_source), *[Requirement(r) for r in LIGHT_REQUIREMENTS]],
-                             skip_packages=list(PROTECTED_PACKAGES), requester="PLBOpt")
+    The user has already agreed to the list (:meth:`DependencyStatus.install_description`), so
+    Slicer 5.12's ``pip_install`` is used, not ``pip_ensure``, which would ask a second time; its
+    progress dialog keeps the application responsive while pip runs.
+    """
+    if not requirements:
         return
-    # Slicer 5.10: two plain pip calls, the second constrained to the installed protected versions.
-    log(f"Installing {plbopt_source} without dependencies…")
-    slicer.util.pip_install(["--no-deps", plbopt_source])
-    if status.missing_light:
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
-            constraints.write("\n".join(protected_constraints()) + "\n")
-        log(f"Installing {', '.join(status.missing_light)}…")
-        slicer.util.pip_install(["-c", constraints.name, *status.missing_light])
+    with tempfile.NamedTemporaryFile("w", suffix="-plbopt-constraints.txt", delete=False) as constraints:
+        constraints.write("\n".join(protected_constraints()) + "\n")
+    try:
+        log(f"Installing {', '.join(requirements)}…")
+        packaging = _slicer_packaging()
+        if packaging is not None:
+            packaging.pip_install(list(requirements), constraints=constraints.name, requester="PLBOpt")
+        else:  # Slicer 5.10: pip_install(requirements) only
+            slicer.util.pip_install(["-c", constraints.name, *requirements])
+    finally:
         Path(constraints.name).unlink()
 
 
-def probe_torch(python: str, timeout: float = 180.0) -> Dict[str, object]:
-    """Ask a child interpreter which torch and device training would get.
+def torch_probe_command(python: str) -> List[str]:
+    """A child-interpreter command printing ``{"torch", "cuda", "device_name"}`` as its last line;
+    importing torch in a child keeps its memory and CUDA context out of Slicer."""
+    return [python, "-c", TORCH_PROBE_CODE]
 
-    Returns ``{"torch": version, "cuda": bool, "device_name": str}``; importing torch in a child
-    keeps its memory and CUDA context out of Slicer.
-    """
-    code = ("import json, torch; cuda = torch.cuda.is_available(); "
-            "print(json.dumps({'torch': torch.__version__, 'cuda': cuda, "
-            "'device_name': torch.cuda.get_device_name(0) if cuda else 'CPU'}))")
-    result = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        lines = (result.stderr or result.stdout).strip().splitlines()
-        raise RuntimeError(f"torch cannot be imported: {lines[-1] if lines else 'exit ' + str(result.returncode)}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+
+def parse_torch_probe(lines: Sequence[str], returncode: int) -> Dict[str, object]:
+    """The probe's answer, or RuntimeError with its last output line when torch cannot be imported."""
+    text = [line for line in lines if line.strip()]
+    if returncode != 0 or not text:
+        raise RuntimeError(f"torch cannot be imported: {text[-1] if text else 'exit ' + str(returncode)}")
+    return json.loads(text[-1])
 
 
 def device_message(probe: Dict[str, object]) -> str:

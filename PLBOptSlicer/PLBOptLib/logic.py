@@ -11,6 +11,7 @@ Working folder layout::
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,15 @@ from typing import Callable, Dict, List, Optional
 
 import slicer
 
+from . import bundle, review
 from . import cases as case_utils
-from . import review
 from .cases import ExportedDataset, SceneCase, Status
 from .errors import PLBOptSlicerError
 from .events import EventsFollower, TrainingProgress
-from .process import EXIT_INTERRUPTED, JobProcess, TrainSettings, python_executable, refine_command, train_command
+from .process import (EXIT_INTERRUPTED, STOP_FILE_NAME, JobProcess, TrainSettings, in_slicer_application,
+                      python_executable, refine_command, train_command)
+
+PREDICTION_KILL_AFTER_SECONDS = 10.0  # a prediction has nothing to save: SIGTERM, then kill soon
 
 
 @dataclass
@@ -83,6 +87,10 @@ class PredictionJob:
     out_dir: Path
     process: JobProcess
 
+    def cancel(self) -> None:
+        """Stop the prediction (its partial outputs are not loaded)."""
+        self.process.cancel()
+
 
 @dataclass
 class ReviewItem:
@@ -100,14 +108,23 @@ class WorkflowLogic:
     """
 
     def __init__(self, scene=None, working_dir: Optional[Path] = None, python: Optional[str] = None,
-                 log_callback: Optional[Callable[[str], None]] = None):
+                 log_callback: Optional[Callable[[str], None]] = None, core_root: Optional[Path] = None):
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.working_dir = Path(working_dir) if working_dir else None
         self.python = python
+        self.core_root = Path(core_root) if core_root else None  # None: the PLBOptCore shipped with the module
         self.log_callback = log_callback or print
         self.review_items: Dict[str, ReviewItem] = {}
+        self.confidence_threshold = review.DEFAULT_CONFIDENCE_THRESHOLD  # overlay is clear from here up
 
     # ---- folders -----------------------------------------------------------------------------
+    @staticmethod
+    def working_folder_from_text(text: str) -> Optional[Path]:
+        """The folder a text field names, or None when it is empty: ``Path("")`` would be the
+        current directory ``.``, i.e. wherever Slicer was started from."""
+        text = str(text).strip()
+        return Path(text).expanduser() if text not in ("", ".") else None
+
     def _work(self) -> Path:
         if self.working_dir is None:
             raise PLBOptSlicerError("choose a working folder first")
@@ -168,6 +185,20 @@ class WorkflowLogic:
         """Interpreter for PLBOptCore jobs: ``python`` if given, else PythonSlicer / the current one."""
         return self.python or python_executable()
 
+    def job_environment(self) -> Dict[str, str]:
+        """Environment of PLBOptCore jobs: the bundled PLBOptCore first on ``PYTHONPATH``."""
+        base = slicer.util.startupEnvironment() if in_slicer_application() else os.environ
+        return bundle.job_environment(self.core_root or bundle.core_root(), base)
+
+    def _start_job(self, command: List[str], stop_file: Optional[Path] = None,
+                   kill_after_seconds: float = 120.0) -> JobProcess:
+        """Check that the job will run the bundled PLBOptCore at the module's version, then start it."""
+        environment = self.job_environment()
+        bundle.check_core(command[0], self.core_root or bundle.core_root(), environment, cwd=self._work())
+        self.log_callback("Running: " + " ".join(command))
+        return JobProcess(command, cwd=self._work(), environment=environment, stop_file=stop_file,
+                          kill_after_seconds=kill_after_seconds).start()
+
     def start_training(self, settings: TrainSettings, resume: bool = False, init_from: Optional[Path] = None,
                        export: bool = True) -> TrainingJob:
         """Launch ``PLBOptCore train`` in a child process and return the job to poll.
@@ -185,9 +216,10 @@ class WorkflowLogic:
             run_dir = self.new_run_dir()
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         command = train_command(self.job_python(), self.dataset_dir, run_dir, settings, resume=resume, init_from=init_from)
-        self.log_callback("Running: " + " ".join(command))
         events = EventsFollower.from_end(run_dir / "events.jsonl")
-        return TrainingJob(run_dir=run_dir, process=JobProcess(command, cwd=self._work()).start(), events=events)
+        # Cancel creates the stop file; the trainer stops at the next step with a checkpoint.
+        process = self._start_job(command, stop_file=run_dir / STOP_FILE_NAME)
+        return TrainingJob(run_dir=run_dir, process=process, events=events)
 
     def resume_training(self, settings: TrainSettings) -> TrainingJob:
         return self.start_training(settings, resume=True)
@@ -211,8 +243,8 @@ class WorkflowLogic:
             raise PLBOptSlicerError(f"{inputs}: no unlabeled images exported")
         out_dir = self._work() / "predictions" / run_dir.name
         command = refine_command(self.job_python(), run_dir, inputs, out_dir)
-        self.log_callback("Running: " + " ".join(command))
-        return PredictionJob(run_dir=run_dir, out_dir=out_dir, process=JobProcess(command, cwd=self._work()).start())
+        process = self._start_job(command, kill_after_seconds=PREDICTION_KILL_AFTER_SECONDS)
+        return PredictionJob(run_dir=run_dir, out_dir=out_dir, process=process)
 
     def load_predictions(self, run_dir: Path, out_dir: Path) -> List[ReviewItem]:
         """Load every predicted case as pseudo label + confidence map; return them most uncertain first.
@@ -228,7 +260,7 @@ class WorkflowLogic:
                 continue
             self._remove_pseudo_label(case)
             prediction = review.load_prediction(case.volume, label_path, Path(out_dir) / f"{case.name}_confidence.nii.gz",
-                                                labels, colors)
+                                                labels, colors, threshold=self.confidence_threshold)
             case_utils.set_case_segmentation(case.volume, prediction.segmentation, Status.PSEUDO_LABELED)
             self.review_items[case.name] = ReviewItem(case.name, prediction)
             loaded.append(case.name)
@@ -254,6 +286,37 @@ class WorkflowLogic:
             raise PLBOptSlicerError(f"{case_name}: no pseudo label loaded for review")
         review.jump_slices_to(self.scene, item.prediction.least_confident_ras)
         return item.prediction.least_confident_ras
+
+    def show_case(self, case_name: str) -> Optional["slicer.vtkMRMLScalarVolumeNode"]:
+        """Show this case's segmentation and hide the other cases' ones; return its confidence map.
+
+        Only segmentations of the module's cases are touched: anything else the user has in the
+        scene keeps its visibility.
+        """
+        selected = case_utils.find_case(self.scene, case_name)
+        for case in self.cases():
+            if case.segmentation is not None and case.segmentation.GetDisplayNode() is not None:
+                case.segmentation.GetDisplayNode().SetVisibility(case.name == selected.name)
+        return selected.volume.GetNodeReference(review.CONFIDENCE_REFERENCE_ROLE)
+
+    def show_in_3d(self, case_name: str) -> "slicer.vtkMRMLSegmentationNode":
+        """Build the case's segmentation surfaces and show them in the 3D view."""
+        case = case_utils.find_case(self.scene, case_name)
+        if case.segmentation is None:
+            raise PLBOptSlicerError(f"{case_name}: has no segmentation to show in 3D")
+        if not case.segmentation.CreateClosedSurfaceRepresentation():
+            raise PLBOptSlicerError(f"{case.segmentation.GetName()}: could not build the 3D surfaces")
+        display = case.segmentation.GetDisplayNode()
+        display.SetVisibility(True)
+        display.SetVisibility3D(True)
+        return case.segmentation
+
+    def set_confidence_threshold(self, threshold: float) -> None:
+        """Confidence at or above which the overlay is transparent, for the maps in the scene (they
+        share one colour table) and those loaded later."""
+        self.confidence_threshold = float(threshold)
+        if review.find_confidence_color_node(self.scene) is not None:
+            review.confidence_color_node(self.scene, self.confidence_threshold)
 
     # ---- correction --------------------------------------------------------------------------
     def begin_correction(self, case_name: str) -> "slicer.vtkMRMLSegmentationNode":

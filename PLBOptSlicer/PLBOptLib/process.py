@@ -12,20 +12,28 @@ import inspect
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import slicer
+
+try:
+    import psutil  # bundled with Slicer (and in the test extra)
+except ImportError:  # without it only the direct child can be signalled: a launcher's child would survive
+    psutil = None
 
 PRESETS = ("supervised", "dhc", "plbopt", "refine-only", "triplet-only", "mc-only")
 DEVICES = ("auto", "cpu", "cuda")
 EXIT_USER_ERROR = 2  # PLBOptCore printed one line saying what is wrong
 EXIT_INTERRUPTED = 130  # cancelled; a resumable checkpoint was written
+# PLBOptCore.engine.runcontrol.STOP_FILE_NAME (PLBOptLib never imports PLBOptCore; a test keeps them equal).
+STOP_FILE_NAME = "stop-requested"
 
 
 @dataclass
@@ -83,37 +91,48 @@ def refine_command(python: str, run_dir: Path, inputs: Path, out_dir: Path) -> L
 class JobProcess:
     """A child process whose output lines are read without blocking the caller.
 
-    ``cancel()`` asks politely first (SIGTERM: PLBOptCore checkpoints at the next step boundary and
-    exits 130) and kills the process tree only if it has not exited after ``kill_after_seconds``.
+    In Slicer the child is ``PythonSlicer``: a launcher that starts the real interpreter as *its*
+    child and forwards no signal. So ``cancel()`` never signals the launcher alone; it
+
+    1. creates ``stop_file`` when given (the trainer stops at its next step boundary with a
+       resumable checkpoint; this is also the clean stop on Windows, which has no SIGTERM);
+    2. on POSIX sends SIGTERM to every process of the tree below the launcher (the trainer handles
+       it like the stop file; a prediction simply ends), or to the child itself when it has none;
+    3. kills the whole tree if it has not ended ``kill_after_seconds`` later (see :meth:`poll`).
+
+    The job counts as finished only when its output has been read to the end and every process
+    of the tree is gone, so the last lines (often the error message) are never lost.
     """
 
-    def __init__(self, args: Sequence[str], cwd: Optional[Path] = None, kill_after_seconds: float = 120.0,
-                 max_kept_lines: int = 5000):
+    def __init__(self, args: Sequence[str], cwd: Optional[Path] = None, environment: Optional[Mapping[str, str]] = None,
+                 stop_file: Optional[Path] = None, kill_after_seconds: float = 120.0, max_kept_lines: int = 5000):
         self.args = [str(a) for a in args]
         self.cwd = Path(cwd) if cwd else None
+        self.environment = dict(environment) if environment is not None else {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.stop_file = Path(stop_file) if stop_file else None
         self.kill_after_seconds = kill_after_seconds
         self.output: Deque[str] = collections.deque(maxlen=max_kept_lines)
         self._lines: "queue.Queue[str]" = queue.Queue()
         self._proc: Optional[subprocess.Popen] = None
-        self._reader: Optional[threading.Thread] = None
+        self._exit_code: Optional[int] = None  # set once the output is drained and the child has exited
+        self._tree: List = []  # psutil.Process of every descendant seen when cancelling
         self._cancel_time: Optional[float] = None
 
     def start(self) -> "JobProcess":
-        # Unbuffered so progress lines arrive as they are printed, not when a buffer fills.
-        environment = {"PYTHONUNBUFFERED": "1"}
+        if self.stop_file is not None:
+            self.stop_file.unlink(missing_ok=True)  # a request left by an earlier job is not for this one
         if in_slicer_application():
             launch = slicer.util.launchConsoleProcess
-            if "blocking" in inspect.signature(launch).parameters:  # Slicer 5.12+: reads output itself
-                self._proc = launch(self.args, updateEnvironment=environment, cwd=self._cwd(), blocking=False,
-                                    logCallback=self._lines.put, completedCallback=lambda returncode: None)
+            if "blocking" in inspect.signature(launch).parameters:
+                # Slicer 5.12+: it reads the output itself; completedCallback comes after the last line.
+                self._proc = launch(self.args, updateEnvironment=self.environment, cwd=self._cwd(), blocking=False,
+                                    logCallback=self._lines.put, completedCallback=self._completed)
                 return self
-            self._proc = launch(self.args, updateEnvironment=environment, cwd=self._cwd())
+            self._proc = launch(self.args, updateEnvironment=self.environment, cwd=self._cwd())
         else:
-            self._proc = subprocess.Popen(self.args, cwd=self._cwd(), env={**os.environ, **environment},
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          errors="replace")
-        self._reader = threading.Thread(target=self._read_output, daemon=True)
-        self._reader.start()
+            self._proc = subprocess.Popen(self.args, cwd=self._cwd(), env=self.environment, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, errors="replace")
+        threading.Thread(target=self._read_output, daemon=True).start()
         return self
 
     def _cwd(self) -> Optional[str]:
@@ -122,6 +141,10 @@ class JobProcess:
     def _read_output(self) -> None:
         for line in self._proc.stdout:
             self._lines.put(line.rstrip("\r\n"))
+        self._completed(self._proc.wait())
+
+    def _completed(self, returncode: int) -> None:
+        self._exit_code = returncode
 
     @property
     def pid(self) -> Optional[int]:
@@ -129,20 +152,45 @@ class JobProcess:
 
     @property
     def returncode(self) -> Optional[int]:
-        return self._proc.poll() if self._proc else None
+        """Exit status, once the output is read to the end and no process of the tree is left."""
+        return self._exit_code if self._exit_code is not None and not self._tree_alive() else None
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self.returncode is None
 
     @property
     def cancel_requested(self) -> bool:
         return self._cancel_time is not None
 
+    def _tree_alive(self) -> bool:
+        return bool(self._live_tree())
+
+    def _live_tree(self) -> List:
+        alive = []
+        for process in self._tree:
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(process)
+            except psutil.Error:  # ended meanwhile
+                continue
+        return alive
+
+    def _collect_tree(self) -> List:
+        """The child's descendants now (PythonSlicer's real interpreter, its workers), remembered
+        so the job is not over while one of them lives; empty without psutil."""
+        if psutil is None:
+            return []
+        try:
+            found = psutil.Process(self._proc.pid).children(recursive=True)
+        except psutil.Error:
+            found = []
+        known = {process.pid for process in self._tree}
+        self._tree += [process for process in found if process.pid not in known]
+        return self._live_tree()
+
     def poll(self) -> List[str]:
         """New output lines since the last call; escalates a pending cancel to a kill when overdue."""
-        if self._proc is not None and self._proc.poll() is not None and self._reader is not None:
-            self._reader.join(timeout=5)  # the pipe closes right after exit: take the last lines too
         if self.running and self._cancel_time is not None \
                 and time.monotonic() - self._cancel_time > self.kill_after_seconds:
             self.kill()
@@ -156,27 +204,41 @@ class JobProcess:
         return lines
 
     def cancel(self) -> None:
-        """Request a graceful stop (SIGTERM on POSIX; on Windows terminate() ends the process at once)."""
-        if self.running and self._cancel_time is None:
-            self._cancel_time = time.monotonic()
-            self._proc.terminate()
+        """Ask the job to stop: stop file, SIGTERM to the tree below the launcher (POSIX), and a
+        kill of the whole tree if it is still running ``kill_after_seconds`` later."""
+        if not self.running or self._cancel_time is not None:
+            return
+        self._cancel_time = time.monotonic()
+        # No run folder yet: the trainer has not started, so there is nothing to save either.
+        stop_file_written = self.stop_file is not None and self.stop_file.parent.is_dir()
+        if stop_file_written:
+            self.stop_file.write_text("cancel requested by the PLBOpt module\n")
+        if os.name == "nt":
+            if not stop_file_written:
+                self.kill()  # no SIGTERM on Windows, and nothing to save: end it now
+            return
+        descendants = self._collect_tree()
+        if not descendants:
+            self._proc.send_signal(signal.SIGTERM)  # a plain interpreter: no launcher in between
+        for process in descendants:
+            try:
+                process.send_signal(signal.SIGTERM)
+            except psutil.Error:  # ended meanwhile
+                continue
 
     def kill(self) -> None:
-        """Stop the process and any children it started, immediately."""
-        if not self.running:
-            return
-        try:
-            import psutil  # bundled with Slicer; optional elsewhere
-
-            for child in psutil.Process(self._proc.pid).children(recursive=True):
-                child.kill()
-        except (ImportError, OSError):
-            pass  # no psutil or the child already exited: killing the main process is what matters
-        self._proc.kill()
+        """End the child and every process below it, immediately."""
+        for process in self._collect_tree():
+            try:
+                process.kill()
+            except psutil.Error:  # already gone
+                continue
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
 
     def wait(self, timeout: Optional[float] = None, on_lines: Optional[Callable[[List[str]], None]] = None,
              interval: float = 0.2) -> int:
-        """Block until exit (for the Python console and tests), polling output meanwhile."""
+        """Block until the job is over (for the Python console and tests), polling output meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.running:
             lines = self.poll()
@@ -184,11 +246,13 @@ class JobProcess:
                 on_lines(lines)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{' '.join(self.args[:4])}… still running after {timeout} s")
+            if in_slicer_application():
+                slicer.app.processEvents()  # Slicer 5.12 hands output and completion over on the Qt event loop
             time.sleep(interval)
         lines = self.poll()
         if on_lines and lines:
             on_lines(lines)
-        return self._proc.returncode
+        return self.returncode
 
     def failure_message(self) -> str:
         """Why the process failed, for an error dialog: its last non-empty output line."""

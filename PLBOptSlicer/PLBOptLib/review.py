@@ -1,5 +1,5 @@
 """Review of pseudo labels: load PLBOptCore predictions as MRML nodes, rank cases by uncertainty,
-locate the least confident region, and render the review picture with matplotlib.
+locate the least confident region, and colour the confidence overlay so that only doubt shows.
 
 ``<case>.nii.gz`` is a class-index label map and ``<case>_confidence.nii.gz`` the max-softmax
 probability per voxel, both on the input image's grid (PLBOptCore's refine contract).
@@ -16,13 +16,20 @@ import vtk
 
 import slicer
 
-from . import imageio
+from . import imageio, terminology
 from .cases import ROLE_ATTRIBUTE
 from .errors import PLBOptSlicerError
 
 CONFIDENCE_REFERENCE_ROLE = "PLBOptConfidence"
 CONFIDENCE_ROLE = "confidence"
 CONFIDENCE_COLORS_ROLE = "confidence-colors"
+PSEUDO_LABEL_ROLE = "pseudo-label"
+THRESHOLD_ATTRIBUTE = "PLBOpt.ConfidenceThreshold"
+# Voxels at least this confident are transparent in the overlay: the clinician sees only doubt.
+DEFAULT_CONFIDENCE_THRESHOLD = 0.9
+# The strongest doubt colour from here down; below 0.5 the predicted class is not even a majority.
+OPAQUE_CONFIDENCE = 0.5
+OVERLAY_OPACITY = 0.6  # foreground layer opacity of the confidence map in the slice views
 # Used when a run's dataset.json has no "colors" (0-255 RGB; a qualitative palette).
 DEFAULT_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
@@ -91,29 +98,75 @@ def voxel_to_ras(volume_node, kji: Sequence[int]) -> Tuple[float, float, float]:
     return tuple(float(v) for v in ras)
 
 
-def uncertainty_colormap(count: int = 256) -> np.ndarray:
-    """(count, 3) RGB in 0..1 indexed by confidence 0..1: black when certain, red→yellow→white as
-    confidence drops ("hot" on 1 - confidence), so uncertain voxels glow in a foreground overlay."""
-    uncertainty = 1.0 - np.linspace(0.0, 1.0, count)
-    return np.clip(np.stack([3 * uncertainty, 3 * uncertainty - 1, 3 * uncertainty - 2], axis=1), 0.0, 1.0)
+def doubt_colors(doubt: np.ndarray) -> np.ndarray:
+    """RGB in 0..1 for doubt 0..1: yellow (just below the threshold) -> orange -> red -> magenta
+    (confidence at OPAQUE_CONFIDENCE or lower). Light, saturated hues: over a CT they tint the
+    anatomy instead of darkening it."""
+    doubt = np.clip(np.asarray(doubt, np.float64), 0.0, 1.0)
+    green = np.clip(1.0 - 1.5 * doubt, 0.0, 1.0)
+    blue = np.clip(3.0 * doubt - 2.0, 0.0, 1.0)
+    return np.stack([np.ones_like(doubt), green, blue], axis=-1)
 
 
-def confidence_color_node(scene) -> "slicer.vtkMRMLColorTableNode":
-    """The module's colour table for confidence maps (created once per scene)."""
+def confidence_rgba(threshold: float, count: int = 256) -> np.ndarray:
+    """(count, 4) RGBA in 0..1 indexed by confidence 0..1.
+
+    Entries at or above ``threshold`` have alpha 0: confident voxels leave the CT untouched. Below
+    it alpha is 1 and the colour says how doubtful the model is (:func:`doubt_colors`, doubt
+    rising linearly from the threshold to OPAQUE_CONFIDENCE). Slicer's slice views use a colour
+    table's alpha only as on/off for a scalar volume layer (measured with its slice logic: any
+    alpha above 0 is drawn opaque), so the degree of doubt is carried by the colour, and the layer
+    opacity OVERLAY_OPACITY keeps the anatomy visible under it.
+    """
+    confidence = np.linspace(0.0, 1.0, count)
+    doubt = (threshold - confidence) / max(threshold - OPAQUE_CONFIDENCE, 1e-3)
+    alpha = (confidence < threshold).astype(np.float64)
+    return np.concatenate([doubt_colors(doubt), alpha[:, None]], axis=1)
+
+
+def find_confidence_color_node(scene) -> Optional["slicer.vtkMRMLColorTableNode"]:
+    """The module's colour table for confidence maps, if the scene has one."""
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
         node = scene.GetNthNodeByClass(index, "vtkMRMLColorTableNode")
         if node.GetAttribute(ROLE_ATTRIBUTE) == CONFIDENCE_COLORS_ROLE:
             return node
-    node = slicer.vtkMRMLColorTableNode()
-    node.SetName("PLBOpt confidence")
-    node.SetTypeToUser()
-    node.SetAttribute(ROLE_ATTRIBUTE, CONFIDENCE_COLORS_ROLE)
-    colors = uncertainty_colormap()
-    node.SetNumberOfColors(len(colors))
-    for index, (r, g, b) in enumerate(colors):
-        node.SetColor(index, f"confidence {index / (len(colors) - 1):.2f}", r, g, b, 1.0)
-    scene.AddNode(node)
+    return None
+
+
+def confidence_color_node(scene, threshold: Optional[float] = None) -> "slicer.vtkMRMLColorTableNode":
+    """The module's colour table for confidence maps (one per scene, shared by all of them), clear
+    from ``threshold`` up (default: the table's current threshold, else DEFAULT_CONFIDENCE_THRESHOLD)."""
+    node = find_confidence_color_node(scene)
+    if node is None:
+        node = slicer.vtkMRMLColorTableNode()
+        node.SetName("PLBOpt confidence")
+        node.SetTypeToUser()
+        node.SetAttribute(ROLE_ATTRIBUTE, CONFIDENCE_COLORS_ROLE)
+        scene.AddNode(node)
+    if threshold is None:
+        threshold = float(node.GetAttribute(THRESHOLD_ATTRIBUTE) or DEFAULT_CONFIDENCE_THRESHOLD)
+    if node.GetAttribute(THRESHOLD_ATTRIBUTE) != f"{threshold:.3f}":
+        colors = confidence_rgba(threshold)
+        disabled = node.StartModify()
+        node.SetNumberOfColors(len(colors))
+        for index, (r, g, b, a) in enumerate(colors):
+            node.SetColor(index, f"confidence {index / (len(colors) - 1):.2f}", r, g, b, a)
+        node.SetAttribute(THRESHOLD_ATTRIBUTE, f"{threshold:.3f}")
+        node.EndModify(disabled)
     return node
+
+
+def place_under(volume_node, nodes: Sequence) -> None:
+    """Put ``nodes`` under ``volume_node`` in the subject hierarchy (so they travel with the
+    patient/study in the Data module and DICOM export)."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volume_node.GetScene())
+    parent = hierarchy.GetItemByDataNode(volume_node) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), volume_node)
+    for node in nodes:
+        item = hierarchy.GetItemByDataNode(node)
+        if item:
+            hierarchy.SetItemParent(item, parent)
+        else:
+            hierarchy.CreateItem(parent, node)
 
 
 def _read_on_grid(path: Path, volume_node, what: str) -> np.ndarray:
@@ -127,7 +180,8 @@ def _read_on_grid(path: Path, volume_node, what: str) -> np.ndarray:
 
 
 def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels: Dict[int, str],
-                    colors: Dict[int, Tuple[int, int, int]]) -> LoadedPrediction:
+                    colors: Dict[int, Tuple[int, int, int]],
+                    threshold: float = DEFAULT_CONFIDENCE_THRESHOLD) -> LoadedPrediction:
     """Add a case's pseudo label (one named, coloured segment per class) and confidence map to the scene.
 
     Both files must lie on the volume's grid; the segmentation takes the volume as its reference
@@ -142,13 +196,18 @@ def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels
         raise PLBOptSlicerError(f"{label_path}: label values {unknown} are not in the run's class list {labels}")
 
     segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} pseudo label")
+    segmentation_node.SetAttribute(ROLE_ATTRIBUTE, PSEUDO_LABEL_ROLE)
     segmentation_node.CreateDefaultDisplayNodes()
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     segment_ids = vtk.vtkStringArray()
     for value in range(1, max(labels) + 1):
         name = labels.get(value, f"class {value}")
         rgb = [c / 255.0 for c in class_color(value, colors)]
-        segment_ids.InsertNextValue(segmentation_node.GetSegmentation().AddEmptySegment(name, name, rgb))
+        segment_id = segmentation_node.GetSegmentation().AddEmptySegment(name, name, rgb)
+        entry = terminology.terminology_entry(name)
+        if entry is not None:
+            segmentation_node.GetSegmentation().GetSegment(segment_id).SetTerminology(entry)
+        segment_ids.InsertNextValue(segment_id)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PLBOpt_import__")
     try:
         imageio.set_volume_from_array(labelmap, label.astype(np.int16), grid)
@@ -164,10 +223,15 @@ def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels
     imageio.set_volume_from_array(confidence_node, confidence, grid)
     confidence_node.CreateDefaultDisplayNodes()
     display = confidence_node.GetDisplayNode()
-    display.SetAndObserveColorNodeID(confidence_color_node(scene).GetID())
+    display.SetAndObserveColorNodeID(confidence_color_node(scene, threshold).GetID())
     display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetWindowLevelMinMax(0.0, 1.0)  # colour table index = confidence
+    legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(confidence_node)
+    if legend is not None:
+        legend.SetTitleText("Confidence")
+        legend.SetLabelFormat("%.2f")
     volume_node.SetNodeReferenceID(CONFIDENCE_REFERENCE_ROLE, confidence_node.GetID())
+    place_under(volume_node, (segmentation_node, confidence_node))
 
     return LoadedPrediction(segmentation=segmentation_node, confidence=confidence_node,
                             uncertainty=uncertainty_score(label, confidence),
@@ -177,57 +241,3 @@ def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels
 def jump_slices_to(scene, ras: Sequence[float]) -> None:
     """Centre every slice view on ``ras`` (the views' own orientation is kept)."""
     slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *[float(v) for v in ras], slicer.vtkMRMLSliceNode.CenteredJumpSlice)
-
-
-def render_review_png(image: np.ndarray, label: np.ndarray, confidence: np.ndarray, labels: Dict[int, str],
-                      colors: Dict[int, Tuple[int, int, int]], out_path: Path, title: str = "",
-                      slice_index: Optional[int] = None, window: Optional[Tuple[float, float]] = None) -> Path:
-    """Write the review view as a PNG: an axial slice with the pseudo label coloured per class, and
-    the same slice with the confidence map overlaid (colour table of the Slicer overlay).
-
-    Arrays are (Z, Y, X). The default slice holds the least confident region, marked with a cross.
-    ``window`` is the displayed intensity range (default: 1st-99th percentile). Uncertain voxels
-    are drawn more opaque, as when the overlay fades with confidence in the slice view.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import ListedColormap, Normalize
-    from matplotlib.patches import Patch
-
-    k, j, i = least_confident_voxel(label, confidence)
-    if slice_index is None:
-        slice_index = k
-    low, high = window if window is not None else np.percentile(image, [1, 99])
-    gray = np.clip((image[slice_index] - low) / max(high - low, 1e-6), 0, 1)
-    values = sorted(v for v in labels if v > 0)
-    overlay = np.zeros(gray.shape + (4,))
-    for value in values:
-        overlay[label[slice_index] == value] = (*[c / 255 for c in class_color(value, colors)], 0.55)
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 5.4), dpi=100)
-    axes[0].imshow(gray, cmap="gray", interpolation="nearest")
-    axes[0].imshow(overlay, interpolation="nearest")
-    axes[0].set_title("Refined pseudo label")
-    axes[0].legend(handles=[Patch(color=[c / 255 for c in class_color(v, colors)], label=labels[v]) for v in values],
-                   loc="lower left", fontsize=8, framealpha=0.8)
-    axes[1].imshow(gray, cmap="gray", interpolation="nearest")
-    colormap = ListedColormap(uncertainty_colormap())
-    heat = colormap(np.clip(confidence[slice_index], 0, 1))
-    heat[..., 3] = np.clip(1.6 * (1.0 - confidence[slice_index]), 0.0, 0.9)
-    axes[1].imshow(heat, interpolation="nearest")
-    if slice_index == k:
-        axes[1].plot([i], [j], marker="+", color="cyan", markersize=18, markeredgewidth=2)
-    axes[1].set_title(f"Confidence (uncertainty {uncertainty_score(label, confidence):.3f})")
-    figure.colorbar(ScalarMappable(Normalize(0, 1), colormap), ax=axes[1], fraction=0.046, pad=0.04, label="max softmax probability")
-    for axis in axes:
-        axis.set_axis_off()
-    figure.suptitle(title or f"Review: axial slice {slice_index}")
-    figure.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path)
-    plt.close(figure)
-    return out_path

@@ -78,3 +78,20 @@ def phantom_case(shape=(12, 24, 28), seed=0):
     body = (x / 0.95) ** 2 + (y / 0.9) ** 2 < 1
     image = np.where(body, 0.0, -1000.0) + np.choose(label, [0.0, 60.0, 120.0]) + rng.normal(0, 10, shape)
     return image.astype(np.float32), label
+
+
+LAUNCHER_SCRIPT = '''#!{python}
+"""Stand-in for Slicer's PythonSlicer, a CTK AppLauncher: it starts the real interpreter as a
+child, forwards no signal (SIGTERM ends the launcher alone) and exits with the child's status."""
+import subprocess, sys
+sys.exit(subprocess.call([{python!r}, *sys.argv[1:]]))
+'''
+
+
+@pytest.fixture
+def python_launcher(tmp_path) -> str:
+    """Path of an executable launcher script that behaves like PythonSlicer (see LAUNCHER_SCRIPT)."""
+    path = tmp_path / "PythonSlicer"
+    path.write_text(LAUNCHER_SCRIPT.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)

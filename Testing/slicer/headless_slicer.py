@@ -35,6 +35,8 @@ def create_headless_scene() -> "slicer.vtkMRMLScene":
         app_logic.SetModuleLogic(name, logic)
         return logic
 
+    # The Colors module registers this class in the application; the module adds confidence legends.
+    scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
     segmentations_logic = register(slicer.vtkSlicerSegmentationsModuleLogic(), "Segmentations")
     volumes_logic = register(slicer.vtkSlicerVolumesLogic(), "Volumes")
 

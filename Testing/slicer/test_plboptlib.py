@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import re
 import sys
+import subprocess
 import textwrap
+import types
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import SimpleITK as sitk
 
 import slicer
 from conftest import MODULE_DIR, add_segmentation, add_volume, oblique_directions, phantom_case
-from PLBOptLib import PLBOptSlicerError, Status, TrainSettings, WorkflowLogic, cases, dependencies, imageio, review
+import PLBOptLib
+from PLBOptLib import (PLBOptSlicerError, Status, TrainSettings, WorkflowLogic, bundle, cases, dependencies, imageio,
+                       review)
 from PLBOptLib.events import EventsFollower, TrainingProgress, format_duration
 from PLBOptLib.logic import TrainingJob
-from PLBOptLib.process import JobProcess, train_command
+from PLBOptLib.process import STOP_FILE_NAME, JobProcess, train_command
 
 COLORS = {"liver": (0.9, 0.4, 0.2), "spleen": (0.2, 0.5, 0.9)}
 
@@ -199,21 +207,6 @@ def test_least_confident_voxel_prefers_region_over_single_voxel():
     assert review.uncertainty_score(label, confidence) == pytest.approx(float(np.mean(1 - confidence)))
 
 
-def test_review_png_renders_overlay_and_confidence(tmp_path):
-    image, label = phantom_case(shape=(16, 64, 64), seed=4)
-    confidence = np.where(label > 0, 0.92, 0.99).astype(np.float32)
-    confidence[6:10, 20:30, 10:22] = 0.45
-    path = review.render_review_png(image, label, confidence, {0: "background", 1: "liver", 2: "spleen"},
-                                    {1: (230, 102, 51)}, tmp_path / "review.png", title="phantom")
-    import matplotlib.image
-
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[:2] == (540, 1000)
-    # the liver colour and the default spleen colour both appear (blended over grey)
-    reds = (pixels[..., 0] > 0.6) & (pixels[..., 2] < 0.45)
-    assert reds.sum() > 500
-
-
 # ---- events and processes ---------------------------------------------------------------------
 
 def test_events_follower_waits_for_complete_lines(tmp_path):
@@ -290,13 +283,14 @@ def test_cancel_stops_child_which_leaves_checkpoint(tmp_path):
     assert "fake trainer running" in process.output
 
 
-def test_cancel_kills_a_child_that_ignores_sigterm(tmp_path):
+def test_cancel_kills_the_tree_below_a_launcher_when_sigterm_is_ignored(tmp_path, python_launcher):
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
-    process = JobProcess([sys.executable, "-c", code], kill_after_seconds=0.3).start()
+    process = JobProcess([python_launcher, "-c", code], kill_after_seconds=0.3).start()
     job = TrainingJob(run_dir=tmp_path, process=process, events=EventsFollower(tmp_path / "events.jsonl"))
     while "ready" not in process.output:
         process.poll()
         time.sleep(0.02)
+    child = psutil.Process(process.pid).children(recursive=True)[0]
     started = time.monotonic()
     job.cancel()
     while process.running:
@@ -304,7 +298,57 @@ def test_cancel_kills_a_child_that_ignores_sigterm(tmp_path):
         time.sleep(0.05)
     assert time.monotonic() - started < 10
     job.poll()
-    assert job.progress.status == "interrupted" and process.returncode < 0
+    assert job.progress.status == "interrupted" and process.returncode != 0
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_stop_file_alone_stops_a_trainer_that_gets_no_signal(tmp_path):
+    """The Windows path (and any launcher that blocks signals): Cancel's stop file is enough."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    code = textwrap.dedent("""
+        import os, signal, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        while not os.path.exists(sys.argv[1]):
+            time.sleep(0.02)
+        print("stopped by the stop file", flush=True)
+        sys.exit(130)
+    """)
+    stop_file = run_dir / STOP_FILE_NAME
+    process = JobProcess([sys.executable, "-c", code, str(stop_file)], stop_file=stop_file, kill_after_seconds=30).start()
+    while "ready" not in process.output:
+        process.poll()
+        time.sleep(0.02)
+    process.cancel()
+    assert process.wait(timeout=20) == 130 and "stopped by the stop file" in process.output
+
+
+def test_slicer_512_job_ends_at_the_completed_callback_after_the_last_line(monkeypatch):
+    """Slicer 5.12 hands output and the exit status over on a Qt timer: the job is over when the
+    completed callback has run (after the last line), not when Popen.poll() sees the exit."""
+    launched = []
+
+    def launch_console_process(args, updateEnvironment=None, cwd=None, blocking=True, logCallback=None,
+                               completedCallback=None):
+        process = subprocess.Popen(args, env=updateEnvironment, cwd=cwd, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        launched.append((process, logCallback, completedCallback))
+        return process
+
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None), raising=False)
+    monkeypatch.setattr(slicer.util, "launchConsoleProcess", launch_console_process)
+    code = "import sys; print('dataset.json: no labeled case', flush=True); sys.exit(2)"
+    job = JobProcess([sys.executable, "-c", code]).start()
+    process, log_callback, completed_callback = launched[0]
+    process.wait()
+    job.poll()
+    assert job.running and job.returncode is None  # exited, but Slicer's timer has not delivered yet
+    for line in process.stdout:
+        log_callback(line.rstrip())
+    completed_callback(process.returncode)
+    job.poll()
+    assert not job.running and job.returncode == 2 and job.failure_message() == "dataset.json: no labeled case"
 
 
 def test_failed_process_reports_its_last_line(tmp_path):
@@ -318,22 +362,77 @@ def test_failed_process_reports_its_last_line(tmp_path):
 # ---- dependencies -----------------------------------------------------------------------------
 
 def test_dependency_check_lists_only_missing_packages():
-    installed = {"torch": "2.3.0", "numpy": "1.26.0", "scipy": "1.12", "SimpleITK": "2.3.1"}
+    installed = {"torch": "2.1.2+cu121", "numpy": "1.26.0", "scipy": "1.12", "SimpleITK": "2.3.1"}
     status = dependencies.check_dependencies(installed.get)
-    assert not status.ready and status.plbopt_version is None
+    assert not status.ready and not status.torch_ok  # 2.1.2 is older than the minimum
     assert status.missing_light == ["scikit-image>=0.21", "tqdm>=4.60", "pyyaml>=6", "matplotlib>=3.6"]
-    text = status.install_description("plbopt")
-    assert "torch" not in text.split("\n")[1] and "plbopt (without its dependencies)" in text
-    assert dependencies.protected_constraints(installed.get) == ["torch==2.3.0", "SimpleITK==2.3.1"]
-    # Running from a source checkout installs that checkout.
-    assert dependencies.plbopt_requirement(MODULE_DIR).startswith("plbopt @ file://")
+    text = status.install_description(Path("/ext/PLBOptCore"))
+    assert f"torch>={dependencies.TORCH_MINIMUM}, replacing torch 2.1.2+cu121" in text
+    assert "PLBOptCore comes with the extension (/ext/PLBOptCore) and is not downloaded" in text
+    assert dependencies.protected_constraints(installed.get) == ["torch==2.1.2+cu121", "SimpleITK==2.3.1"]
+    assert dependencies.check_dependencies({**installed, "torch": "2.13.0", "scikit-image": "0.22", "tqdm": "4.6",
+                                            "pyyaml": "6.0", "matplotlib": "3.8"}.get).ready
     assert dependencies.device_message({"cuda": False, "torch": "2.3"}).startswith("No CUDA GPU")
+    # Restart only when a package Slicer has imported changed version.
+    before, after = {"scikit-image": "0.21", "scipy": "1.10"}, {"scikit-image": "0.24", "scipy": "1.10"}
+    assert dependencies.restart_reasons(before, after, imported={"skimage"}) == ["scikit-image 0.21 -> 0.24"]
+    assert dependencies.restart_reasons(before, after, imported={"scipy"}) == []
+
+
+PLBOPT_REQUIREMENT = re.compile(r"^\s*plbopt\s*(\[|@|[<>=!~])", re.IGNORECASE)  # a bare "plbopt" is the preset
+
+
+def test_no_code_path_installs_plbopt_from_an_index(monkeypatch):
+    """PLBOptCore ships with the extension; a bare ``plbopt`` from an index could be anyone's code."""
+    requested = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements, **kwargs: requested.append(requirements),
+                        raising=False)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # no PyTorch extension: torch from PyPI
+    nothing = dependencies.check_dependencies(lambda name: None)
+    dependencies.install_torch(lambda line: None)
+    dependencies.install_light(nothing.missing_light, lambda line: None)
+    names = [dependencies.requirement_name(r) for call in requested for r in ([call] if isinstance(call, str) else call)
+             if not r.startswith("-") and not r.endswith(".txt")]
+    assert names == ["torch", *[dependencies.requirement_name(r) for r in dependencies.LIGHT_REQUIREMENTS]]
+    # No string literal anywhere in the module's code is a requirement on plbopt.
+    for path in [MODULE_DIR / "PLBOpt.py", *sorted((MODULE_DIR / "PLBOptLib").glob("*.py"))]:
+        literals = [node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)]
+        assert not [text for text in literals if PLBOPT_REQUIREMENT.match(text)], path
+
+
+def test_versions_and_stop_file_name_agree_with_plboptcore():
+    import PLBOptCore
+    import PLBOptLib
+    from PLBOptCore.engine import runcontrol
+
+    pyproject = (MODULE_DIR.parent / "pyproject.toml").read_text()
+    assert PLBOptLib.__version__ == PLBOptCore.__version__
+    assert f'version = "{PLBOptCore.__version__}"' in pyproject
+    assert STOP_FILE_NAME == runcontrol.STOP_FILE_NAME
+
+
+def test_jobs_run_the_bundled_core_and_refuse_another(tmp_path):
+    root = bundle.core_root()
+    assert root == MODULE_DIR.parent and bundle.bundled_core_version(root) == PLBOptLib.__version__
+    environment = bundle.job_environment(root, {"PYTHONPATH": "/elsewhere"})
+    assert environment["PYTHONPATH"].split(os.pathsep) == [str(root), "/elsewhere"]
+    assert bundle.check_core(sys.executable, root, bundle.job_environment(root, os.environ), tmp_path) == PLBOptLib.__version__
+
+    stale = tmp_path / "updated" / "PLBOptCore"
+    stale.mkdir(parents=True)
+    (stale / "__init__.py").write_text('__version__ = "9.9.9"\n')
+    with pytest.raises(PLBOptSlicerError, match=r"PLBOptCore 9.9.9 does not match the PLBOpt module .*restart Slicer"):
+        bundle.check_core(sys.executable, stale.parent, bundle.job_environment(stale.parent, os.environ), tmp_path)
+    # The job's interpreter imports some other PLBOptCore (here: the checkout) instead of the bundled one.
+    with pytest.raises(PLBOptSlicerError, match=r"instead of the one in the extension"):
+        bundle.check_core(sys.executable, stale.parent, bundle.job_environment(root, os.environ), tmp_path)
+    with pytest.raises(PLBOptSlicerError, match="PLBOptCore is missing next to the module"):
+        bundle.core_root(tmp_path / "empty" / "module")
 
 
 def test_plboptlib_does_not_import_torch_or_qt():
     code = ("import sys; sys.path.insert(0, %r); import PLBOptLib; "
             "bad = [m for m in ('torch', 'qt', 'ctk', 'PLBOptCore') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
             % str(MODULE_DIR))
-    import subprocess
-
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 import slicer
@@ -24,8 +25,8 @@ def _trainer_available() -> bool:
 pytestmark = pytest.mark.skipif(not _trainer_available(), reason="PLBOptCore trainer/inference not importable")
 
 
-@pytest.fixture
-def logic(scene, tmp_path):
+def make_logic(scene, tmp_path, python: str = sys.executable) -> WorkflowLogic:
+    """Two labeled and two unlabeled phantom cases in ``scene``; jobs run with ``python``."""
     for index in range(2):
         image, label = phantom_case(shape=(20, 40, 40), seed=index)
         add_segmentation(scene, add_volume(scene, f"L{index}", image), {"liver": label == 1, "spleen": label == 2},
@@ -33,7 +34,12 @@ def logic(scene, tmp_path):
     for index in range(2):
         image, _ = phantom_case(shape=(20, 40, 40), seed=10 + index)
         add_volume(scene, f"U{index}", image)
-    return WorkflowLogic(scene, working_dir=tmp_path, python=sys.executable, log_callback=lambda line: None)
+    return WorkflowLogic(scene, working_dir=tmp_path, python=python, log_callback=lambda line: None)
+
+
+@pytest.fixture
+def logic(scene, tmp_path):
+    return make_logic(scene, tmp_path)
 
 
 def test_train_predict_review_accept_retrain(logic, tmp_path):
@@ -67,7 +73,9 @@ def test_train_predict_review_accept_retrain(logic, tmp_path):
     assert "U0" in [c.name for c in cases.find_cases(logic.scene) if c.trains_supervised]
 
 
-def test_cancel_leaves_resumable_checkpoint_and_resume_continues(logic):
+def test_cancel_through_a_launcher_stops_the_trainer_and_resume_continues(scene, tmp_path, python_launcher):
+    """PythonSlicer forwards no signal: Cancel must reach the trainer below it, not just the launcher."""
+    logic = make_logic(scene, tmp_path, python=python_launcher)
     # "supervised" skips superpixel preprocessing: the quickest start, same checkpoint/cancel path.
     long_run = TrainSettings(**{**TINY.__dict__, "preset": "supervised", "iterations": 2000,
                                 "overrides": {"checkpoint_every": 1000, "validate_every": 1000, "log_every": 1}})
@@ -77,18 +85,22 @@ def test_cancel_leaves_resumable_checkpoint_and_resume_continues(logic):
         job.poll()
         time.sleep(0.1)
     assert job.progress.status == "running", "\n".join(job.process.output)
+    trainers = psutil.Process(job.process.pid).children(recursive=True)
+    assert trainers, "the launcher started no child interpreter"
     job.cancel()
     progress = job.wait(timeout=120)
-    assert job.process.returncode == 130, "\n".join(job.process.output)
+    assert job.process.returncode == 130, "\n".join(job.process.output)  # the launcher relays the trainer's status
+    assert not [p for p in trainers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "a trainer survived"
     assert progress.status == "interrupted" and job.checkpoint.is_file()
+    assert not (job.run_dir / "train.lock").exists() and not (job.run_dir / "stop-requested").exists()
     stopped_at = progress.step
 
     resumed = logic.resume_training(long_run)
     assert resumed.run_dir == job.run_dir and "--resume" in resumed.process.args
-    while resumed.progress.status == "waiting" and not resumed.finished and time.monotonic() < deadline + 60:
+    while resumed.progress.step <= stopped_at and not resumed.finished and time.monotonic() < deadline + 60:
         resumed.poll()
         time.sleep(0.1)
     assert resumed.progress.start_step == stopped_at, "\n".join(resumed.process.output)
+    assert resumed.progress.step > stopped_at  # it trains on from the checkpoint
     resumed.cancel()
     assert resumed.wait(timeout=120).status == "interrupted"
-    assert resumed.progress.step >= stopped_at
