@@ -21,11 +21,15 @@ PathLike = Union[str, Path]
 def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", config_file: Optional[PathLike] = None,
           overrides: Optional[Dict[str, Any]] = None, resume: bool = False, overwrite: bool = False,
           init_from: Optional[PathLike] = None, progress: Optional[Callable[[dict], None]] = None,
-          should_stop: Optional[Callable[[], bool]] = None, show_progress_bar: bool = False) -> Path:
-    """Train a run folder from a dataset folder; returns ``run_dir``.
+          should_stop: Optional[Callable[[], bool]] = None, show_progress_bar: bool = False,
+          unlabeled_dir: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None) -> Path:
+    """Train a run folder from a dataset folder (MSD or nnU-Net v2 ``dataset.json``); returns ``run_dir``.
 
     With ``resume=True`` the configuration stored in the run folder is used (overrides may only
     change ``iterations`` and ``device``), so a resumed run continues the same experiment.
+    ``unlabeled_dir`` adds the images of a folder to the unlabeled cases; ``cache_dir`` holds the
+    preprocessing cache (default ``<dataset_dir>/.plbopt_cache``; give another folder when the
+    dataset is read-only).
     """
     from .data.dataset import load_dataset, validate_dataset
     from .engine.trainer import Trainer
@@ -39,17 +43,22 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
         config = stored.validate()
     else:
         config = make_config(preset, Path(config_file) if config_file else None, overrides)
-    dataset = load_dataset(Path(dataset_dir))
+    dataset = load_dataset(Path(dataset_dir), unlabeled_dir=Path(unlabeled_dir) if unlabeled_dir else None)
     validate_dataset(dataset, deep=True)
     trainer = Trainer(config, dataset, run_dir, resume=resume, overwrite=overwrite, init_from=init_from,
-                      progress=progress, should_stop=should_stop, show_progress_bar=show_progress_bar)
+                      progress=progress, should_stop=should_stop, show_progress_bar=show_progress_bar,
+                      cache_dir=Path(cache_dir) if cache_dir else None)
     trainer.fit()
     return run_dir
 
 
 def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
-    """Image files (and DICOM series folders) named by a file, a folder, or a list of them."""
-    from .data.io import IMAGE_SUFFIXES, case_name, image_files
+    """Image files (and DICOM series folders) named by a file, a folder, or a list of them.
+
+    Case names (:func:`~PLBOptCore.data.io.image_case_name`) drop nnU-Net's ``_0000`` suffix; a
+    second channel (``<case>_0001``) of such a case is refused.
+    """
+    from .data.io import IMAGE_SUFFIXES, check_single_channel, image_case_name, image_files
 
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     found: List[Path] = []
@@ -65,7 +74,8 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
             if not images:
                 raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             found.extend(images)
-    names = [case_name(p) for p in found]
+    check_single_channel(found)
+    names = [image_case_name(p) for p in found]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DatasetError(f"{paths[0]}: several inputs share the case name(s) {', '.join(duplicates)}")
@@ -80,7 +90,7 @@ def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_
     Outputs are in each input's original geometry. Refusing to write over an input keeps the
     user's data safe even when ``out_dir`` is the input folder.
     """
-    from .data.io import CONFIDENCE_SUFFIX, case_name, read_image, write_image
+    from .data.io import CONFIDENCE_SUFFIX, image_case_name, read_image, write_image
     from .engine.inference import Predictor
 
     predictor = Predictor.from_run(Path(run_dir), checkpoint, device)
@@ -91,7 +101,7 @@ def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_
     input_set = {p.resolve() for p in images}
     written: List[Path] = []
     for index, image_path in enumerate(images):
-        name = case_name(image_path)
+        name = image_case_name(image_path)
         label_path, confidence_path = out_dir / f"{name}.nii.gz", out_dir / f"{name}{CONFIDENCE_SUFFIX}.nii.gz"
         for target in (label_path, confidence_path):
             if target.resolve() in input_set:

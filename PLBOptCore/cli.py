@@ -52,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = dict(CPU_DEMO_OVERRIDES) if args.small else {}
     overrides.update(_training_overrides(args))
     train(args.dataset, args.output, preset=args.preset, config_file=args.config, overrides=overrides,
-          resume=args.resume, overwrite=args.overwrite, init_from=args.init_from, show_progress_bar=not args.quiet)
+          resume=args.resume, overwrite=args.overwrite, init_from=args.init_from, show_progress_bar=not args.quiet,
+          unlabeled_dir=args.unlabeled, cache_dir=args.cache_dir)
     if os.environ.get("RANK", "0") == "0":  # one line per job, not per torchrun process
         print(f"run folder: {args.output}  (checkpoints/best.pt, events.jsonl)")
     return 0
@@ -118,9 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a run from a dataset folder")
-    p.add_argument("dataset", type=Path, help="dataset folder with dataset.json")
+    p.add_argument("dataset", type=Path, help="dataset folder with dataset.json (MSD or nnU-Net v2)")
     p.add_argument("-o", "--output", type=Path, required=True, help="run folder")
     add_training_arguments(p)
+    p.add_argument("--unlabeled", type=Path, metavar="DIR", help="add the images of DIR as unlabeled cases")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="preprocessing cache (default DATASET/.plbopt_cache; needed for a read-only dataset)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start again in a non-empty run folder")
     p.add_argument("--init-from", type=Path, help="initialise the subnets from this checkpoint (fine-tune)")

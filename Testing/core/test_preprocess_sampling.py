@@ -17,6 +17,7 @@ from PLBOptCore.data.io import write_image
 from PLBOptCore.data.preprocess import (BODY_MARGIN, Preprocessed, PreprocessParams, preprocess_case,
                                         preprocess_image, restore_to_original)
 from PLBOptCore.data.sampling import PatchSampler, augment_batch, class_indices
+from PLBOptCore.errors import DatasetError
 
 DICOM = Path("/work/shared/data/dicom-ct-3slice")
 DIRECTION = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # rotated: restore must keep it
@@ -144,9 +145,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     case = _case(tmp_path)
     params, cache = _params(), tmp_path / "cache"
     first = preprocess_case(case, params, cache, with_superpixels=False)
-    cache_file = cache / params.key() / "c0.npz"
-    assert cache_file.is_file() and first.superpixels is None
-    assert not [p for p in cache_file.parent.iterdir() if p.name.startswith(".tmp")]
+    case_dir = cache / params.key() / "c0"
+    assert sorted(p.name for p in case_dir.iterdir()) == ["image.npy", "label.npy", "meta.json"]
+    assert first.superpixels is None
 
     def no_read(path):
         raise AssertionError(f"{path} read although cached")
@@ -156,6 +157,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again.image, first.image)
     np.testing.assert_array_equal(again.label, first.label)
     assert again.info == first.info
+    # memory-mapped read-only: processes reading the case share the OS page cache
+    assert isinstance(again.image, np.memmap) and isinstance(again.label, np.memmap)
+    assert not again.image.flags.writeable
 
     # superpixels are added to the cached case without re-reading the source
     with_sp = preprocess_case(case, params, cache, with_superpixels=True)
@@ -175,12 +179,22 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 def test_corrupt_cache_is_rebuilt(tmp_path):
     case = _case(tmp_path, label=False)
     params, cache = _params(), tmp_path / "cache"
-    path = cache / params.key() / "c0.npz"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"PK\x03\x04garbage")
+    preprocess_case(case, params, cache, with_superpixels=False)
+    image_file = cache / params.key() / "c0" / "image.npy"
+    image_file.write_bytes(b"\x93NUMPYgarbage")
     pre = preprocess_case(case, params, cache, with_superpixels=False)
-    assert pre.label is None and pre.image.ndim == 3
+    assert pre.label is None and pre.image.ndim == 3 and not isinstance(pre.image, np.memmap)
+    assert isinstance(preprocess_case(case, params, cache, False).image, np.memmap)
+    (cache / params.key() / "c0" / "meta.json").write_text("{not json")
     assert preprocess_case(case, params, cache, False).image.shape == pre.image.shape
+
+
+def test_unwritable_cache_folder_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should go")
+    with pytest.raises(DatasetError) as err:
+        preprocess_case(_case(tmp_path), _params(), blocker / "cache", with_superpixels=False)
+    assert str(err.value).startswith(str(blocker / "cache")) and "--cache-dir" in str(err.value)
 
 
 # ---- sampling --------------------------------------------------------------------------------------
