@@ -128,9 +128,14 @@ def predict_array(run_dir: PathLike, volume_zyx: np.ndarray, spacing_zyx=(1.0, 1
 
 
 def evaluate(pred_dir: PathLike, gt_dir: PathLike, labels: Union[None, Dict[int, str], PathLike] = None,
-             out_dir: Optional[PathLike] = None) -> dict:
-    """Per case and class Dice, ASD, ASSD and HD95 (mm); writes metrics.csv and metrics.json."""
+             out_dir: Optional[PathLike] = None, empty: str = "ignore", missing: str = "diagonal",
+             hd95: str = "pooled") -> dict:
+    """Per case and class Dice, ASD, ASSD and HD95 (mm); writes metrics.csv and metrics.json.
+
+    ``empty`` (``ignore``/``perfect``), ``missing`` (``diagonal``/``inf``/``skip``) and ``hd95``
+    (``pooled``/``max``) choose the conventions described in :mod:`PLBOptCore.evaluate`.
+    """
     from .evaluate import evaluate_folders
 
     return evaluate_folders(Path(pred_dir), Path(gt_dir), labels if isinstance(labels, dict) or labels is None else Path(labels),
-                            Path(out_dir) if out_dir else None)
+                            Path(out_dir) if out_dir else None, empty=empty, missing=missing, hd95=hd95)

@@ -17,6 +17,7 @@ from .config import PRESETS, parse_override
 from .convert import add_convert_arguments
 from .errors import PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
+from .metrics import EMPTY_CONVENTIONS, HD95_CONVENTIONS, MISSING_CONVENTIONS
 
 
 def _training_overrides(args: argparse.Namespace) -> Dict[str, Any]:
@@ -77,7 +78,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import evaluate
     from .evaluate import format_table
 
-    results = evaluate(args.pred_dir, args.gt_dir, labels=args.labels, out_dir=args.output)
+    results = evaluate(args.pred_dir, args.gt_dir, labels=args.labels, out_dir=args.output, empty=args.empty,
+                       missing=args.missing, hd95=args.hd95)
     print(format_table(results))
     return 0
 
@@ -154,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gt_dir", type=Path)
     p.add_argument("--labels", type=Path, help="dataset.json with class names")
     p.add_argument("-o", "--output", type=Path, help="where metrics.csv/json go (default PRED_DIR)")
+    p.add_argument("--empty", choices=EMPTY_CONVENTIONS, default="ignore",
+                   help="a class absent from prediction and GT: ignore = left out of the means (default; "
+                        "nnU-Net v2, MONAI ignore_empty), perfect = Dice 1 and distance 0 (DHC)")
+    p.add_argument("--missing", choices=MISSING_CONVENTIONS, default="diagonal",
+                   help="distance of a class in only one of prediction and GT: diagonal = image diagonal "
+                        "in mm (default), inf (MONAI), skip = left out of the means (earlier PLBOpt)")
+    p.add_argument("--hd95", choices=HD95_CONVENTIONS, default="pooled",
+                   help="pooled = 95th percentile of both directions together (default; medpy, DHC), "
+                        "max = larger of the two directed 95th percentiles (MONAI)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate the embedded phantom dataset, train, predict, evaluate")

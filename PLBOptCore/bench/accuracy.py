@@ -260,7 +260,11 @@ def _predict_and_score(ctx: BenchContext, run_dir: Path, images: Sequence[Path],
     started = time.perf_counter()
     predict(run_dir, list(images), work_dir / "predictions", device=ctx.device)
     predicted = time.perf_counter()
-    results = evaluate(work_dir / "predictions", ctx.gt_dir, labels=ctx.spec.json_path, out_dir=work_dir / "evaluation")
+    # The conventions of the tables in docs/RESULTS.md (made before --empty/--missing existed), so
+    # that a rerun reproduces them: absent-from-both counts as perfect, a missing organ's ASD is
+    # left out and counted in n_missing.
+    results = evaluate(work_dir / "predictions", ctx.gt_dir, labels=ctx.spec.json_path, out_dir=work_dir / "evaluation",
+                       empty="perfect", missing="skip")
     return {**_summarise(results), "seconds": {"predict": predicted - started, "evaluate": time.perf_counter() - predicted}}
 
 
