@@ -195,7 +195,8 @@ def folder_cases(folder: Path) -> List[Case]:
 
 
 def _nnunet_path(root: Path, raw: Any, where: Path) -> Path:
-    """A path of nnU-Net's ``dataset`` key: ``$VARS`` expanded, relative to ``root`` unless absolute."""
+    """A path of an nnU-Net v2 dataset.json, read as nnU-Net does: ``$VARS`` expanded, relative to
+    ``root`` unless absolute."""
     if not isinstance(raw, str) or not raw:
         raise DatasetError(f"{where}: 'dataset' has a missing or non-string path: {raw!r}")
     return root / os.path.expandvars(raw)  # an absolute right-hand side replaces root
@@ -206,7 +207,7 @@ def _nnunet_scan(folder: Path, file_ending: str, where: Path) -> Dict[str, Path]
     cases: Dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         name = path.name
-        if path.name.startswith(".") or not name.endswith(file_ending):
+        if name.startswith(".") or not name.endswith(file_ending):
             continue
         stem = name[: -len(file_ending)]
         match = CHANNEL_SUFFIX.search(stem)
@@ -231,24 +232,7 @@ def _nnunet_v2_splits(root: Path, data: Dict[str, Any], where: Path, check_files
     file_ending = data["file_ending"]
     if not isinstance(file_ending, str) or not file_ending.lower().endswith(IMAGE_SUFFIXES):
         raise DatasetError(f"{where}: file_ending {file_ending!r} is not one of {', '.join(IMAGE_SUFFIXES)}")
-    if "dataset" in data:
-        if not isinstance(data["dataset"], dict):
-            raise DatasetError(f"{where}: 'dataset' must map case names to {{\"images\": [...], \"label\": ...}}")
-        training = []
-        for name, entry in data["dataset"].items():
-            images = entry.get("images") if isinstance(entry, dict) else None
-            if not isinstance(images, list) or not images or "label" not in entry:
-                raise DatasetError(f"{where}: 'dataset' entry {name!r} needs \"images\" (a list) and \"label\"")
-            if len(images) > 1:
-                raise DatasetError(f"{where}: case {name!r} has {len(images)} channels; "
-                                   "PLBOpt trains on single-channel images only")
-            training.append(Case(name, _nnunet_path(root, images[0], where), _nnunet_path(root, entry["label"], where)))
-    else:
-        images_dir = root / "imagesTr"
-        if not images_dir.is_dir():
-            raise DatasetError(f"{images_dir}: folder not found (nnU-Net v2 layout, {where.name} has no 'dataset' key)")
-        training = [Case(name, image, root / "labelsTr" / f"{name}{file_ending}")
-                    for name, image in _nnunet_scan(images_dir, file_ending, where).items()]
+    training = _nnunet_training(root, data, where, file_ending)
     if check_files:
         for case in training:
             if not case.label.exists():
@@ -267,6 +251,29 @@ def _nnunet_v2_splits(root: Path, data: Dict[str, Any], where: Path, check_files
             label = root / "labelsTs" / f"{name}{file_ending}"
             test.append(Case(name, image, label if label.is_file() else None))
     return {"training": training, "unlabeled": unlabeled, "validation": [], "test": test}
+
+
+def _nnunet_training(root: Path, data: Dict[str, Any], where: Path, file_ending: str) -> List[Case]:
+    """Labeled cases of a v2 dataset: its ``dataset`` key if present, else the ``imagesTr`` scan."""
+    if "dataset" in data:
+        if not isinstance(data["dataset"], dict):
+            raise DatasetError(f"{where}: 'dataset' must map case names to {{\"images\": [...], \"label\": ...}}")
+        training: List[Case] = []
+        for name, entry in data["dataset"].items():
+            images = entry.get("images") if isinstance(entry, dict) else None
+            if not isinstance(images, list) or not images or "label" not in entry:
+                raise DatasetError(f"{where}: 'dataset' entry {name!r} needs \"images\" (a list) and \"label\"")
+            if len(images) > 1:
+                raise DatasetError(f"{where}: case {name!r} has {len(images)} channels; "
+                                   "PLBOpt trains on single-channel images only")
+            training.append(Case(name, _nnunet_path(root, images[0], where), _nnunet_path(root, entry["label"], where)))
+    else:
+        images_dir = root / "imagesTr"
+        if not images_dir.is_dir():
+            raise DatasetError(f"{images_dir}: folder not found (nnU-Net v2 layout, {where.name} has no 'dataset' key)")
+        training = [Case(name, image, root / "labelsTr" / f"{name}{file_ending}")
+                    for name, image in _nnunet_scan(images_dir, file_ending, where).items()]
+    return training
 
 
 def load_dataset(root: Path, check_files: bool = True, unlabeled_dir: Optional[Path] = None) -> DatasetSpec:

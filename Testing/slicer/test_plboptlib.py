@@ -76,6 +76,12 @@ def test_export_keeps_geometry_and_labels_voxel_exact(scene, tmp_path):
     assert abs(np.linalg.det(oblique_directions()) + 1) < 1e-9  # the grid really is oblique and flipped
 
 
+def test_case_names_keep_clear_of_plboptcore_suffixes(scene, tmp_path):
+    for name in ("scan_0000", "map_confidence"):
+        add_volume(scene, name, phantom_case(seed=1)[0])
+    assert sorted(c.name for c in WorkflowLogic(scene, working_dir=tmp_path).cases()) == ["map_conf", "scan-0000"]
+
+
 def test_mismatched_segment_names_are_rejected(scene, tmp_path):
     add_phantom(scene, "A", seed=1)
     volume, _, label = add_phantom(scene, "B", seed=2, labeled=False)
