@@ -418,9 +418,9 @@ class Trainer:
             model.eval()
         per_class: Dict[str, List[float]] = {name: [] for c, name in self.dataset.labels.items() if c > 0}
         for case in self.validation_cases:
-            probs = sliding_window_probabilities(self.models, torch.from_numpy(case.image), self.config.patch_size,
-                                                 self.num_classes, self.config.sw_overlap, self.config.sw_batch_size,
-                                                 self.device)
+            volume = torch.from_numpy(np.array(case.image))  # a copy: cached volumes are read-only memory maps
+            probs = sliding_window_probabilities(self.models, volume, self.config.patch_size, self.num_classes,
+                                                 self.config.sw_overlap, self.config.sw_batch_size, self.device)
             prediction = probs.argmax(0).numpy()
             for c, name in self.dataset.labels.items():
                 if c > 0:

@@ -80,7 +80,8 @@ def test_nnunet_v2_tree_is_read_in_place(phantom, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("edit, problem", [
     (dict(numTraining=5), "numTraining is 5 but 2 training cases were found"),
-    (dict(channel_names={"0": "T1", "1": "T2"}), "2 input channels in 'channel_names' (T1, T2); PLBOpt trains on single-channel"),
+    (dict(channel_names={"0": "T1", "1": "T2"}),
+     "2 input channels in 'channel_names' (T1, T2); PLBOpt trains on single-channel"),
     (dict(labels={"background": 0, "whole": [1, 2]}), "region-based labels"),
     (dict(file_ending=".png"), "file_ending '.png' is not one of"),
     (dict(dataset={"a": {"images": ["imagesTr/x_0000.nii.gz", "imagesTr/x_0001.nii.gz"], "label": "l.nii.gz"}}),
@@ -203,5 +204,6 @@ def test_read_only_dataset_trains_with_the_cache_elsewhere(phantom, tmp_path):
     events = read_events(tmp_path / "run")
     kinds = [r["type"] for r in events]
     assert kinds[:5] == ["preprocess"] * 4 + ["start"]
-    assert {r["case"] for r in events[:4]} == {c.name for c in load_dataset(dataset).training + load_dataset(dataset).unlabeled}
+    spec = load_dataset(dataset)
+    assert {r["case"] for r in events[:4]} == {c.name for c in spec.training + spec.unlabeled}
     assert all(r["seconds"] >= 0 for r in events[:4])

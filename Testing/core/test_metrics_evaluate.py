@@ -369,7 +369,8 @@ def test_evaluate_pairs_require_the_same_origin_and_direction(folders):
     sitk.WriteImage(image, str(pred_dir / "case1.nii.gz"))
     with pytest.raises(DatasetError) as err:
         evaluate_folders(pred_dir, gt_dir)
-    assert str(err.value).startswith(f"{pred_dir / 'case1.nii.gz'}: origin") and str(gt_dir / "case1.nii.gz") in str(err.value)
+    message = str(err.value)
+    assert message.startswith(f"{pred_dir / 'case1.nii.gz'}: origin") and str(gt_dir / "case1.nii.gz") in message
     image.SetOrigin((0.0, 0.0, 0.0))
     image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
     sitk.WriteImage(image, str(pred_dir / "case1.nii.gz"))
