@@ -407,8 +407,8 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
         f"{len(calls['skipped'])}, failed {len(calls['failed'])}", "",
         "Dice ×100 and ASD (mm, prediction → ground truth as DHC reports) on the test cases; per run the mean over "
         "test cases and classes, then mean ± sample std over seeds (no ± with one seed). Per-class columns are Dice. "
-        "Best average in bold. ASD leaves out organs missing from the prediction (counted as `n_missing` in "
-        "results.json), so read it together with Dice.", "",
+        "Best average in bold. Metric conventions `--empty perfect --missing skip`: ASD leaves out organs missing "
+        "from the prediction (counted as `n_missing` in results.json), so read it together with Dice.", "",
     ]
     for table, rows in results["tables"].items():
         lines += [f"## {TABLE_TITLES.get(table, table)}", "",

@@ -79,6 +79,7 @@ class DatasetSpec:
     unlabeled: List[Case] = field(default_factory=list)
     validation: List[Case] = field(default_factory=list)
     test: List[Case] = field(default_factory=list)
+    unlabeled_dirs: List[Path] = field(default_factory=list)  # folders given besides dataset.json (--unlabeled)
 
     @property
     def num_classes(self) -> int:
@@ -328,7 +329,8 @@ def load_dataset(root: Path, check_files: bool = True, unlabeled_dir: Optional[P
                     if path is not None and not path.exists():
                         raise DatasetError(f"{path}: file not found (listed in {where.name} '{split}')")
     return DatasetSpec(
-        root=root, labels=labels, colors=_parse_colors(data.get("colors"), labels, where), **splits
+        root=root, labels=labels, colors=_parse_colors(data.get("colors"), labels, where), **splits,
+        unlabeled_dirs=[Path(unlabeled_dir)] if unlabeled_dir is not None else [],
     )
 
 

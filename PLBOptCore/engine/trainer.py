@@ -513,8 +513,11 @@ class Trainer:
         reason = self._stop_signal or "cancel requested"
         launcher = (f"torchrun --nproc_per_node {self.dist.world_size} -m PLBOptCore train" if self.dist.enabled
                     else "plbopt train")
+        extra = "".join(f" --unlabeled {folder}" for folder in self.dataset.unlabeled_dirs)
+        if self.cache_dir != Path(self.dataset.root) / ".plbopt_cache":
+            extra += f" --cache-dir {self.cache_dir}"
         message = (f"training stopped at step {self.step}/{self.config.iterations} ({reason}); checkpoint {path}; "
-                   f"continue with: {launcher} {self.dataset.root} -o {self.run_dir} --resume")
+                   f"continue with: {launcher} {self.dataset.root} -o {self.run_dir}{extra} --resume")
         self.events.write("end", step=self.step, status="interrupted", message=message)
         self.dist.barrier()  # the checkpoint is complete before any rank exits
         raise TrainingInterrupted(message)

@@ -207,3 +207,18 @@ def test_read_only_dataset_trains_with_the_cache_elsewhere(phantom, tmp_path):
     spec = load_dataset(dataset)
     assert {r["case"] for r in events[:4]} == {c.name for c in spec.training + spec.unlabeled}
     assert all(r["seconds"] >= 0 for r in events[:4])
+
+
+def test_interrupted_run_names_its_unlabeled_folder_and_cache_in_the_resume_command(phantom, tmp_path):
+    from PLBOptCore.api import train
+    from PLBOptCore.errors import TrainingInterrupted
+
+    root = _nnunet_v2_tree(phantom, tmp_path / "v2", unlabeled_key=False)
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(root, run, preset="dhc", unlabeled_dir=root / "imagesUn", cache_dir=cache, should_stop=lambda: True,
+              overrides=dict(iterations=1, patch_size=[16, 32, 32], base_filters=4, batch_size=1, device="cpu"))
+    command = str(stopped.value).split("continue with: ")[1]
+    assert command == f"plbopt train {root} -o {run} --unlabeled {root / 'imagesUn'} --cache-dir {cache} --resume"
+    assert main(command.split()[1:] + ["-q"]) == 0  # the command minus "plbopt"
+    assert read_events(run)[-1]["status"] == "completed"
