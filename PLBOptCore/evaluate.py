@@ -41,13 +41,13 @@ from .utils import atomic_write
 LabelsArg = Optional[Union[Dict[int, str], str, Path]]
 
 CONVENTION_TEXT = {
-    "empty": {"ignore": "absent from prediction and GT: not scored",
-              "perfect": "absent from prediction and GT: Dice 1, distance 0"},
-    "missing": {"diagonal": "in only one of them: Dice 0, distance = image diagonal",
-                "inf": "in only one of them: Dice 0, distance inf",
-                "skip": "in only one of them: Dice 0, distance left out"},
-    "hd95": {"pooled": "HD95 of both directions pooled (medpy)",
-             "max": "HD95 = max of the directed 95th percentiles (MONAI)"},
+    "empty": {"ignore": "class absent from prediction and GT: not scored",
+              "perfect": "class absent from prediction and GT: Dice 1, distance 0"},
+    "missing": {"diagonal": "class in only one of them: Dice 0, distance = image diagonal",
+                "inf": "class in only one of them: Dice 0, distance inf",
+                "skip": "class in only one of them: Dice 0, distance left out"},
+    "hd95": {"pooled": "95th percentile of both directions together, as medpy",
+             "max": "larger directed 95th percentile, as MONAI"},
 }
 
 
