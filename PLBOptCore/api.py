@@ -21,13 +21,17 @@ PathLike = Union[str, Path]
 def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", config_file: Optional[PathLike] = None,
           overrides: Optional[Dict[str, Any]] = None, resume: bool = False, overwrite: bool = False,
           init_from: Optional[PathLike] = None, progress: Optional[Callable[[dict], None]] = None,
-          should_stop: Optional[Callable[[], bool]] = None, show_progress_bar: bool = False) -> Path:
-    """Train a run folder from a dataset folder; returns ``run_dir``.
+          should_stop: Optional[Callable[[], bool]] = None, show_progress_bar: bool = False,
+          unlabeled_dir: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None) -> Path:
+    """Train a run folder from a dataset folder (MSD or nnU-Net v2 ``dataset.json``); returns ``run_dir``.
 
     With ``resume=True`` the configuration stored in the run folder is used, so a resumed run
     continues the same experiment: ``config_file`` and ``overrides`` may change only the keys of
     :data:`~PLBOptCore.config.RESUME_SAFE_KEYS` (schedule length, device, workers, logging);
     a different value of any other key is a :class:`ConfigError`.
+    ``unlabeled_dir`` adds the images of a folder to the unlabeled cases; ``cache_dir`` holds the
+    preprocessing cache (default ``<dataset_dir>/.plbopt_cache``; give another folder when the
+    dataset is read-only).
     """
     from .data.dataset import load_dataset, validate_dataset
     from .engine.trainer import Trainer
@@ -39,17 +43,22 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
         config = resume_config(stored, requested, run_dir / "config.json")
     else:
         config = make_config(preset, Path(config_file) if config_file else None, overrides)
-    dataset = load_dataset(Path(dataset_dir))
+    dataset = load_dataset(Path(dataset_dir), unlabeled_dir=Path(unlabeled_dir) if unlabeled_dir else None)
     validate_dataset(dataset, deep=True)
     trainer = Trainer(config, dataset, run_dir, resume=resume, overwrite=overwrite, init_from=init_from,
-                      progress=progress, should_stop=should_stop, show_progress_bar=show_progress_bar)
+                      progress=progress, should_stop=should_stop, show_progress_bar=show_progress_bar,
+                      cache_dir=Path(cache_dir) if cache_dir else None)
     trainer.fit()
     return run_dir
 
 
 def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
-    """Image files (and DICOM series folders) named by a file, a folder, or a list of them."""
-    from .data.io import IMAGE_SUFFIXES, case_name, image_files
+    """Image files (and DICOM series folders) named by a file, a folder, or a list of them.
+
+    Case names (:func:`~PLBOptCore.data.io.image_case_name`) drop nnU-Net's ``_0000`` suffix; a
+    second channel (``<case>_0001``) of such a case is refused.
+    """
+    from .data.io import IMAGE_SUFFIXES, check_single_channel, image_case_name, image_files
 
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     found: List[Path] = []
@@ -65,7 +74,8 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
             if not images:
                 raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             found.extend(images)
-    names = [case_name(p) for p in found]
+    check_single_channel(found)
+    names = [image_case_name(p) for p in found]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DatasetError(f"{paths[0]}: several inputs share the case name(s) {', '.join(duplicates)}")
@@ -82,7 +92,7 @@ def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_
     (DHC's ensemble, the default). Refusing to write over an input keeps the
     user's data safe even when ``out_dir`` is the input folder.
     """
-    from .data.io import CONFIDENCE_SUFFIX, case_name, read_image, write_image
+    from .data.io import CONFIDENCE_SUFFIX, image_case_name, read_image, write_image
     from .engine.inference import Predictor
 
     predictor = Predictor.from_run(Path(run_dir), checkpoint, device, subnet)
@@ -93,7 +103,7 @@ def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_
     input_set = {p.resolve() for p in images}
     written: List[Path] = []
     for index, image_path in enumerate(images):
-        name = case_name(image_path)
+        name = image_case_name(image_path)
         label_path, confidence_path = out_dir / f"{name}.nii.gz", out_dir / f"{name}{CONFIDENCE_SUFFIX}.nii.gz"
         for target in (label_path, confidence_path):
             if target.resolve() in input_set:
@@ -120,9 +130,14 @@ def predict_array(run_dir: PathLike, volume_zyx: np.ndarray, spacing_zyx=(1.0, 1
 
 
 def evaluate(pred_dir: PathLike, gt_dir: PathLike, labels: Union[None, Dict[int, str], PathLike] = None,
-             out_dir: Optional[PathLike] = None) -> dict:
-    """Per case and class Dice, ASD, ASSD and HD95 (mm); writes metrics.csv and metrics.json."""
+             out_dir: Optional[PathLike] = None, empty: str = "ignore", missing: str = "diagonal",
+             hd95: str = "pooled") -> dict:
+    """Per case and class Dice, ASD, ASSD and HD95 (mm); writes metrics.csv and metrics.json.
+
+    ``empty`` (``ignore``/``perfect``), ``missing`` (``diagonal``/``inf``/``skip``) and ``hd95``
+    (``pooled``/``max``) choose the conventions described in :mod:`PLBOptCore.evaluate`.
+    """
     from .evaluate import evaluate_folders
 
     return evaluate_folders(Path(pred_dir), Path(gt_dir), labels if isinstance(labels, dict) or labels is None else Path(labels),
-                            Path(out_dir) if out_dir else None)
+                            Path(out_dir) if out_dir else None, empty=empty, missing=missing, hd95=hd95)

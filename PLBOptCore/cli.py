@@ -19,6 +19,7 @@ from .config import CPU_DEMO_OVERRIDES, PRESETS, SUBNETS, parse_override
 from .convert import add_convert_arguments
 from .errors import PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
+from .metrics import EMPTY_CONVENTIONS, HD95_CONVENTIONS, MISSING_CONVENTIONS
 
 
 def _training_overrides(args: argparse.Namespace) -> Dict[str, Any]:
@@ -59,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with logging_redirect_tqdm([logging.getLogger("PLBOptCore")]) if not args.quiet else contextlib.nullcontext():
         train(args.dataset, args.output, preset=args.preset, config_file=args.config, overrides=overrides,
-              resume=args.resume, overwrite=args.overwrite, init_from=args.init_from, show_progress_bar=not args.quiet)
+              resume=args.resume, overwrite=args.overwrite, init_from=args.init_from, show_progress_bar=not args.quiet,
+              unlabeled_dir=args.unlabeled, cache_dir=args.cache_dir)
     if os.environ.get("RANK", "0") == "0":  # one line per job, not per torchrun process
         print(f"run folder: {args.output}  (checkpoints/best.pt, events.jsonl)")
     return 0
@@ -83,7 +85,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import evaluate
     from .evaluate import format_table
 
-    results = evaluate(args.pred_dir, args.gt_dir, labels=args.labels, out_dir=args.output)
+    results = evaluate(args.pred_dir, args.gt_dir, labels=args.labels, out_dir=args.output, empty=args.empty,
+                       missing=args.missing, hd95=args.hd95)
     print(format_table(results))
     return 0
 
@@ -145,9 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a run from a dataset folder")
-    p.add_argument("dataset", type=Path, help="dataset folder with dataset.json")
+    p.add_argument("dataset", type=Path, help="dataset folder with dataset.json (MSD or nnU-Net v2)")
     p.add_argument("-o", "--output", type=Path, required=True, help="run folder")
     add_training_arguments(p)
+    p.add_argument("--unlabeled", type=Path, metavar="DIR", help="add the images of DIR as unlabeled cases")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="preprocessing cache (default DATASET/.plbopt_cache; needed for a read-only dataset)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start again in a non-empty run folder")
     p.add_argument("--init-from", type=Path, help="initialise the subnets from this checkpoint (fine-tune)")
@@ -184,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gt_dir", type=Path)
     p.add_argument("--labels", type=Path, help="dataset.json with class names")
     p.add_argument("-o", "--output", type=Path, help="where metrics.csv/json go (default PRED_DIR)")
+    p.add_argument("--empty", choices=EMPTY_CONVENTIONS, default="ignore",
+                   help="a class absent from prediction and GT: ignore = left out of the means (default; "
+                        "nnU-Net v2, MONAI ignore_empty), perfect = Dice 1 and distance 0 (DHC)")
+    p.add_argument("--missing", choices=MISSING_CONVENTIONS, default="diagonal",
+                   help="distance of a class in only one of prediction and GT: diagonal = image diagonal "
+                        "in mm (default), inf (MONAI), skip = left out of the means (earlier PLBOpt)")
+    p.add_argument("--hd95", choices=HD95_CONVENTIONS, default="pooled",
+                   help="pooled = 95th percentile of both directions together (default; medpy, DHC), "
+                        "max = larger of the two directed 95th percentiles (MONAI)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate the embedded phantom dataset, train, predict, evaluate")

@@ -1,13 +1,24 @@
 """Evaluate a folder of predicted label maps against a folder of ground-truth label maps.
 
 Files are paired by case name (file name without ``.nii.gz/.nii/.seg.nrrd/.nrrd/.mha/.mhd``);
-``<case>_confidence.*`` maps written by ``plbopt predict`` are ignored. Every foreground class gets
-Dice, ASD (one-sided, prediction → GT, as DHC reports), ASSD and HD95 in mm using the
-ground-truth spacing; see :mod:`PLBOptCore.metrics` for the surface and empty-mask conventions.
+``<case>_confidence.*`` maps written by ``plbopt predict`` are ignored, and each pair must share
+its full geometry (size, spacing, origin, direction). Every foreground class gets Dice, ASD
+(one-sided, prediction → GT, as DHC reports), ASSD and HD95 in mm using the ground-truth spacing.
 
-Aggregation follows DHC: per class the mean (and population std) over cases, then the mean over
-classes. Distances that are NaN (exactly one of prediction/GT empty) are left out of the means and
-counted as ``n_missing``; their Dice of 0 stays in the Dice mean.
+Conventions (options ``empty``, ``missing``, ``hd95``; see :mod:`PLBOptCore.metrics`), recorded in
+``metrics.json`` and printed above every table:
+
+- ``empty="ignore"`` (default): a class absent from both prediction and GT is left out of the
+  means (nnU-Net v2, MONAI ``ignore_empty=True``); ``"perfect"`` counts it as Dice 1 / distance 0.
+- ``missing="diagonal"`` (default): a class in exactly one of them has Dice 0 and distance = the
+  image diagonal (mm); ``"inf"`` as MONAI; ``"skip"`` leaves the distance out of the means.
+- ``hd95="pooled"`` (default; medpy, DHC-style tables): 95th percentile of both directions'
+  distances together; ``"max"``: the larger directed 95th percentile (MONAI).
+
+``--empty perfect --missing skip`` reproduces earlier PLBOpt tables (and docs/RESULTS.md);
+``--empty ignore --missing inf --hd95 max`` is MONAI's. Aggregation follows DHC: per class the
+mean (and population std) over the scored cases, then the mean over classes; NaN (not scored)
+is left out, infinity is kept.
 """
 
 from __future__ import annotations
@@ -21,18 +32,37 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .data.io import case_name, image_files, read_image
-from .errors import DatasetError
-from .metrics import METRIC_NAMES, compute_case_metrics
+from .data.io import case_name, check_same_geometry, image_files, read_image
+from .errors import ConfigError, DatasetError
+from .metrics import (EMPTY_CONVENTIONS, HD95_CONVENTIONS, METRIC_NAMES, MISSING_CONVENTIONS, both_empty_metrics,
+                      compute_case_metrics)
 from .utils import atomic_write
-
-SPACING_TOLERANCE = 1e-3  # relative; files written by different tools round spacing differently
 
 LabelsArg = Optional[Union[Dict[int, str], str, Path]]
 
+CONVENTION_TEXT = {
+    "empty": {"ignore": "class absent from prediction and GT: not scored",
+              "perfect": "class absent from prediction and GT: Dice 1, distance 0"},
+    "missing": {"diagonal": "class in only one of them: Dice 0, distance = image diagonal",
+                "inf": "class in only one of them: Dice 0, distance inf",
+                "skip": "class in only one of them: Dice 0, distance left out"},
+    "hd95": {"pooled": "95th percentile of both directions together, as medpy",
+             "max": "larger directed 95th percentile, as MONAI"},
+}
+
+
+def check_conventions(empty: str, missing: str, hd95: str) -> Dict[str, str]:
+    """The conventions as a dict; an unknown value raises ``ConfigError`` naming the option."""
+    for option, value, allowed in (("empty", empty, EMPTY_CONVENTIONS), ("missing", missing, MISSING_CONVENTIONS),
+                                   ("hd95", hd95, HD95_CONVENTIONS)):
+        if value not in allowed:
+            raise ConfigError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
+    return {"empty": empty, "missing": missing, "hd95": hd95}
+
 
 def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], labels: LabelsArg = None,
-                     out_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+                     out_dir: Optional[Union[str, Path]] = None, empty: str = "ignore", missing: str = "diagonal",
+                     hd95: str = "pooled") -> Dict[str, Any]:
     """Score every prediction in ``pred_dir`` against its ground truth in ``gt_dir``.
 
     Args:
@@ -43,18 +73,24 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
             largest label value found.
         out_dir: where ``metrics.csv`` (one row per case × class) and ``metrics.json`` are written
             atomically; default ``pred_dir``.
+        empty, missing, hd95: the conventions of the module docstring.
 
     Returns:
-        ``{"pred_dir", "gt_dir", "labels": {"1": name, ...},
-        "cases": {case: {class_name: {"dice", "asd", "assd", "hd95"}}},
-        "classes": {class_name: {"label", "n_cases", "n_missing", "dice": {"mean", "std"}, ...}},
-        "mean": {"dice", "asd", "assd", "hd95"}}`` with NaN for undefined values (``null`` in JSON).
+        ``{"pred_dir", "gt_dir", "conventions": {"empty", "missing", "hd95"}, "labels": {"1": name, ...},
+        "cases": {case: {class_name: {"dice", "asd", "assd", "hd95", "empty"}}},
+        "classes": {class_name: {"label", "n_cases", "n_missing", "n_absent", "dice": {"mean", "std"}, ...}},
+        "mean": {"dice", "asd", "assd", "hd95"}}`` with NaN for values not scored (``null`` in
+        JSON) and infinity as ``"inf"`` in JSON. ``"empty"`` is one of ``none``, ``both``,
+        ``prediction``, ``ground_truth`` (the empty side); ``n_missing`` counts cases with exactly
+        one side empty, ``n_absent`` cases with both.
 
     Raises:
         DatasetError: missing folder, a prediction without GT or a GT without prediction (names
-            the case), unreadable or non-3D files, size/spacing mismatch (names both files),
+            the case), unreadable or non-3D files, geometry mismatch (names both files),
             non-integer or out-of-range label values.
+        ConfigError: an unknown convention.
     """
+    conventions = check_conventions(empty, missing, hd95)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     names = _resolve_labels(labels)
     preds = _list_cases(pred_dir, "prediction")
@@ -68,7 +104,7 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
         if case not in preds:
             raise DatasetError(f"{path}: no prediction for case {case!r} in {pred_dir}")
 
-    per_case: Dict[str, Dict[int, Dict[str, float]]] = {}
+    per_case: Dict[str, Dict[int, Dict[str, Any]]] = {}
     max_label = max(names) if names else 0
     for case in sorted(preds):
         pred, gt, spacing = _read_pair(preds[case], gts[case])
@@ -77,18 +113,17 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
             _check_known_labels(gt, gts[case], names)
         found = int(max(pred.max(), gt.max()))
         max_label = max(max_label, found)
-        per_case[case] = compute_case_metrics(pred, gt, found + 1, spacing)
+        per_case[case] = compute_case_metrics(pred, gt, found + 1, spacing, empty, missing, hd95)
 
     if names is None:
         names = {c: f"class_{c}" for c in range(1, max_label + 1)}
-    # A class a case lacks in both prediction and GT was skipped above; by the empty-mask
-    # convention it scores Dice 1 and distance 0.
-    both_empty = {"dice": 1.0, "asd": 0.0, "assd": 0.0, "hd95": 0.0}
-    cases = {case: {names[c]: dict(metrics.get(c, both_empty)) for c in sorted(names) if c > 0}
+    # Classes above a case's largest label value were skipped above: absent from both.
+    cases = {case: {names[c]: dict(metrics.get(c, both_empty_metrics(empty))) for c in sorted(names) if c > 0}
              for case, metrics in per_case.items()}
     results = {
         "pred_dir": str(pred_dir),
         "gt_dir": str(gt_dir),
+        "conventions": conventions,
         "labels": {str(c): n for c, n in sorted(names.items()) if c > 0},
         "cases": cases,
         **_aggregate(cases, {n: c for c, n in names.items() if c > 0}),
@@ -98,17 +133,22 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
 
 
 def format_table(results: Dict[str, Any]) -> str:
-    """Plain-text table: one row per class with Dice and ASD/ASSD/HD95 (mm) as mean±std, then the mean.
+    """Plain-text table: the conventions used, one row per class with Dice and ASD/ASSD/HD95 (mm)
+    as mean±std, then the mean over classes.
 
-    ``missing`` counts the cases where exactly one of prediction and GT is empty for that class
-    (distances undefined, left out of the distance means).
+    ``missing`` counts the cases where exactly one of prediction and GT holds the class, ``absent``
+    those where neither does.
     """
-    header = f"{'class':<20}{'Dice':>16}{'ASD (mm)':>16}{'ASSD (mm)':>16}{'HD95 (mm)':>16}{'missing':>9}"
-    lines = [f"{len(results['cases'])} cases: {results['pred_dir']} vs {results['gt_dir']}", header,
-             "-" * len(header)]
+    conventions = results["conventions"]
+    header = (f"{'class':<20}{'Dice':>16}{'ASD (mm)':>16}{'ASSD (mm)':>16}{'HD95 (mm)':>16}"
+              f"{'missing':>9}{'absent':>8}")
+    lines = [f"{len(results['cases'])} cases: {results['pred_dir']} vs {results['gt_dir']}",
+             "conventions: " + "; ".join(f"--{key} {value} ({CONVENTION_TEXT[key][value]})"
+                                         for key, value in conventions.items()),
+             header, "-" * len(header)]
     for name, stats in results["classes"].items():
         cells = "".join(f"{_mean_std(stats[m]['mean'], stats[m]['std'], m):>16}" for m in METRIC_NAMES)
-        lines.append(f"{name[:19]:<20}{cells}{stats['n_missing']:>9}")
+        lines.append(f"{name[:19]:<20}{cells}{stats['n_missing']:>9}{stats['n_absent']:>8}")
     lines.append("-" * len(header))
     overall = "".join(f"{_fmt(results['mean'][m], m):>16}" for m in METRIC_NAMES)
     lines.append(f"{'mean':<20}{overall}")
@@ -116,33 +156,42 @@ def format_table(results: Dict[str, Any]) -> str:
 
 
 def _fmt(value: float, metric: str) -> str:
-    if value is None or not math.isfinite(value):
+    if value is None or math.isnan(value):
         return "n/a"
+    if math.isinf(value):
+        return "inf"
     return f"{value:.4f}" if metric == "dice" else f"{value:.2f}"
 
 
 def _mean_std(mean: float, std: float, metric: str) -> str:
     if mean is None or not math.isfinite(mean):
-        return "n/a"
+        return _fmt(mean, metric)
     return f"{_fmt(mean, metric)}±{_fmt(std, metric)}"
 
 
-def _aggregate(cases: Dict[str, Dict[str, Dict[str, float]]], classes: Dict[str, int]) -> Dict[str, Any]:
+def _mean_std_of(values: np.ndarray) -> Dict[str, float]:
+    """Mean and population std of the scored values (NaN = not scored is left out; inf is kept,
+    and makes the mean inf and the std undefined)."""
+    scored = values[~np.isnan(values)]
+    if not scored.size:
+        return {"mean": math.nan, "std": math.nan}
+    if np.isinf(scored).any():
+        return {"mean": float(scored.mean()), "std": math.nan}
+    return {"mean": float(scored.mean()), "std": float(scored.std())}
+
+
+def _aggregate(cases: Dict[str, Dict[str, Dict[str, Any]]], classes: Dict[str, int]) -> Dict[str, Any]:
     per_class: Dict[str, Any] = {}
     for name, label in sorted(classes.items(), key=lambda item: item[1]):
-        values = {m: np.array([cases[c][name][m] for c in cases], dtype=float) for m in METRIC_NAMES}
+        statuses = [cases[c][name]["empty"] for c in cases]
         stats: Dict[str, Any] = {"label": label, "n_cases": len(cases),
-                                 "n_missing": int(np.isnan(values["hd95"]).sum())}
-        for m, v in values.items():
-            finite = v[np.isfinite(v)]
-            stats[m] = {"mean": float(finite.mean()) if finite.size else math.nan,
-                        "std": float(finite.std()) if finite.size else math.nan}
+                                 "n_missing": sum(s in ("prediction", "ground_truth") for s in statuses),
+                                 "n_absent": statuses.count("both")}
+        for m in METRIC_NAMES:
+            stats[m] = _mean_std_of(np.array([cases[c][name][m] for c in cases], dtype=float))
         per_class[name] = stats
-    overall = {}
-    for m in METRIC_NAMES:
-        means = np.array([s[m]["mean"] for s in per_class.values()], dtype=float)
-        means = means[np.isfinite(means)]
-        overall[m] = float(means.mean()) if means.size else math.nan
+    overall = {m: _mean_std_of(np.array([s[m]["mean"] for s in per_class.values()], dtype=float))["mean"]
+               for m in METRIC_NAMES}
     return {"classes": per_class, "mean": overall}
 
 
@@ -150,22 +199,25 @@ def _write_outputs(results: Dict[str, Any], out_dir: Path) -> None:
     with atomic_write(out_dir / "metrics.csv") as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["case", "label", "class", "dice", "asd_mm", "assd_mm", "hd95_mm"])
+            writer.writerow(["case", "label", "class", "dice", "asd_mm", "assd_mm", "hd95_mm", "empty"])
             labels = {name: int(c) for c, name in results["labels"].items()}
             for case, per_class in results["cases"].items():
                 for name, metrics in per_class.items():
                     writer.writerow([case, labels[name], name]
-                                    + ["" if math.isnan(metrics[m]) else repr(metrics[m]) for m in METRIC_NAMES])
+                                    + ["" if math.isnan(metrics[m]) else repr(metrics[m]) for m in METRIC_NAMES]
+                                    + [metrics["empty"]])
     with atomic_write(out_dir / "metrics.json") as tmp:
-        # NaN is not valid JSON: undefined values are written as null.
-        tmp.write_text(json.dumps(_nan_to_none(results), indent=2, allow_nan=False) + "\n")
+        # NaN and infinity are not valid JSON: not-scored values are written as null, infinity as "inf".
+        tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
 
 
-def _nan_to_none(value: Any) -> Any:
+def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
+        return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, float) and math.isnan(value):
         return None
+    if isinstance(value, float) and math.isinf(value):  # distances are never negative
+        return "inf"
     return value
 
 
@@ -200,17 +252,12 @@ def _check_known_labels(array: np.ndarray, path: Path, names: Dict[int, str]) ->
 
 
 def _read_pair(pred_path: Path, gt_path: Path) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
-    """Prediction and GT arrays ``(Z, Y, X)`` and the GT spacing reordered from SimpleITK's (x, y, z)."""
+    """Prediction and GT arrays ``(Z, Y, X)`` on the same grid (size, spacing, origin, direction),
+    and the GT spacing reordered from SimpleITK's (x, y, z)."""
     pred, pred_image = _read_label_map(pred_path)
     gt, gt_image = _read_label_map(gt_path)
-    if pred_image.GetSize() != gt_image.GetSize():
-        raise DatasetError(f"{pred_path}: size {pred_image.GetSize()} differs from ground truth {gt_path} "
-                           f"size {gt_image.GetSize()}")
-    pred_spacing, gt_spacing = np.array(pred_image.GetSpacing()), np.array(gt_image.GetSpacing())
-    if np.any(np.abs(pred_spacing - gt_spacing) > SPACING_TOLERANCE * gt_spacing):
-        raise DatasetError(f"{pred_path}: spacing {tuple(pred_spacing)} differs from ground truth {gt_path} "
-                           f"spacing {tuple(gt_spacing)}")
-    return pred, gt, tuple(float(s) for s in gt_spacing[::-1])
+    check_same_geometry(gt_image, pred_image, gt_path, pred_path)
+    return pred, gt, tuple(float(s) for s in gt_image.GetSpacing()[::-1])
 
 
 def _resolve_labels(labels: LabelsArg) -> Optional[Dict[int, str]]:

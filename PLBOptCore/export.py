@@ -323,8 +323,7 @@ def predict_with_export(path: Path, image: sitk.Image, device: str = "cpu",
         [_LogitsAdapter(module)], torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)),
         metadata["patch_size"], metadata["num_classes"], metadata["overlap"] if overlap is None else float(overlap),
         metadata["sw_batch_size"], resolve_device(device))
-    confidence, label = probs.max(dim=0)
-    return restore_prediction(label, confidence, info, metadata["num_classes"])
+    return restore_prediction(probs, info, metadata["num_classes"])
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,23 +1,35 @@
-"""Segmentation metrics in millimetres: Dice, ASD, ASSD, HD95 (medpy conventions, numpy/scipy only).
+"""Segmentation metrics in millimetres: Dice, ASD, ASSD, HD95 (numpy/scipy only).
 
 Surfaces: the surface of a binary mask is ``mask XOR binary_erosion(mask, S)`` with ``S`` the
-6-connectivity cross (``generate_binary_structure(3, 1)``, medpy's default ``connectivity=1``),
-and voxels on the array border count as surface (erosion pads with 0). Distances from each surface
-voxel to the nearest surface voxel of the other mask come from ``distance_transform_edt`` with
-``sampling=spacing``, so they are in mm for a ``(Z, Y, X)`` spacing.
+6-connectivity cross (``generate_binary_structure(3, 1)``, medpy's default ``connectivity=1`` and
+MONAI's edges), and voxels on the array border count as surface (erosion pads with 0). Distances
+from each surface voxel to the nearest surface voxel of the other mask come from
+``distance_transform_edt`` with ``sampling=spacing``, so they are in mm for a ``(Z, Y, X)`` spacing.
 
 - ``asd(pred, gt)``: mean over PRED surface voxels of the distance to the GT surface (one-sided,
   medpy ``asd(result, reference)``, the number DHC reports).
 - ``assd``: mean of the union of both directed distance sets, i.e.
   ``(Σ d(pred→gt) + Σ d(gt→pred)) / (|S_pred| + |S_gt|)`` (the standard definition and medpy ≥ 0.5;
   medpy 0.4 averaged the two one-sided ASDs instead, which weighs a small surface like a big one).
-- ``hd95``: 95th percentile (numpy linear interpolation) of the union of both directed distance
-  sets (medpy ``hd95``).
+- ``hd95``, two conventions (``HD95_CONVENTIONS``):
+  ``pooled`` (default): 95th percentile (numpy linear interpolation) of the union of both directed
+  distance sets (medpy ``hd95``, used by DHC-style tables);
+  ``max``: the larger of the two directed 95th percentiles (MONAI
+  ``HausdorffDistanceMetric(percentile=95)``; DeepMind's surface-distance takes the same maximum
+  but weighs surface elements by their area, so its values differ slightly).
 
-Empty masks (DHC's cases, with NaN instead of DHC's 128-voxel placeholder, which has no meaning
-in mm): both empty → Dice 1 and distances 0; exactly one empty → Dice 0 and distances NaN. Callers
-exclude NaN from distance means and count those cases separately (``evaluate`` reports them as
-``n_missing``); the Dice 0 stays in the Dice mean.
+Empty masks, per class (``compute_case_metrics``):
+
+- absent from both prediction and GT (``EMPTY_CONVENTIONS``): ``ignore`` (default) scores nothing
+  (NaN, left out of every mean; nnU-Net v2, MONAI ``ignore_empty=True``); ``perfect`` scores Dice
+  1 and distances 0, included in the means (DHC's evaluation and earlier PLBOpt versions).
+- present in exactly one: Dice 0; the distances follow ``MISSING_CONVENTIONS``: ``diagonal``
+  (default) = the diagonal of the image in mm, the largest distance the image allows, so missing
+  an organ is never better than segmenting it badly (BraTS-style; DHC used a fixed 128-voxel
+  placeholder); ``inf`` = infinity (MONAI), which makes the class mean infinite; ``skip`` = NaN,
+  left out of the distance means (earlier PLBOpt versions; missing an organ then improves the mean).
+
+The standalone ``asd``/``assd``/``hd95`` return 0 for two empty masks and NaN for one.
 """
 
 from __future__ import annotations
@@ -30,6 +42,11 @@ from scipy import ndimage
 
 SURFACE_STRUCTURE = ndimage.generate_binary_structure(3, 1)
 METRIC_NAMES = ("dice", "asd", "assd", "hd95")
+EMPTY_CONVENTIONS = ("ignore", "perfect")
+MISSING_CONVENTIONS = ("diagonal", "inf", "skip")
+HD95_CONVENTIONS = ("pooled", "max")
+# What a class is, per case, as far as empty masks go (``compute_case_metrics``' "empty" entry).
+EMPTY_STATUSES = ("none", "both", "prediction", "ground_truth")
 
 
 def dice(pred_mask: np.ndarray, gt_mask: np.ndarray) -> float:
@@ -77,42 +94,73 @@ def assd(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
     return float(np.concatenate([surface_distances(pred, gt, spacing), surface_distances(gt, pred, spacing)]).mean())
 
 
-def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
-    """95th percentile Hausdorff distance (mm) over both directed surface distance sets together."""
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], convention: str = "pooled") -> float:
+    """95th percentile Hausdorff distance (mm); ``convention`` ``pooled`` or ``max`` (module docstring)."""
     empty = _empty_case(pred, gt)
     if empty is not None:
         return empty
-    both = np.concatenate([surface_distances(pred, gt, spacing), surface_distances(gt, pred, spacing)])
-    return float(np.percentile(both, 95))
+    return _hd95(surface_distances(pred, gt, spacing), surface_distances(gt, pred, spacing), convention)
+
+
+def _hd95(d_pg: np.ndarray, d_gp: np.ndarray, convention: str) -> float:
+    if convention == "pooled":
+        return float(np.percentile(np.concatenate([d_pg, d_gp]), 95))
+    if convention == "max":
+        return float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
+    raise ValueError(f"hd95 convention must be one of {HD95_CONVENTIONS}, got {convention!r}")
+
+
+def both_empty_metrics(empty: str = "ignore") -> Dict[str, object]:
+    """Metrics of a class absent from prediction and GT under the ``empty`` convention."""
+    if empty not in EMPTY_CONVENTIONS:
+        raise ValueError(f"empty convention must be one of {EMPTY_CONVENTIONS}, got {empty!r}")
+    scores = dict.fromkeys(METRIC_NAMES, math.nan) if empty == "ignore" else {"dice": 1.0, "asd": 0.0,
+                                                                              "assd": 0.0, "hd95": 0.0}
+    return {**scores, "empty": "both"}
+
+
+def image_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Length (mm) of the diagonal of a ``(Z, Y, X)`` volume: the largest distance inside it."""
+    return float(np.linalg.norm(np.asarray(shape, float) * np.asarray(_spacing(spacing, len(shape)))))
 
 
 def compute_case_metrics(pred_labels: np.ndarray, gt_labels: np.ndarray, num_classes: int,
-                         spacing: Sequence[float]) -> Dict[int, Dict[str, float]]:
+                         spacing: Sequence[float], empty: str = "ignore", missing: str = "diagonal",
+                         hd95_convention: str = "pooled") -> Dict[int, Dict[str, object]]:
     """Per foreground class metrics of one case.
 
-    ``pred_labels``, ``gt_labels``: integer label maps ``(Z, Y, X)`` of equal shape; ``spacing``:
-    ``(Z, Y, X)`` mm. Returns ``{c: {"dice", "asd", "assd", "hd95"}}`` for ``c = 1..num_classes-1``
-    (floats; distances NaN when exactly one of the two masks is empty, see module docstring).
-    Each directed distance set is computed once and shared by ASD, ASSD and HD95.
+    Args:
+        pred_labels, gt_labels: integer label maps ``(Z, Y, X)`` of equal shape.
+        num_classes: C; classes ``1..C-1`` are scored.
+        spacing: ``(Z, Y, X)`` mm.
+        empty, missing, hd95_convention: the conventions of the module docstring.
+
+    Returns:
+        ``{c: {"dice", "asd", "assd", "hd95": float, "empty": status}}`` with status one of
+        ``EMPTY_STATUSES`` (which mask is empty). Each directed distance set is computed once and
+        shared by ASD, ASSD and HD95.
     """
     pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
     if pred_labels.shape != gt_labels.shape:
         raise ValueError(f"prediction shape {pred_labels.shape} differs from ground truth {gt_labels.shape}")
-    results: Dict[int, Dict[str, float]] = {}
+    if missing not in MISSING_CONVENTIONS:
+        raise ValueError(f"missing convention must be one of {MISSING_CONVENTIONS}, got {missing!r}")
+    missing_distance = {"diagonal": image_diagonal(gt_labels.shape, spacing), "inf": math.inf,
+                        "skip": math.nan}[missing]
+    results: Dict[int, Dict[str, object]] = {}
     for c in range(1, int(num_classes)):
         p, g = pred_labels == c, gt_labels == c
-        empty = _empty_case(p, g)
-        if empty is not None:
-            results[c] = {"dice": dice(p, g), "asd": empty, "assd": empty, "hd95": empty}
-            continue
-        d_pg = surface_distances(p, g, spacing)
-        both = np.concatenate([d_pg, surface_distances(g, p, spacing)])
-        results[c] = {
-            "dice": dice(p, g),
-            "asd": float(d_pg.mean()),
-            "assd": float(both.mean()),
-            "hd95": float(np.percentile(both, 95)),
-        }
+        has_pred, has_gt = bool(p.any()), bool(g.any())
+        if not has_pred and not has_gt:
+            results[c] = both_empty_metrics(empty)
+        elif not has_pred or not has_gt:
+            results[c] = {"dice": 0.0, **dict.fromkeys(("asd", "assd", "hd95"), missing_distance),
+                          "empty": "prediction" if not has_pred else "ground_truth"}
+        else:
+            d_pg, d_gp = surface_distances(p, g, spacing), surface_distances(g, p, spacing)
+            results[c] = {"dice": dice(p, g), "asd": float(d_pg.mean()),
+                          "assd": float(np.concatenate([d_pg, d_gp]).mean()),
+                          "hd95": _hd95(d_pg, d_gp, hd95_convention), "empty": "none"}
     return results
 
 

@@ -1,14 +1,31 @@
-"""Dataset folders (MSD / nnU-Net style ``dataset.json``): loading, validation, writing.
+"""Dataset folders (MSD or nnU-Net v2 ``dataset.json``): loading, validation, writing.
 
-Layout::
+MSD layout (what PLBOpt's converters write)::
 
     root/dataset.json   {"name", "labels": {"0": "background", "1": "spleen"}, "colors": {"1": [r, g, b]},
                          "training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}],
                          "unlabeled": [{"image": "imagesUn/b.nii.gz"}],
                          "validation": [{"image", "label"}], "test": [{"image", "label"?}]}
 
-Paths are relative to ``root`` and must stay inside it. ``load_dataset`` checks the JSON and that
-files exist; ``validate_dataset`` opens the files (header only, or every voxel with ``deep=True``).
+Paths are relative to ``root`` and must stay inside it.
+
+nnU-Net v2 layout, read in place (recognised by its ``file_ending`` key, as nnU-Net v2 itself
+ignores an old ``training`` list)::
+
+    root/dataset.json   {"channel_names": {"0": "CT"}, "labels": {"background": 0, "spleen": 1},
+                         "numTraining": 2, "file_ending": ".nii.gz",
+                         "dataset": {"a": {"images": ["imagesTr/a_0000.nii.gz"], "label": "labelsTr/a.nii.gz"}},
+                         "unlabeled": "imagesUn"}
+    root/imagesTr/a_0000.nii.gz ↔ root/labelsTr/a.nii.gz;  root/imagesTs/, root/labelsTs/ (optional)
+
+``dataset`` (optional, nnU-Net's explicit case list: paths relative to ``root`` or absolute,
+``$VARS`` expanded) replaces the ``imagesTr`` scan. ``unlabeled`` (optional, PLBOpt's own key,
+ignored by nnU-Net) names a folder of unlabeled images. ``imagesTs`` (with ``labelsTs`` labels
+where present) becomes the test split. Case names drop the ``_0000`` channel suffix; datasets
+with several channels are refused.
+
+``load_dataset`` checks the JSON and that files exist; ``validate_dataset`` opens the files
+(header only, or every voxel with ``deep=True``).
 """
 
 from __future__ import annotations
@@ -25,7 +42,8 @@ import SimpleITK as sitk
 
 from ..errors import DatasetError
 from ..utils import atomic_write
-from .io import case_name, check_same_geometry, read_header, read_image
+from .io import (CHANNEL_SUFFIX, IMAGE_SUFFIXES, case_name, check_same_geometry, check_single_channel, image_case_name,
+                 image_files, read_header, read_image)
 
 Color = Tuple[int, int, int]
 
@@ -61,6 +79,7 @@ class DatasetSpec:
     unlabeled: List[Case] = field(default_factory=list)
     validation: List[Case] = field(default_factory=list)
     test: List[Case] = field(default_factory=list)
+    unlabeled_dirs: List[Path] = field(default_factory=list)  # folders given besides dataset.json (--unlabeled)
 
     @property
     def num_classes(self) -> int:
@@ -152,16 +171,124 @@ def _parse_split(root: Path, raw: Any, split: str, where: Path) -> List[Case]:
             raise DatasetError(f"{where}: unlabeled entry {entry['image']!r} has a \"label\"; move it to 'training'")
         image = _resolve(root, entry["image"], where, split)
         label = _resolve(root, entry["label"], where, split) if entry.get("label") else None
-        cases.append(Case(case_name(image), image, label))
+        cases.append(Case(image_case_name(image), image, label))
     return cases
 
 
-def load_dataset(root: Path, check_files: bool = True) -> DatasetSpec:
-    """Parse and check ``root/dataset.json``; with ``check_files`` every listed file must exist.
+def _refuse_channels(channels: Any, key: str, where: Path) -> None:
+    """One input channel only: a multi-channel dataset gets one clear line instead of a 4D error."""
+    if isinstance(channels, dict) and len(channels) > 1:
+        names = ", ".join(str(v) for v in channels.values())
+        raise DatasetError(f"{where}: {len(channels)} input channels in '{key}' ({names}); "
+                           "PLBOpt trains on single-channel images only")
+
+
+def folder_cases(folder: Path) -> List[Case]:
+    """Unlabeled cases from every image in ``folder`` (nnU-Net ``_0000`` suffixes dropped from the names)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: unlabeled image folder not found")
+    images = image_files(folder)
+    check_single_channel(images)
+    if not images:
+        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return [Case(image_case_name(path), path) for path in images]
+
+
+def _nnunet_path(root: Path, raw: Any, where: Path) -> Path:
+    """A path of an nnU-Net v2 dataset.json, read as nnU-Net does: ``$VARS`` expanded, relative to
+    ``root`` unless absolute."""
+    if not isinstance(raw, str) or not raw:
+        raise DatasetError(f"{where}: 'dataset' has a missing or non-string path: {raw!r}")
+    return root / os.path.expandvars(raw)  # an absolute right-hand side replaces root
+
+
+def _nnunet_scan(folder: Path, file_ending: str, where: Path) -> Dict[str, Path]:
+    """``{case: image}`` of an nnU-Net images folder, whose files are ``<case>_0000<file_ending>``."""
+    cases: Dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if name.startswith(".") or not name.endswith(file_ending):
+            continue
+        stem = name[: -len(file_ending)]
+        match = CHANNEL_SUFFIX.search(stem)
+        if match is None:
+            raise DatasetError(f"{path}: not named <case>_0000{file_ending} as {where.name} (nnU-Net v2) requires")
+        if match.group(1) != "0000":
+            raise DatasetError(f"{path}: channel {int(match.group(1))} of a multi-channel case; "
+                               "PLBOpt trains on single-channel images only")
+        cases[stem[: match.start()]] = path
+    return cases
+
+
+def _nnunet_v2_splits(root: Path, data: Dict[str, Any], where: Path, check_files: bool) -> Dict[str, List[Case]]:
+    """Training, unlabeled and test cases of an nnU-Net v2 dataset folder (see the module docstring)."""
+    missing = [key for key in ("channel_names", "labels", "file_ending") if key not in data]
+    if missing:
+        raise DatasetError(f"{where}: missing required nnU-Net v2 keys {missing}")
+    _refuse_channels(data["channel_names"], "channel_names", where)
+    if isinstance(data["labels"], dict) and any(isinstance(v, (list, tuple)) for v in data["labels"].values()):
+        raise DatasetError(f"{where}: region-based labels (lists of label values) are not supported; "
+                           "PLBOpt trains one class per label value")
+    file_ending = data["file_ending"]
+    if not isinstance(file_ending, str) or not file_ending.lower().endswith(IMAGE_SUFFIXES):
+        raise DatasetError(f"{where}: file_ending {file_ending!r} is not one of {', '.join(IMAGE_SUFFIXES)}")
+    training = _nnunet_training(root, data, where, file_ending)
+    if check_files:
+        for case in training:
+            if not case.label.exists():
+                raise DatasetError(f"{case.label}: file not found (label of {case.image})")
+    expected = data.get("numTraining")
+    if expected is not None and expected != len(training):
+        raise DatasetError(f"{where}: numTraining is {expected!r} but {len(training)} training cases were found")
+    unlabeled: List[Case] = []
+    if "unlabeled" in data:
+        if not isinstance(data["unlabeled"], str) or not data["unlabeled"]:
+            raise DatasetError(f"{where}: 'unlabeled' must name a folder of images, e.g. \"imagesUn\"")
+        unlabeled = folder_cases(_nnunet_path(root, data["unlabeled"], where))
+    test: List[Case] = []
+    if (root / "imagesTs").is_dir():
+        for name, image in _nnunet_scan(root / "imagesTs", file_ending, where).items():
+            label = root / "labelsTs" / f"{name}{file_ending}"
+            test.append(Case(name, image, label if label.is_file() else None))
+    return {"training": training, "unlabeled": unlabeled, "validation": [], "test": test}
+
+
+def _nnunet_training(root: Path, data: Dict[str, Any], where: Path, file_ending: str) -> List[Case]:
+    """Labeled cases of a v2 dataset: its ``dataset`` key if present, else the ``imagesTr`` scan."""
+    if "dataset" in data:
+        if not isinstance(data["dataset"], dict):
+            raise DatasetError(f"{where}: 'dataset' must map case names to {{\"images\": [...], \"label\": ...}}")
+        training: List[Case] = []
+        for name, entry in data["dataset"].items():
+            images = entry.get("images") if isinstance(entry, dict) else None
+            if not isinstance(images, list) or not images or "label" not in entry:
+                raise DatasetError(f"{where}: 'dataset' entry {name!r} needs \"images\" (a list) and \"label\"")
+            if len(images) > 1:
+                raise DatasetError(f"{where}: case {name!r} has {len(images)} channels; "
+                                   "PLBOpt trains on single-channel images only")
+            training.append(Case(name, _nnunet_path(root, images[0], where), _nnunet_path(root, entry["label"], where)))
+    else:
+        images_dir = root / "imagesTr"
+        if not images_dir.is_dir():
+            raise DatasetError(f"{images_dir}: folder not found (nnU-Net v2 layout, {where.name} has no 'dataset' key)")
+        training = [Case(name, image, root / "labelsTr" / f"{name}{file_ending}")
+                    for name, image in _nnunet_scan(images_dir, file_ending, where).items()]
+    return training
+
+
+def load_dataset(root: Path, check_files: bool = True, unlabeled_dir: Optional[Path] = None) -> DatasetSpec:
+    """Parse and check ``root/dataset.json`` (MSD or nnU-Net v2); with ``check_files`` every file must exist.
+
+    Args:
+        root: the dataset folder.
+        check_files: require every listed image and label to exist.
+        unlabeled_dir: a folder whose images are added to the unlabeled cases (names without
+            nnU-Net's ``_0000`` suffix).
 
     Raises ``DatasetError`` for a missing folder or dataset.json, invalid JSON, missing keys,
-    bad labels/colours, paths escaping the folder, duplicate case names, no labeled case, or a
-    missing file (named in the message).
+    bad labels/colours, paths escaping the folder, duplicate case names, no labeled case, several
+    input channels, or a missing file (named in the message).
     """
     root = Path(root)
     where = root / "dataset.json"
@@ -175,11 +302,18 @@ def load_dataset(root: Path, check_files: bool = True) -> DatasetSpec:
         raise DatasetError(f"{where}: invalid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{where}: must contain a JSON object")
-    missing = [key for key in ("labels", "training") if key not in data]
-    if missing:
-        raise DatasetError(f"{where}: missing required keys {missing}")
-    labels = _parse_labels(data["labels"], where)
-    splits = {split: _parse_split(root, data.get(split, []), split, where) for split in SPLITS}
+    if "file_ending" in data:
+        splits = _nnunet_v2_splits(root, data, where, check_files)
+        labels = _parse_labels(data["labels"], where)
+    else:
+        missing = [key for key in ("labels", "training") if key not in data]
+        if missing:
+            raise DatasetError(f"{where}: missing required keys {missing}")
+        _refuse_channels(data.get("modality"), "modality", where)
+        labels = _parse_labels(data["labels"], where)
+        splits = {split: _parse_split(root, data.get(split, []), split, where) for split in SPLITS}
+    if unlabeled_dir is not None:
+        splits["unlabeled"] = splits["unlabeled"] + folder_cases(Path(unlabeled_dir))
     if not splits["training"]:
         raise DatasetError(f"{where}: no labeled case in 'training'; at least one image with a label is needed")
     seen: Dict[str, str] = {}
@@ -195,7 +329,8 @@ def load_dataset(root: Path, check_files: bool = True) -> DatasetSpec:
                     if path is not None and not path.exists():
                         raise DatasetError(f"{path}: file not found (listed in {where.name} '{split}')")
     return DatasetSpec(
-        root=root, labels=labels, colors=_parse_colors(data.get("colors"), labels, where), **splits
+        root=root, labels=labels, colors=_parse_colors(data.get("colors"), labels, where), **splits,
+        unlabeled_dirs=[Path(unlabeled_dir)] if unlabeled_dir is not None else [],
     )
 
 

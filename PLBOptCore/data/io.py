@@ -39,6 +39,29 @@ def case_name(path: Path) -> str:
     return path.stem
 
 
+# nnU-Net names the channels of a case ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...
+CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
+
+
+def image_case_name(path: Path) -> str:
+    """Case name of an input image: :func:`case_name` without nnU-Net's channel-0 suffix ``_0000``,
+    so that ``imagesTs/liver_3_0000.nii.gz`` is case ``liver_3`` like ``labelsTs/liver_3.nii.gz``."""
+    name = case_name(path)
+    match = CHANNEL_SUFFIX.search(name)
+    return name[: match.start()] if match and match.group(1) == "0000" else name
+
+
+def check_single_channel(paths: Sequence[Path]) -> None:
+    """Raise ``DatasetError`` when ``paths`` hold a second channel (``<case>_0001``...) of a case
+    whose ``<case>_0000`` image is among them: PLBOpt's networks take one channel."""
+    channel_zero = {case_name(p)[:-5] for p in paths if image_case_name(p) != case_name(p)}
+    for path in paths:
+        match = CHANNEL_SUFFIX.search(case_name(path))
+        if match and match.group(1) != "0000" and case_name(path)[: match.start()] in channel_zero:
+            raise DatasetError(f"{path}: channel {int(match.group(1))} of a multi-channel nnU-Net case; "
+                               "PLBOpt trains and predicts single-channel images only")
+
+
 CONFIDENCE_SUFFIX = "_confidence"  # `<case>_confidence.nii.gz`, written beside `<case>.nii.gz` by predict
 
 

@@ -1,4 +1,4 @@
-"""Preprocessing of one case: resample, crop to the body, clip, normalise; cached as ``.npz``.
+"""Preprocessing of one case: resample, crop to the body, clip, normalise; cached as ``.npy`` arrays.
 
 Order of operations (why): resample first so every later step works on the training grid; crop on
 the raw HU (before clipping, so air and tissue are still separable); clip to the HU window; then
@@ -11,21 +11,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..errors import DatasetError
 from ..utils import atomic_write
 from .dataset import Case
 from .io import check_same_geometry, read_image
 
 # Bump when the preprocessing code changes what it produces: old caches then live in another folder.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one folder of .npy arrays per case (memory-mapped) instead of an .npz
 # Voxels above this raw HU belong to the body (air is -1000, lung parenchyma about -850).
 BODY_THRESHOLD_HU = -500.0
 # Voxels of margin around the body box, on the resampled grid.
@@ -229,31 +229,42 @@ def _source_stamp(case: Case) -> Dict[str, Any]:
     return stamp
 
 
-def _load_cache(path: Path, stamp: Dict[str, Any], name: str) -> Optional[Preprocessed]:
-    """The cached case if ``path`` holds one made from the same source files, else None."""
-    if not path.is_file():
-        return None
+CACHE_ARRAYS = ("image", "label", "superpixels")
+CACHE_META = "meta.json"
+
+
+def _load_cache(folder: Path, stamp: Dict[str, Any], name: str) -> Optional[Preprocessed]:
+    """The cached case in ``folder`` if it was made from the same source files, else None.
+
+    Arrays are memory-mapped read-only (``mmap_mode='r'``): the pages come from the OS file cache,
+    so processes reading the same case (torchrun ranks, DataLoader workers) share one copy.
+    """
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if json.loads(str(data["stamp"])) != stamp:
-                return None
-            return Preprocessed(
-                name=name, image=data["image"], label=data["label"] if "label" in data else None,
-                superpixels=data["superpixels"] if "superpixels" in data else None,
-                info=RestoreInfo.from_json(str(data["info"])),
-            )
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return None  # unreadable cache (crash of an older version, disk full): rebuild it
+        meta = json.loads((folder / CACHE_META).read_text())
+        if meta["stamp"] != stamp:
+            return None
+        arrays = {key: np.load(folder / f"{key}.npy", mmap_mode="r", allow_pickle=False) for key in meta["arrays"]}
+        return Preprocessed(name=name, image=arrays["image"], label=arrays.get("label"),
+                            superpixels=arrays.get("superpixels"), info=RestoreInfo.from_json(meta["info"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no cache yet, or an unreadable one (crash of an older version, disk full): rebuild it
 
 
-def _save_cache(path: Path, case: Preprocessed, stamp: Dict[str, Any]) -> None:
-    arrays = {"image": case.image, "info": np.array(case.info.to_json()), "stamp": np.array(json.dumps(stamp))}
-    if case.label is not None:
-        arrays["label"] = case.label
-    if case.superpixels is not None:
-        arrays["superpixels"] = case.superpixels
-    with atomic_write(path) as tmp:
-        np.savez(tmp, **arrays)
+def _save_cache(folder: Path, case: Preprocessed, stamp: Dict[str, Any], new_arrays: Sequence[str]) -> None:
+    """Write the arrays named in ``new_arrays`` (each atomically), then ``meta.json``, whose presence
+    marks the case complete: a reader never pairs a new meta file with missing arrays."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for key in new_arrays:
+            with atomic_write(folder / f"{key}.npy") as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, getattr(case, key), allow_pickle=False)
+        present = [key for key in CACHE_ARRAYS if getattr(case, key) is not None]
+        with atomic_write(folder / CACHE_META) as tmp:
+            tmp.write_text(json.dumps({"stamp": stamp, "info": case.info.to_json(), "arrays": present}))
+    except OSError as exc:
+        raise DatasetError(f"{folder}: cannot write the preprocessing cache ({exc.strerror or exc}); "
+                           "give a writable folder with --cache-dir") from None
 
 
 def superpixels_for(image: np.ndarray, params: PreprocessParams, info: RestoreInfo) -> np.ndarray:
@@ -273,16 +284,22 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
                     with_superpixels: bool) -> Preprocessed:
     """Preprocess ``case`` (image, label if any, superpixels if asked), reusing the cache.
 
-    The cache file is ``cache_dir/<params.key()>/<case.name>.npz``; it is reused when the source
-    files have the same size and mtime, and superpixels are added to it when first needed.
-    The label is checked to lie on the image grid and then given the image's exact geometry, so
-    that tiny header differences (DICOM spacing 0.9999999999999929 vs 1.0) do not shift it.
+    The cache of a case is the folder ``cache_dir/<params.key()>/<case.name>/`` holding
+    ``image.npy`` (float32), ``label.npy`` (int16), ``superpixels.npy`` (int32), all (Z, Y, X), and
+    ``meta.json``; it is reused when the source files have the same size and mtime, and
+    superpixels are added to it when first needed. Cached arrays come back memory-mapped
+    read-only. The label is checked to lie on the image grid and then given the image's exact
+    geometry, so that tiny header differences (DICOM spacing 0.9999999999999929 vs 1.0) do not shift it.
+
+    Raises:
+        DatasetError: unreadable source files, or a cache folder that cannot be written.
     """
     stamp = _source_stamp(case)
-    path = Path(cache_dir) / params.key() / f"{case.name}.npz" if cache_dir is not None else None
-    cached = _load_cache(path, stamp, case.name) if path is not None else None
+    folder = Path(cache_dir) / params.key() / case.name if cache_dir is not None else None
+    cached = _load_cache(folder, stamp, case.name) if folder is not None else None
     if cached is not None and (cached.superpixels is not None or not with_superpixels):
         return cached
+    new_arrays = ["superpixels"] if cached is not None else []
     if cached is None:
         image = read_image(case.image)
         label = None
@@ -292,8 +309,10 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
             label.CopyInformation(image)
         array, label_array, info = _prepare(image, params, label)
         cached = Preprocessed(case.name, array, label_array, None, info)
+        new_arrays = [key for key in ("image", "label") if getattr(cached, key) is not None]
     if with_superpixels:
         cached.superpixels = superpixels_for(cached.image, params, cached.info)
-    if path is not None:
-        _save_cache(path, cached, stamp)
+        new_arrays.append("superpixels")
+    if folder is not None:
+        _save_cache(folder, cached, stamp, new_arrays)
     return cached

@@ -8,6 +8,8 @@ Memory: the probability volume is accumulated in float32 on the inference device
 bytes plus one volume for the weights, after preprocessing (body crop, optional resampling); a
 volume whose accumulator does not fit in GPU memory is accumulated on the CPU instead. On CUDA the
 subnets run under autocast (float16) and cuDNN autotunes its kernels for the fixed patch size.
+Restoring a resampled prediction to the input grid adds about 14 bytes per input voxel (see
+:func:`restore_prediction`).
 """
 
 from __future__ import annotations
@@ -209,39 +211,85 @@ class Predictor:
         params = PreprocessParams.from_config(self.config)
         volume, info = preprocess_image(image, params)
         probs = self.predict_probabilities(volume, should_stop)
-        confidence, label = probs.max(dim=0)
-        changed = 0.0
+        refined, changed = None, 0.0
         if refine:
             from ..method.refine import refine_pseudo_labels
 
             superpixels = torch.from_numpy(superpixels_for(volume, params, info).astype(np.int64))
-            refined, changed = refine_pseudo_labels(probs[None], label[None], superpixels[None], self.config.refine_tau,
-                                                    self.config.refine_entropy, self.config.refine_mode)
-            label = refined[0]
-        label_image, confidence_image = restore_prediction(label, confidence, info, self.num_classes)
+            refined, changed = refine_pseudo_labels(probs[None], probs.argmax(dim=0)[None], superpixels[None],
+                                                    self.config.refine_tau, self.config.refine_entropy,
+                                                    self.config.refine_mode)
+            refined = refined[0]
+        label_image, confidence_image = restore_prediction(probs, info, self.num_classes, refined)
         return Prediction(label_image, confidence_image, float(changed))
 
 
-def restore_prediction(label: torch.Tensor, confidence: torch.Tensor, info: RestoreInfo,
-                       num_classes: int) -> Tuple[sitk.Image, sitk.Image]:
+def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,
+                       refined: Optional[torch.Tensor] = None) -> Tuple[sitk.Image, sitk.Image]:
     """Label and confidence maps of a preprocessed volume as images in the input's geometry.
 
     Args:
-        label: (Z, Y, X) long class ids on the preprocessed grid.
-        confidence: (Z, Y, X) float max softmax probability on that grid.
+        probs: (C, Z, Y, X) float softmax probabilities on the preprocessed grid.
         info: the :class:`RestoreInfo` from ``preprocess_image``.
         num_classes: C; labels are written as uint8, or uint16 above 255 classes.
+        refined: optional (Z, Y, X) long class ids of superpixel refinement, used instead of the
+            argmax of ``probs``.
 
     Returns:
-        (label image, float32 confidence image). Outside the body crop the network is certain of
-        background, not unsure, so the confidence there is 1.
+        (label image, float32 confidence image = max probability). Outside the body crop the
+        network is certain of background, not unsure, so the confidence there is 1.
+
+    When preprocessing resampled the image (``target_spacing``), each class map (the
+    probabilities, or the one-hot refined labels) is resampled back linearly and the label is the
+    argmax on the input grid, as nnU-Net does: boundaries follow the input's voxels instead of
+    the coarse grid's blocks that nearest-neighbour label resampling gives. Classes are restored
+    one at a time against a running maximum, so this needs about 14 bytes per input voxel
+    (running max, one restored class and its SimpleITK image, label, comparison mask) plus 8 per
+    resampled voxel, not C float maps of the input's size. Without resampling the argmax is
+    taken on the preprocessed grid and pasted back, which gives the same labels.
     """
     from ..data.preprocess import restore_to_original
 
     dtype = np.uint8 if num_classes <= 255 else np.uint16
-    label_image = restore_to_original(label.cpu().numpy().astype(dtype), info, is_label=True)
-    confidence_image = restore_to_original(confidence.cpu().numpy().astype(np.float32), info, is_label=False, fill=1.0)
-    return label_image, confidence_image
+    probs = probs.cpu()
+    if info.resampled and refined is None:
+        return _argmax_in_input_geometry(lambda c: probs[c].numpy(), num_classes, info, dtype)
+    confidence, label = probs.max(dim=0)
+    confidence_image = restore_to_original(confidence.numpy().astype(np.float32), info, is_label=False, fill=1.0)
+    if refined is not None:
+        label = refined.cpu()
+    if info.resampled:  # refined labels: the argmax of their one-hot maps, restored like probabilities
+        label_image, _ = _argmax_in_input_geometry(lambda c: (label == c).numpy().astype(np.float32), num_classes,
+                                                   info, dtype)
+        return label_image, confidence_image
+    return restore_to_original(label.numpy().astype(dtype), info, is_label=True), confidence_image
+
+
+def _argmax_in_input_geometry(class_map: Callable[[int], np.ndarray], num_classes: int, info: RestoreInfo,
+                              dtype: type) -> Tuple[sitk.Image, sitk.Image]:
+    """(argmax label image, max value image) over the class maps ``class_map(c)`` (Z, Y, X) on the
+    preprocessed grid, each restored linearly to the input grid (background 1 outside the crop).
+    Ties go to the lower class, as ``argmax`` does."""
+    from ..data.preprocess import restore_to_original
+
+    best = label = None
+    for c in range(num_classes):
+        restored = restore_to_original(class_map(c), info, is_label=False, fill=1.0 if c == 0 else 0.0)
+        values = sitk.GetArrayViewFromImage(restored)
+        if best is None:
+            best, label = values.copy(), np.zeros(values.shape, dtype)
+            continue
+        better = values > best
+        label[better] = c
+        np.maximum(best, values, out=best)
+    images = []
+    for array in (label, best):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(info.spacing)
+        image.SetOrigin(info.origin)
+        image.SetDirection(info.direction)
+        images.append(image)
+    return images[0], images[1]
 
 
 def resolve_checkpoint(run_dir: Path, checkpoint: str = "best") -> Path:

@@ -31,16 +31,16 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..data.dataset import DatasetSpec
+from ..data.dataset import Case, DatasetSpec
 from ..data.loader import StepLoader
-from ..data.preprocess import PreprocessParams, preprocess_case
+from ..data.preprocess import Preprocessed, PreprocessParams, preprocess_case
 from ..data.sampling import PatchSampler
 from ..errors import ConfigError, TrainingInterrupted
 from ..method.dhc import DiffDW, DistDW, weighted_ce_loss, weighted_dice_ce_loss
@@ -75,7 +75,7 @@ class Trainer:
         overwrite: allow a non-empty ``run_dir`` without resuming (its old outputs are removed).
         init_from: checkpoint whose subnet weights initialise this run (fine-tuning, e.g. retrain
             after the clinician corrected pseudo labels). Step and optimiser start fresh.
-        progress: called with every ``train``/``validation`` event record.
+        progress: called with every ``preprocess``/``train``/``validation`` event record.
         should_stop: polled at every step boundary; True stops with a resumable checkpoint.
         cache_dir: preprocessing cache (default ``<dataset>/.plbopt_cache``).
 
@@ -171,22 +171,50 @@ class Trainer:
         with atomic_write(self.run_dir / "dataset.json") as tmp:
             tmp.write_text(json.dumps({"labels": labels, "colors": colors, "source": str(self.dataset.root)}, indent=2))
 
+    def _preprocess(self, jobs: List[Tuple[Case, bool]]) -> List[Preprocessed]:
+        """Preprocess (or read from the cache) each ``(case, with_superpixels)``; every case is
+        reported as a ``preprocess`` record (events.jsonl, ``progress``) and on the progress bar,
+        because building the cache of a large dataset takes minutes a GUI would otherwise be silent."""
+        params = PreprocessParams.from_config(self.config)
+        bar = None
+        if self.show_progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(jobs), desc="preprocess", unit="case", dynamic_ncols=True)
+        prepared = []
+        try:
+            for index, (case, with_superpixels) in enumerate(jobs, start=1):
+                started = time.perf_counter()
+                prepared.append(preprocess_case(case, params, self.cache_dir, with_superpixels))
+                record = self.events.write("preprocess", case=case.name, index=index, total=len(jobs),
+                                           seconds=round(time.perf_counter() - started, 3))
+                if self.progress:
+                    self.progress(record)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return prepared
+
     def _load_data(self) -> None:
         cfg = self.config
-        params = PreprocessParams.from_config(cfg)
+        validation = [case for case in self.dataset.validation if case.label is not None]
+        unlabeled_cases = self.dataset.unlabeled if cfg.uses_unlabeled else []
         self_check = cfg.refine and cfg.refine_self_check  # refinement is also tried on labeled patches
-        labeled = [preprocess_case(case, params, self.cache_dir, with_superpixels=self_check)
-                   for case in self.dataset.training]
-        self.validation_cases = [preprocess_case(case, params, self.cache_dir, with_superpixels=False)
-                                 for case in self.dataset.validation if case.label is not None]
+        prepared = self._preprocess([(case, self_check) for case in self.dataset.training]
+                                    + [(case, False) for case in validation]
+                                    + [(case, cfg.refine) for case in unlabeled_cases])
+        n_labeled, n_validation = len(self.dataset.training), len(validation)
+        labeled = prepared[:n_labeled]
+        self.validation_cases = prepared[n_labeled:n_labeled + n_validation]
         # stream = rank: each process draws its own patches; rank 0 draws those of a plain run
         self.labeled_sampler = PatchSampler(labeled, cfg.patch_size, cfg.batch_size, self.num_classes,
                                             cfg.foreground_oversample, cfg.augment, cfg.seed, stream=self.dist.rank,
                                             flip_axes=cfg.flip_axes, rotate90=cfg.rotate90)
         self.unlabeled_sampler = None
         if cfg.uses_unlabeled:
-            unlabeled = [preprocess_case(case, params, self.cache_dir, with_superpixels=cfg.refine)
-                         for case in self.dataset.unlabeled]
+            unlabeled = prepared[n_labeled + n_validation:]
             # A different stream from the labeled sampler: unlabeled crops are not labeled crops' twins.
             self.unlabeled_sampler = PatchSampler(unlabeled, cfg.patch_size, cfg.unlabeled_batch, self.num_classes,
                                                   0.0, cfg.augment, cfg.seed + 7919, stream=self.dist.rank,
@@ -472,9 +500,10 @@ class Trainer:
         for member, models in members.items():
             per_class: Dict[str, List[float]] = {name: [] for c, name in self.dataset.labels.items() if c > 0}
             for case in self.validation_cases:
-                probs = sliding_window_probabilities(models, torch.from_numpy(case.image), self.config.patch_size,
-                                                     self.num_classes, self.config.sw_overlap,
-                                                     self.config.sw_batch_size, self.device, amp=self.config.amp)
+                volume = torch.from_numpy(np.array(case.image))  # a copy: cached volumes are read-only memory maps
+                probs = sliding_window_probabilities(models, volume, self.config.patch_size, self.num_classes,
+                                                     self.config.sw_overlap, self.config.sw_batch_size, self.device,
+                                                     amp=self.config.amp)
                 prediction = probs.argmax(0).numpy()
                 for c, name in self.dataset.labels.items():
                     if c > 0:
@@ -575,8 +604,11 @@ class Trainer:
         reason = self._stop_signal or "cancel requested"
         launcher = (f"torchrun --nproc_per_node {self.dist.world_size} -m PLBOptCore train" if self.dist.enabled
                     else "plbopt train")
+        extra = "".join(f" --unlabeled {folder}" for folder in self.dataset.unlabeled_dirs)
+        if self.cache_dir != Path(self.dataset.root) / ".plbopt_cache":
+            extra += f" --cache-dir {self.cache_dir}"
         message = (f"training stopped at step {self.step}/{self.config.iterations} ({reason}); checkpoint {path}; "
-                   f"continue with: {launcher} {self.dataset.root} -o {self.run_dir} --resume")
+                   f"continue with: {launcher} {self.dataset.root} -o {self.run_dir}{extra} --resume")
         self.events.write("end", step=self.step, status="interrupted", message=message)
         self.dist.barrier()  # the checkpoint is complete before any rank exits
         raise TrainingInterrupted(message)

@@ -57,6 +57,10 @@ class SceneCase:
 
 def _safe_name(text: str) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "case"
+    # PLBOptCore reads a trailing "_0000" as nnU-Net's channel suffix and drops it from case names,
+    # so the prediction of "scan_0000" would come back as "scan".
+    if name.endswith("_0000"):
+        name = name[: -len("_0000")] + "-0000"
     # "_confidence" is the suffix of PLBOptCore's confidence maps in the same folder.
     return name[: -len("_confidence")] + "_conf" if name.endswith("_confidence") else name
 

@@ -63,10 +63,16 @@ class TrainingProgress:
     checkpoint: Optional[str] = None
     status: str = "waiting"  # waiting | running | completed | interrupted | failed
     message: str = ""
+    preparing: str = ""  # while waiting: which case the preprocessing cache is being built for
+
 
     def update(self, record: dict) -> Optional[str]:
         """Apply one events.jsonl record; return a log line worth showing, if any."""
         kind = record.get("type")
+        if kind == "preprocess":
+            index, total = record.get("index"), record.get("total")
+            self.preparing = f"Preparing data: case {index}/{total} ({record.get('case', '?')})"
+            return f"Prepared {total} cases for training" if index == total else None
         if kind == "start":
             self.total_steps = int(record.get("total_steps", 0))
             self.start_step = self.step = int(record.get("start_step", 0))
@@ -107,7 +113,7 @@ class TrainingProgress:
     def summary(self) -> str:
         """One line for the panel: step, loss, ETA and the last validation Dice."""
         if self.status == "waiting":
-            return "Starting (loading data, building the model)…"
+            return self.preparing or "Starting (loading data, building the model)…"
         parts = [f"Step {self.step}/{self.total_steps}"]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")

@@ -46,6 +46,7 @@ class TrainSettings:
     device: str = "auto"
     base_filters: Optional[int] = None  # None: the preset's network width
     overrides: Dict[str, str] = field(default_factory=dict)  # --set key=value
+    cache_dir: Optional[Path] = None  # preprocessing cache; None: inside the exported dataset folder
 
 
 def in_slicer_application() -> bool:
@@ -78,6 +79,8 @@ def train_command(python: str, dataset_dir: Path, run_dir: Path, settings: Train
         command.append("--resume")
     if init_from is not None:
         command += ["--init-from", str(init_from)]
+    if settings.cache_dir is not None:
+        command += ["--cache-dir", str(settings.cache_dir)]
     if settings.overrides:
         command += ["--set", *[f"{key}={value}" for key, value in settings.overrides.items()]]
     return command

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PLBOptCore.errors import DatasetError
+from PLBOptCore.errors import ConfigError, DatasetError
 from PLBOptCore.evaluate import evaluate_folders, format_table
-from PLBOptCore.metrics import asd, assd, compute_case_metrics, dice, hd95, surface, surface_distances
+from PLBOptCore.metrics import METRIC_NAMES, asd, assd, compute_case_metrics, dice, hd95, surface, surface_distances
 
 
 def _cube(shape, start, size=3):
@@ -101,15 +101,28 @@ def test_empty_mask_convention():
         assert all(math.isnan(f(p, g, SPACING)) for f in (asd, assd, hd95))
 
 
+def _scores(metrics):
+    return {m: metrics[m] for m in ("dice", "asd", "assd", "hd95")}
+
+
 def test_compute_case_metrics():
     pred = PRED.astype(np.int16)
     gt = GT.astype(np.int16)
-    gt[0, 0, 0] = 2  # class 2 only in GT → distances NaN
+    gt[0, 0, 0] = 2  # class 2 only in GT
+    diagonal = math.sqrt((8 * 2.0) ** 2 + 7 ** 2 + 7 ** 2)  # (8, 7, 7) voxels of (2, 1, 1) mm
     result = compute_case_metrics(pred, gt, num_classes=4, spacing=SPACING)
     assert set(result) == {1, 2, 3}
-    assert result[1] == pytest.approx({"dice": 2 / 3, "asd": 19 / 26, "assd": 19 / 26, "hd95": 2.0})
-    assert result[2]["dice"] == 0.0 and math.isnan(result[2]["asd"]) and math.isnan(result[2]["hd95"])
-    assert result[3] == {"dice": 1.0, "asd": 0.0, "assd": 0.0, "hd95": 0.0}
+    assert _scores(result[1]) == pytest.approx({"dice": 2 / 3, "asd": 19 / 26, "assd": 19 / 26, "hd95": 2.0})
+    assert result[1]["empty"] == "none"
+    assert result[2] == pytest.approx({"dice": 0.0, "asd": diagonal, "assd": diagonal, "hd95": diagonal,
+                                       "empty": "prediction"})
+    assert result[3]["empty"] == "both" and all(math.isnan(v) for v in _scores(result[3]).values())
+
+    legacy = compute_case_metrics(pred, gt, num_classes=4, spacing=SPACING, empty="perfect", missing="skip")
+    assert legacy[2]["dice"] == 0.0 and math.isnan(legacy[2]["asd"]) and math.isnan(legacy[2]["hd95"])
+    assert _scores(legacy[3]) == {"dice": 1.0, "asd": 0.0, "assd": 0.0, "hd95": 0.0}
+    monai = compute_case_metrics(gt, pred, num_classes=3, spacing=SPACING, missing="inf")
+    assert monai[2]["empty"] == "ground_truth" and monai[2]["hd95"] == math.inf and monai[2]["dice"] == 0.0
 
 
 # ------------------------------------------------------------------------------------ evaluate
@@ -139,38 +152,57 @@ def folders(tmp_path):
 
 def test_evaluate_folders(folders, tmp_path):
     pred_dir, gt_dir = folders
+    diagonal = math.sqrt((8 * 2.0) ** 2 + 7 ** 2 + 7 ** 2)
     results = evaluate_folders(pred_dir, gt_dir, labels={0: "background", 1: "liver", 2: "spleen"})
+    assert results["conventions"] == {"empty": "ignore", "missing": "diagonal", "hd95": "pooled"}
     assert set(results["cases"]) == {"case1", "case2"}
     liver1 = results["cases"]["case1"]["liver"]
-    assert liver1 == pytest.approx({"dice": 2 / 3, "asd": 19 / 26, "assd": 19 / 26, "hd95": 2.0})
+    assert _scores(liver1) == pytest.approx({"dice": 2 / 3, "asd": 19 / 26, "assd": 19 / 26, "hd95": 2.0})
     spleen1 = results["cases"]["case1"]["spleen"]
-    assert spleen1["dice"] == 0.0 and math.isnan(spleen1["asd"])
-    assert results["cases"]["case2"]["spleen"] == {"dice": 1.0, "asd": 0.0, "assd": 0.0, "hd95": 0.0}
+    assert spleen1["dice"] == 0.0 and spleen1["asd"] == pytest.approx(diagonal) and spleen1["empty"] == "prediction"
+    assert _scores(results["cases"]["case2"]["spleen"]) == {"dice": 1.0, "asd": 0.0, "assd": 0.0, "hd95": 0.0}
 
     liver = results["classes"]["liver"]
     assert liver["dice"]["mean"] == pytest.approx((2 / 3 + 1) / 2)
     assert liver["dice"]["std"] == pytest.approx(1 / 6)
     assert liver["asd"]["mean"] == pytest.approx(19 / 52)
     spleen = results["classes"]["spleen"]
-    assert spleen["n_missing"] == 1 and liver["n_missing"] == 0
+    assert spleen["n_missing"] == 1 and liver["n_missing"] == 0 and spleen["n_absent"] == 0
     assert spleen["dice"]["mean"] == pytest.approx(0.5)  # the missing case's Dice 0 counts
-    assert spleen["asd"]["mean"] == 0.0  # its NaN distance does not
+    assert spleen["asd"]["mean"] == pytest.approx(diagonal / 2)  # and so does its worst-case distance
     assert results["mean"]["dice"] == pytest.approx(((2 / 3 + 1) / 2 + 0.5) / 2)
 
     with open(pred_dir / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4
-    assert [(r["case"], r["label"], r["class"]) for r in rows] == [
-        ("case1", "1", "liver"), ("case1", "2", "spleen"), ("case2", "1", "liver"), ("case2", "2", "spleen")]
-    assert float(rows[0]["asd_mm"]) == pytest.approx(19 / 26) and rows[1]["asd_mm"] == ""
+    assert [(r["case"], r["label"], r["class"], r["empty"]) for r in rows] == [
+        ("case1", "1", "liver", "none"), ("case1", "2", "spleen", "prediction"), ("case2", "1", "liver", "none"),
+        ("case2", "2", "spleen", "none")]
+    assert float(rows[0]["asd_mm"]) == pytest.approx(19 / 26) and float(rows[1]["asd_mm"]) == pytest.approx(diagonal)
     saved = json.loads((pred_dir / "metrics.json").read_text())
-    assert saved["cases"]["case1"]["spleen"]["asd"] is None
+    assert saved["conventions"]["missing"] == "diagonal"
     assert saved["classes"]["liver"]["hd95"]["mean"] == pytest.approx(1.0)
     assert not [p for p in pred_dir.iterdir() if p.name.startswith(".tmp")]
 
     table = format_table(results)
     assert "liver" in table and "spleen" in table and "0.8333±0.1667" in table
+    assert "--empty ignore" in table and "--missing diagonal" in table and "--hd95 pooled" in table
     print(table)
+
+    # earlier PLBOpt tables: the missing organ's distance is left out, so the spleen ASD mean is 0
+    legacy = evaluate_folders(pred_dir, gt_dir, labels={1: "liver", 2: "spleen"}, empty="perfect", missing="skip")
+    assert legacy["classes"]["spleen"]["asd"]["mean"] == 0.0 and legacy["classes"]["spleen"]["n_missing"] == 1
+    assert math.isnan(legacy["cases"]["case1"]["spleen"]["asd"])
+    saved = json.loads((pred_dir / "metrics.json").read_text())
+    assert saved["cases"]["case1"]["spleen"]["asd"] is None
+
+    # MONAI: infinite distance, an infinite class mean, written as "inf"
+    monai = evaluate_folders(pred_dir, gt_dir, labels={1: "liver", 2: "spleen"}, missing="inf", hd95="max")
+    assert monai["classes"]["spleen"]["hd95"]["mean"] == math.inf and monai["mean"]["hd95"] == math.inf
+    assert json.loads((pred_dir / "metrics.json").read_text())["classes"]["spleen"]["hd95"]["mean"] == "inf"
+    assert "inf" in format_table(monai).splitlines()[-1]
+    with pytest.raises(ConfigError, match="^hd95: 'median' is not one of pooled, max"):
+        evaluate_folders(pred_dir, gt_dir, hd95="median")
 
 
 def test_evaluate_labels_from_dataset_json_default_names_and_out_dir(folders, tmp_path):
@@ -225,3 +257,122 @@ def test_evaluate_geometry_and_label_errors(folders):
 
     with pytest.raises(DatasetError, match="not found"):
         evaluate_folders(pred_dir / "nope", gt_dir)
+
+
+# ---------------------------------------------- cross-check with an independent implementation
+# Surfaces from SimpleITK's BinaryContour (face connectivity), distances from its Maurer distance
+# map, Dice from LabelOverlapMeasures, the conventions written out from the README's table.
+XCHECK_SPACING = (2.5, 0.8, 1.1)  # (Z, Y, X) mm
+XCHECK_SHAPE = (16, 20, 18)
+
+
+def _sitk_image(mask):
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing(XCHECK_SPACING[::-1])
+    return image
+
+
+def _sitk_surface(mask):
+    contour = sitk.BinaryContour(_sitk_image(mask), fullyConnected=False, backgroundValue=0, foregroundValue=1)
+    return sitk.GetArrayFromImage(contour).astype(bool)
+
+
+def _sitk_distances(a, b):
+    distance = sitk.SignedMaurerDistanceMap(_sitk_image(_sitk_surface(b)), insideIsPositive=False,
+                                            squaredDistance=False, useImageSpacing=True)
+    return np.abs(sitk.GetArrayFromImage(distance))[_sitk_surface(a)]
+
+
+def _reference(pred, gt, empty, missing, hd95_convention):
+    """(dice, asd, assd, hd95) of one class, or None when it is not scored."""
+    if not pred.any() and not gt.any():
+        return None if empty == "ignore" else (1.0, 0.0, 0.0, 0.0)
+    if not pred.any() or not gt.any():
+        extent = np.array(XCHECK_SHAPE) * np.array(XCHECK_SPACING)
+        d = {"diagonal": float(np.sqrt((extent ** 2).sum())), "inf": math.inf, "skip": math.nan}[missing]
+        return (0.0, d, d, d)
+    overlap = sitk.LabelOverlapMeasuresImageFilter()
+    overlap.Execute(_sitk_image(gt), _sitk_image(pred))
+    d_pg, d_gp = _sitk_distances(pred, gt), _sitk_distances(gt, pred)
+    pooled = np.concatenate([d_pg, d_gp])
+    hd = np.percentile(pooled, 95) if hd95_convention == "pooled" else max(np.percentile(d_pg, 95),
+                                                                            np.percentile(d_gp, 95))
+    return (overlap.GetDiceCoefficient(), d_pg.mean(), pooled.mean(), hd)
+
+
+def _box(start, stop):
+    mask = np.zeros(XCHECK_SHAPE, bool)
+    mask[tuple(slice(a, b) for a, b in zip(start, stop))] = True
+    return mask
+
+
+@pytest.fixture(scope="module")
+def xcheck_cases():
+    """Two cases, classes 1-4. Case a: 1 in both (the prediction with a far false-positive blob, so
+    pooled and max HD95 differ), 2 only in GT, 3 only in the prediction, 4 in neither.
+    Case b: 1, 2 and 4 in both (irregular), 3 in neither."""
+    rng = np.random.default_rng(5)
+    a_gt, a_pred = np.zeros(XCHECK_SHAPE, np.uint8), np.zeros(XCHECK_SHAPE, np.uint8)
+    a_gt[_box((3, 4, 3), (9, 12, 10))] = 1
+    a_pred[_box((4, 5, 3), (10, 12, 11)) | _box((12, 14, 13), (14, 17, 16))] = 1
+    a_gt[_box((10, 3, 3), (13, 8, 7))] = 2
+    a_pred[_box((2, 14, 2), (4, 17, 6))] = 3
+    b_gt, b_pred = np.zeros(XCHECK_SHAPE, np.uint8), np.zeros(XCHECK_SHAPE, np.uint8)
+    b_gt[_box((2, 2, 2), (8, 10, 9)) & (rng.random(XCHECK_SHAPE) > 0.1)] = 1
+    b_pred[_box((3, 2, 3), (8, 11, 9))] = 1
+    b_gt[_box((9, 10, 9), (14, 17, 16))] = 2
+    b_pred[_box((9, 11, 8), (13, 17, 16)) & (rng.random(XCHECK_SHAPE) > 0.2)] = 2
+    b_gt[_box((2, 13, 2), (6, 18, 7))] = 4
+    b_pred[_box((2, 12, 2), (7, 18, 6))] = 4
+    return {"a": (a_pred, a_gt), "b": (b_pred, b_gt)}
+
+
+@pytest.mark.parametrize("hd95_convention", ["pooled", "max"])
+@pytest.mark.parametrize("missing", ["diagonal", "inf", "skip"])
+@pytest.mark.parametrize("empty", ["ignore", "perfect"])
+def test_evaluate_matches_an_independent_implementation(xcheck_cases, tmp_path, empty, missing, hd95_convention):
+    for name, (pred, gt) in xcheck_cases.items():
+        _write(tmp_path / "pred" / f"{name}.nii.gz", pred, XCHECK_SPACING[::-1])
+        _write(tmp_path / "gt" / f"{name}.nii.gz", gt, XCHECK_SPACING[::-1])
+    labels = {0: "background", 1: "one", 2: "two", 3: "three", 4: "four"}
+    results = evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels=labels, empty=empty, missing=missing,
+                               hd95=hd95_convention)
+    class_means = {m: [] for m in METRIC_NAMES}
+    for c in range(1, 5):
+        per_case = {name: _reference(pred == c, gt == c, empty, missing, hd95_convention)
+                    for name, (pred, gt) in xcheck_cases.items()}
+        for name, expected in per_case.items():
+            got = [results["cases"][name][labels[c]][m] for m in METRIC_NAMES]
+            if expected is None:
+                assert all(math.isnan(v) for v in got)
+            else:
+                np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        for i, m in enumerate(METRIC_NAMES):
+            scored = [e[i] for e in per_case.values() if e is not None and not math.isnan(e[i])]
+            mean = sum(scored) / len(scored) if scored else math.nan
+            got = results["classes"][labels[c]][m]["mean"]
+            assert (math.isnan(got) and math.isnan(mean)) or got == pytest.approx(mean, rel=1e-5)
+            class_means[m].append(mean)
+    for m in METRIC_NAMES:
+        scored = [v for v in class_means[m] if not math.isnan(v)]
+        assert results["mean"][m] == pytest.approx(sum(scored) / len(scored), rel=1e-5)
+    # the conventions are not vacuous on these volumes
+    a_pred, a_gt = xcheck_cases["a"]
+    assert _reference(a_pred == 1, a_gt == 1, empty, missing, "max")[3] > \
+        _reference(a_pred == 1, a_gt == 1, empty, missing, "pooled")[3] + 1.0
+
+
+def test_evaluate_pairs_require_the_same_origin_and_direction(folders):
+    pred_dir, gt_dir = folders
+    image = sitk.ReadImage(str(pred_dir / "case1.nii.gz"))
+    image.SetOrigin((0.0, 0.0, 5.0))
+    sitk.WriteImage(image, str(pred_dir / "case1.nii.gz"))
+    with pytest.raises(DatasetError) as err:
+        evaluate_folders(pred_dir, gt_dir)
+    message = str(err.value)
+    assert message.startswith(f"{pred_dir / 'case1.nii.gz'}: origin") and str(gt_dir / "case1.nii.gz") in message
+    image.SetOrigin((0.0, 0.0, 0.0))
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(pred_dir / "case1.nii.gz"))
+    with pytest.raises(DatasetError, match="direction"):
+        evaluate_folders(pred_dir, gt_dir)

@@ -17,6 +17,7 @@ from PLBOptCore.data.io import write_image
 from PLBOptCore.data.preprocess import (BODY_MARGIN, Preprocessed, PreprocessParams, preprocess_case,
                                         preprocess_image, restore_to_original)
 from PLBOptCore.data.sampling import PatchSampler, augment_batch, class_indices
+from PLBOptCore.errors import DatasetError
 
 DICOM = Path("/work/shared/data/dicom-ct-3slice")
 DIRECTION = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # rotated: restore must keep it
@@ -128,6 +129,78 @@ def test_restore_float_map_after_coarse_resampling(tmp_path):
         restore_to_original(pre.image[1:], pre.info, is_label=False)
 
 
+def _sphere_probabilities(info, centre_mm, radius_mm, width_mm=1.0) -> torch.Tensor:
+    """(2, Z, Y, X) softmax-like background/sphere probabilities on the preprocessed grid of
+    ``info`` (identity direction, no crop), smooth across the sphere's surface."""
+    zyx = np.indices(tuple(b - a for a, b in zip(info.crop_start, info.crop_stop)), dtype=np.float64)
+    spacing, origin = info.resampled_spacing[::-1], info.origin[::-1]
+    distance = np.sqrt(sum((origin[d] + zyx[d] * spacing[d] - centre_mm[d]) ** 2 for d in range(3)))
+    inside = 1.0 / (1.0 + np.exp((distance - radius_mm) / width_mm))
+    return torch.from_numpy(np.stack([1.0 - inside, inside]).astype(np.float32))
+
+
+def test_resampled_prediction_is_restored_from_probabilities(tmp_path):
+    from PLBOptCore.engine.inference import restore_prediction
+
+    shape, spacing_zyx, origin_zyx = (24, 48, 44), (1.5, 0.5, 0.6), (3.0, -8.0, 12.0)
+    image = sitk.GetImageFromArray(np.zeros(shape, np.int16))
+    image.SetSpacing(spacing_zyx[::-1])
+    image.SetOrigin(origin_zyx[::-1])
+    _, info = preprocess_image(image, _params(target_spacing=(3.0, 2.0, 2.1), crop_to_body=False))
+    assert info.resampled
+    centre, radius = (20.0, 4.0, 25.0), 7.3
+    probs = _sphere_probabilities(info, centre, radius)
+
+    label_image, confidence_image = restore_prediction(probs, info, num_classes=2)
+    assert _same_geometry(label_image, image) and _same_geometry(confidence_image, image)
+    label = sitk.GetArrayFromImage(label_image)
+    # the same argmax as restoring all class maps at once and comparing them (what the running max avoids)
+    stacked = np.stack([sitk.GetArrayFromImage(restore_to_original(probs[c].numpy(), info, False, fill=float(c == 0)))
+                        for c in range(2)])
+    np.testing.assert_array_equal(label, stacked.argmax(axis=0))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(confidence_image), stacked.max(axis=0))
+
+    # closer to the true sphere on the input grid than nearest-neighbour resampling of coarse labels
+    zyx = np.indices(shape, dtype=np.float64)
+    distance = np.sqrt(sum((origin_zyx[d] + zyx[d] * spacing_zyx[d] - centre[d]) ** 2 for d in range(3)))
+    truth = distance < radius
+    blocky = sitk.GetArrayFromImage(restore_to_original(probs.argmax(0).numpy().astype(np.uint8), info, True)) == 1
+    smooth_dice = 2 * (truth & (label == 1)).sum() / (truth.sum() + (label == 1).sum())
+    blocky_dice = 2 * (truth & blocky).sum() / (truth.sum() + blocky.sum())
+    print(f"Dice with the true sphere: probabilities restored {smooth_dice:.4f}, nearest labels {blocky_dice:.4f}")
+    assert smooth_dice > blocky_dice + 0.02, (smooth_dice, blocky_dice)
+
+    # refined labels are restored the same way, through their one-hot maps
+    refined = probs.argmax(0)
+    refined[:, :, : refined.shape[2] // 2] = 0  # refinement removed the left half of the sphere
+    refined_image, refined_confidence = restore_prediction(probs, info, 2, refined=refined)
+    one_hot = np.stack([sitk.GetArrayFromImage(restore_to_original((refined == c).numpy().astype(np.float32), info,
+                                                                   False, fill=float(c == 0))) for c in range(2)])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(refined_image), one_hot.argmax(axis=0))
+    max_probability = restore_to_original(probs.max(0).values.numpy(), info, False, fill=1.0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(refined_confidence), sitk.GetArrayFromImage(max_probability))
+
+
+def test_unresampled_prediction_is_pasted_back(tmp_path):
+    from PLBOptCore.engine.inference import restore_prediction
+
+    hu, _ = _phantom()
+    image = _image(hu)
+    _, info = preprocess_image(image, _params())
+    assert not info.resampled and info.crop_start != (0, 0, 0)
+    probs = torch.softmax(torch.randn((3,) + tuple(b - a for a, b in zip(info.crop_start, info.crop_stop)),
+                                      generator=torch.Generator().manual_seed(0)), dim=0)
+    label_image, confidence_image = restore_prediction(probs, info, num_classes=3)
+    assert _same_geometry(label_image, image) and label_image.GetPixelID() == sitk.sitkUInt8
+    box = tuple(slice(a, b) for a, b in zip(info.crop_start, info.crop_stop))
+    label, confidence = sitk.GetArrayFromImage(label_image), sitk.GetArrayFromImage(confidence_image)
+    np.testing.assert_array_equal(label[box], probs.argmax(0).numpy())
+    np.testing.assert_allclose(confidence[box], probs.max(0).values.numpy())
+    outside = np.ones(label.shape, bool)
+    outside[box] = False
+    assert (label[outside] == 0).all() and (confidence[outside] == 1.0).all()
+
+
 def test_real_dicom_series_with_nrrd_label():
     case = Case("ct", DICOM / "ct", DICOM / "liver_spine_seg.nrrd")
     pre = preprocess_case(case, _params(), None, False)
@@ -144,9 +217,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     case = _case(tmp_path)
     params, cache = _params(), tmp_path / "cache"
     first = preprocess_case(case, params, cache, with_superpixels=False)
-    cache_file = cache / params.key() / "c0.npz"
-    assert cache_file.is_file() and first.superpixels is None
-    assert not [p for p in cache_file.parent.iterdir() if p.name.startswith(".tmp")]
+    case_dir = cache / params.key() / "c0"
+    assert sorted(p.name for p in case_dir.iterdir()) == ["image.npy", "label.npy", "meta.json"]
+    assert first.superpixels is None
 
     def no_read(path):
         raise AssertionError(f"{path} read although cached")
@@ -156,6 +229,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again.image, first.image)
     np.testing.assert_array_equal(again.label, first.label)
     assert again.info == first.info
+    # memory-mapped read-only: processes reading the case share the OS page cache
+    assert isinstance(again.image, np.memmap) and isinstance(again.label, np.memmap)
+    assert not again.image.flags.writeable
 
     # superpixels are added to the cached case without re-reading the source
     with_sp = preprocess_case(case, params, cache, with_superpixels=True)
@@ -175,12 +251,22 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 def test_corrupt_cache_is_rebuilt(tmp_path):
     case = _case(tmp_path, label=False)
     params, cache = _params(), tmp_path / "cache"
-    path = cache / params.key() / "c0.npz"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"PK\x03\x04garbage")
+    preprocess_case(case, params, cache, with_superpixels=False)
+    image_file = cache / params.key() / "c0" / "image.npy"
+    image_file.write_bytes(b"\x93NUMPYgarbage")
     pre = preprocess_case(case, params, cache, with_superpixels=False)
-    assert pre.label is None and pre.image.ndim == 3
+    assert pre.label is None and pre.image.ndim == 3 and not isinstance(pre.image, np.memmap)
+    assert isinstance(preprocess_case(case, params, cache, False).image, np.memmap)
+    (cache / params.key() / "c0" / "meta.json").write_text("{not json")
     assert preprocess_case(case, params, cache, False).image.shape == pre.image.shape
+
+
+def test_unwritable_cache_folder_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should go")
+    with pytest.raises(DatasetError) as err:
+        preprocess_case(_case(tmp_path), _params(), blocker / "cache", with_superpixels=False)
+    assert str(err.value).startswith(str(blocker / "cache")) and "--cache-dir" in str(err.value)
 
 
 # ---- sampling --------------------------------------------------------------------------------------

@@ -84,6 +84,12 @@ def test_export_keeps_geometry_and_labels_voxel_exact(scene, tmp_path):
     assert abs(np.linalg.det(oblique_directions()) + 1) < 1e-9  # the grid really is oblique and flipped
 
 
+def test_case_names_keep_clear_of_plboptcore_suffixes(scene, tmp_path):
+    for name in ("scan_0000", "map_confidence"):
+        add_volume(scene, name, phantom_case(seed=1)[0])
+    assert sorted(c.name for c in WorkflowLogic(scene, working_dir=tmp_path).cases()) == ["map_conf", "scan-0000"]
+
+
 def test_mismatched_segment_names_are_rejected(scene, tmp_path):
     add_phantom(scene, "A", seed=1)
     volume, _, label = add_phantom(scene, "B", seed=2, labeled=False)
@@ -222,6 +228,10 @@ def test_events_follower_waits_for_complete_lines(tmp_path):
     assert records == [{"type": "train", "step": 4, "loss": 0.5, "eta_seconds": 75}]
 
     progress = TrainingProgress()
+    assert progress.summary() == "Starting (loading data, building the model)…"
+    assert progress.update({"type": "preprocess", "case": "a", "index": 1, "total": 2, "seconds": 3.0}) is None
+    assert progress.summary() == "Preparing data: case 1/2 (a)"
+    assert progress.update({"type": "preprocess", "case": "b", "index": 2, "total": 2}) == "Prepared 2 cases for training"
     progress.update({"type": "start", "total_steps": 10, "start_step": 0, "device": "cpu", "preset": "plbopt"})
     progress.update(records[0])
     assert progress.fraction == pytest.approx(0.4)
@@ -243,6 +253,8 @@ def test_train_command_follows_the_cli_contract(tmp_path):
                        "--set", "checkpoint_every=2", "log_every=1"]
     with pytest.raises(ValueError, match="unknown preset"):
         train_command("py", tmp_path, tmp_path, TrainSettings(preset="nope"))
+    cached = train_command("py", tmp_path / "ds", tmp_path / "run", TrainSettings(cache_dir=tmp_path / "cache"))
+    assert cached[-2:] == ["--cache-dir", str(tmp_path / "cache")]
 
 
 FAKE_TRAINER = textwrap.dedent("""
