@@ -20,12 +20,11 @@ import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from ..config import SUBNETS, Config
 from ..data.sampling import centred_padding, pad_to_patch

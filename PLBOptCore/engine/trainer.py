@@ -35,7 +35,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
 from ..data.dataset import Case, DatasetSpec
@@ -333,7 +332,7 @@ class Trainer:
             model.train()
 
         with self.autocast():
-            outputs = [model(x) for model in self.models]
+            outputs = [self._forward(model, x, n_l) for model in self.models]
         logits = [out[0].float() for out in outputs]
         features = [out[1].float() for out in outputs]
         timings["forward"] = self._lap()
@@ -354,8 +353,7 @@ class Trainer:
             record["loss_sup"] = weighted_dice_ce_loss(logits[0][:n_l], y_l, weights)
         else:
             logit_a, logit_b = logits
-            w_a, w_b = ((self.diffdw.weights.clamp_min(cfg.class_weight_floor),
-                         self.distdw.weights.clamp_min(cfg.class_weight_floor)) if cfg.class_weighting else (None, None))
+            w_a, w_b = self.class_loss_weights() if cfg.class_weighting else (None, None)
             loss_sup = weighted_dice_ce_loss(logit_b[:n_l], y_l, w_b)
             if cfg.supervised_subnets == "AB":
                 loss_sup = loss_sup + weighted_dice_ce_loss(logit_a[:n_l], y_l, w_a)
@@ -424,6 +422,23 @@ class Trainer:
                                      for c in range(1, self.num_classes)}
             values.pop("refine_gain/0")
         return {**values, "lr": lr, "ramp": ramp}
+
+    def class_loss_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(C,) class weights of subnet A's (DiffDW) and B's (DistDW) losses, at least ``class_weight_floor``."""
+        floor = self.config.class_weight_floor
+        return self.diffdw.weights.clamp_min(floor), self.distdw.weights.clamp_min(floor)
+
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor, n_labeled: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features) of ``x`` = labeled then unlabeled patches (B, 1, Z, Y, X).
+
+        With ``separate_batch_norm`` the two parts go through the subnet in two passes, so that
+        BatchNorm normalises each with its own batch statistics (DHC concatenates them; see
+        docs/METHOD.md for why that made every test prediction mostly organ here).
+        """
+        if not self.config.separate_batch_norm or x.shape[0] == n_labeled:
+            return model(x)
+        labeled, unlabeled = model(x[:n_labeled]), model(x[n_labeled:])
+        return torch.cat([labeled[0], unlabeled[0]]), torch.cat([labeled[1], unlabeled[1]])
 
     def _refinable(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, Z, Y, X) superpixel ids of a sampled batch on the device, the heterogeneous ones set

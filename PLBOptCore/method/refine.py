@@ -294,7 +294,6 @@ def homogeneous_superpixels(superpixels: torch.Tensor, image: torch.Tensor, nois
     Returns:
         (B, Z, Y, X) long ids.
     """
-    batch = superpixels.shape[0]
     grouped = _group_slots(superpixels, torch.zeros(superpixels.numel(), dtype=torch.long,
                                                     device=superpixels.device), 1)
     if grouped is None:

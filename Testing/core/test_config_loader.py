@@ -87,7 +87,7 @@ def test_valid_values_pass_unchanged():
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> Path:
     return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_labeled=2, n_unlabeled=2, n_test=0,
-                                shape=(24, 48, 48), seed=3)
+                                n_validation=0, shape=(24, 48, 48), seed=3)
 
 
 @pytest.mark.parametrize("setting", ["clip_window=[1]", "target_spacing=[1,1]", "sw_batch_size=0", "log_every=0",

@@ -28,7 +28,7 @@ TINY_TRAIN = ["--preset", "dhc", "--iterations", "2", "--patch-size", "16", "32"
 def phantom(tmp_path_factory) -> Path:
     """MSD layout: imagesTr/labelsTr (2), imagesUn (2), imagesTs/labelsTs (1)."""
     return make_phantom_dataset(tmp_path_factory.mktemp("msd"), n_labeled=2, n_unlabeled=2, n_test=1,
-                                shape=(24, 48, 48), seed=3)
+                                n_validation=0, shape=(24, 48, 48), seed=3)
 
 
 def _nnunet_v2_tree(msd: Path, root: Path, unlabeled_key: bool = True) -> Path:

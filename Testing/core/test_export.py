@@ -35,7 +35,7 @@ def _train(dataset: Path, run_dir: Path, preset: str) -> Path:
 def dataset(tmp_path_factory) -> Path:
     # 16×48×48: one window along Z, two along Y and X, so the Gaussian blending is exercised.
     return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_labeled=1, n_unlabeled=1, n_test=1,
-                                shape=(16, 48, 48), seed=5)
+                                n_validation=0, shape=(16, 48, 48), seed=5)
 
 
 @pytest.fixture(scope="module")

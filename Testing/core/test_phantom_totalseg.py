@@ -121,7 +121,7 @@ def test_demo_montage_is_a_png_written_in_place(tmp_path):
     from PLBOptCore.demo import write_montage
 
     spec = load_dataset(make_phantom_dataset(tmp_path / "data", n_labeled=1, n_unlabeled=0, n_test=2,
-                                             shape=(16, 32, 32)))
+                                             n_validation=0, shape=(16, 32, 32)))
     predictions = tmp_path / "predictions"
     predictions.mkdir()
     for case in spec.test:  # the ground truth stands in for predictions

@@ -210,3 +210,66 @@ def test_refine_bench_writes_json_and_markdown(tmp_path):
     assert saved["rows"][0]["shape"] == [2, 6, 4, 16, 16] and saved["rows"][0]["speedup"] > 0
     assert saved["target_met"] == result["target_met"] == (saved["rows"][0]["speedup"] >= 20)
     assert "Speed-up target" in (tmp_path / "refine_bench.md").read_text()
+
+
+# ---------------------------------------------------------------- safe rule (refine_mode="safe")
+def test_safe_contraction_gives_voxels_to_background_not_to_the_neighbouring_organ():
+    # superpixel 0 = six voxels: class 1 uncertain (H_bin(0.5) = ln 2 > τ, above H(comp)), class 2
+    # and background certain (class 2's complement: p = 0.185, H = 0.479 < τ); superpixel 1 holds
+    # enough class-1 voxels that class 1 is not thinner than a superpixel
+    probs = [[0.15, 0.5, 0.35]] * 2 + [[0.02, 0.02, 0.96]] * 2 + [[0.96, 0.02, 0.02]] * 2 + [[0.02, 0.96, 0.02]] * 6
+    p, y, s = _line(probs, [1, 1, 2, 2, 0, 0] + [1] * 6, [0] * 6 + [1] * 6)
+    paper, _ = refine_pseudo_labels(p, y, s, tau=0.5, mode="paper")
+    safe, changed = refine_pseudo_labels(p, y, s, tau=0.5, mode="safe")
+    assert paper.flatten().tolist()[:6] == [2, 2, 2, 2, 0, 0]  # next most probable: the organ
+    assert safe.flatten().tolist() == [0, 0, 2, 2, 0, 0] + [1] * 6
+    assert changed == pytest.approx(2 / 12)
+
+
+def test_safe_expansion_takes_only_background_voxels():
+    # class 1 certain inside; its complement (organ 2 and background, both unsure of themselves and
+    # leaning to 1) is uncertain: paper expands over both, safe only over background
+    probs = [[0.01, 0.98, 0.01]] * 4 + [[0.1, 0.45, 0.45]] * 2 + [[0.5, 0.45, 0.05]] * 2
+    p, y, s = _line(probs, [1, 1, 1, 1, 2, 2, 0, 0])
+    paper, _ = refine_pseudo_labels(p, y, s, tau=0.5, mode="paper")
+    safe, changed = refine_pseudo_labels(p, y, s, tau=0.5, mode="safe")
+    assert paper.flatten().tolist() == [1] * 8
+    assert safe.flatten().tolist() == [1, 1, 1, 1, 2, 2, 1, 1] and changed == pytest.approx(2 / 8)
+
+
+def test_safe_rule_never_contracts_a_class_thinner_than_a_superpixel_in_its_slice():
+    # two slices, superpixels of 8 voxels on average (6, 6, 12); class 1 has 2 voxels in slice 0: no
+    # contraction there, while in slice 1 (8 voxels of class 1) the same uncertainty contracts
+    unsure, sure_bg = [0.5, 0.5], [0.95, 0.05]
+    p0 = [unsure] * 2 + [sure_bg] * 4
+    p1 = [unsure] * 8 + [sure_bg] * 4
+    probs = torch.zeros(1, 2, 2, 1, 12)
+    probs[0, :, 0, 0, :6] = torch.tensor(p0).T
+    probs[0, :, 0, 0, 6:] = torch.tensor([sure_bg] * 6).T
+    probs[0, :, 1, 0, :] = torch.tensor(p1).T
+    labels = torch.zeros(1, 2, 1, 12, dtype=torch.long)
+    labels[0, 0, 0, :2] = 1
+    labels[0, 1, 0, :8] = 1
+    superpixels = torch.tensor([[0] * 6 + [1] * 6, [2] * 12]).reshape(1, 2, 1, 12)
+    out, _ = refine_pseudo_labels(probs, labels, superpixels, tau=0.5, mode="safe")
+    assert out[0, 0, 0, :2].tolist() == [1, 1]  # thin: kept
+    assert out[0, 1, 0, :8].tolist() == [0] * 8  # wide enough: contracted to background
+    paper, _ = refine_pseudo_labels(probs, labels, superpixels, tau=0.5, mode="paper")
+    assert paper[0, 0, 0, :2].tolist() == [0, 0]
+
+
+def test_safe_rule_never_removes_a_class_from_a_patch():
+    # all of class 2 sits in one superpixel and would be contracted: it must survive
+    probs = [[0.45, 0.05, 0.5]] * 6 + [[0.96, 0.02, 0.02]] * 6 + [[0.02, 0.96, 0.02]] * 12
+    p, y, s = _line(probs, [2] * 6 + [0] * 6 + [1] * 12, [0] * 12 + [1] * 12)
+    paper, _ = refine_pseudo_labels(p, y, s, tau=0.5, mode="paper")
+    safe, changed = refine_pseudo_labels(p, y, s, tau=0.5, mode="safe")
+    assert 2 not in paper.flatten().tolist()
+    assert safe.flatten().tolist() == y.flatten().tolist() and changed == 0.0
+
+
+def test_refinement_leaves_classes_that_are_not_allowed():
+    p, y, s = _line([[0.1, 0.9]] * 2 + [[0.5, 0.5]] * 2, [1, 1, 0, 0])
+    assert refine_pseudo_labels(p, y, s, tau=0.5, mode="safe")[0].flatten().tolist() == [1, 1, 1, 1]
+    blocked, changed = refine_pseudo_labels(p, y, s, tau=0.5, mode="safe", allowed_classes=torch.tensor([True, False]))
+    assert blocked.flatten().tolist() == [1, 1, 0, 0] and changed == 0.0
