@@ -85,7 +85,7 @@ REFINE_MODES = ("paper", "safe")
 
 
 def _group_slots(superpixels: torch.Tensor, labels: torch.Tensor,
-                 num_classes: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+                 num_classes: int) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Ids of the (batch item, superpixel) groups and of the (group, pseudo class) slots.
 
     Args:
@@ -95,8 +95,9 @@ def _group_slots(superpixels: torch.Tensor, labels: torch.Tensor,
 
     Returns:
         None when no voxel has a superpixel; else slots (N,) long ``group·C + label`` with groups in
-        ``0..G-1``, and real (G,) bool, False for the per-item "no superpixel" groups
-        (id -1), which are kept as groups so that no boolean-mask gathers over the voxels are needed.
+        ``0..G-1``, real (G,) bool, False for the per-item "no superpixel" groups
+        (id -1), which are kept as groups so that no boolean-mask gathers over the voxels are needed,
+        and items (G,) long, the batch item of each group.
         Groups are ``item·stride + id - low + 1`` when that table is small (O(1) per voxel), and
         compacted with ``torch.unique`` (a sort) only when the ids are sparse.
     """
@@ -114,11 +115,10 @@ def _group_slots(superpixels: torch.Tensor, labels: torch.Tensor,
     offsets = torch.arange(batch, device=ids.device) * stride - (low - 1)
     groups = (ids + offsets.unsqueeze(1)).reshape(-1)
     if batch * stride * num_classes <= 2 * groups.numel():
-        real = torch.arange(batch * stride, device=ids.device) % stride != 0
+        keys = torch.arange(batch * stride, device=ids.device)
     else:
         keys, groups = torch.unique(groups, return_inverse=True)
-        real = keys % stride != 0
-    return groups.mul_(num_classes).add_(labels), real  # in place: one (N,) buffer for both
+    return groups.mul_(num_classes).add_(labels), keys % stride != 0, keys // stride  # in place: one (N,) buffer
 
 
 def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels: torch.Tensor,
@@ -157,9 +157,13 @@ def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels:
     grouped = _group_slots(superpixels, labels, num_classes)
     if grouped is None:
         return pseudo.clone(), 0.0
-    slots, real_group = grouped
+    slots, real_group, group_items = grouped
     num_groups = real_group.numel()
     counts = torch.bincount(slots, minlength=num_groups * num_classes).view(num_groups, num_classes)
+    if mode == "safe":  # mean superpixel size of each batch item, before the table shrinks to mixed groups
+        sizes = torch.where(real_group, counts.sum(1), 0).double()
+        superpixel_size = (torch.bincount(group_items, sizes, minlength=batch)
+                           / torch.bincount(group_items, (sizes > 0).double(), minlength=batch).clamp_min(1.0))
     num_valid = int(counts[real_group].sum())
     mixed = ((counts > 0).sum(1) > 1) & real_group
     num_mixed = int(mixed.sum())
@@ -204,7 +208,7 @@ def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels:
     expand = defined & (h_comp > tau) & (h_comp > h_int)
     safe = mode == "safe"
     if safe:
-        contract &= ~_thin_in_slice(pseudo, superpixels, voxels, mixed_slots, num_mixed, num_classes)
+        contract &= ~_thin_in_slice(pseudo, superpixel_size, voxels, mixed_slots, num_mixed, num_classes)
 
     # target label of every (group, class) slot: contraction to the next most probable class over
     # M_int (safe: to background); an expansion (most certain M_int, argmin takes the smallest class
@@ -227,27 +231,21 @@ def refine_pseudo_labels(probs: torch.Tensor, pseudo: torch.Tensor, superpixels:
     return refined, changed / num_valid
 
 
-def _thin_in_slice(pseudo: torch.Tensor, superpixels: torch.Tensor, voxels: torch.Tensor, mixed_slots: torch.Tensor,
+def _thin_in_slice(pseudo: torch.Tensor, superpixel_size: torch.Tensor, voxels: torch.Tensor, mixed_slots: torch.Tensor,
                    num_mixed: int, num_classes: int) -> torch.Tensor:
     """(G_mixed, C) bool: class ``c`` covers fewer voxels than an average superpixel in an axial slice
     that mixed superpixel ``g`` touches. Contracting such a class would erase its cross-section there.
 
     Args:
-        pseudo, superpixels: (B, Z, Y, X); voxels: (M,) flat indices of the mixed superpixels' voxels;
-        mixed_slots: (M,) their ``g·C + label`` slots.
+        pseudo: (B, Z, Y, X) labels; superpixel_size: (B,) mean superpixel size of each item in voxels;
+        voxels: (M,) flat indices of the mixed superpixels' voxels; mixed_slots: (M,) their ``g·C + label`` slots.
     """
     batch, depth = pseudo.shape[:2]
     per_slice = pseudo[0, 0].numel()
     slice_ids = torch.arange(batch * depth, device=pseudo.device).repeat_interleave(per_slice)  # (N,)
     area = torch.bincount(slice_ids * num_classes + pseudo.reshape(-1),
                           minlength=batch * depth * num_classes).view(batch * depth, num_classes)
-    ids = superpixels.reshape(batch, -1)
-    valid = ids >= 0
-    sizes = []
-    for b in range(batch):  # mean superpixel size of each batch item, in voxels
-        present = torch.unique(ids[b][valid[b]])
-        sizes.append(valid[b].sum() / max(1, present.numel()))
-    mean_size = torch.stack(sizes).to(area.device).repeat_interleave(depth).unsqueeze(1)  # (B·Z, 1)
+    mean_size = superpixel_size.to(area.device).repeat_interleave(depth).unsqueeze(1)  # (B·Z, 1)
     thin = area < mean_size  # (B·Z, C)
     voxel_thin = thin.index_select(0, slice_ids.index_select(0, voxels)).to(torch.uint8)  # (M, C)
     groups = mixed_slots // num_classes
@@ -298,7 +296,7 @@ def homogeneous_superpixels(superpixels: torch.Tensor, image: torch.Tensor, nois
                                                     device=superpixels.device), 1)
     if grouped is None:
         return superpixels.clone()
-    groups, real = grouped
+    groups, real, _ = grouped
     values = image.reshape(-1).to(torch.float64)
     size = real.numel()
     count = torch.bincount(groups, minlength=size).double()
