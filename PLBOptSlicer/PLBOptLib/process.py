@@ -28,7 +28,7 @@ try:
 except ImportError:  # without it only the direct child can be signalled: a launcher's child would survive
     psutil = None
 
-PRESETS = ("supervised", "dhc", "plbopt", "refine-only", "triplet-only", "mc-only")
+PRESETS = ("supervised", "dhc", "plbopt", "plbopt-paper", "refine-only", "triplet-only", "mc-only")
 DEVICES = ("auto", "cpu", "cuda")
 EXIT_USER_ERROR = 2  # PLBOptCore printed one line saying what is wrong
 EXIT_INTERRUPTED = 130  # cancelled; a resumable checkpoint was written

@@ -448,3 +448,10 @@ def test_plboptlib_does_not_import_torch_or_qt():
             "bad = [m for m in ('torch', 'qt', 'ctk', 'PLBOptCore') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
             % str(MODULE_DIR))
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_panel_offers_exactly_the_core_presets():
+    """PLBOptLib keeps its own list (it loads without torch); it must not drift from the core's."""
+    from PLBOptCore.config import PRESETS as CORE_PRESETS
+
+    assert PLBOptLib.PRESETS == tuple(CORE_PRESETS)
