@@ -51,10 +51,14 @@ class TensorBoardSink:
             for key in TRAIN_SCALARS:
                 if isinstance(record.get(key), (int, float)):
                     self._writer.add_scalar(f"train/{key}", record[key], record["step"])
+            for name, gain in (record.get("refine_gain") or {}).items():  # refinement's self-check
+                self._writer.add_scalar(f"train/refine_gain_{name}", gain, record["step"])
         elif kind == "validation":
             for name, value in record.get("dice", {}).items():
                 self._writer.add_scalar(f"validation/dice_{name}", value, record["step"])
             self._writer.add_scalar("validation/mean_dice", record["mean_dice"], record["step"])
+            for subnet, scores in (record.get("subnets") or {}).items():
+                self._writer.add_scalar(f"validation/mean_dice_subnet_{subnet}", scores["mean_dice"], record["step"])
         elif kind == "end":
             self.close()
 

@@ -50,6 +50,17 @@ def test_tensorboard_logs_losses_lr_and_per_class_dice(dataset, tmp_path):
     for name in classes + ["mean"]:
         assert f"validation/{'mean_dice' if name == 'mean' else 'dice_' + name}" in scalars
     assert "train/refine_changed_fraction" in scalars and "train/loss_unsup" in scalars
+    assert "validation/mean_dice_subnet_a" in scalars and "validation/mean_dice_subnet_b" in scalars
+
+
+def test_tensorboard_logs_the_refinement_self_check(dataset, tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    assert main(["train", str(dataset), "-o", str(run), "--preset", "plbopt", "-q", "--tensorboard", "--set", *TINY]) == 0
+    scalars = _scalars(run / "tensorboard")
+    gains = {r["step"]: r["refine_gain"] for r in read_events(run) if r["type"] == "train"}
+    for name in (n for c, n in load_dataset(dataset).labels.items() if c > 0):
+        assert [(step, pytest.approx(gains[step][name])) for step in sorted(gains)] == scalars[f"train/refine_gain_{name}"]
 
 
 def test_missing_tensorboard_is_one_line_before_anything_is_written(dataset, tmp_path, capfd, monkeypatch):
