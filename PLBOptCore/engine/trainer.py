@@ -315,11 +315,9 @@ class Trainer:
         x_l = labeled["image"].to(self.device, non_blocking=True)
         y_l = labeled["label"].to(self.device, non_blocking=True)
         n_l = x_l.shape[0]
-        superpixels = None
         if self.unlabeled_sampler is not None:
             unlabeled = batch["unlabeled"]
             x = torch.cat([x_l, unlabeled["image"].to(self.device, non_blocking=True)])
-            superpixels = self._refinable(unlabeled)
         else:
             x = x_l
         timings["data"] = self._lap()
@@ -349,7 +347,7 @@ class Trainer:
                 self.distdw.update(logits[1][n_l:].detach())
             self._share_class_weights()
         if not cfg.dual_subnets:
-            weights = self.diffdw.weights.clamp_min(cfg.class_weight_floor) if cfg.class_weighting else None
+            weights = self.class_loss_weights()[0] if cfg.class_weighting else None
             record["loss_sup"] = weighted_dice_ce_loss(logits[0][:n_l], y_l, weights)
         else:
             logit_a, logit_b = logits
@@ -363,7 +361,8 @@ class Trainer:
             confidence, pseudo = zip(*(p.detach().max(dim=1) for p in probs))
             pseudo = list(pseudo)  # max() returns fresh index tensors: refined in place below
             timings["losses_sup"] = self._lap()
-            if cfg.refine and superpixels is not None and step >= cfg.refine_start * cfg.iterations:
+            if cfg.refine and self.unlabeled_sampler is not None and step >= cfg.refine_start * cfg.iterations:
+                superpixels = self._refinable(unlabeled)
                 allowed = None
                 if cfg.refine_self_check:
                     gain = self._self_check([p[:n_l].detach() for p in probs], [p[:n_l] for p in pseudo],
@@ -511,19 +510,19 @@ class Trainer:
         members = {"both": self.models}
         if len(self.models) == 2:
             members.update(a=self.models[:1], b=self.models[1:])
-        scores: Dict[str, Dict[str, float]] = {}
-        for member, models in members.items():
-            per_class: Dict[str, List[float]] = {name: [] for c, name in self.dataset.labels.items() if c > 0}
-            for case in self.validation_cases:
-                volume = torch.from_numpy(np.array(case.image))  # a copy: cached volumes are read-only memory maps
+        per_class = {member: {name: [] for c, name in self.dataset.labels.items() if c > 0} for member in members}
+        for case in self.validation_cases:
+            volume = torch.from_numpy(np.array(case.image))  # a copy: cached volumes are read-only memory maps
+            for member, models in members.items():
                 probs = sliding_window_probabilities(models, volume, self.config.patch_size, self.num_classes,
                                                      self.config.sw_overlap, self.config.sw_batch_size, self.device,
                                                      amp=self.config.amp)
                 prediction = probs.argmax(0).numpy()
                 for c, name in self.dataset.labels.items():
                     if c > 0:
-                        per_class[name].append(dice(prediction == c, case.label == c))
-            scores[member] = {name: float(np.mean(values)) for name, values in per_class.items()}
+                        per_class[member][name].append(dice(prediction == c, case.label == c))
+        scores = {member: {name: float(np.mean(values)) for name, values in classes.items()}
+                  for member, classes in per_class.items()}
         means = {member: float(np.mean(list(s.values()))) if s else 0.0 for member, s in scores.items()}
         mean_dice = means["both"]
         subnets = {member: {"mean_dice": means[member], "dice": scores[member]} for member in members if member != "both"}
