@@ -75,7 +75,8 @@ class PatchSampler:
     classes present in that case, so rare small organs are seen as often as large ones; otherwise
     it is a uniform random crop. An axis shorter than the patch is padded (image with the volume's
     minimum, label 0, superpixels -1) so that crops place the volume at every offset inside the
-    patch, the centred layout of :func:`pad_to_patch` (inference) among them. ``stream`` separates samplers sharing a seed (labeled vs unlabeled).
+    patch, the centred layout of :func:`pad_to_patch` (inference) among them. ``stream`` separates
+    samplers sharing a seed (labeled vs unlabeled).
     """
 
     def __init__(self, cases: Sequence[Preprocessed], patch_size: Sequence[int], batch_size: int, num_classes: int,
@@ -153,8 +154,9 @@ def augment_batch(batch: Dict[str, torch.Tensor], generator: torch.Generator, fl
     """Random flips along the ``flip_axes`` (any of "z", "y", "x") and 90° rotations in the Y-X plane
     (if ``rotate90`` and Y == X), the same for ``image`` (B,1,Z,Y,X), ``label`` and ``superpixels``
     (B,Z,Y,X) of a sample; then an intensity scale in [0.9, 1.1] and shift in [-0.1, 0.1] on the
-    image only (``noise_sigma`` (B,), if present, scales with it). Other keys pass unchanged. The random draws do not depend on the options, so
-    switching one off leaves the others' draws unchanged."""
+    image only (``noise_sigma`` (B,), if present, scales with it). Other keys pass unchanged. The
+    random draws do not depend on the options, so switching one off leaves the others' draws
+    unchanged."""
     image = batch["image"]
     square = rotate90 and image.shape[-1] == image.shape[-2]
     allowed = torch.tensor([axis in flip_axes for axis in "zyx"])

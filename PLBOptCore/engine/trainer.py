@@ -525,7 +525,8 @@ class Trainer:
                   for member, classes in per_class.items()}
         means = {member: float(np.mean(list(s.values()))) if s else 0.0 for member, s in scores.items()}
         mean_dice = means["both"]
-        subnets = {member: {"mean_dice": means[member], "dice": scores[member]} for member in members if member != "both"}
+        subnets = {member: {"mean_dice": means[member], "dice": scores[member]}
+                   for member in members if member != "both"}
         record = self.events.write("validation", step=self.step, dice=scores["both"], mean_dice=mean_dice,
                                    **({"subnets": subnets} if subnets else {}))
         if self.progress:
