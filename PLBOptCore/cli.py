@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         b.set_defaults(func=cmd_bench)
     b = bench.add_parser("refine", help="vectorised vs reference refinement, and the step-time share of PLBOpt's extras")
     b.add_argument("-o", "--output", type=Path, default=Path("bench-refine"))
-    b.add_argument("--steps", type=int, default=10, help="training steps timed per preset")
+    b.add_argument("--steps", type=int, default=20, help="training steps timed per preset (interleaved; medians)")
     b.set_defaults(func=cmd_bench)
     b = bench.add_parser("accuracy", help="train/predict/evaluate presets x seeds; results.json, RESULTS.md, plots")
     b.add_argument("dataset", type=Path)

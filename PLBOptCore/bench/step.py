@@ -3,6 +3,8 @@
 Superpixels are computed once per unlabeled volume in preprocessing, so their cost is reported
 per volume (one-off), not per step. The step timings come from ``Trainer.last_step_timings``
 (phases: data, forward, losses_sup, refine, cps, triplet = mining + loss, backward = MC + backward pass).
+The presets take their steps in turn and each phase is reported as its median, so a load that
+comes and goes on the machine does not land on one preset only.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ logger = logging.getLogger(__name__)
 PHASES = ("data", "forward", "losses_sup", "refine", "cps", "triplet", "backward")
 
 
-def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets=("dhc", "plbopt")) -> Dict:
-    """Time ``iterations`` steps of each preset on the phantom data; write step_bench.json/.md."""
+def run_step_bench(out_dir: Path, iterations: int = 20, warmup: int = 3, presets=("dhc", "plbopt")) -> Dict:
+    """Time ``iterations`` steps of each preset, interleaved, on the phantom data (median per phase);
+    write step_bench.json/.md."""
     from ..data.dataset import load_dataset
     from ..data.phantom import make_phantom_dataset
     from ..data.preprocess import PreprocessParams
@@ -37,20 +40,26 @@ def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = make_phantom_dataset(Path(tmp) / "data", n_labeled=2, n_unlabeled=2, n_test=0)
         spec = load_dataset(data_dir)
+        trainers = {}
         for preset in presets:
             config = make_config(preset, overrides=dict(CPU_DEMO_OVERRIDES, iterations=warmup + iterations,
                                                         device="cpu", validate_every=10**6, checkpoint_every=10**6))
-            trainer = Trainer(config, spec, Path(tmp) / f"run-{preset}")
-            trainer.time_phases = True
-            trainer.setup()
-            samples: List[Dict[str, float]] = []
-            for step in range(warmup + iterations):
+            trainers[preset] = Trainer(config, spec, Path(tmp) / f"run-{preset}")
+            trainers[preset].time_phases = True
+            trainers[preset].setup()
+        samples: Dict[str, List[Dict[str, float]]] = {preset: [] for preset in presets}
+        # One step of each preset in turn, so that the machine's load and clock drift reach all
+        # presets alike; the median of each phase ignores the odd step a background job slowed.
+        for step in range(warmup + iterations):
+            for preset, trainer in trainers.items():
                 trainer.train_step()
                 if step >= warmup:
-                    samples.append(dict(trainer.last_step_timings))
-            mean = {phase: float(np.mean([s.get(phase, 0.0) for s in samples])) for phase in PHASES + ("total",)}
-            results[preset] = {"mean_seconds": mean,
-                               "share_refine_plus_triplet": (mean["refine"] + mean["triplet"]) / mean["total"]}
+                    samples[preset].append(dict(trainer.last_step_timings))
+        for preset in presets:
+            median = {phase: float(np.median([s.get(phase, 0.0) for s in samples[preset]]))
+                      for phase in PHASES + ("total",)}
+            results[preset] = {"median_seconds": median,
+                               "share_refine_plus_triplet": (median["refine"] + median["triplet"]) / median["total"]}
         params = PreprocessParams.from_config(make_config("plbopt", overrides=dict(CPU_DEMO_OVERRIDES)))
         from ..data.preprocess import preprocess_image, superpixels_for
         from ..data.io import read_image
@@ -61,7 +70,7 @@ def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets
         superpixel_seconds = time.perf_counter() - started
 
     share = results["plbopt"]["share_refine_plus_triplet"]
-    overhead = results["plbopt"]["mean_seconds"]["total"] / results["dhc"]["mean_seconds"]["total"]
+    overhead = results["plbopt"]["median_seconds"]["total"] / results["dhc"]["median_seconds"]["total"]
     summary = {
         "config": {k: CPU_DEMO_OVERRIDES[k] for k in ("patch_size", "base_filters", "batch_size")},
         "device": "cpu", "steps_timed": iterations, "presets": results,
@@ -71,7 +80,7 @@ def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets
     }
     lines = ["| preset | " + " | ".join(PHASES) + " | total (s) |", "|---" * (len(PHASES) + 2) + "|"]
     for preset, result in results.items():
-        m = result["mean_seconds"]
+        m = result["median_seconds"]
         lines.append(f"| {preset} | " + " | ".join(f"{m[p]:.3f}" for p in PHASES) + f" | {m['total']:.3f} |")
     lines += ["", f"PLBOpt refinement + triplet mining: {100 * share:.1f}% of the step (target <= 15%); "
               f"PLBOpt step / DHC step = {overhead:.2f}x; superpixels (once per volume, cached) "
@@ -81,5 +90,6 @@ def run_step_bench(out_dir: Path, iterations: int = 10, warmup: int = 2, presets
     with atomic_write(out_dir / "step_bench.json") as path:
         path.write_text(json.dumps(summary, indent=2))
     with atomic_write(out_dir / "step_bench.md") as path:
-        path.write_text("# Training-step time by phase (CPU, demo configuration)\n\n" + table + "\n")
+        path.write_text("# Training-step time by phase (CPU, demo configuration)\n\n"
+                        f"Median seconds of {iterations} steps per preset, the presets' steps interleaved.\n\n" + table + "\n")
     return summary

@@ -164,8 +164,10 @@ class Predictor:
 
     def __init__(self, config: Config, labels: Dict[int, str], colors: Dict[int, Tuple[int, int, int]],
                  model_states: List[Dict[str, torch.Tensor]], device: str = "auto", source: Path = Path("checkpoint"),
-                 subnet: str = "both") -> None:
+                 subnet: str = "both", refine_gain: Optional[torch.Tensor] = None) -> None:
         self.config = config
+        # classes whose refinement the training run's self-check left on (None: all)
+        self.refine_allowed = (refine_gain >= 0) if refine_gain is not None and config.refine_self_check else None
         self.labels = labels
         self.colors = colors
         self.num_classes = len(labels)
@@ -186,11 +188,12 @@ class Predictor:
             labels = {int(k): str(v) for k, v in state["labels"].items()}
             colors = {int(k): tuple(v) for k, v in state.get("colors", {}).items()}
             models = state["models"]
+            refine_gain = state.get("refine_gain")
         except KeyError as exc:
             raise CheckpointError(f"{path}: checkpoint lacks {exc}") from None
         except (PLBOptError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{path}: malformed checkpoint metadata ({exc})") from None
-        return cls(config, labels, colors, models, device, source=path, subnet=subnet)
+        return cls(config, labels, colors, models, device, source=path, subnet=subnet, refine_gain=refine_gain)
 
     @classmethod
     def from_run(cls, run_dir: Path, checkpoint: str = "best", device: str = "auto", subnet: str = "both") -> "Predictor":
@@ -203,6 +206,30 @@ class Predictor:
             self.config.patch_size, self.num_classes, self.config.sw_overlap, self.config.sw_batch_size,
             self.device, should_stop, amp=self.config.amp)
 
+    def refine(self, volume_zyx: np.ndarray, probs: torch.Tensor, superpixels: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """Refine the argmax of ``probs`` as training refined pseudo labels: the same rule, only in
+        homogeneous superpixels (``refine_homogeneity``), only the classes the run's self-check left on.
+
+        Args:
+            volume_zyx: (Z, Y, X) preprocessed volume; probs: (C, Z, Y, X) softmax on the same grid;
+            superpixels: (Z, Y, X) long ids.
+
+        Returns:
+            (Z, Y, X) long refined labels and the fraction of voxels with a superpixel that changed.
+        """
+        from ..method.refine import homogeneous_superpixels, refine_pseudo_labels
+        from ..method.superpixels import noise_sigma
+
+        cfg = self.config
+        superpixels = superpixels.to(probs.device)[None]
+        if cfg.refine_homogeneity > 0:
+            sigma = torch.tensor([noise_sigma(volume_zyx)], dtype=torch.float32)
+            superpixels = homogeneous_superpixels(superpixels, torch.from_numpy(np.asarray(volume_zyx))[None].to(probs.device),
+                                                  sigma, cfg.refine_homogeneity)
+        refined, changed = refine_pseudo_labels(probs[None], probs.argmax(dim=0)[None], superpixels, cfg.refine_tau,
+                                                cfg.refine_entropy, cfg.refine_mode, self.refine_allowed)
+        return refined[0], changed
+
     def predict_image(self, image: sitk.Image, refine: bool = False, should_stop=None) -> Prediction:
         """Preprocess like training, predict, optionally refine with superpixels, restore geometry."""
         from ..data.preprocess import PreprocessParams, preprocess_image, superpixels_for
@@ -212,13 +239,8 @@ class Predictor:
         probs = self.predict_probabilities(volume, should_stop)
         refined, changed = None, 0.0
         if refine:
-            from ..method.refine import refine_pseudo_labels
-
             superpixels = torch.from_numpy(superpixels_for(volume, params, info).astype(np.int64))
-            refined, changed = refine_pseudo_labels(probs[None], probs.argmax(dim=0)[None], superpixels[None],
-                                                    self.config.refine_tau, self.config.refine_entropy,
-                                                    self.config.refine_mode)
-            refined = refined[0]
+            refined, changed = self.refine(volume, probs, superpixels)
         label_image, confidence_image = restore_prediction(probs, info, self.num_classes, refined)
         return Prediction(label_image, confidence_image, float(changed))
 

@@ -242,12 +242,12 @@ def _thin_in_slice(pseudo: torch.Tensor, superpixel_size: torch.Tensor, voxels: 
     """
     batch, depth = pseudo.shape[:2]
     per_slice = pseudo[0, 0].numel()
-    slice_ids = torch.arange(batch * depth, device=pseudo.device).repeat_interleave(per_slice)  # (N,)
-    area = torch.bincount(slice_ids * num_classes + pseudo.reshape(-1),
+    slice_keys = torch.arange(batch * depth, device=pseudo.device).unsqueeze(1) * num_classes  # (B·Z, 1)
+    area = torch.bincount((slice_keys + pseudo.reshape(batch * depth, per_slice)).reshape(-1),
                           minlength=batch * depth * num_classes).view(batch * depth, num_classes)
     mean_size = superpixel_size.to(area.device).repeat_interleave(depth).unsqueeze(1)  # (B·Z, 1)
     thin = area < mean_size  # (B·Z, C)
-    voxel_thin = thin.index_select(0, slice_ids.index_select(0, voxels)).to(torch.uint8)  # (M, C)
+    voxel_thin = thin.index_select(0, voxels // per_slice).to(torch.uint8)  # (M, C); flat index // slice = slice id
     groups = mixed_slots // num_classes
     out = torch.zeros(num_mixed, num_classes, dtype=torch.uint8, device=pseudo.device)
     out.scatter_reduce_(0, groups.unsqueeze(1).expand_as(voxel_thin), voxel_thin, "amax")

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Tuple
 
-MINING = ("paper", "hardest")
-
 import torch
 import torch.nn.functional as F
+
+MINING = ("paper", "hardest")
 
 
 class MemoryBank:
@@ -130,13 +130,14 @@ def confidence_levels(confidence: torch.Tensor, k: int) -> torch.Tensor:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     flat = confidence.reshape(-1)
-    ranks = (torch.arange(1, k, device=flat.device) * flat.numel()) // k
-    thresholds = flat.sort().values[ranks].contiguous()  # sort, not torch.quantile: no size limit
-    return torch.bucketize(confidence.contiguous(), thresholds, right=True)
+    ranks = ((torch.arange(1, k) * flat.numel()) // k).tolist()
+    # k-1 selections (linear time) instead of a full sort; torch.quantile has an input size limit
+    thresholds = torch.stack([flat.kthvalue(rank + 1).values for rank in ranks]) if ranks else flat[:0]
+    return torch.bucketize(confidence.contiguous(), thresholds.contiguous(), right=True)
 
 
 def boundary_internal_masks(pseudo: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Boundary and internal voxels of a label map, with max/min pooling on the label's device.
+    """Boundary and internal voxels of a label map: neighbours compared along each axis.
 
     Args:
         pseudo: (B, Z, Y, X) long labels.
@@ -145,14 +146,12 @@ def boundary_internal_masks(pseudo: torch.Tensor) -> Tuple[torch.Tensor, torch.T
         boundary (B, Z, Y, X) bool: a 6-neighbour (inside the patch) has another label;
         internal (B, Z, Y, X) bool: foreground (label > 0) and not boundary.
     """
-    labels = pseudo.unsqueeze(1).float()  # pooling needs floats; class ids are exact in float32
     boundary = torch.zeros_like(pseudo, dtype=torch.bool)
-    # one pooling per axis with a 3-long kernel: the 6-neighbourhood (a 3³ kernel would be 26)
-    for kernel in ((3, 1, 1), (1, 3, 1), (1, 1, 3)):
-        padding = tuple(s // 2 for s in kernel)
-        high = F.max_pool3d(labels, kernel, stride=1, padding=padding)
-        low = -F.max_pool3d(-labels, kernel, stride=1, padding=padding)
-        boundary |= ((high != labels) | (low != labels)).squeeze(1)
+    for axis in (1, 2, 3):  # a voxel pair that differs along an axis marks both of its voxels
+        n = pseudo.shape[axis]
+        differs = pseudo.narrow(axis, 1, n - 1) != pseudo.narrow(axis, 0, n - 1)
+        boundary.narrow(axis, 1, n - 1).logical_or_(differs)
+        boundary.narrow(axis, 0, n - 1).logical_or_(differs)
     return boundary, (pseudo > 0) & ~boundary
 
 
@@ -198,20 +197,32 @@ def mine_pairs(anchor: torch.Tensor, anchor_cls: torch.Tensor, positives: torch.
     """
     if mining not in MINING:
         raise ValueError(f"mining must be one of {MINING}, got {mining!r}")
-    if positives.shape[0] == 0 or negatives.shape[0] == 0:  # max over nothing is undefined
-        none = torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device)
-        return none.bool(), none, none
-    allowed_p = anchor_cls[:, None] == positive_cls[None, :]
-    own = torch.arange(min(anchor.shape[0], num_self), device=anchor.device)
-    allowed_p[own, own] = False
-    allowed_n = anchor_cls[:, None] == negative_cls[None, :]
+    ok = torch.zeros(anchor.shape[0], dtype=torch.bool, device=anchor.device)
+    p_index = torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device)
+    n_index = torch.zeros_like(p_index)
     # cosine of unit vectors (eq. 4); a sign flip turns every selection into an argmax
     sign_p, sign_n = (1.0, -1.0) if mining == "paper" else (-1.0, 1.0)
-    score_p = (sign_p * (anchor @ positives.T)).masked_fill(~allowed_p, float("-inf"))
-    score_n = (sign_n * (anchor @ negatives.T)).masked_fill(~allowed_n, float("-inf"))
-    best_p, p_index = score_p.max(1)
-    best_n, n_index = score_n.max(1)
-    return torch.isfinite(best_p) & torch.isfinite(best_n), p_index, n_index
+    # One class at a time: each anchor is compared with its own class only, a sixth of the
+    # all-pairs work a class mask would need.
+    for cls in anchor_cls.unique().tolist():
+        rows = (anchor_cls == cls).nonzero().squeeze(1)
+        cand_p = (positive_cls == cls).nonzero().squeeze(1)
+        cand_n = (negative_cls == cls).nonzero().squeeze(1)
+        if cand_p.numel() == 0 or cand_n.numel() == 0:
+            continue
+        anchors = anchor[rows]
+        score_p = sign_p * (anchors @ positives[cand_p].T)
+        # an anchor that is also a positive (row i < num_self) may not pick itself
+        selves = rows < num_self
+        own_rows, own_ids = selves.nonzero().squeeze(1), rows[selves]
+        own_cols = torch.searchsorted(cand_p, own_ids).clamp_max(cand_p.numel() - 1)
+        is_own = cand_p[own_cols] == own_ids
+        score_p[own_rows[is_own], own_cols[is_own]] = float("-inf")
+        best_p, p_best = score_p.max(1)
+        _, n_best = (sign_n * (anchors @ negatives[cand_n].T)).max(1)
+        ok[rows] = torch.isfinite(best_p)
+        p_index[rows], n_index[rows] = cand_p[p_best], cand_n[n_best]
+    return ok, p_index, n_index
 
 
 def _sample(count: int, limit: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

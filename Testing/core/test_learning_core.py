@@ -18,7 +18,7 @@ from PLBOptCore.data.phantom import make_phantom_dataset
 from PLBOptCore.data.preprocess import Preprocessed
 from PLBOptCore.data.sampling import PatchSampler, centred_padding, pad_to_patch
 from PLBOptCore.engine.events import read_events
-from PLBOptCore.engine.inference import Predictor, sliding_window_probabilities
+from PLBOptCore.engine.inference import Predictor, build_models, sliding_window_probabilities
 from PLBOptCore.engine.trainer import Trainer
 from PLBOptCore.errors import ConfigError
 from PLBOptCore.method.mutual import mutual_correction_loss
@@ -89,6 +89,39 @@ def test_noise_sigma_recovers_known_noise_on_a_ramp_with_edges_and_clipping():
     volume = 0.2 + 0.004 * x + 0.003 * y + 0.3 * (x > 40) + rng.normal(0, 0.02, (8, 64, 64))
     volume[:, :8] = 0.0  # clipped air: no noise, must not pull the estimate down
     assert noise_sigma(np.clip(volume, 0.0, None)) == pytest.approx(0.02, rel=0.1)
+
+
+def _uncertain_edge_case(step: float):
+    """(volume, probs, superpixels) of a (2, 16, 16) grid: superpixel 0 (x < 8) is confident class 1
+    except two columns (x = 6, 7) that lean to background (p = 0.5 / 0.45), which the safe rule
+    expands into class 1 there; superpixel 1 (x >= 8) is confident background. ``step`` is an
+    intensity edge between x < 6 and x >= 6."""
+    rng = np.random.default_rng(2)
+    volume = (0.5 + rng.normal(0, 0.01, (2, 16, 16))).astype(np.float32)
+    volume[:, :, 6:] += step
+    probs = torch.tensor([0.02, 0.96, 0.02]).view(3, 1, 1, 1).repeat(1, 2, 16, 16)
+    probs[:, :, :, 6:8] = torch.tensor([0.5, 0.45, 0.05]).view(3, 1, 1, 1)
+    probs[:, :, :, 8:] = torch.tensor([0.96, 0.02, 0.02]).view(3, 1, 1, 1)
+    superpixels = torch.zeros(2, 16, 16, dtype=torch.long)
+    superpixels[:, :, 8:] = 1
+    return volume, probs, superpixels
+
+
+def test_inference_refinement_applies_the_homogeneity_test_and_the_self_check():
+    config = make_config("plbopt", overrides=dict(TINY))
+    states = [m.state_dict() for m in build_models(config, 3)]
+    labels = {0: "background", 1: "a", 2: "b"}
+    predictor = Predictor(config, labels, {}, states, device="cpu")
+    volume, probs, superpixels = _uncertain_edge_case(step=0.0)
+    refined, changed = predictor.refine(volume, probs, superpixels)
+    assert refined[:, :, :8].unique().tolist() == [1] and changed == pytest.approx(64 / 512)  # expanded
+    volume, probs, superpixels = _uncertain_edge_case(step=0.3)  # superpixel 0 now straddles an edge
+    refined, changed = predictor.refine(volume, probs, superpixels)
+    assert torch.equal(refined, probs.argmax(0)) and changed == 0.0
+    # a class whose self-check gain ended negative is not refined at inference either
+    gated = Predictor(config, labels, {}, states, device="cpu", refine_gain=torch.tensor([0.0, -0.01, 0.02]))
+    volume, probs, superpixels = _uncertain_edge_case(step=0.0)
+    assert torch.equal(gated.refine(volume, probs, superpixels)[0], probs.argmax(0))
 
 
 def test_refinement_gain_is_the_per_class_dice_change():

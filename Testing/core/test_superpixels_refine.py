@@ -212,6 +212,18 @@ def test_refine_bench_writes_json_and_markdown(tmp_path):
     assert "Speed-up target" in (tmp_path / "refine_bench.md").read_text()
 
 
+def test_step_bench_times_both_presets_interleaved(tmp_path):
+    from PLBOptCore.bench.step import PHASES, run_step_bench
+
+    result = run_step_bench(tmp_path, iterations=2, warmup=1)
+    saved = json.loads((tmp_path / "step_bench.json").read_text())
+    dhc, plbopt = (saved["presets"][p]["median_seconds"] for p in ("dhc", "plbopt"))
+    assert dhc["refine"] + dhc["triplet"] < 1e-3 < plbopt["refine"] + plbopt["triplet"]  # DHC has neither
+    assert all(plbopt[phase] >= 0 for phase in PHASES)
+    assert saved["plbopt_over_dhc_step_time"] == pytest.approx(plbopt["total"] / dhc["total"])
+    assert result["steps_timed"] == 2 and "interleaved" in (tmp_path / "step_bench.md").read_text()
+
+
 # ---------------------------------------------------------------- safe rule (refine_mode="safe")
 def test_safe_contraction_gives_voxels_to_background_not_to_the_neighbouring_organ():
     # superpixel 0 = six voxels: class 1 uncertain (H_bin(0.5) = ln 2 > τ, above H(comp)), class 2

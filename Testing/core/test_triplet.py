@@ -85,6 +85,56 @@ def test_mine_pairs_within_domain():
     assert ok.tolist() == [False]  # nothing of class 3
 
 
+def _masked_mining_reference(anchor, anchor_cls, positives, positive_cls, negatives, negative_cls, num_self, mining):
+    """All pairs with a class mask: the plain reading of eq. 4-6 the per-class search must match."""
+    sign = 1.0 if mining == "paper" else -1.0
+    allowed_p = anchor_cls[:, None] == positive_cls[None, :]
+    own = torch.arange(min(anchor.shape[0], num_self))
+    allowed_p[own, own] = False
+    score_p = (sign * anchor @ positives.T).masked_fill(~allowed_p, float("-inf"))
+    score_n = (-sign * anchor @ negatives.T).masked_fill(anchor_cls[:, None] != negative_cls[None, :], float("-inf"))
+    best_p, p_index = score_p.max(1)
+    best_n, n_index = score_n.max(1)
+    return torch.isfinite(best_p) & torch.isfinite(best_n), p_index, n_index
+
+
+@pytest.mark.parametrize("mining", ["paper", "hardest"])
+def test_mine_pairs_matches_the_masked_all_pairs_search(mining):
+    generator = torch.Generator().manual_seed(3)
+    anchor = torch.nn.functional.normalize(torch.randn(40, 8, generator=generator), dim=1)
+    anchor_cls = torch.randint(1, 6, (40,), generator=generator)
+    positives = torch.nn.functional.normalize(torch.randn(300, 8, generator=generator), dim=1)
+    positive_cls = torch.randint(1, 6, (300,), generator=generator)
+    positives[:30], positive_cls[:30] = anchor[:30], anchor_cls[:30]  # the first 30 anchors are positives too
+    positive_cls[positive_cls == 4] = 3  # class 4 has anchors but no positive
+    negatives = torch.nn.functional.normalize(torch.randn(200, 8, generator=generator), dim=1)
+    negative_cls = torch.randint(1, 6, (200,), generator=generator)
+    ok, p, n = mine_pairs(anchor, anchor_cls, positives, positive_cls, negatives, negative_cls, 30, mining)
+    ok_ref, p_ref, n_ref = _masked_mining_reference(anchor, anchor_cls, positives, positive_cls, negatives,
+                                                    negative_cls, 30, mining)
+    assert torch.equal(ok, ok_ref) and 0 < int(ok.sum()) < 40
+    assert torch.equal(p[ok], p_ref[ok]) and torch.equal(n[ok], n_ref[ok])
+
+
+def test_boundary_masks_and_levels_match_pooling_and_sorting():
+    generator = torch.Generator().manual_seed(4)
+    pseudo = torch.randint(0, 3, (2, 6, 7, 8), generator=generator)
+    labels = pseudo.unsqueeze(1).float()
+    expected = torch.zeros_like(pseudo, dtype=torch.bool)
+    for kernel in ((3, 1, 1), (1, 3, 1), (1, 1, 3)):  # max/min pooling over each axis' neighbours
+        padding = tuple(k // 2 for k in kernel)
+        high = torch.nn.functional.max_pool3d(labels, kernel, stride=1, padding=padding)
+        low = -torch.nn.functional.max_pool3d(-labels, kernel, stride=1, padding=padding)
+        expected |= ((high != labels) | (low != labels)).squeeze(1)
+    boundary, internal = boundary_internal_masks(pseudo)
+    assert torch.equal(boundary, expected) and torch.equal(internal, (pseudo > 0) & ~expected)
+    confidence = torch.rand(2, 6, 7, 8, generator=generator)
+    confidence[0, :2] = 0.5  # ties at a threshold
+    flat = confidence.flatten().sort().values
+    thresholds = flat[(torch.arange(1, 4) * flat.numel()) // 4]
+    assert torch.equal(confidence_levels(confidence, 4), torch.bucketize(confidence, thresholds, right=True))
+
+
 def _line_case():
     """Labels 0 1 1 1 1 1 0 on a line: foreground boundary at x=1, 5; interior at x=2, 3, 4."""
     pseudo = torch.tensor([0, 1, 1, 1, 1, 1, 0]).view(1, 1, 1, 7)
