@@ -100,6 +100,8 @@ class Preprocessed:
     label: Optional[np.ndarray]  # int16 (Z, Y, X) or None
     superpixels: Optional[np.ndarray]  # int32 (Z, Y, X), ids unique within the volume, or None
     info: RestoreInfo
+    # image noise std (Immerkær), stored with the superpixels: the scale of refinement's homogeneity test
+    noise_sigma: Optional[float] = None
 
 
 def _resample(image: sitk.Image, size: Tuple[int, ...], spacing: Tuple[float, ...], origin: Tuple[float, ...],
@@ -245,7 +247,8 @@ def _load_cache(folder: Path, stamp: Dict[str, Any], name: str) -> Optional[Prep
             return None
         arrays = {key: np.load(folder / f"{key}.npy", mmap_mode="r", allow_pickle=False) for key in meta["arrays"]}
         return Preprocessed(name=name, image=arrays["image"], label=arrays.get("label"),
-                            superpixels=arrays.get("superpixels"), info=RestoreInfo.from_json(meta["info"]))
+                            superpixels=arrays.get("superpixels"), info=RestoreInfo.from_json(meta["info"]),
+                            noise_sigma=meta.get("noise_sigma"))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no cache yet, or an unreadable one (crash of an older version, disk full): rebuild it
 
@@ -261,7 +264,8 @@ def _save_cache(folder: Path, case: Preprocessed, stamp: Dict[str, Any], new_arr
                     np.save(handle, getattr(case, key), allow_pickle=False)
         present = [key for key in CACHE_ARRAYS if getattr(case, key) is not None]
         with atomic_write(folder / CACHE_META) as tmp:
-            tmp.write_text(json.dumps({"stamp": stamp, "info": case.info.to_json(), "arrays": present}))
+            tmp.write_text(json.dumps({"stamp": stamp, "info": case.info.to_json(), "arrays": present,
+                                       "noise_sigma": case.noise_sigma}))
     except OSError as exc:
         raise DatasetError(f"{folder}: cannot write the preprocessing cache ({exc.strerror or exc}); "
                            "give a writable folder with --cache-dir") from None
@@ -286,8 +290,8 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
 
     The cache of a case is the folder ``cache_dir/<params.key()>/<case.name>/`` holding
     ``image.npy`` (float32), ``label.npy`` (int16), ``superpixels.npy`` (int32), all (Z, Y, X), and
-    ``meta.json``; it is reused when the source files have the same size and mtime, and
-    superpixels are added to it when first needed. Cached arrays come back memory-mapped
+    ``meta.json`` (geometry, and the noise level that goes with the superpixels); it is reused when
+    the source files have the same size and mtime, and superpixels are added to it when first needed. Cached arrays come back memory-mapped
     read-only. The label is checked to lie on the image grid and then given the image's exact
     geometry, so that tiny header differences (DICOM spacing 0.9999999999999929 vs 1.0) do not shift it.
 
@@ -297,9 +301,10 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
     stamp = _source_stamp(case)
     folder = Path(cache_dir) / params.key() / case.name if cache_dir is not None else None
     cached = _load_cache(folder, stamp, case.name) if folder is not None else None
-    if cached is not None and (cached.superpixels is not None or not with_superpixels):
+    if cached is not None and (not with_superpixels or (cached.superpixels is not None
+                                                         and cached.noise_sigma is not None)):
         return cached
-    new_arrays = ["superpixels"] if cached is not None else []
+    new_arrays = ["superpixels"] if cached is not None and cached.superpixels is None else []
     if cached is None:
         image = read_image(case.image)
         label = None
@@ -310,9 +315,13 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
         array, label_array, info = _prepare(image, params, label)
         cached = Preprocessed(case.name, array, label_array, None, info)
         new_arrays = [key for key in ("image", "label") if getattr(cached, key) is not None]
-    if with_superpixels:
+    if with_superpixels and cached.superpixels is None:
         cached.superpixels = superpixels_for(cached.image, params, cached.info)
         new_arrays.append("superpixels")
+    if with_superpixels:  # also fills in a cache written before the noise level was stored
+        from ..method.superpixels import noise_sigma
+
+        cached.noise_sigma = noise_sigma(cached.image)
     if folder is not None:
         _save_cache(folder, cached, stamp, new_arrays)
     return cached

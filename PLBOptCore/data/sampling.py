@@ -96,8 +96,9 @@ class PatchSampler:
         self._labels: List[Optional[np.ndarray]] = []
         self._superpixels: List[Optional[np.ndarray]] = []
         self._foreground: List[Dict[int, np.ndarray]] = []
-        # noise level of each volume, for refinement's homogeneity test (cheap: ms per volume)
-        self._noise = [noise_sigma(case.image) if case.superpixels is not None else 0.0 for case in cases]
+        # noise level of each volume, for refinement's homogeneity test (cached with the superpixels)
+        self._noise = [0.0 if case.superpixels is None else case.noise_sigma if case.noise_sigma is not None
+                       else noise_sigma(case.image) for case in cases]
         for case in cases:
             self._images.append(_pad_for_crops(case.image, self.patch, float(case.image.min())))
             label = _pad_for_crops(case.label, self.patch, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from PLBOptCore.data.preprocess import (BODY_MARGIN, Preprocessed, PreprocessPar
                                         preprocess_image, restore_to_original)
 from PLBOptCore.data.sampling import PatchSampler, augment_batch, class_indices
 from PLBOptCore.errors import DatasetError
+from PLBOptCore.method.superpixels import noise_sigma
 
 DICOM = Path("/work/shared/data/dicom-ct-3slice")
 DIRECTION = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # rotated: restore must keep it
@@ -238,6 +240,16 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     assert with_sp.superpixels.dtype == np.int32 and with_sp.superpixels.shape == first.image.shape
     assert with_sp.superpixels.min() >= 0
     np.testing.assert_array_equal(preprocess_case(case, params, cache, True).superpixels, with_sp.superpixels)
+    # the noise level of refinement's homogeneity test is stored with them
+    assert with_sp.noise_sigma == noise_sigma(with_sp.image)
+    assert json.loads((case_dir / "meta.json").read_text())["noise_sigma"] == with_sp.noise_sigma
+    assert preprocess_case(case, params, cache, True).noise_sigma == with_sp.noise_sigma
+    # a cache written before the noise level was stored gets it without recomputing the superpixels
+    meta = json.loads((case_dir / "meta.json").read_text())
+    (case_dir / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "noise_sigma"}))
+    monkeypatch.setattr(preprocess_module, "superpixels_for", lambda *a: pytest.fail("superpixels recomputed"))
+    assert preprocess_case(case, params, cache, True).noise_sigma == with_sp.noise_sigma
+    assert json.loads((case_dir / "meta.json").read_text())["noise_sigma"] == with_sp.noise_sigma
 
     # a changed source file (new mtime) is read again
     monkeypatch.undo()
