@@ -335,61 +335,37 @@ class Trainer:
         features = [out[1].float() for out in outputs]
         timings["forward"] = self._lap()
 
-        zero = x.new_zeros(())
-        record = dict(loss_sup=zero, loss_unsup=zero, loss_tri=zero, loss_mc=zero)
-        changed_fraction = 0.0
-        gain = None
+        record = dict.fromkeys(("loss_sup", "loss_unsup", "loss_tri", "loss_mc"), x.new_zeros(()))
+        changed_fraction, gain = 0.0, None
         ramp = sigmoid_rampup(step, cfg.rampup_iterations if cfg.rampup_iterations is not None else cfg.iterations)
-
+        has_unlabeled = x.shape[0] > n_l
         if cfg.class_weighting:
             self.diffdw.update(logits[0][:n_l].detach(), y_l)
-            if cfg.dual_subnets and x.shape[0] > n_l:
+            if cfg.dual_subnets and has_unlabeled:
                 self.distdw.update(logits[1][n_l:].detach())
             self._share_class_weights()
-        if not cfg.dual_subnets:
-            weights = self.class_loss_weights()[0] if cfg.class_weighting else None
-            record["loss_sup"] = weighted_dice_ce_loss(logits[0][:n_l], y_l, weights)
-        else:
-            logit_a, logit_b = logits
-            w_a, w_b = self.class_loss_weights() if cfg.class_weighting else (None, None)
-            loss_sup = weighted_dice_ce_loss(logit_b[:n_l], y_l, w_b)
-            if cfg.supervised_subnets == "AB":
-                loss_sup = loss_sup + weighted_dice_ce_loss(logit_a[:n_l], y_l, w_a)
-            record["loss_sup"] = loss_sup
-
+        weights = self.class_loss_weights() if cfg.class_weighting else (None, None)
+        record["loss_sup"] = self._supervised_loss(logits, y_l, weights)
+        if cfg.dual_subnets:
             probs = [torch.softmax(lg, dim=1) for lg in logits]
             confidence, pseudo = zip(*(p.detach().max(dim=1) for p in probs))
             pseudo = list(pseudo)  # max() returns fresh index tensors: refined in place below
             timings["losses_sup"] = self._lap()
             if cfg.refine and self.unlabeled_sampler is not None and step >= cfg.refine_start * cfg.iterations:
-                superpixels = self._refinable(unlabeled)
-                allowed = None
-                if cfg.refine_self_check:
-                    gain = self._self_check([p[:n_l].detach() for p in probs], [p[:n_l] for p in pseudo],
-                                            self._refinable(labeled), y_l)
-                    allowed = self.refine_gain >= 0
-                    gain = gain * allowed  # the gain of refinement as it is applied this step
-                # both subnets in one call (batch items never mix); both halves have the same
-                # superpixels, so the joint changed fraction is the mean of the two
-                refined, changed_fraction = refine_pseudo_labels(
-                    torch.cat([p[n_l:].detach() for p in probs]), torch.cat([p[n_l:] for p in pseudo]),
-                    torch.cat([superpixels, superpixels]), cfg.refine_tau, cfg.refine_entropy, cfg.refine_mode,
-                    allowed)
-                pseudo[0][n_l:], pseudo[1][n_l:] = refined.chunk(2)
+                changed_fraction, gain = self._refine_pseudo_labels(probs, pseudo, batch, y_l)
             timings["refine"] = self._lap()
-
             if cfg.cps_weight > 0:
-                cps_a, cps_b = (w_a, w_b) if cfg.weighted_cps else (None, None)
-                record["loss_unsup"] = (weighted_ce_loss(logit_a, pseudo[1], cps_a)
-                                        + weighted_ce_loss(logit_b, pseudo[0], cps_b))
+                cps_a, cps_b = weights if cfg.weighted_cps else (None, None)
+                record["loss_unsup"] = (weighted_ce_loss(logits[0], pseudo[1], cps_a)
+                                        + weighted_ce_loss(logits[1], pseudo[0], cps_b))
             timings["cps"] = self._lap()
-            if cfg.triplet and x.shape[0] > n_l:
+            if cfg.triplet and has_unlabeled:
                 generator = torch.Generator(device="cpu").manual_seed(step_seed(own_seed, step) % (2**62))
                 record["loss_tri"] = sum(
                     triplet(features[i][n_l:], pseudo[i][n_l:], confidence[i][n_l:], generator)
                     for i, triplet in enumerate(self.triplet_losses))
             timings["triplet"] = self._lap()
-            if cfg.mutual_correction and x.shape[0] > n_l:
+            if cfg.mutual_correction and has_unlabeled:
                 record["loss_mc"] = mutual_correction_loss(probs[0][n_l:], probs[1][n_l:], cfg.mc_tau,
                                                            teacher=cfg.mc_mode == "teacher")
 
@@ -397,16 +373,7 @@ class Trainer:
                                             + cfg.lambda_mc * record["loss_mc"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate (--set lr=...)")
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        for model in self.models:
-            self.dist.average_gradients(model)
-        for optimizer in self.optimizers:
-            self.scaler.step(optimizer)
-        self.scaler.update()
-        for model in self.models:
-            self.dist.average_buffers(model)
+        self._update(loss)
         timings["backward"] = self._lap()
         timings["total"] = sum(timings.values())
         self.last_step_timings = timings
@@ -426,6 +393,67 @@ class Trainer:
         """(C,) class weights of subnet A's (DiffDW) and B's (DistDW) losses, at least ``class_weight_floor``."""
         floor = self.config.class_weight_floor
         return self.diffdw.weights.clamp_min(floor), self.distdw.weights.clamp_min(floor)
+
+    def _supervised_loss(self, logits: List[torch.Tensor], target: torch.Tensor,
+                         weights: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]) -> torch.Tensor:
+        """DHC's weighted Dice + CE on the labeled part: subnet B with B's weights, plus subnet A with
+        A's when ``supervised_subnets`` is ``AB``; a single subnet with its own weights.
+
+        Args:
+            logits: per subnet (B, C, Z, Y, X), labeled patches first; target: (B_l, Z, Y, X) labels.
+            weights: (C,) class weights of A and B, or ``(None, None)`` without class weighting.
+        """
+        n_l = target.shape[0]
+        if not self.config.dual_subnets:
+            return weighted_dice_ce_loss(logits[0][:n_l], target, weights[0])
+        loss = weighted_dice_ce_loss(logits[1][:n_l], target, weights[1])
+        if self.config.supervised_subnets == "AB":
+            loss = loss + weighted_dice_ce_loss(logits[0][:n_l], target, weights[0])
+        return loss
+
+    def _refine_pseudo_labels(self, probs: List[torch.Tensor], pseudo: List[torch.Tensor],
+                              batch: Dict[str, Dict[str, torch.Tensor]], target: torch.Tensor
+                              ) -> Tuple[float, Optional[torch.Tensor]]:
+        """Refine both subnets' unlabeled pseudo labels in place (``pseudo[i][B_l:]``), after the
+        self-check on the labeled patches has decided which classes may be refined.
+
+        Args:
+            probs: per subnet (B, C, Z, Y, X) softmax, labeled patches first; pseudo: per subnet
+                (B, Z, Y, X) argmax; batch: the step's batch; target: (B_l, Z, Y, X) labels.
+
+        Returns:
+            the fraction of unlabeled voxels with a superpixel that changed, and the (C,) self-check
+            gain of refinement as applied this step (None without the self-check).
+        """
+        cfg, n_l = self.config, target.shape[0]
+        allowed = gain = None
+        if cfg.refine_self_check:
+            gain = self._self_check([p[:n_l].detach() for p in probs], [p[:n_l] for p in pseudo],
+                                    self._refinable(batch["labeled"]), target)
+            allowed = self.refine_gain >= 0
+            gain = gain * allowed
+        superpixels = self._refinable(batch["unlabeled"])
+        # both subnets in one call (batch items never mix); both halves have the same
+        # superpixels, so the joint changed fraction is the mean of the two
+        refined, changed_fraction = refine_pseudo_labels(
+            torch.cat([p[n_l:].detach() for p in probs]), torch.cat([p[n_l:] for p in pseudo]),
+            torch.cat([superpixels, superpixels]), cfg.refine_tau, cfg.refine_entropy, cfg.refine_mode, allowed)
+        pseudo[0][n_l:], pseudo[1][n_l:] = refined.chunk(2)
+        return changed_fraction, gain
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward pass and one optimiser step of every subnet (gradients and BatchNorm statistics
+        averaged over the ranks of a torchrun job)."""
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for model in self.models:
+            self.dist.average_gradients(model)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        for model in self.models:
+            self.dist.average_buffers(model)
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, n_labeled: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(logits, features) of ``x`` = labeled then unlabeled patches (B, 1, Z, Y, X).
