@@ -138,7 +138,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     run_accuracy_bench(Path(args.dataset), Path(args.output), presets=args.presets.split(","), seeds=args.seeds,
                        iterations=args.iterations, variants=args.variants.split(",") if args.variants else [],
-                       small=not args.full_size, device=args.device or "auto")
+                       small=not args.full_size, device=args.device or "auto",
+                       settings=[dict(parse_override(text) for text in group) for group in args.set])
     return 0
 
 
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, default=3)
     b.add_argument("--iterations", type=int, default=300)
     b.add_argument("--variants", default="", help="comma list: superpixel-methods, superpixel-number, noise")
+    b.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="a variant of every preset, trained beside its own runs and compared with them seed by "
+                        "seed, e.g. --set lambda_mc=0.3; repeat --set for more variants")
     b.add_argument("--full-size", action="store_true", help="use the preset's own network size instead of the CPU schedule")
     b.add_argument("--device")
     b.set_defaults(func=cmd_bench)

@@ -148,9 +148,13 @@ def _row(unit: RunSpec, label_from: Optional[RunSpec] = None) -> Dict[str, str]:
 
 
 def plan_runs(presets: Sequence[str], seeds: int, variants: Sequence[str],
-              base: Dict[str, Any]) -> Tuple[List[RunSpec], Tables]:
+              base: Dict[str, Any], settings: Sequence[Dict[str, Any]] = ()) -> Tuple[List[RunSpec], Tables]:
     """Units in execution order (trainings seed-major so an interrupted bench already compares all
-    presets, then variants, then noise evaluations) and the tables' rows.
+    presets, then ``settings`` variants, then sweeps, then noise evaluations) and the tables' rows.
+
+    ``settings``: config overrides (``--set``), each a variant of every preset trained with every
+    seed beside the preset's own runs; the table ``settings`` lists each preset, then its variants.
+    A setting equal to a preset's own value is that preset's run.
 
     Raises ConfigError for an unknown preset or variant, ``seeds < 1``, or an invalid setting.
     """
@@ -168,16 +172,27 @@ def plan_runs(presets: Sequence[str], seeds: int, variants: Sequence[str],
         if variant == "noise":
             continue
         rows = [_row(RunSpec("dhc", 0))] if "dhc" in main else []  # the paper lists the DHC baseline first
-        for settings in SWEEPS[variant][1]:
-            unit = RunSpec("plbopt", 0, _effective_variant("plbopt", base, settings))
+        for sweep_setting in SWEEPS[variant][1]:
+            unit = RunSpec("plbopt", 0, _effective_variant("plbopt", base, sweep_setting))
             is_main_run = not unit.variant and "plbopt" in main
             if unit not in swept and not is_main_run:
                 swept.append(unit)
             # labelled by the requested setting: the `plbopt` run is the SLIC and the H*W/50 row
-            rows.append(_row(unit, RunSpec("plbopt", 0, tuple(settings.items()))))
+            rows.append(_row(unit, RunSpec("plbopt", 0, tuple(sweep_setting.items()))))
         tables[variant] = rows
+    set_units: List[RunSpec] = []  # seed-0 unit of each --set variant of each preset
+    if settings:
+        tables["settings"] = []
+        for preset in main:
+            tables["settings"].append(_row(RunSpec(preset, 0)))
+            for setting in settings:
+                unit = RunSpec(preset, 0, _effective_variant(preset, base, setting))
+                if unit.variant and unit not in set_units:
+                    set_units.append(unit)
+                    tables["settings"].append(_row(unit))
     units = [RunSpec(preset, seed) for seed in range(seeds) for preset in main]
-    units += [RunSpec(u.preset, seed, u.variant) for seed in range(seeds) for u in swept]
+    units += [RunSpec(u.preset, seed, u.variant) for seed in range(seeds) for u in set_units]
+    units += [RunSpec(u.preset, seed, u.variant) for seed in range(seeds) for u in swept if u not in set_units]
     if "noise" in variants:
         noise_presets = [p for p in NOISE_PRESETS if p in main]
         tables["noise"] = [_row(RunSpec(p, 0, noise=level)) for p in noise_presets for level in NOISE_LEVELS]
@@ -372,18 +387,22 @@ def collapsed(record: Dict[str, Any]) -> bool:
 
 
 def paired_differences(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Mean Dice differences of :data:`PAIRS` on the seeds both presets ran (no variant, no noise).
+    """Mean Dice differences on the seeds both sides ran: the preset pairs of :data:`PAIRS`, then
+    every variant (``--set``, sweeps) against its own preset (no noise evaluations).
 
-    Returns rows ``{"better", "reference", "seeds", "differences", "mean", "std", "min", "wins"}``.
+    Returns rows ``{"better", "reference", "seeds", "differences", "mean", "std", "min", "wins"}``,
+    ``better`` and ``reference`` being group names.
     """
-    plain = {(r["preset"], r["seed"]): r["mean_dice"] for r in records
-             if not r["variant"] and not r["noise"] and r["mean_dice"] is not None}
+    scores = {(r["group"], r["seed"]): r["mean_dice"] for r in records
+              if not r["noise"] and r["mean_dice"] is not None}
+    pairs = list(PAIRS) + list(dict.fromkeys((r["group"], r["preset"]) for r in records
+                                             if r["variant"] and not r["noise"]))
     rows = []
-    for better, reference in PAIRS:
-        seeds = sorted(seed for preset, seed in plain if preset == better and (reference, seed) in plain)
+    for better, reference in pairs:
+        seeds = sorted(seed for group, seed in scores if group == better and (reference, seed) in scores)
         if not seeds:
             continue
-        differences = [plain[(better, s)] - plain[(reference, s)] for s in seeds]
+        differences = [scores[(better, s)] - scores[(reference, s)] for s in seeds]
         rows.append({"better": better, "reference": reference, "seeds": seeds, "differences": differences,
                      **_stats(differences), "min": min(differences), "wins": sum(d > 0 for d in differences)})
     return rows
@@ -438,6 +457,7 @@ def markdown_table(rows: Sequence[Dict[str, str]], aggregates: Dict[str, Dict[st
 
 
 TABLE_TITLES = {"main": "Table V: main ablation", "noise": "Table IX: Gaussian-noise robustness (no retraining)",
+                "settings": "Settings against each preset's default (`--set`)",
                 **{name: title for name, (title, _) in SWEEPS.items()}}
 
 
@@ -587,17 +607,24 @@ def write_plots(results: Dict[str, Any], units: Sequence[RunSpec], out_dir: Path
 
 
 def cli_command(dataset_dir: Path, out_dir: Path, presets: Sequence[str], seeds: int, iterations: int,
-                variants: Sequence[str], small: bool, device: str) -> str:
+                variants: Sequence[str], small: bool, device: str, settings: Sequence[Dict[str, Any]] = ()) -> str:
     """The ``plbopt bench accuracy`` command that reproduces this call (``extra_overrides`` aside)."""
     args = ["plbopt", "bench", "accuracy", str(dataset_dir), "-o", str(out_dir), "--presets", ",".join(presets),
             "--seeds", str(seeds), "--iterations", str(iterations)]
     if variants:
         args += ["--variants", ",".join(variants)]
+    for setting in settings:
+        args += ["--set"] + [f"{key}={_override_text(value)}" for key, value in setting.items()]
     if not small:
         args.append("--full-size")
     if device != "auto":
         args += ["--device", device]
     return " ".join(shlex.quote(a) for a in args)
+
+
+def _override_text(value: Any) -> str:
+    """A config value as ``--set`` parses it back (YAML): text as is, anything else as compact JSON."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def hardware_note(device: str) -> Dict[str, Any]:
@@ -627,7 +654,8 @@ def _progress_line(index: int, total: int, unit: RunSpec, outcome: str, record: 
 # ---------------------------------------------------------------------------------------- entry point
 def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str], seeds: int = 3,
                        iterations: int = 300, variants: Sequence[str] = (), small: bool = True,
-                       device: str = "auto", extra_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                       device: str = "auto", extra_overrides: Optional[Dict[str, Any]] = None,
+                       settings: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
     """Run the benchmark (resumable) and return the ``results.json`` content.
 
     Args:
@@ -641,6 +669,8 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
         device: ``auto``, ``cpu``, ``cuda``...
         extra_overrides: config overrides applied to every run after the schedule (variant
             settings still win); recorded in results.json but not expressible on the CLI.
+        settings: variants (``--set KEY=VALUE ...``, one dict each) of every preset, trained with
+            every seed and compared with the preset's own runs, paired by seed.
 
     The returned dict has ``command``, ``argv``, ``settings``, ``dataset``, ``hardware``,
     ``total_seconds``, ``runs`` (one record per finished unit), ``aggregates`` (per group, mean/std/n
@@ -654,7 +684,8 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     if not spec.test or any(case.label is None for case in spec.test):
         raise DatasetError(f"{spec.json_path}: the accuracy benchmark needs 'test' cases that all have a label")
     base = base_overrides(iterations, small, device, extra_overrides)
-    units, tables = plan_runs(presets, seeds, variants, base)
+    settings = [dict(setting) for setting in settings]
+    units, tables = plan_runs(presets, seeds, variants, base, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = BenchContext(dataset_dir, out_dir, spec, base, device, out_dir / "test_labels")
     for unit in units:  # before any training: a folder from other settings would mix budgets
@@ -662,9 +693,10 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     prepare_ground_truth(spec, ctx.gt_dir)
     class_names = [name for label, name in sorted(spec.labels.items()) if label > 0]
     results: Dict[str, Any] = {
-        "command": cli_command(dataset_dir, out_dir, presets, seeds, iterations, variants, small, device),
+        "command": cli_command(dataset_dir, out_dir, presets, seeds, iterations, variants, small, device, settings),
         "argv": " ".join(shlex.quote(a) for a in sys.argv),
         "settings": {"presets": presets, "seeds": seeds, "iterations": iterations, "variants": variants,
+                     "set": settings,
                      "small": small, "device": device, "extra_overrides": extra_overrides or {},
                      "base_overrides": base, "noise_levels_hu": NOISE_LEVELS, "noise_seed": NOISE_SEED},
         "dataset": {"path": str(dataset_dir), "n_labeled": len(spec.training), "n_unlabeled": len(spec.unlabeled),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -137,6 +138,36 @@ def test_plan_variants_reuse_the_main_run():
         plan_runs(["dhc"], 1, ["colour-jitter"], base)
     with pytest.raises(ConfigError):
         plan_runs(["no-such-preset"], 1, [], base)
+
+
+def test_plan_settings_variants_of_every_preset():
+    base = base_overrides(300, True, "cpu", None)
+    units, tables = plan_runs(["dhc", "plbopt"], 2, [], base, [{"lambda_mc": 0.3}, {"triplet_mining": "paper"}])
+    names = [u.name for u in units]
+    # trainings seed-major: the presets' own runs, then the variants
+    assert names[:2] == ["dhc-seed0", "plbopt-seed0"] and "plbopt[lambda_mc=0.3]-seed1" in names
+    # a setting equal to the preset's own value (both mine as eq. 5-6) is that preset's run
+    assert not any("triplet_mining" in name for name in names) and "dhc[lambda_mc=0.3]-seed0" in names
+    assert [r["group"] for r in tables["settings"]] == ["dhc", "dhc[lambda_mc=0.3]", "plbopt", "plbopt[lambda_mc=0.3]"]
+    assert tables["settings"][3]["label"] == "Full (PLBOpt) (lambda_mc=0.3)"
+    with pytest.raises(ConfigError):
+        plan_runs(["dhc"], 1, [], base, [{"lambda_mc": -1.0}])
+
+
+def test_set_trains_a_variant_and_pairs_it_with_the_preset(bench, tmp_path):
+    dataset, out, _ = bench
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    results = run_accuracy_bench(dataset, copy, presets=["dhc"], seeds=1, iterations=2, small=True, device="cpu",
+                                 extra_overrides=TINY, settings=[{"cps_weight": 0.2}])
+    assert results["this_call"]["skipped"] == ["dhc-seed0"] and results["this_call"]["trained"] == ["dhc[cps_weight=0.2]-seed0"]
+    runs = {r["name"]: r["mean_dice"] for r in results["runs"]}
+    pair = [row for row in results["paired"] if row["better"] == "dhc[cps_weight=0.2]"]
+    assert pair and pair[0]["reference"] == "dhc" and pair[0]["differences"] == pytest.approx(
+        [runs["dhc[cps_weight=0.2]-seed0"] - runs["dhc-seed0"]])
+    assert results["command"].endswith("--set cps_weight=0.2 --device cpu")
+    markdown = (copy / "RESULTS.md").read_text()
+    assert "Settings against each preset's default" in markdown and "| dhc[cps_weight=0.2] − dhc |" in markdown
 
 
 def test_aggregate_mean_and_sample_std():
