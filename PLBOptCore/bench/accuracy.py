@@ -88,7 +88,7 @@ class RunSpec:
 
     @property
     def training_group(self) -> str:
-        settings = ",".join(f"{key}={value}" for key, value in self.variant)
+        settings = ",".join(f"{key}={_override_text(value)}" for key, value in self.variant)
         return f"{self.preset}[{settings}]" if settings else self.preset
 
     @property
