@@ -139,7 +139,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_accuracy_bench(Path(args.dataset), Path(args.output), presets=args.presets.split(","), seeds=args.seeds,
                        iterations=args.iterations, variants=args.variants.split(",") if args.variants else [],
                        small=not args.full_size, device=args.device or "auto",
-                       settings=[dict(parse_override(text) for text in group) for group in args.set])
+                       settings=[dict(parse_override(text) for text in group) for group in args.set],
+                       checkpoint=args.checkpoint)
     return 0
 
 
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a variant of every preset, trained beside its own runs and compared with them seed by "
                         "seed, e.g. --set lambda_mc=0.3; repeat --set for more variants")
     b.add_argument("--full-size", action="store_true", help="use the preset's own network size instead of the CPU schedule")
+    b.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="score best.pt (chosen on the validation cases, default) or last.pt (the final weights)")
     b.add_argument("--device")
     b.set_defaults(func=cmd_bench)
 

@@ -46,6 +46,7 @@ from .plots import plot_dice_bars, plot_refine_gain, plot_training_curves
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "bench_metrics.json"
+CHECKPOINTS = ("best", "last")
 # Gaussian noise on the test images in HU (Table IX). The paper's weak noise is a colour jitter that
 # has no meaning for CT, so both levels here are additive Gaussian noise of different strength.
 NOISE_LEVELS: Dict[str, float] = {"weak": 10.0, "strong": 30.0}
@@ -116,12 +117,19 @@ class BenchContext:
     base_overrides: Dict[str, Any]
     device: str
     gt_dir: Path
+    checkpoint: str = "best"  # which checkpoint of each run is scored: "best" (validation) or "last"
 
     def overrides(self, unit: RunSpec) -> Dict[str, Any]:
         return dict(self.base_overrides, seed=unit.seed, **dict(unit.variant))
 
     def run_dir(self, unit: RunSpec) -> Path:
         return self.out_dir / "runs" / unit.run_name
+
+    def work_dir(self, unit: RunSpec) -> Path:
+        """Folder of a unit's predictions, evaluation and metrics: the run folder for ``best``,
+        ``checkpoint-last/`` inside it for ``last``; noise units in ``noise-<level>/`` below that."""
+        folder = self.run_dir(unit) if self.checkpoint == "best" else self.run_dir(unit) / f"checkpoint-{self.checkpoint}"
+        return folder / f"noise-{unit.noise}" if unit.noise else folder
 
 
 # ---------------------------------------------------------------------------------------- planning
@@ -283,11 +291,12 @@ def noisy_test_images(spec: DatasetSpec, out_dir: Path, level: str) -> List[Path
 
 def _predict_and_score(ctx: BenchContext, run_dir: Path, images: Sequence[Path], work_dir: Path,
                        subnet: str = "both") -> Dict[str, Any]:
-    """Predict ``images`` with the run's best checkpoint (``subnet`` a, b or both) into
+    """Predict ``images`` with the run's ``ctx.checkpoint`` (``subnet`` a, b or both) into
     ``work_dir/predictions[-a|-b]`` and score them."""
     suffix = "" if subnet == "both" else f"-{subnet}"
     started = time.perf_counter()
-    predict(run_dir, list(images), work_dir / f"predictions{suffix}", device=ctx.device, subnet=subnet)
+    predict(run_dir, list(images), work_dir / f"predictions{suffix}", checkpoint=ctx.checkpoint, device=ctx.device,
+            subnet=subnet)
     predicted = time.perf_counter()
     # The conventions of the tables in docs/RESULTS.md (made before --empty/--missing existed), so
     # that a rerun reproduces them: absent-from-both counts as perfect, a missing organ's ASD is
@@ -313,7 +322,7 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
     """
     run_dir = ctx.run_dir(unit)
     overrides = ctx.overrides(unit)
-    work_dir = run_dir / f"noise-{unit.noise}" if unit.noise else run_dir
+    work_dir = ctx.work_dir(unit)
     metrics_path = work_dir / METRICS_FILE
     if metrics_path.is_file():
         return "skipped", json.loads(metrics_path.read_text())
@@ -344,7 +353,7 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
     record = {"name": unit.name, "group": unit.group, "preset": unit.preset, "seed": unit.seed,
               "variant": dict(unit.variant), "noise": ({"level": unit.noise, "sigma_hu": NOISE_LEVELS[unit.noise]}
                                                        if unit.noise else None),
-              "run_dir": os.path.relpath(run_dir, ctx.out_dir), "overrides": overrides,
+              "run_dir": os.path.relpath(run_dir, ctx.out_dir), "checkpoint": ctx.checkpoint, "overrides": overrides,
               "trained_as": outcome, "seconds": seconds, "subnets": subnets,
               "refine_gain": None if unit.noise else mean_refine_gain(run_dir), **scores}
     _write_json(metrics_path, record)
@@ -475,6 +484,8 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
         f"- Budget, identical for every run: {settings['iterations']} iterations, "
         f"{'CPU demo schedule (CPU_DEMO_OVERRIDES)' if settings['small'] else 'preset network size'}, "
         f"seeds 0..{settings['seeds'] - 1}; extra overrides: {settings['extra_overrides'] or 'none'}",
+        "- Scored checkpoint: " + ("`last.pt`, the final weights of each run" if settings.get("checkpoint") == "last"
+                                   else "`best.pt`, chosen on the validation cases (what `plbopt predict` uses)"),
         f"- Hardware: {hardware['cpu_count']} CPUs (torch threads {hardware['torch_threads']}), device "
         f"{hardware['device']}, {hardware['platform']}",
         f"- Wall time of this call: {results['total_seconds'] / 60:.1f} min; trained {len(calls['trained'])}, "
@@ -607,7 +618,8 @@ def write_plots(results: Dict[str, Any], units: Sequence[RunSpec], out_dir: Path
 
 
 def cli_command(dataset_dir: Path, out_dir: Path, presets: Sequence[str], seeds: int, iterations: int,
-                variants: Sequence[str], small: bool, device: str, settings: Sequence[Dict[str, Any]] = ()) -> str:
+                variants: Sequence[str], small: bool, device: str, settings: Sequence[Dict[str, Any]] = (),
+                checkpoint: str = "best") -> str:
     """The ``plbopt bench accuracy`` command that reproduces this call (``extra_overrides`` aside)."""
     args = ["plbopt", "bench", "accuracy", str(dataset_dir), "-o", str(out_dir), "--presets", ",".join(presets),
             "--seeds", str(seeds), "--iterations", str(iterations)]
@@ -615,6 +627,8 @@ def cli_command(dataset_dir: Path, out_dir: Path, presets: Sequence[str], seeds:
         args += ["--variants", ",".join(variants)]
     for setting in settings:
         args += ["--set"] + [f"{key}={_override_text(value)}" for key, value in setting.items()]
+    if checkpoint != "best":
+        args += ["--checkpoint", checkpoint]
     if not small:
         args.append("--full-size")
     if device != "auto":
@@ -655,7 +669,7 @@ def _progress_line(index: int, total: int, unit: RunSpec, outcome: str, record: 
 def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str], seeds: int = 3,
                        iterations: int = 300, variants: Sequence[str] = (), small: bool = True,
                        device: str = "auto", extra_overrides: Optional[Dict[str, Any]] = None,
-                       settings: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+                       settings: Sequence[Dict[str, Any]] = (), checkpoint: str = "best") -> Dict[str, Any]:
     """Run the benchmark (resumable) and return the ``results.json`` content.
 
     Args:
@@ -671,6 +685,9 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
             settings still win); recorded in results.json but not expressible on the CLI.
         settings: variants (``--set KEY=VALUE ...``, one dict each) of every preset, trained with
             every seed and compared with the preset's own runs, paired by seed.
+        checkpoint: ``best`` (chosen on the validation cases, what ``plbopt predict`` uses) or
+            ``last`` (the final weights, free of the selection's noise); each is scored and stored
+            separately, so a second call with the other one only predicts.
 
     The returned dict has ``command``, ``argv``, ``settings``, ``dataset``, ``hardware``,
     ``total_seconds``, ``runs`` (one record per finished unit), ``aggregates`` (per group, mean/std/n
@@ -687,16 +704,19 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     settings = [dict(setting) for setting in settings]
     units, tables = plan_runs(presets, seeds, variants, base, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = BenchContext(dataset_dir, out_dir, spec, base, device, out_dir / "test_labels")
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    ctx = BenchContext(dataset_dir, out_dir, spec, base, device, out_dir / "test_labels", checkpoint)
     for unit in units:  # before any training: a folder from other settings would mix budgets
         check_same_config(ctx.run_dir(unit), unit.preset, ctx.overrides(unit))
     prepare_ground_truth(spec, ctx.gt_dir)
     class_names = [name for label, name in sorted(spec.labels.items()) if label > 0]
     results: Dict[str, Any] = {
-        "command": cli_command(dataset_dir, out_dir, presets, seeds, iterations, variants, small, device, settings),
+        "command": cli_command(dataset_dir, out_dir, presets, seeds, iterations, variants, small, device, settings,
+                               checkpoint),
         "argv": " ".join(shlex.quote(a) for a in sys.argv),
         "settings": {"presets": presets, "seeds": seeds, "iterations": iterations, "variants": variants,
-                     "set": settings,
+                     "set": settings, "checkpoint": checkpoint,
                      "small": small, "device": device, "extra_overrides": extra_overrides or {},
                      "base_overrides": base, "noise_levels_hu": NOISE_LEVELS, "noise_seed": NOISE_SEED},
         "dataset": {"path": str(dataset_dir), "n_labeled": len(spec.training), "n_unlabeled": len(spec.unlabeled),

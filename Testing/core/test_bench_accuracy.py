@@ -170,6 +170,24 @@ def test_set_trains_a_variant_and_pairs_it_with_the_preset(bench, tmp_path):
     assert "Settings against each preset's default" in markdown and "| dhc[cps_weight=0.2] − dhc |" in markdown
 
 
+def test_last_checkpoint_is_scored_apart_without_training(bench, tmp_path):
+    dataset, out, first = bench
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    results = run_accuracy_bench(dataset, copy, presets=["supervised", "dhc"], seeds=1, iterations=2, small=True,
+                                 device="cpu", extra_overrides=TINY, checkpoint="last")
+    assert results["this_call"]["evaluated"] == ["supervised-seed0", "dhc-seed0"] and not results["this_call"]["trained"]
+    record = json.loads((copy / "runs" / "dhc-seed0" / "checkpoint-last" / METRICS_FILE).read_text())
+    assert record["checkpoint"] == "last" and (copy / "runs" / "dhc-seed0" / "checkpoint-last" / "predictions-b").is_dir()
+    # the best checkpoint's metrics are untouched; without validation cases best.pt is the final weights
+    best = json.loads((copy / "runs" / "dhc-seed0" / METRICS_FILE).read_text())
+    assert best["checkpoint"] == "best"
+    assert record["mean_dice"] == pytest.approx(best["mean_dice"])
+    assert "--checkpoint last" in results["command"] and "`last.pt`" in (copy / "RESULTS.md").read_text()
+    with pytest.raises(ConfigError, match="checkpoint"):
+        run_accuracy_bench(dataset, copy, presets=["dhc"], seeds=1, iterations=2, checkpoint="final")
+
+
 def test_aggregate_mean_and_sample_std():
     records = [{"group": "g", "preset": "dhc", "variant": {}, "noise": None, "seed": s, "mean_dice": d,
                 "mean_asd": a, "dice": {"liver": d}, "asd": {"liver": a}, "seconds": {"train": 1.0},
