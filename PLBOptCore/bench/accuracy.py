@@ -128,7 +128,9 @@ class BenchContext:
     def work_dir(self, unit: RunSpec) -> Path:
         """Folder of a unit's predictions, evaluation and metrics: the run folder for ``best``,
         ``checkpoint-last/`` inside it for ``last``; noise units in ``noise-<level>/`` below that."""
-        folder = self.run_dir(unit) if self.checkpoint == "best" else self.run_dir(unit) / f"checkpoint-{self.checkpoint}"
+        folder = self.run_dir(unit)
+        if self.checkpoint != "best":
+            folder = folder / f"checkpoint-{self.checkpoint}"
         return folder / f"noise-{unit.noise}" if unit.noise else folder
 
 

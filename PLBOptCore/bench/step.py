@@ -44,9 +44,10 @@ def run_step_bench(out_dir: Path, iterations: int = 20, warmup: int = 3, presets
         for preset in presets:
             config = make_config(preset, overrides=dict(CPU_DEMO_OVERRIDES, iterations=warmup + iterations,
                                                         device="cpu", validate_every=10**6, checkpoint_every=10**6))
-            trainers[preset] = Trainer(config, spec, Path(tmp) / f"run-{preset}")
-            trainers[preset].time_phases = True
-            trainers[preset].setup()
+            trainer = Trainer(config, spec, Path(tmp) / f"run-{preset}")
+            trainer.time_phases = True
+            trainer.setup()
+            trainers[preset] = trainer
         samples: Dict[str, List[Dict[str, float]]] = {preset: [] for preset in presets}
         # One step of each preset in turn, so that the machine's load and clock drift reach all
         # presets alike; the median of each phase ignores the odd step a background job slowed.
@@ -91,5 +92,6 @@ def run_step_bench(out_dir: Path, iterations: int = 20, warmup: int = 3, presets
         path.write_text(json.dumps(summary, indent=2))
     with atomic_write(out_dir / "step_bench.md") as path:
         path.write_text("# Training-step time by phase (CPU, demo configuration)\n\n"
-                        f"Median seconds of {iterations} steps per preset, the presets' steps interleaved.\n\n" + table + "\n")
+                        f"Median seconds of {iterations} steps per preset, the presets' steps interleaved.\n\n"
+                        + table + "\n")
     return summary

@@ -291,8 +291,8 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
     The cache of a case is the folder ``cache_dir/<params.key()>/<case.name>/`` holding
     ``image.npy`` (float32), ``label.npy`` (int16), ``superpixels.npy`` (int32), all (Z, Y, X), and
     ``meta.json`` (geometry, and the noise level that goes with the superpixels); it is reused when
-    the source files have the same size and mtime, and superpixels are added to it when first needed. Cached arrays come back memory-mapped
-    read-only. The label is checked to lie on the image grid and then given the image's exact
+    the source files have the same size and mtime, and superpixels are added to it when first
+    needed. Cached arrays come back memory-mapped read-only. The label is checked to lie on the image grid and then given the image's exact
     geometry, so that tiny header differences (DICOM spacing 0.9999999999999929 vs 1.0) do not shift it.
 
     Raises:
@@ -315,13 +315,13 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
         array, label_array, info = _prepare(image, params, label)
         cached = Preprocessed(case.name, array, label_array, None, info)
         new_arrays = [key for key in ("image", "label") if getattr(cached, key) is not None]
-    if with_superpixels and cached.superpixels is None:
-        cached.superpixels = superpixels_for(cached.image, params, cached.info)
-        new_arrays.append("superpixels")
-    if with_superpixels:  # also fills in a cache written before the noise level was stored
+    if with_superpixels:
         from ..method.superpixels import noise_sigma
 
-        cached.noise_sigma = noise_sigma(cached.image)
+        if cached.superpixels is None:
+            cached.superpixels = superpixels_for(cached.image, params, cached.info)
+            new_arrays.append("superpixels")
+        cached.noise_sigma = noise_sigma(cached.image)  # also fills in a cache written before it was stored
     if folder is not None:
         _save_cache(folder, cached, stamp, new_arrays)
     return cached

@@ -206,7 +206,8 @@ class Predictor:
             self.config.patch_size, self.num_classes, self.config.sw_overlap, self.config.sw_batch_size,
             self.device, should_stop, amp=self.config.amp)
 
-    def refine(self, volume_zyx: np.ndarray, probs: torch.Tensor, superpixels: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    def refine(self, volume_zyx: np.ndarray, probs: torch.Tensor,
+               superpixels: torch.Tensor) -> Tuple[torch.Tensor, float]:
         """Refine the argmax of ``probs`` as training refined pseudo labels: the same rule, only in
         homogeneous superpixels (``refine_homogeneity``), only the classes the run's self-check left on.
 
@@ -224,8 +225,8 @@ class Predictor:
         superpixels = superpixels.to(probs.device)[None]
         if cfg.refine_homogeneity > 0:
             sigma = torch.tensor([noise_sigma(volume_zyx)], dtype=torch.float32)
-            superpixels = homogeneous_superpixels(superpixels, torch.from_numpy(np.asarray(volume_zyx))[None].to(probs.device),
-                                                  sigma, cfg.refine_homogeneity)
+            image = torch.from_numpy(np.asarray(volume_zyx))[None].to(probs.device)
+            superpixels = homogeneous_superpixels(superpixels, image, sigma, cfg.refine_homogeneity)
         refined, changed = refine_pseudo_labels(probs[None], probs.argmax(dim=0)[None], superpixels, cfg.refine_tau,
                                                 cfg.refine_entropy, cfg.refine_mode, self.refine_allowed)
         return refined[0], changed
