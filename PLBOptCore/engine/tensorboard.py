@@ -53,6 +53,9 @@ class TensorBoardSink:
                     self._writer.add_scalar(f"train/{key}", record[key], record["step"])
             for name, gain in (record.get("refine_gain") or {}).items():  # refinement's self-check
                 self._writer.add_scalar(f"train/refine_gain_{name}", gain, record["step"])
+            for subnet, weights in (record.get("class_weights") or {}).items():  # DiffDW (a), DistDW (b)
+                for name, weight in weights.items():
+                    self._writer.add_scalar(f"train/class_weight_{subnet}_{name}", weight, record["step"])
         elif kind == "validation":
             for name, value in record.get("dice", {}).items():
                 self._writer.add_scalar(f"validation/dice_{name}", value, record["step"])

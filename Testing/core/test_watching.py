@@ -51,6 +51,13 @@ def test_tensorboard_logs_losses_lr_and_per_class_dice(dataset, tmp_path):
         assert f"validation/{'mean_dice' if name == 'mean' else 'dice_' + name}" in scalars
     assert "train/refine_changed_fraction" in scalars and "train/loss_unsup" in scalars
     assert "validation/mean_dice_subnet_a" in scalars and "validation/mean_dice_subnet_b" in scalars
+    # DiffDW (a) and DistDW (b) class weights, in DHC's range [0, C]
+    weights = {step: record["class_weights"] for step, record in train.items()}
+    assert all(0.0 <= value <= len(classes) + 1 for w in weights.values() for value in [*w["a"].values(), *w["b"].values()])
+    for subnet in ("a", "b"):
+        for name in load_dataset(dataset).labels.values():
+            assert scalars[f"train/class_weight_{subnet}_{name}"] == [
+                (step, pytest.approx(weights[step][subnet][name])) for step in sorted(weights)]
 
 
 def test_tensorboard_logs_the_refinement_self_check(dataset, tmp_path):
