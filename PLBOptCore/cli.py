@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from . import __version__
-from .config import CPU_DEMO_OVERRIDES, PRESETS, SUBNETS, parse_override
+from .config import CPU_DEMO_OVERRIDES, PRESETS, SUBNETS, inert_settings, load_config_file, make_config, parse_override
 from .convert import add_convert_arguments
 from .errors import PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
@@ -55,6 +55,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides.update(_training_overrides(args))
     if args.tensorboard:
         overrides["tensorboard"] = True
+    if not args.resume:  # a setting the preset switches off trains nothing different: say so before hours of it
+        chosen = {**(load_config_file(args.config) if args.config else {}), **_training_overrides(args)}
+        config = make_config(args.preset, args.config, overrides)
+        for key, switch in inert_settings(config, chosen).items():
+            print(f"plbopt: warning: {key} has no effect: {switch} is off in preset {config.preset}", file=sys.stderr)
     # log lines go above the progress bar instead of through it
     from tqdm.contrib.logging import logging_redirect_tqdm
 

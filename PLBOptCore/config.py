@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -240,6 +240,27 @@ CPU_DEMO_OVERRIDES: Dict[str, Any] = dict(
     dropout=False, target_spacing=(2.5, 3.0, 3.0), checkpoint_every=200, validate_every=200, log_every=10,
     triplet_capacity=4096, triplet_max_anchors=128, triplet_max_candidates=1024,
 )
+
+
+# The settings each method switch gates: while the switch is off, they change nothing in a run.
+GATED_SETTINGS: Dict[str, Tuple[str, ...]] = {
+    "class_weighting": ("distdw_momentum", "diffdw_momentum", "class_weight_floor", "weighted_cps"),
+    "refine": ("superpixel_method", "superpixel_divisor", "superpixel_area_mm2", "superpixel_compactness",
+               "refine_tau", "refine_entropy", "refine_start", "refine_mode", "refine_homogeneity", "refine_self_check"),
+    "triplet": ("triplet_levels", "triplet_capacity", "triplet_margin", "triplet_max_anchors",
+                "triplet_max_candidates", "lambda_triplet", "triplet_mining"),
+    "mutual_correction": ("mc_tau", "lambda_mc", "mc_mode"),
+}
+
+
+def inert_settings(config: Config, keys: Iterable[str]) -> Dict[str, str]:
+    """``{key: switch}`` for each of ``keys`` that has no effect in ``config`` because ``switch`` is off.
+
+    >>> inert_settings(make_config("dhc"), ["lambda_mc", "lr"])
+    {'lambda_mc': 'mutual_correction'}
+    """
+    return {key: switch for key in keys for switch, gated in GATED_SETTINGS.items()
+            if key in gated and not getattr(config, switch)}
 
 
 def make_config(preset: str = "plbopt", config_file: Optional[Path] = None,

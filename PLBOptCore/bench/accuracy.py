@@ -35,7 +35,7 @@ import SimpleITK as sitk
 import torch
 
 from ..api import evaluate, predict, train
-from ..config import CPU_DEMO_OVERRIDES, Config, load_config_file, make_config
+from ..config import CPU_DEMO_OVERRIDES, Config, inert_settings, load_config_file, make_config
 from ..data.dataset import DatasetSpec, load_dataset
 from ..data.io import array_to_image, case_name, read_image, write_image
 from ..engine.events import read_events
@@ -144,10 +144,13 @@ def base_overrides(iterations: int, small: bool, device: str, extra: Optional[Di
 
 
 def _effective_variant(preset: str, base: Dict[str, Any], variant: Dict[str, Any]) -> Tuple[Tuple[str, Any], ...]:
-    """Variant settings that differ from the base config (validated), so equal settings share a run."""
-    plain = make_config(preset, overrides=base).to_dict()
-    changed = make_config(preset, overrides={**base, **variant}).to_dict()
-    return tuple((key, value) for key, value in variant.items() if changed[key] != plain[key])
+    """Variant settings that differ from the base config (validated) and act in this preset, so equal
+    settings share a run and a setting the preset switches off (``lambda_mc`` on ``dhc``) trains nothing."""
+    plain = make_config(preset, overrides=base)
+    changed = make_config(preset, overrides={**base, **variant})
+    inert = inert_settings(changed, variant)
+    return tuple((key, value) for key, value in variant.items()
+                 if getattr(changed, key) != getattr(plain, key) and key not in inert)
 
 
 Tables = Dict[str, List[Dict[str, str]]]  # table name -> rows {"group", "label"}

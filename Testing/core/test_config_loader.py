@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from PLBOptCore.cli import main
-from PLBOptCore.config import CPU_DEMO_OVERRIDES, RESUME_SAFE_KEYS, Config, make_config, resume_config
+from PLBOptCore.config import CPU_DEMO_OVERRIDES, RESUME_SAFE_KEYS, Config, inert_settings, make_config, resume_config
 from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.phantom import make_phantom_dataset
 from PLBOptCore.engine.trainer import Trainer
@@ -135,6 +135,24 @@ def test_cli_resume_refuses_a_changed_learning_setting(tiny_dataset, tmp_path, c
     assert main(["train", str(tiny_dataset), "-o", str(run), "--resume", "-q", "--iterations", "3",
                  "--set", "log_every=3"]) == 0
     assert json.loads((run / "config.json").read_text())["log_every"] == 3
+
+
+def test_inert_settings_name_the_switch_that_is_off():
+    keys = ["lambda_mc", "refine_tau", "triplet_mining", "class_weight_floor", "lr"]
+    assert inert_settings(make_config("plbopt"), keys) == {}
+    assert inert_settings(make_config("dhc"), keys) == {"lambda_mc": "mutual_correction", "refine_tau": "refine",
+                                                         "triplet_mining": "triplet"}
+    assert inert_settings(make_config("supervised"), ["class_weight_floor"]) == {"class_weight_floor": "class_weighting"}
+
+
+def test_cli_warns_once_per_setting_the_preset_switches_off(tiny_dataset, tmp_path, capfd):
+    overrides = [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in TINY.items()]
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "run"), "--preset", "dhc", "-q",
+                 "--set", *overrides, "class_weight_floor=1"]) == 0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
+    assert "plbopt: warning: mc_tau has no effect: mutual_correction is off in preset dhc" in warnings
+    warned = {line.split()[2] for line in warnings}
+    assert warned == {"triplet_max_anchors", "triplet_max_candidates", "triplet_capacity", "superpixel_divisor", "mc_tau"}
 
 
 def test_zero_and_two_workers_train_bit_identical_weights(tiny_dataset, tmp_path):
