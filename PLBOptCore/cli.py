@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from . import __version__
 from .config import CPU_DEMO_OVERRIDES, PRESETS, SUBNETS, inert_settings, load_config_file, make_config, parse_override
 from .convert import add_convert_arguments
-from .errors import PLBOptError, TrainingInterrupted
+from .errors import ConfigError, PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
 from .metrics import EMPTY_CONVENTIONS, HD95_CONVENTIONS, MISSING_CONVENTIONS
 
@@ -99,15 +99,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    for name, least in (("labeled", 1), ("unlabeled", 0), ("validation", 0), ("test", 0 if args.data_only else 1)):
+        if getattr(args, name) < least:
+            raise ConfigError(f"--{name} must be at least {least}, got {getattr(args, name)}")
     if args.data_only:
         from .data.phantom import make_phantom_dataset
 
-        path = make_phantom_dataset(args.output, n_labeled=args.labeled, n_unlabeled=args.unlabeled)
+        path = make_phantom_dataset(args.output, n_labeled=args.labeled, n_unlabeled=args.unlabeled,
+                                    n_validation=args.validation, n_test=args.test)
         print(f"wrote {path / 'dataset.json'}")
         return 0
 
     run_demo(Path(args.output), preset=args.preset, iterations=args.iterations, device=args.device or "auto",
-             overwrite=args.overwrite, n_labeled=args.labeled, n_unlabeled=args.unlabeled)
+             overwrite=args.overwrite, n_labeled=args.labeled, n_unlabeled=args.unlabeled,
+             n_validation=args.validation, n_test=args.test)
     return 0
 
 
@@ -217,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-only", action="store_true", help="only write the phantom dataset folder to -o")
     p.add_argument("--labeled", type=int, default=2, help="labeled phantom volumes (default 2)")
     p.add_argument("--unlabeled", type=int, default=12, help="unlabeled phantom volumes (default 12)")
+    p.add_argument("--validation", type=int, default=2, help="validation phantom volumes, choosing best.pt (default 2)")
+    p.add_argument("--test", type=int, default=4, help="test phantom volumes, scored (default 4)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("plot", help="training-curve PNG of a run folder from its events.jsonl")

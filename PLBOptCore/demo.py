@@ -24,12 +24,16 @@ logger = logging.getLogger(__name__)
 
 def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = None, device: str = "auto",
              overwrite: bool = False, seed: int = 0, n_labeled: int = DEMO_SPLIT["n_labeled"],
-             n_unlabeled: int = DEMO_SPLIT["n_unlabeled"]) -> Dict[str, float]:
+             n_unlabeled: int = DEMO_SPLIT["n_unlabeled"], n_validation: int = DEMO_SPLIT["n_validation"],
+             n_test: int = DEMO_SPLIT["n_test"]) -> Dict[str, float]:
     """Run the demo in ``out_dir`` and return the per-class mean test Dice (plus ``mean``).
 
-    ``n_labeled``/``n_unlabeled`` set the phantom split (default: 2 labeled, 12 unlabeled, the
-    paper's scarce-label regime); validation (2) and test (4) cases are always added.
+    ``n_labeled``/``n_unlabeled``/``n_validation``/``n_test`` set the phantom split (default
+    :data:`~PLBOptCore.data.phantom.DEMO_SPLIT`: 2 labeled and 12 unlabeled, the paper's
+    scarce-label regime, 2 validation and 4 test volumes).
     """
+    if n_test < 1:
+        raise ConfigError(f"the demo needs at least 1 test volume to score, got {n_test}")
     from .api import evaluate, predict, train
     from .data.dataset import load_dataset
     from .data.phantom import make_phantom_dataset
@@ -41,7 +45,8 @@ def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = 
             raise ConfigError(f"{out_dir}: demo folder is not empty; use --overwrite or another -o")
         shutil.rmtree(out_dir)
     started = time.perf_counter()
-    data_dir = make_phantom_dataset(out_dir / "data", n_labeled=n_labeled, n_unlabeled=n_unlabeled, seed=seed)
+    data_dir = make_phantom_dataset(out_dir / "data", n_labeled=n_labeled, n_unlabeled=n_unlabeled,
+                                    n_validation=n_validation, n_test=n_test, seed=seed)
     spec = load_dataset(data_dir)
     ratio = 100 * len(spec.training) / max(1, len(spec.training) + len(spec.unlabeled))
     logger.info(f"phantom dataset: {len(spec.training)} labeled, {len(spec.unlabeled)} unlabeled "

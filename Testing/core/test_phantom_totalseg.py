@@ -116,6 +116,22 @@ def test_import_totalsegmentator_warns_for_absent_class_and_needs_labels(tmp_pat
         import_totalsegmentator(src, tmp_path / "out", ["liver"])
 
 
+def test_demo_data_only_writes_the_split_asked_for_and_refuses_bad_counts(tmp_path, capfd):
+    from PLBOptCore.cli import main
+
+    assert main(["demo", "--data-only", "-o", str(tmp_path / "ph"), "--labeled", "1", "--unlabeled", "2",
+                 "--validation", "0", "--test", "3"]) == 0
+    spec = load_dataset(tmp_path / "ph")
+    assert [len(spec.training), len(spec.unlabeled), len(spec.validation), len(spec.test)] == [1, 2, 0, 3]
+    # cases are numbered across the splits, so a longer test split extends the default one
+    assert [case.name for case in spec.test] == ["phantom_003", "phantom_004", "phantom_005"]
+    capfd.readouterr()
+    assert main(["demo", "--data-only", "-o", str(tmp_path / "bad"), "--test", "-1"]) == 2
+    assert capfd.readouterr().err.strip() == "plbopt: error: --test must be at least 0, got -1"
+    assert main(["demo", "-o", str(tmp_path / "bad"), "--test", "0"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
 def test_demo_montage_is_a_png_written_in_place(tmp_path):
     from PLBOptCore.data.io import case_name
     from PLBOptCore.demo import write_montage
