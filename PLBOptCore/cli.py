@@ -51,13 +51,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import train
 
+    chosen = _training_overrides(args)
     overrides = dict(CPU_DEMO_OVERRIDES) if args.small else {}
-    overrides.update(_training_overrides(args))
+    overrides.update(chosen)
     if args.tensorboard:
         overrides["tensorboard"] = True
     if not args.resume:  # a setting the preset switches off trains nothing different: say so before hours of it
-        chosen = {**(load_config_file(args.config) if args.config else {}), **_training_overrides(args)}
         config = make_config(args.preset, args.config, overrides)
+        chosen = {**(load_config_file(args.config) if args.config else {}), **chosen}
         for key, switch in inert_settings(config, chosen).items():
             print(f"plbopt: warning: {key} has no effect: {switch} is off in preset {config.preset}", file=sys.stderr)
     # log lines go above the progress bar instead of through it
@@ -99,7 +100,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    for name, least in (("labeled", 1), ("unlabeled", 0), ("validation", 0), ("test", 0 if args.data_only else 1)):
+    # a demo run also needs a test volume: run_demo refuses --test 0
+    for name, least in (("labeled", 1), ("unlabeled", 0), ("validation", 0), ("test", 0)):
         if getattr(args, name) < least:
             raise ConfigError(f"--{name} must be at least {least}, got {getattr(args, name)}")
     if args.data_only:

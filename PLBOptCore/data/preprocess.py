@@ -292,8 +292,9 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
     ``image.npy`` (float32), ``label.npy`` (int16), ``superpixels.npy`` (int32), all (Z, Y, X), and
     ``meta.json`` (geometry, and the noise level that goes with the superpixels); it is reused when
     the source files have the same size and mtime, and superpixels are added to it when first
-    needed. Cached arrays come back memory-mapped read-only. The label is checked to lie on the image grid and then given the image's exact
-    geometry, so that tiny header differences (DICOM spacing 0.9999999999999929 vs 1.0) do not shift it.
+    needed. Cached arrays come back memory-mapped read-only. The label is checked to lie on the
+    image grid and then given the image's exact geometry, so that tiny header differences (DICOM
+    spacing 0.9999999999999929 vs 1.0) do not shift it.
 
     Raises:
         DatasetError: unreadable source files, or a cache folder that cannot be written.

@@ -388,8 +388,8 @@ class Trainer:
                                      for c in range(1, self.num_classes)}
             values.pop("refine_gain/0")
         if cfg.class_weighting:  # identical on every rank (_share_class_weights)
-            values["class_weights"] = {subnet: {self.dataset.labels[c]: float(w[c]) for c in range(self.num_classes)}
-                                       for subnet, w in zip(("a", "b"), weights)}
+            names = [self.dataset.labels[c] for c in range(self.num_classes)]
+            values["class_weights"] = {subnet: dict(zip(names, w.tolist())) for subnet, w in zip(("a", "b"), weights)}
         return {**values, "lr": lr, "ramp": ramp}
 
     def class_loss_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
