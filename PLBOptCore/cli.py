@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from . import __version__
-from .config import CPU_DEMO_OVERRIDES, PRESETS, SUBNETS, inert_settings, load_config_file, make_config, parse_override
+from .config import CHECKPOINT_NAMES, CPU_DEMO_OVERRIDES, PRESETS, SUBNETS, inert_settings, load_config_file, make_config, parse_override
 from .convert import add_convert_arguments
 from .errors import ConfigError, PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
@@ -148,11 +148,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from .bench.accuracy import run_accuracy_bench
 
-    run_accuracy_bench(Path(args.dataset), Path(args.output), presets=args.presets.split(","), seeds=args.seeds,
-                       iterations=args.iterations, variants=args.variants.split(",") if args.variants else [],
-                       small=not args.full_size, device=args.device or "auto",
-                       settings=[dict(parse_override(text) for text in group) for group in args.set],
-                       checkpoint=args.checkpoint)
+    results = run_accuracy_bench(Path(args.dataset), Path(args.output), presets=args.presets.split(","),
+                                 seeds=args.seeds, iterations=args.iterations,
+                                 variants=args.variants.split(",") if args.variants else [],
+                                 small=not args.full_size, device=args.device or "auto",
+                                 settings=[dict(parse_override(text) for text in group) for group in args.set],
+                                 checkpoint=args.checkpoint)
+    print(f"report: {Path(args.output) / results['report_dir'] / 'RESULTS.md'}  (all reports: {args.output}/RESULTS.md)")
     return 0
 
 
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a variant of every preset, trained beside its own runs and compared with them seed by "
                         "seed, e.g. --set lambda_mc=0.3; repeat --set for more variants")
     b.add_argument("--full-size", action="store_true", help="use the preset's own network size instead of the CPU schedule")
-    b.add_argument("--checkpoint", choices=("best", "last"), default="best",
+    b.add_argument("--checkpoint", choices=CHECKPOINT_NAMES, default="best",
                    help="score best.pt (chosen on the validation cases, default) or last.pt (the final weights)")
     b.add_argument("--device")
     b.set_defaults(func=cmd_bench)

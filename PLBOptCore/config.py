@@ -173,6 +173,7 @@ class Config:
 
 SUPERPIXEL_METHODS = ("slic", "slic3d", "quickshift", "felzenszwalb", "watershed")
 SUBNETS = ("both", "a", "b")  # what predicts: DHC's ensemble (logits averaged) or one subnet alone
+CHECKPOINT_NAMES = ("best", "last")  # checkpoints/<name>.pt of a run: chosen on validation, final weights
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 # Allowed values of the text fields (``preset``: the keys of PRESETS; ``flip_axes`` and ``device``: in validate).

@@ -5,10 +5,14 @@ and split, predicts the dataset's ``test`` cases, scores them (Dice, ASD in mm) 
 
 - ``OUT/runs/<preset>[<key>=<value>]-seed<N>/`` one run folder per training (``api.train`` layout)
   plus ``predictions/``, ``evaluation/metrics.{csv,json}`` and ``bench_metrics.json``;
-- ``OUT/results.json`` every run's scores, settings and wall times, and mean ± std over seeds;
-- ``OUT/RESULTS.md`` tables in the paper's format (Table V main ablation, VI superpixel methods,
-  VII superpixel number, IX Gaussian-noise robustness), the command, dataset size and hardware;
-- ``OUT/plots/*.png`` per-organ Dice bars and training curves (:mod:`PLBOptCore.bench.plots`).
+- ``OUT/reports/<call>/`` the report of one call, named after what it compares (presets,
+  variants, ``--set`` settings, checkpoint; :func:`report_name`), so calls with other settings
+  keep their reports apart and a repeated call updates its own:
+  - ``results.json`` every run's scores, settings and wall times, and mean ± std over seeds;
+  - ``RESULTS.md`` tables in the paper's format (Table V main ablation, VI superpixel methods,
+    VII superpixel number, IX Gaussian-noise robustness), the command, dataset size and hardware;
+  - ``plots/*.png`` per-organ Dice bars and training curves (:mod:`PLBOptCore.bench.plots`);
+- ``OUT/RESULTS.md`` an index of the reports in ``OUT/reports/``, rebuilt by every call.
 
 Re-running the same command resumes: a run whose ``bench_metrics.json`` exists is skipped, a run
 with ``checkpoints/last.pt`` but no completed training continues with ``resume=True``, and a run
@@ -17,6 +21,7 @@ folder trained with other settings is refused (mixing budgets would make the tab
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,7 +40,7 @@ import SimpleITK as sitk
 import torch
 
 from ..api import evaluate, predict, train
-from ..config import CPU_DEMO_OVERRIDES, Config, inert_settings, load_config_file, make_config
+from ..config import CHECKPOINT_NAMES, CPU_DEMO_OVERRIDES, Config, inert_settings, load_config_file, make_config
 from ..data.dataset import DatasetSpec, load_dataset
 from ..data.io import array_to_image, case_name, read_image, write_image
 from ..engine.events import read_events
@@ -46,7 +51,7 @@ from .plots import plot_dice_bars, plot_refine_gain, plot_training_curves
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "bench_metrics.json"
-CHECKPOINTS = ("best", "last")
+REPORT_NAME_MAX = 120  # characters of a report folder name; file systems allow 255 bytes
 # Gaussian noise on the test images in HU (Table IX). The paper's weak noise is a colour jitter that
 # has no meaning for CT, so both levels here are additive Gaussian noise of different strength.
 NOISE_LEVELS: Dict[str, float] = {"weak": 10.0, "strong": 30.0}
@@ -598,28 +603,70 @@ def self_check_section(results: Dict[str, Any], plots: Dict[str, str]) -> List[s
     return lines
 
 
-def write_plots(results: Dict[str, Any], units: Sequence[RunSpec], out_dir: Path) -> Dict[str, str]:
-    """Dice bars per table and training curves of the trained groups; returns name → relative path."""
+def write_plots(results: Dict[str, Any], units: Sequence[RunSpec], out_dir: Path,
+                report_dir: Path) -> Dict[str, str]:
+    """Dice bars per table and training curves of the trained groups (runs in ``out_dir/runs``)
+    into ``report_dir/plots``; returns name → path relative to ``report_dir``."""
     plots: Dict[str, str] = {}
     aggregates, class_names = results["aggregates"], results["dataset"]["classes"]
     for table, rows in results["tables"].items():
         labels = {row["group"]: row["label"] for row in rows if row["group"] in aggregates}
         if labels:
             path = plot_dice_bars(aggregates, list(labels), labels, class_names,
-                                  out_dir / "plots" / f"dice_{table}.png", TABLE_TITLES.get(table, table))
-            plots[table] = os.path.relpath(path, out_dir)
+                                  report_dir / "plots" / f"dice_{table}.png", TABLE_TITLES.get(table, table))
+            plots[table] = os.path.relpath(path, report_dir)
     trained = [u for u in units if not u.noise]
     curves: Dict[str, List[Path]] = {}
     for unit in trained:
         curves.setdefault(unit.group, []).append(out_dir / "runs" / unit.run_name)
     if curves:
         labels = {u.group: method_label(u) for u in trained}
-        path = plot_training_curves(curves, labels, out_dir / "plots" / "training_curves.png")
-        plots["training_curves"] = os.path.relpath(path, out_dir)
-        path = plot_refine_gain(curves, labels, out_dir / "plots" / "refine_self_check.png")
+        path = plot_training_curves(curves, labels, report_dir / "plots" / "training_curves.png")
+        plots["training_curves"] = os.path.relpath(path, report_dir)
+        path = plot_refine_gain(curves, labels, report_dir / "plots" / "refine_self_check.png")
         if path is not None:
-            plots["refine_gain"] = os.path.relpath(path, out_dir)
+            plots["refine_gain"] = os.path.relpath(path, report_dir)
     return plots
+
+
+def report_name(presets: Sequence[str], variants: Sequence[str] = (), settings: Sequence[Dict[str, Any]] = (),
+                checkpoint: str = "best") -> str:
+    """Folder name of a call's report under ``OUT/reports/``: what the call compares, e.g.
+    ``dhc+plbopt`` or ``dhc+plbopt_set-class_weight_floor=1_last``. Characters a file system may
+    refuse become ``_``; a name too long for one gets a hash of its full text instead of its tail."""
+    parts = ["+".join(presets)]
+    if variants:
+        parts.append("variants-" + "+".join(variants))
+    for setting in settings:
+        parts.append("set-" + ",".join(f"{key}={_override_text(value)}" for key, value in setting.items()))
+    if checkpoint != "best":
+        parts.append(checkpoint)
+    name = "".join(c if c.isalnum() or c in "+-=,.[]" else "_" for c in "_".join(parts))
+    if len(name) > REPORT_NAME_MAX:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = f"{name[:REPORT_NAME_MAX - 11]}-{digest}"
+    return name
+
+
+def write_report_index(out_dir: Path) -> None:
+    """``OUT/RESULTS.md``: one row per report in ``OUT/reports/``, newest first. Rebuilt from the
+    reports on disk, so two calls finishing side by side both end up listed."""
+    rows = []
+    for path in (out_dir / "reports").glob("*/results.json"):
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):  # a report another call is replacing right now: listed by that call
+            continue
+        rows.append((path.stat().st_mtime, path.parent.name, results))
+    lines = ["# PLBOpt accuracy benchmark: reports", "",
+             "One report per call, named after what it compares; the runs are shared in `runs/`.", "",
+             "| Report | Runs | Written | Command |", "|---|---|---|---|"]
+    for mtime, name, results in sorted(rows, key=lambda row: row[0], reverse=True):
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime))
+        lines.append(f"| [{name}](reports/{name}/RESULTS.md) | {len(results.get('runs', []))} | {written} | "
+                     f"`{results.get('command', '')}` |")
+    with atomic_write(out_dir / "RESULTS.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 def cli_command(dataset_dir: Path, out_dir: Path, presets: Sequence[str], seeds: int, iterations: int,
@@ -679,7 +726,8 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
 
     Args:
         dataset_dir: dataset folder; its ``test`` cases (with labels) are scored.
-        out_dir: benchmark folder (runs/, results.json, RESULTS.md, plots/, bench.log).
+        out_dir: benchmark folder (runs/, reports/<call>/{results.json,RESULTS.md,plots/}, the
+            index RESULTS.md, bench.log).
         presets: rows of the main table, e.g. ``["supervised", "dhc", "plbopt"]``.
         seeds: seeds ``0..seeds-1`` per preset.
         iterations: training steps of every run.
@@ -697,7 +745,8 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     The returned dict has ``command``, ``argv``, ``settings``, ``dataset``, ``hardware``,
     ``total_seconds``, ``runs`` (one record per finished unit), ``aggregates`` (per group, mean/std/n
     over seeds of ``mean_dice``, ``mean_asd`` and per class ``dice``/``asd``), ``tables`` (table →
-    rows ``{"group", "label"}``), ``this_call`` (outcome → unit names, including ``skipped``), ``failures`` and ``plots``.
+    rows ``{"group", "label"}``), ``this_call`` (outcome → unit names, including ``skipped``), ``failures``,
+    ``plots`` and ``report_dir`` (relative to ``out_dir``).
     """
     started = time.perf_counter()
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
@@ -709,8 +758,8 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     settings = [dict(setting) for setting in settings]
     units, tables = plan_runs(presets, seeds, variants, base, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    if checkpoint not in CHECKPOINT_NAMES:
+        raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, got {checkpoint!r}")
     ctx = BenchContext(dataset_dir, out_dir, spec, base, device, out_dir / "test_labels", checkpoint)
     for unit in units:  # before any training: a folder from other settings would mix budgets
         check_same_config(ctx.run_dir(unit), unit.preset, ctx.overrides(unit))
@@ -730,6 +779,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
         "tables": tables,
         "this_call": {outcome: [] for outcome in ("trained", "resumed", "evaluated", "skipped", "missing", "failed")},
         "failures": {},
+        "report_dir": str(Path("reports") / report_name(presets, variants, settings, checkpoint)),
     }
     _log(out_dir, f"accuracy bench: {len(units)} units -> {out_dir}  ({results['command']})")
     records: List[Dict[str, Any]] = []
@@ -751,18 +801,21 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
             _log(out_dir, _progress_line(index, len(units), unit, outcome, record))
         results.update(runs=records, aggregates=aggregate(records, class_names),
                        paired=paired_differences(records), total_seconds=time.perf_counter() - started, plots={})
-        _write_reports(results, units, out_dir, with_plots=False)  # partial results survive a crash
-    results["plots"] = write_plots(results, units, out_dir)
+        _write_reports(results, out_dir, with_plots=False)  # partial results survive a crash
+    results["plots"] = write_plots(results, units, out_dir, out_dir / results["report_dir"])
     results["total_seconds"] = time.perf_counter() - started
-    markdown = _write_reports(results, units, out_dir, with_plots=True)
+    markdown = _write_reports(results, out_dir, with_plots=True)
     logger.info(markdown)
     return results
 
 
-def _write_reports(results: Dict[str, Any], units: Sequence[RunSpec], out_dir: Path, with_plots: bool) -> str:
-    """Write results.json and RESULTS.md atomically; returns the Markdown."""
-    _write_json(out_dir / "results.json", results)
+def _write_reports(results: Dict[str, Any], out_dir: Path, with_plots: bool) -> str:
+    """Write the call's results.json and RESULTS.md atomically, then the index; returns the Markdown."""
+    report_dir = out_dir / results["report_dir"]
+    report_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(report_dir / "results.json", results)
     markdown = render_markdown(results, results["plots"] if with_plots else {})
-    with atomic_write(out_dir / "RESULTS.md") as tmp:
+    with atomic_write(report_dir / "RESULTS.md") as tmp:
         tmp.write_text(markdown)
+    write_report_index(out_dir)
     return markdown

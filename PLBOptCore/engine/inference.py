@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..config import SUBNETS, Config
+from ..config import CHECKPOINT_NAMES, SUBNETS, Config
 from ..data.sampling import centred_padding, pad_to_patch
 from ..errors import CheckpointError, ConfigError, PLBOptError
 from ..nets.vnet import VNet
@@ -317,7 +317,7 @@ def _argmax_in_input_geometry(class_map: Callable[[int], np.ndarray], num_classe
 def resolve_checkpoint(run_dir: Path, checkpoint: str = "best") -> Path:
     """``best`` (falls back to ``last``), ``last``, or an explicit path."""
     run_dir = Path(run_dir)
-    if checkpoint in ("best", "last"):
+    if checkpoint in CHECKPOINT_NAMES:
         folder = run_dir / "checkpoints"
         candidates = [folder / f"{checkpoint}.pt"] + ([folder / "last.pt"] if checkpoint == "best" else [])
         for candidate in candidates:

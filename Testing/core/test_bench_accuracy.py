@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from PLBOptCore.api import train
-from PLBOptCore.bench.accuracy import (METRICS_FILE, RunSpec, aggregate, base_overrides, plan_runs,
-                                       run_accuracy_bench)
+from PLBOptCore.bench.accuracy import (METRICS_FILE, REPORT_NAME_MAX, RunSpec, aggregate, base_overrides, plan_runs,
+                                       report_name, run_accuracy_bench)
 from PLBOptCore.data.phantom import LABELS, make_phantom_dataset
 from PLBOptCore.engine.events import read_events
 from PLBOptCore.errors import ConfigError, TrainingInterrupted
@@ -34,7 +34,7 @@ def bench(tmp_path_factory):
 
 def test_results_json_structure(bench):
     _, out, results = bench
-    stored = json.loads((out / "results.json").read_text())
+    stored = json.loads((out / results["report_dir"] / "results.json").read_text())
     assert stored["tables"]["main"] == [{"group": "supervised", "label": "Supervised only (VNet)"},
                                         {"group": "dhc", "label": "Baseline (DHC)"}]
     assert stored["dataset"] == {"path": stored["dataset"]["path"], "n_labeled": 2, "n_unlabeled": 2,
@@ -68,7 +68,8 @@ def test_results_json_structure(bench):
 
 def test_results_markdown_and_plots(bench):
     _, out, results = bench
-    markdown = (out / "RESULTS.md").read_text()
+    report = out / results["report_dir"]
+    markdown = (report / "RESULTS.md").read_text()
     assert "| Method | Avg. Dice ↑ | Avg. ASD ↓ | " + " | ".join(CLASSES) + " |" in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| Supervised only") or line.startswith("| Baseline (DHC)")]
     assert len(rows) == 4  # the main table, then the per-subnet table
@@ -79,7 +80,7 @@ def test_results_markdown_and_plots(bench):
     assert "| dhc − supervised |" in markdown
     assert set(results["plots"]) == {"main", "training_curves"}
     for relative in results["plots"].values():
-        path = out / relative
+        path = report / relative
         assert path.suffix == ".png" and path.stat().st_size > 1000
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -159,18 +160,24 @@ def test_plan_settings_variants_of_every_preset():
 
 
 def test_set_trains_a_variant_and_pairs_it_with_the_preset(bench, tmp_path):
-    dataset, out, _ = bench
+    dataset, out, first = bench
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
+    first_report = (copy / first["report_dir"] / "RESULTS.md").read_bytes()
     results = run_accuracy_bench(dataset, copy, presets=["dhc"], seeds=1, iterations=2, small=True, device="cpu",
                                  extra_overrides=TINY, settings=[{"cps_weight": 0.2}])
+    # its own report beside the first call's, which stays as it was; the index lists both
+    assert results["report_dir"] == "reports/dhc_set-cps_weight=0.2" and first["report_dir"] == "reports/supervised+dhc"
+    assert (copy / first["report_dir"] / "RESULTS.md").read_bytes() == first_report
+    index = (copy / "RESULTS.md").read_text()
+    assert "(reports/dhc_set-cps_weight=0.2/RESULTS.md)" in index and "(reports/supervised+dhc/RESULTS.md)" in index
     assert results["this_call"]["skipped"] == ["dhc-seed0"] and results["this_call"]["trained"] == ["dhc[cps_weight=0.2]-seed0"]
     runs = {r["name"]: r["mean_dice"] for r in results["runs"]}
     pair = [row for row in results["paired"] if row["better"] == "dhc[cps_weight=0.2]"]
     assert pair and pair[0]["reference"] == "dhc" and pair[0]["differences"] == pytest.approx(
         [runs["dhc[cps_weight=0.2]-seed0"] - runs["dhc-seed0"]])
     assert results["command"].endswith("--set cps_weight=0.2 --device cpu")
-    markdown = (copy / "RESULTS.md").read_text()
+    markdown = (copy / results["report_dir"] / "RESULTS.md").read_text()
     assert "Settings against each preset's default" in markdown and "| dhc[cps_weight=0.2] − dhc |" in markdown
 
 
@@ -187,9 +194,22 @@ def test_last_checkpoint_is_scored_apart_without_training(bench, tmp_path):
     best = json.loads((copy / "runs" / "dhc-seed0" / METRICS_FILE).read_text())
     assert best["checkpoint"] == "best"
     assert record["mean_dice"] == pytest.approx(best["mean_dice"])
-    assert "--checkpoint last" in results["command"] and "`last.pt`" in (copy / "RESULTS.md").read_text()
+    assert "--checkpoint last" in results["command"]
+    assert "`last.pt`" in (copy / results["report_dir"] / "RESULTS.md").read_text()
     with pytest.raises(ConfigError, match="checkpoint"):
         run_accuracy_bench(dataset, copy, presets=["dhc"], seeds=1, iterations=2, checkpoint="final")
+
+
+def test_report_name_says_what_a_call_compares():
+    assert report_name(["supervised", "dhc", "plbopt"]) == "supervised+dhc+plbopt"
+    assert report_name(["plbopt"], ["noise"], [{"lambda_mc": 0.3}, {"triplet_capacity": 1024}], "last") == (
+        "plbopt_variants-noise_set-lambda_mc=0.3_set-triplet_capacity=1024_last")
+    # values a file system may refuse become _; lists keep the --set spelling otherwise
+    assert report_name(["dhc"], settings=[{"patch_size": [16, 32, 32], "superpixel_method": "a/b"}]) == (
+        "dhc_set-patch_size=[16,32,32],superpixel_method=a_b")
+    long_a = report_name(["plbopt"], settings=[{"triplet_capacity": 1}] * 20)
+    long_b = report_name(["plbopt"], settings=[{"triplet_capacity": 1}] * 21)
+    assert len(long_a) == len(long_b) == REPORT_NAME_MAX and long_a != long_b
 
 
 def test_aggregate_mean_and_sample_std():
