@@ -261,10 +261,14 @@ def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,
         (label image, float32 confidence image = max probability). Outside the body crop the
         network is certain of background, not unsure, so the confidence there is 1.
 
-    When preprocessing resampled the image (``target_spacing``), each class map (the
-    probabilities, or the one-hot refined labels) is resampled back linearly and the label is the
-    argmax on the input grid, as nnU-Net does: boundaries follow the input's voxels instead of
-    the coarse grid's blocks that nearest-neighbour label resampling gives. Classes are restored
+    When preprocessing resampled the image (``target_spacing``), each class map is resampled back
+    linearly and the label is the argmax on the input grid, as nnU-Net does: boundaries follow the
+    input's voxels instead of the coarse grid's blocks that nearest-neighbour label resampling
+    gives. Refined labels are restored through the probabilities too, with the voxels refinement
+    changed set to the one-hot vector of their new class: where refinement changed nothing the
+    label is exactly the unrefined one. (Restoring one-hot maps of all labels instead ties at
+    every boundary midpoint of a 2× resampling, and ``argmax`` gives each tie to the lower class:
+    background took the rim of every organ, -4.5 Dice on the phantom test set.) Classes are restored
     one at a time against a running maximum, so this needs about 14 bytes per input voxel
     (running max, one restored class and its SimpleITK image, label, comparison mask) plus 8 per
     resampled voxel, not C float maps of the input's size. Without resampling the argmax is
@@ -279,10 +283,14 @@ def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,
     confidence, label = probs.max(dim=0)
     confidence_image = restore_to_original(confidence.numpy().astype(np.float32), info, is_label=False, fill=1.0)
     if refined is not None:
-        label = refined.cpu()
-    if info.resampled:  # refined labels: the argmax of their one-hot maps, restored like probabilities
-        label_image, _ = _argmax_in_input_geometry(lambda c: (label == c).numpy().astype(np.float32), num_classes,
-                                                   info, dtype)
+        refined = refined.cpu()
+        changed = refined != label
+        label = refined
+    if info.resampled:  # the network's probabilities, one-hot where refinement changed the label
+        def refined_class_map(c: int) -> np.ndarray:
+            return torch.where(changed, (refined == c).to(probs.dtype), probs[c]).numpy()
+
+        label_image, _ = _argmax_in_input_geometry(refined_class_map, num_classes, info, dtype)
         return label_image, confidence_image
     return restore_to_original(label.numpy().astype(dtype), info, is_label=True), confidence_image
 

@@ -172,15 +172,24 @@ def test_resampled_prediction_is_restored_from_probabilities(tmp_path):
     print(f"Dice with the true sphere: probabilities restored {smooth_dice:.4f}, nearest labels {blocky_dice:.4f}")
     assert smooth_dice > blocky_dice + 0.02, (smooth_dice, blocky_dice)
 
-    # refined labels are restored the same way, through their one-hot maps
-    refined = probs.argmax(0)
-    refined[:, :, : refined.shape[2] // 2] = 0  # refinement removed the left half of the sphere
-    refined_image, refined_confidence = restore_prediction(probs, info, 2, refined=refined)
-    one_hot = np.stack([sitk.GetArrayFromImage(restore_to_original((refined == c).numpy().astype(np.float32), info,
-                                                                   False, fill=float(c == 0))) for c in range(2)])
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(refined_image), one_hot.argmax(axis=0))
+    # refined labels that change nothing restore to exactly the unrefined labels (restoring one-hot
+    # label maps instead moves every boundary: ties at the midpoints go to background)
+    unchanged_image, refined_confidence = restore_prediction(probs, info, 2, refined=probs.argmax(0))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(unchanged_image), label)
     max_probability = restore_to_original(probs.max(0).values.numpy(), info, False, fill=1.0)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(refined_confidence), sitk.GetArrayFromImage(max_probability))
+
+    # refinement removed the left half of the sphere: gone there, untouched away from the cut
+    refined = probs.argmax(0)
+    cut = refined.shape[2] // 2
+    refined[:, :, :cut] = 0
+    refined_label = sitk.GetArrayFromImage(restore_prediction(probs, info, 2, refined=refined)[0])
+    x_mm = origin_zyx[2] + np.arange(shape[2]) * spacing_zyx[2]
+    coarse_x = info.resampled_spacing[0]  # SimpleITK order: x first
+    cut_mm = info.origin[0] + (info.crop_start[2] + cut - 0.5) * coarse_x
+    left, right = x_mm < cut_mm - coarse_x, x_mm > cut_mm + coarse_x  # beyond the interpolation's reach
+    assert (label[:, :, left] == 1).any() and not (refined_label[:, :, left] == 1).any()
+    np.testing.assert_array_equal(refined_label[:, :, right], label[:, :, right])
 
 
 def test_unresampled_prediction_is_pasted_back(tmp_path):
