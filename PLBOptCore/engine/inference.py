@@ -164,10 +164,11 @@ class Predictor:
 
     def __init__(self, config: Config, labels: Dict[int, str], colors: Dict[int, Tuple[int, int, int]],
                  model_states: List[Dict[str, torch.Tensor]], device: str = "auto", source: Path = Path("checkpoint"),
-                 subnet: str = "both", refine_gain: Optional[torch.Tensor] = None) -> None:
+                 subnet: str = "both", refine_gain: Optional[torch.Tensor] = None,
+                 refine_gain_validation: Optional[torch.Tensor] = None) -> None:
         self.config = config
         # classes whose refinement the training run's self-check left on (None: all)
-        self.refine_allowed = (refine_gain >= 0) if refine_gain is not None and config.refine_self_check else None
+        self.refine_allowed = refine_allowed_classes(config, refine_gain, refine_gain_validation)
         self.labels = labels
         self.colors = colors
         self.num_classes = len(labels)
@@ -189,11 +190,13 @@ class Predictor:
             colors = {int(k): tuple(v) for k, v in state.get("colors", {}).items()}
             models = state["models"]
             refine_gain = state.get("refine_gain")
+            refine_gain_validation = state.get("refine_gain_validation")  # absent without validation cases
         except KeyError as exc:
             raise CheckpointError(f"{path}: checkpoint lacks {exc}") from None
         except (PLBOptError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{path}: malformed checkpoint metadata ({exc})") from None
-        return cls(config, labels, colors, models, device, source=path, subnet=subnet, refine_gain=refine_gain)
+        return cls(config, labels, colors, models, device, source=path, subnet=subnet, refine_gain=refine_gain,
+                   refine_gain_validation=refine_gain_validation)
 
     @classmethod
     def from_run(cls, run_dir: Path, checkpoint: str = "best", device: str = "auto", subnet: str = "both") -> "Predictor":
@@ -208,28 +211,12 @@ class Predictor:
 
     def refine(self, volume_zyx: np.ndarray, probs: torch.Tensor,
                superpixels: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """Refine the argmax of ``probs`` as training refined pseudo labels: the same rule, only in
-        homogeneous superpixels (``refine_homogeneity``), only the classes the run's self-check left on.
-
-        Args:
-            volume_zyx: (Z, Y, X) preprocessed volume; probs: (C, Z, Y, X) softmax on the same grid;
-            superpixels: (Z, Y, X) long ids.
-
-        Returns:
-            (Z, Y, X) long refined labels and the fraction of voxels with a superpixel that changed.
-        """
-        from ..method.refine import homogeneous_superpixels, refine_pseudo_labels
+        """Refine the argmax of ``probs`` as training refined pseudo labels (:func:`refine_prediction`),
+        only the classes the run's checks left on."""
         from ..method.superpixels import noise_sigma
 
-        cfg = self.config
-        superpixels = superpixels.to(probs.device)[None]
-        if cfg.refine_homogeneity > 0:
-            sigma = torch.tensor([noise_sigma(volume_zyx)], dtype=torch.float32)
-            image = torch.from_numpy(np.asarray(volume_zyx))[None].to(probs.device)
-            superpixels = homogeneous_superpixels(superpixels, image, sigma, cfg.refine_homogeneity)
-        refined, changed = refine_pseudo_labels(probs[None], probs.argmax(dim=0)[None], superpixels, cfg.refine_tau,
-                                                cfg.refine_entropy, cfg.refine_mode, self.refine_allowed)
-        return refined[0], changed
+        sigma = noise_sigma(volume_zyx) if self.config.refine_homogeneity > 0 else 0.0
+        return refine_prediction(self.config, volume_zyx, probs, superpixels, sigma, self.refine_allowed)
 
     def predict_image(self, image: sitk.Image, refine: bool = False, should_stop=None) -> Prediction:
         """Preprocess like training, predict, optionally refine with superpixels, restore geometry."""
@@ -244,6 +231,47 @@ class Predictor:
             refined, changed = self.refine(volume, probs, superpixels)
         label_image, confidence_image = restore_prediction(probs, info, self.num_classes, refined)
         return Prediction(label_image, confidence_image, float(changed))
+
+
+def refine_prediction(config: Config, volume_zyx: np.ndarray, probs: torch.Tensor, superpixels: torch.Tensor,
+                      noise_sigma: float, allowed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, float]:
+    """Refine the argmax of a whole volume's probabilities with training's rule: ``config``'s
+    τ, entropy and mode, only in homogeneous superpixels (``refine_homogeneity`` × ``noise_sigma``).
+
+    Args:
+        volume_zyx: (Z, Y, X) preprocessed volume; probs: (C, Z, Y, X) softmax on the same grid;
+        superpixels: (Z, Y, X) long ids; noise_sigma: the volume's noise level (unused when
+        ``refine_homogeneity`` is 0); allowed: (C,) bool classes that may be refined (None = all).
+
+    Returns:
+        (Z, Y, X) long refined labels and the fraction of voxels with a superpixel that changed.
+    """
+    from ..method.refine import homogeneous_superpixels, refine_pseudo_labels
+
+    superpixels = superpixels.to(probs.device)[None]
+    if config.refine_homogeneity > 0:
+        image = torch.from_numpy(np.array(volume_zyx, dtype=np.float32))[None].to(probs.device)  # cached volumes are read-only
+        superpixels = homogeneous_superpixels(superpixels, image, torch.tensor([noise_sigma], dtype=torch.float32),
+                                              config.refine_homogeneity)
+    refined, changed = refine_pseudo_labels(probs[None], probs.argmax(dim=0)[None], superpixels, config.refine_tau,
+                                            config.refine_entropy, config.refine_mode, allowed)
+    return refined[0], changed
+
+
+def refine_allowed_classes(config: Config, labeled_gain: Optional[torch.Tensor],
+                           validation_gain: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(C,) bool classes refinement may change: those whose gain is ≥ 0 on the labeled patches
+    (running mean of the self-check) and, once measured, on the validation cases. None = all
+    (``refine_self_check`` off, or nothing measured yet)."""
+    if not config.refine_self_check:
+        return None
+    gains = [g for g in (labeled_gain, validation_gain) if g is not None]
+    if not gains:
+        return None
+    allowed = gains[0] >= 0
+    for gain in gains[1:]:
+        allowed = allowed & (gain >= 0)
+    return allowed
 
 
 def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,

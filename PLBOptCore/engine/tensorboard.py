@@ -62,6 +62,8 @@ class TensorBoardSink:
             self._writer.add_scalar("validation/mean_dice", record["mean_dice"], record["step"])
             for subnet, scores in (record.get("subnets") or {}).items():
                 self._writer.add_scalar(f"validation/mean_dice_subnet_{subnet}", scores["mean_dice"], record["step"])
+            for name, gain in (record.get("refine_gain") or {}).items():  # refinement checked on validation
+                self._writer.add_scalar(f"validation/refine_gain_{name}", gain, record["step"])
         elif kind == "end":
             self.close()
 

@@ -52,7 +52,8 @@ from ..utils import resolve_device, seed_everything, step_seed, torch_backend_fl
 from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
-from .inference import build_models, load_subnet_weights, sliding_window_probabilities
+from .inference import (build_models, load_subnet_weights, refine_allowed_classes, refine_prediction,
+                        sliding_window_probabilities)
 from .runcontrol import RUN_LOCK_NAME, STOP_FILE_NAME, RunLock, stop_requested
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink, require_tensorboard
 
@@ -200,9 +201,9 @@ class Trainer:
         cfg = self.config
         validation = [case for case in self.dataset.validation if case.label is not None]
         unlabeled_cases = self.dataset.unlabeled if cfg.uses_unlabeled else []
-        self_check = cfg.refine and cfg.refine_self_check  # refinement is also tried on labeled patches
+        self_check = cfg.refine and cfg.refine_self_check  # refinement is also tried where labels are known
         prepared = self._preprocess([(case, self_check) for case in self.dataset.training]
-                                    + [(case, False) for case in validation]
+                                    + [(case, self_check) for case in validation]
                                     + [(case, cfg.refine) for case in unlabeled_cases])
         n_labeled, n_validation = len(self.dataset.training), len(validation)
         labeled = prepared[:n_labeled]
@@ -244,8 +245,10 @@ class Trainer:
                                                      cfg.triplet_margin, cfg.triplet_max_anchors,
                                                      cfg.triplet_max_candidates, mining=cfg.triplet_mining, share=share)
                                for _ in self.models]
-        # running mean of refinement's per-class Dice gain on labeled patches (the self-check)
+        # running mean of refinement's per-class Dice gain on labeled patches (the self-check), and
+        # its gain on the validation cases at the latest validation (None until measured)
         self.refine_gain = torch.zeros(self.num_classes)
+        self.refine_gain_validation: Optional[torch.Tensor] = None
         self.step = 0
         self.best_metric = -math.inf
         if self.init_from is not None:
@@ -273,6 +276,8 @@ class Trainer:
             "distdw": self.distdw.state_dict(),
             "triplet": [t.state_dict() for t in self.triplet_losses],
             "refine_gain": self.refine_gain.clone(),
+            **({} if self.refine_gain_validation is None
+               else {"refine_gain_validation": self.refine_gain_validation.clone()}),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -288,6 +293,8 @@ class Trainer:
             triplet.load_state_dict(triplet_state)
         if "refine_gain" in state:  # absent from checkpoints of earlier versions
             self.refine_gain = state["refine_gain"].float().cpu()
+        if "refine_gain_validation" in state:
+            self.refine_gain_validation = state["refine_gain_validation"].float().cpu()
         self.step = int(state["step"])
         self.best_metric = float(state["best_metric"])
 
@@ -417,8 +424,9 @@ class Trainer:
     def _refine_pseudo_labels(self, probs: List[torch.Tensor], pseudo: List[torch.Tensor],
                               batch: Dict[str, Dict[str, torch.Tensor]], target: torch.Tensor
                               ) -> Tuple[float, Optional[torch.Tensor]]:
-        """Refine both subnets' unlabeled pseudo labels in place (``pseudo[i][B_l:]``), after the
-        self-check on the labeled patches has decided which classes may be refined.
+        """Refine both subnets' unlabeled pseudo labels in place (``pseudo[i][B_l:]``), only the
+        classes whose refinement gain is ≥ 0 on the labeled patches (the self-check, updated first)
+        and at the latest validation (:func:`refine_allowed_classes`).
 
         Args:
             probs: per subnet (B, C, Z, Y, X) softmax, labeled patches first; pseudo: per subnet
@@ -433,7 +441,7 @@ class Trainer:
         if cfg.refine_self_check:
             gain = self._self_check([p[:n_l].detach() for p in probs], [p[:n_l] for p in pseudo],
                                     self._refinable(batch["labeled"]), target)
-            allowed = self.refine_gain >= 0
+            allowed = refine_allowed_classes(cfg, self.refine_gain, self.refine_gain_validation)
             gain = gain * allowed
         superpixels = self._refinable(batch["unlabeled"])
         # both subnets in one call (batch items never mix); both halves have the same
@@ -529,7 +537,24 @@ class Trainer:
         """Validate on rank 0 while the other ranks wait; the record on rank 0, else None."""
         record = self._validate() if self.dist.is_main else None
         self.dist.barrier()
+        if self.dist.enabled and self._checks_refinement_on_validation():  # every rank gates refinement alike
+            gain = (self.refine_gain_validation if self.dist.is_main else torch.zeros(self.num_classes)).to(self.device)
+            self.dist.broadcast_tensors([gain])
+            self.refine_gain_validation = gain.cpu()
         return record
+
+    def _checks_refinement_on_validation(self) -> bool:
+        return bool(self.config.refine and self.config.refine_self_check and self.validation_cases)
+
+    def _validation_refine_gain(self, case: Preprocessed, probs: torch.Tensor) -> List[float]:
+        """Per foreground class, the Dice change refinement with every class allowed makes to the
+        ensemble's prediction of a validation case: what ``plbopt refine`` would do to it."""
+        sigma = case.noise_sigma if case.noise_sigma is not None else 0.0
+        refined, _ = refine_prediction(self.config, case.image, probs,
+                                       torch.from_numpy(case.superpixels.astype(np.int64)), sigma)
+        prediction, refined = probs.argmax(0).numpy(), refined.cpu().numpy()
+        return [dice(refined == c, case.label == c) - dice(prediction == c, case.label == c)
+                for c in range(1, self.num_classes)]
 
     @torch.no_grad()
     def _validate(self) -> Optional[Dict[str, Any]]:
@@ -542,6 +567,7 @@ class Trainer:
         if len(self.models) == 2:
             members.update(a=self.models[:1], b=self.models[1:])
         per_class = {member: {name: [] for c, name in self.dataset.labels.items() if c > 0} for member in members}
+        refine_gains = []
         for case in self.validation_cases:
             volume = torch.from_numpy(np.array(case.image))  # a copy: cached volumes are read-only memory maps
             for member, models in members.items():
@@ -552,14 +578,20 @@ class Trainer:
                 for c, name in self.dataset.labels.items():
                     if c > 0:
                         per_class[member][name].append(dice(prediction == c, case.label == c))
+                if member == "both" and self._checks_refinement_on_validation():
+                    refine_gains.append(self._validation_refine_gain(case, probs))
         scores = {member: {name: float(np.mean(values)) for name, values in classes.items()}
                   for member, classes in per_class.items()}
         means = {member: float(np.mean(list(s.values()))) if s else 0.0 for member, s in scores.items()}
         mean_dice = means["both"]
         subnets = {member: {"mean_dice": means[member], "dice": scores[member]}
                    for member in members if member != "both"}
-        record = self.events.write("validation", step=self.step, dice=scores["both"], mean_dice=mean_dice,
-                                   **({"subnets": subnets} if subnets else {}))
+        extra: Dict[str, Any] = {"subnets": subnets} if subnets else {}
+        if refine_gains:
+            gain = np.mean(refine_gains, axis=0)
+            self.refine_gain_validation = torch.from_numpy(np.concatenate([[0.0], gain])).float()
+            extra["refine_gain"] = {self.dataset.labels[c]: float(g) for c, g in enumerate(gain, 1)}
+        record = self.events.write("validation", step=self.step, dice=scores["both"], mean_dice=mean_dice, **extra)
         if self.progress:
             self.progress(record)
         if mean_dice > self.best_metric:

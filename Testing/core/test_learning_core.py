@@ -18,7 +18,9 @@ from PLBOptCore.data.phantom import make_phantom_dataset
 from PLBOptCore.data.preprocess import Preprocessed
 from PLBOptCore.data.sampling import PatchSampler, centred_padding, pad_to_patch
 from PLBOptCore.engine.events import read_events
-from PLBOptCore.engine.inference import Predictor, build_models, sliding_window_probabilities
+from PLBOptCore.engine.checkpoint import load_checkpoint
+from PLBOptCore.engine.inference import (Predictor, build_models, refine_allowed_classes,
+                                        sliding_window_probabilities)
 from PLBOptCore.engine.trainer import Trainer
 from PLBOptCore.errors import ConfigError
 from PLBOptCore.method.mutual import mutual_correction_loss
@@ -122,6 +124,30 @@ def test_inference_refinement_applies_the_homogeneity_test_and_the_self_check():
     gated = Predictor(config, labels, {}, states, device="cpu", refine_gain=torch.tensor([0.0, -0.01, 0.02]))
     volume, probs, superpixels = _uncertain_edge_case(step=0.0)
     assert torch.equal(gated.refine(volume, probs, superpixels)[0], probs.argmax(0))
+    # and neither is one whose gain on the validation cases was negative
+    gated = Predictor(config, labels, {}, states, device="cpu", refine_gain=torch.tensor([0.0, 0.01, 0.02]),
+                      refine_gain_validation=torch.tensor([0.0, -0.2, 0.1]))
+    assert torch.equal(gated.refine(volume, probs, superpixels)[0], probs.argmax(0))
+
+
+def test_refinement_gate_needs_a_gain_of_at_least_zero_wherever_it_was_measured():
+    config = make_config("plbopt")
+    labeled, validation = torch.tensor([0.0, -0.01, 0.02, 0.0, 0.3]), torch.tensor([0.0, 0.5, -0.1, 0.0, 0.0])
+    assert refine_allowed_classes(config, labeled, validation).tolist() == [True, False, False, True, True]
+    assert refine_allowed_classes(config, labeled, None).tolist() == [True, False, True, True, True]
+    assert refine_allowed_classes(config, None, None) is None
+    assert refine_allowed_classes(make_config("plbopt-paper"), labeled, validation) is None  # the paper: no check
+
+
+def test_validation_refine_gain_is_the_dice_change_refinement_makes():
+    volume, probs, superpixels = _uncertain_edge_case(step=0.0)
+    label = np.zeros(volume.shape, np.int16)
+    label[:, :, :8] = 1  # truth: class 1 up to the superpixel edge, where refinement expands it to
+    case = Preprocessed("val", volume, label, superpixels.numpy().astype(np.int32), None, noise_sigma(volume))
+    trainer = type("TrainerView", (), {"config": make_config("plbopt", overrides=dict(TINY)), "num_classes": 3})()
+    gain = Trainer._validation_refine_gain(trainer, case, probs)
+    # before: class 1 on x < 6, Dice 2·192 / (192 + 256) = 6/7; after: exact; class 2 absent everywhere
+    assert gain == pytest.approx([1 - 6 / 7, 0.0])
 
 
 def test_refinement_gain_is_the_per_class_dice_change():
@@ -179,6 +205,11 @@ def test_plbopt_run_logs_self_check_and_per_subnet_validation(small_dataset, tmp
     record = validation[-1]
     assert set(record["subnets"]["a"]["dice"]) == set(record["dice"])
     assert trainer.refine_gain.shape == (7,) and trainer.refine_gain[0] == 0
+    # refinement also checked on the validation case, and that gate kept with the checkpoint
+    assert all(set(e["refine_gain"]) == set(record["dice"]) for e in validation)
+    assert trainer.refine_gain_validation.tolist() == pytest.approx([0.0, *record["refine_gain"].values()])
+    torch.testing.assert_close(load_checkpoint(run / "checkpoints" / "last.pt")["refine_gain_validation"],
+                               trainer.refine_gain_validation)
 
     # predict with each subnet alone and both; a supervised run has no subnet b
     out = {}

@@ -66,8 +66,12 @@ def test_tensorboard_logs_the_refinement_self_check(dataset, tmp_path):
     assert main(["train", str(dataset), "-o", str(run), "--preset", "plbopt", "-q", "--tensorboard", "--set", *TINY]) == 0
     scalars = _scalars(run / "tensorboard")
     gains = {r["step"]: r["refine_gain"] for r in read_events(run) if r["type"] == "train"}
+    checked = {r["step"]: r["refine_gain"] for r in read_events(run) if r["type"] == "validation"}
+    assert checked
     for name in (n for c, n in load_dataset(dataset).labels.items() if c > 0):
         assert [(step, pytest.approx(gains[step][name])) for step in sorted(gains)] == scalars[f"train/refine_gain_{name}"]
+        assert [(step, pytest.approx(checked[step][name])) for step in sorted(checked)] == (
+            scalars[f"validation/refine_gain_{name}"])
 
 
 def test_missing_tensorboard_is_one_line_before_anything_is_written(dataset, tmp_path, capfd, monkeypatch):
