@@ -300,13 +300,13 @@ def noisy_test_images(spec: DatasetSpec, out_dir: Path, level: str) -> List[Path
 
 
 def _predict_and_score(ctx: BenchContext, run_dir: Path, images: Sequence[Path], work_dir: Path,
-                       subnet: str = "both") -> Dict[str, Any]:
-    """Predict ``images`` with the run's ``ctx.checkpoint`` (``subnet`` a, b or both) into
-    ``work_dir/predictions[-a|-b]`` and score them."""
-    suffix = "" if subnet == "both" else f"-{subnet}"
+                       subnet: str = "both", refine: bool = False) -> Dict[str, Any]:
+    """Predict ``images`` with the run's ``ctx.checkpoint`` (``subnet`` a, b or both; refined as
+    ``plbopt refine`` does) into ``work_dir/predictions[-a|-b|-refined]`` and score them."""
+    suffix = "-refined" if refine else "" if subnet == "both" else f"-{subnet}"
     started = time.perf_counter()
     predict(run_dir, list(images), work_dir / f"predictions{suffix}", checkpoint=ctx.checkpoint, device=ctx.device,
-            subnet=subnet)
+            subnet=subnet, refine=refine)
     predicted = time.perf_counter()
     # The conventions of the tables in docs/RESULTS.md (made before --empty/--missing existed), so
     # that a rerun reproduces them: absent-from-both counts as perfect, a missing organ's ASD is
@@ -357,14 +357,19 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
     seconds.update(scores.pop("seconds"))
     # each subnet alone: a dual run whose ensemble looks fine can hide one failing subnet
     subnets = {"a": scores["mean_dice"]}
-    if make_config(unit.preset, overrides=overrides).dual_subnets and not unit.noise:
+    config = make_config(unit.preset, overrides=overrides)
+    if config.dual_subnets and not unit.noise:
         subnets = {name: _predict_and_score(ctx, run_dir, images, work_dir, name)["mean_dice"] for name in ("a", "b")}
+    refined = None  # what a user of `plbopt refine` (and the Slicer panel's pseudo labels) gets
+    if config.refine and not unit.noise:
+        refined = {key: value for key, value in _predict_and_score(ctx, run_dir, images, work_dir, refine=True).items()
+                   if key in ("mean_dice", "dice")}
     seconds["total"] = sum(seconds.values())
     record = {"name": unit.name, "group": unit.group, "preset": unit.preset, "seed": unit.seed,
               "variant": dict(unit.variant), "noise": ({"level": unit.noise, "sigma_hu": NOISE_LEVELS[unit.noise]}
                                                        if unit.noise else None),
               "run_dir": os.path.relpath(run_dir, ctx.out_dir), "checkpoint": ctx.checkpoint, "overrides": overrides,
-              "trained_as": outcome, "seconds": seconds, "subnets": subnets,
+              "trained_as": outcome, "seconds": seconds, "subnets": subnets, "refined": refined,
               "refine_gain": None if unit.noise else mean_refine_gain(run_dir), **scores}
     _write_json(metrics_path, record)
     return outcome, _nan_to_none(record)
@@ -515,6 +520,7 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
         if table in plots:
             lines += [f"![Dice per organ, {table}]({plots[table]})", ""]
     lines += subnet_section(results) + paired_section(results) + self_check_section(results, plots)
+    lines += refined_section(results)
     if "training_curves" in plots:
         lines += ["## Training curves", "", f"![training curves]({plots['training_curves']})", ""]
     lines += ["## Runs", "", "| Run | This call | Train (s) | Predict (s) | Avg. Dice | Avg. ASD (mm) |",
@@ -591,8 +597,9 @@ def self_check_section(results: Dict[str, Any], plots: Dict[str, str]) -> List[s
         return []
     lines = ["## Refinement self-check", "",
              "Each step the refinement is also applied to the labeled patches' predictions and scored against "
-             "their labels; a class is refined only while the running mean of its gain is ≥ 0. Dice gain ×100 "
-             "of refinement as applied, averaged over the logged steps of each run, then over seeds.", "",
+             "their labels; a class is refined only while the running mean of its gain is ≥ 0 (and, with "
+             "validation cases, its gain on them at the latest validation). Dice gain ×100 of refinement as "
+             "applied on the labeled patches, averaged over the logged steps of each run, then over seeds.", "",
              "| Method | " + " | ".join(class_names) + " |", "|" + "---|" * (len(class_names) + 1)]
     for group, gains in groups.items():
         cells = [f"{100 * np.mean([g[name] for g in gains]):+.2f}" for name in class_names]
@@ -601,6 +608,32 @@ def self_check_section(results: Dict[str, Any], plots: Dict[str, str]) -> List[s
     if "refine_gain" in plots:
         lines += [f"![refinement self-check]({plots['refine_gain']})", ""]
     return lines
+
+
+def refined_section(results: Dict[str, Any]) -> List[str]:
+    """Refined against unrefined predictions of the same runs (``plbopt refine`` vs ``plbopt predict``)."""
+    class_names = results["dataset"]["classes"]
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for record in results["runs"]:
+        if record.get("refined") and not record["noise"]:
+            groups.setdefault(record["group"], []).append(record)
+    if not groups:
+        return []
+    lines = ["## Refined predictions (`plbopt refine`)", "",
+             "Dice ×100 of each run's refined test predictions minus its unrefined ones (what `plbopt refine` and "
+             "the Slicer panel's pseudo labels add to `plbopt predict`): mean ± sample std over seeds, and on how "
+             "many seeds refinement raised the mean Dice.", "",
+             "| Method | Avg. Dice | Better on | " + " | ".join(class_names) + " |",
+             "|" + "---|" * (len(class_names) + 3)]
+    for group, runs in groups.items():
+        def cell(values: Sequence[float]) -> str:
+            stats = _stats([100 * v for v in values])
+            return f"{stats['mean']:+.2f}" + (f" ± {stats['std']:.2f}" if stats["std"] is not None else "")
+        mean_change = [r["refined"]["mean_dice"] - r["mean_dice"] for r in runs]
+        per_class = [cell([r["refined"]["dice"][name] - r["dice"][name] for r in runs]) for name in class_names]
+        lines.append(f"| {group} | {cell(mean_change)} | {sum(d > 0 for d in mean_change)}/{len(runs)} | "
+                     + " | ".join(per_class) + " |")
+    return lines + [""]
 
 
 def write_plots(results: Dict[str, Any], units: Sequence[RunSpec], out_dir: Path,

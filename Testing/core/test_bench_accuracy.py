@@ -10,7 +10,7 @@ import pytest
 
 from PLBOptCore.api import train
 from PLBOptCore.bench.accuracy import (METRICS_FILE, REPORT_NAME_MAX, RunSpec, aggregate, base_overrides, plan_runs,
-                                       report_name, run_accuracy_bench)
+                                       refined_section, report_name, run_accuracy_bench)
 from PLBOptCore.data.phantom import LABELS, make_phantom_dataset
 from PLBOptCore.engine.events import read_events
 from PLBOptCore.errors import ConfigError, TrainingInterrupted
@@ -198,6 +198,29 @@ def test_last_checkpoint_is_scored_apart_without_training(bench, tmp_path):
     assert "`last.pt`" in (copy / results["report_dir"] / "RESULTS.md").read_text()
     with pytest.raises(ConfigError, match="checkpoint"):
         run_accuracy_bench(dataset, copy, presets=["dhc"], seeds=1, iterations=2, checkpoint="final")
+
+
+def test_a_refining_preset_is_also_scored_refined(bench, tmp_path):
+    dataset, out, first = bench
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    results = run_accuracy_bench(dataset, copy, presets=["plbopt"], seeds=1, iterations=2, small=True, device="cpu",
+                                 extra_overrides=TINY)
+    record = results["runs"][0]
+    assert set(record["refined"]) == {"mean_dice", "dice"} and set(record["refined"]["dice"]) == set(CLASSES)
+    assert len(list((copy / record["run_dir"] / "predictions-refined").glob("*[0-9].nii.gz"))) == 1
+    assert "## Refined predictions (`plbopt refine`)" in (copy / results["report_dir"] / "RESULTS.md").read_text()
+    assert all(r["refined"] is None for r in first["runs"])  # supervised and dhc do not refine
+
+
+def test_refined_section_pairs_each_run_with_itself():
+    def run(seed, dice, refined):
+        return {"group": "plbopt", "seed": seed, "noise": None, "mean_dice": dice, "dice": {"liver": dice},
+                "refined": {"mean_dice": refined, "dice": {"liver": refined}}}
+    results = {"dataset": {"classes": ["liver"]}, "runs": [run(0, 0.80, 0.81), run(1, 0.70, 0.69), run(2, 0.75, 0.78)]}
+    row = [line for line in refined_section(results) if line.startswith("| plbopt |")]
+    # +1, -1, +3 points: mean +1.00, sample std 2.00, better on 2 of 3
+    assert row == ["| plbopt | +1.00 ± 2.00 | 2/3 | +1.00 ± 2.00 |"]
 
 
 def test_report_name_says_what_a_call_compares():
