@@ -297,9 +297,9 @@ def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,
     wins there with the network's own confidence, and where refinement changed nothing the label
     is exactly the unrefined one. (Restoring one-hot maps of the labels ties at every boundary
     midpoint of a 2× resampling, where ``argmax`` gives each tie to the lower class: background
-    took the rim of every organ, -4.5 Dice on the phantom test set. One-hot vectors only at the
-    changed voxels still cost 0.3: more certain than their neighbours, they spread their class
-    past the voxel.) Classes are restored
+    took the rim of every organ: -4.7 Dice points against the unrefined labels on the phantom test
+    set. One-hot vectors only at the changed voxels still cost 0.3: more certain than their
+    neighbours, they spread their class past the voxel. Swapped: -0.04; docs/METHOD.md.) Classes are restored
     one at a time against a running maximum, so this needs about 14 bytes per input voxel
     (running max, one restored class and its SimpleITK image, label, comparison mask) plus 8 per
     resampled voxel, not C float maps of the input's size. Without resampling the argmax is
