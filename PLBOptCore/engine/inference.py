@@ -259,10 +259,10 @@ def refine_prediction(config: Config, volume_zyx: np.ndarray, probs: torch.Tenso
 
 
 def refine_allowed_classes(config: Config, labeled_gain: Optional[torch.Tensor],
-                           validation_gain: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                           validation_gain: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """(C,) bool classes refinement may change: those whose gain is ≥ 0 on the labeled patches
-    (running mean of the self-check) and, once measured, on the validation cases. None = all
-    (``refine_self_check`` off, or nothing measured yet)."""
+    (running mean of the self-check) and, where given, on the validation cases (inference: the
+    run's last check of them). None = all (``refine_self_check`` off, or nothing measured)."""
     if not config.refine_self_check:
         return None
     gains = [g for g in (labeled_gain, validation_gain) if g is not None]

@@ -425,8 +425,7 @@ class Trainer:
                               batch: Dict[str, Dict[str, torch.Tensor]], target: torch.Tensor
                               ) -> Tuple[float, Optional[torch.Tensor]]:
         """Refine both subnets' unlabeled pseudo labels in place (``pseudo[i][B_l:]``), only the
-        classes whose refinement gain is ≥ 0 on the labeled patches (the self-check, updated first)
-        and at the latest validation (:func:`refine_allowed_classes`).
+        classes whose refinement gain is ≥ 0 on the labeled patches (the self-check, updated first).
 
         Args:
             probs: per subnet (B, C, Z, Y, X) softmax, labeled patches first; pseudo: per subnet
@@ -441,7 +440,7 @@ class Trainer:
         if cfg.refine_self_check:
             gain = self._self_check([p[:n_l].detach() for p in probs], [p[:n_l] for p in pseudo],
                                     self._refinable(batch["labeled"]), target)
-            allowed = refine_allowed_classes(cfg, self.refine_gain, self.refine_gain_validation)
+            allowed = refine_allowed_classes(cfg, self.refine_gain)
             gain = gain * allowed
         superpixels = self._refinable(batch["unlabeled"])
         # both subnets in one call (batch items never mix); both halves have the same
@@ -537,18 +536,13 @@ class Trainer:
         """Validate on rank 0 while the other ranks wait; the record on rank 0, else None."""
         record = self._validate() if self.dist.is_main else None
         self.dist.barrier()
-        if self.dist.enabled and self._checks_refinement_on_validation():  # every rank gates refinement alike
-            gain = (self.refine_gain_validation if self.dist.is_main else torch.zeros(self.num_classes)).to(self.device)
-            self.dist.broadcast_tensors([gain])
-            self.refine_gain_validation = gain.cpu()
         return record
-
-    def _checks_refinement_on_validation(self) -> bool:
-        return bool(self.config.refine and self.config.refine_self_check and self.validation_cases)
 
     def _validation_refine_gain(self, case: Preprocessed, probs: torch.Tensor) -> List[float]:
         """Per foreground class, the Dice change refinement with every class allowed makes to the
-        ensemble's prediction of a validation case: what ``plbopt refine`` would do to it."""
+        ensemble's prediction of a validation case: what ``plbopt refine`` would do to it. Kept with
+        the checkpoint, it gates refinement at inference only: as a gate of the training pseudo
+        labels it did not earn its place (docs/METHOD.md)."""
         sigma = case.noise_sigma if case.noise_sigma is not None else 0.0
         refined, _ = refine_prediction(self.config, case.image, probs,
                                        torch.from_numpy(case.superpixels.astype(np.int64)), sigma)
@@ -578,7 +572,7 @@ class Trainer:
                 for c, name in self.dataset.labels.items():
                     if c > 0:
                         per_class[member][name].append(dice(prediction == c, case.label == c))
-                if member == "both" and self._checks_refinement_on_validation():
+                if member == "both" and self.config.refine and self.config.refine_self_check:
                     refine_gains.append(self._validation_refine_gain(case, probs))
         scores = {member: {name: float(np.mean(values)) for name, values in classes.items()}
                   for member, classes in per_class.items()}
