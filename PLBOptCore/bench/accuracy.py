@@ -597,9 +597,9 @@ def self_check_section(results: Dict[str, Any], plots: Dict[str, str]) -> List[s
         return []
     lines = ["## Refinement self-check", "",
              "Each step the refinement is also applied to the labeled patches' predictions and scored against "
-             "their labels; a class is refined only while the running mean of its gain is ≥ 0 (and, with "
-             "validation cases, its gain on them at the latest validation). Dice gain ×100 of refinement as "
-             "applied on the labeled patches, averaged over the logged steps of each run, then over seeds.", "",
+             "their labels; a class is refined only while the running mean of its gain is ≥ 0 (at inference, "
+             "also only while its gain on the validation cases was). Dice gain ×100 of refinement as applied "
+             "on the labeled patches, averaged over the logged steps of each run, then over seeds.", "",
              "| Method | " + " | ".join(class_names) + " |", "|" + "---|" * (len(class_names) + 1)]
     for group, gains in groups.items():
         cells = [f"{100 * np.mean([g[name] for g in gains]):+.2f}" for name in class_names]
