@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from . import __version__
-from .config import CHECKPOINT_NAMES, CPU_DEMO_OVERRIDES, PRESETS, SUBNETS, inert_settings, load_config_file, make_config, parse_override
+from .config import (CHECKPOINT_NAMES, CPU_DEMO_OVERRIDES, PRESETS, SUBNETS, inert_settings, load_config_file,
+                     make_config, parse_override)
 from .convert import add_convert_arguments
 from .errors import ConfigError, PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
@@ -154,7 +155,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  small=not args.full_size, device=args.device or "auto",
                                  settings=[dict(parse_override(text) for text in group) for group in args.set],
                                  checkpoint=args.checkpoint)
-    print(f"report: {Path(args.output) / results['report_dir'] / 'RESULTS.md'}  (all reports: {args.output}/RESULTS.md)")
+    report = Path(args.output) / results["report_dir"] / "RESULTS.md"
+    print(f"report: {report}  (all reports: {Path(args.output) / 'RESULTS.md'})")
     return 0
 
 

@@ -167,7 +167,7 @@ class Predictor:
                  subnet: str = "both", refine_gain: Optional[torch.Tensor] = None,
                  refine_gain_validation: Optional[torch.Tensor] = None) -> None:
         self.config = config
-        # classes whose refinement the training run's self-check left on (None: all)
+        # classes whose refinement the run's checks (labeled patches, validation cases) left on (None: all)
         self.refine_allowed = refine_allowed_classes(config, refine_gain, refine_gain_validation)
         self.labels = labels
         self.colors = colors
@@ -250,7 +250,8 @@ def refine_prediction(config: Config, volume_zyx: np.ndarray, probs: torch.Tenso
 
     superpixels = superpixels.to(probs.device)[None]
     if config.refine_homogeneity > 0:
-        image = torch.from_numpy(np.array(volume_zyx, dtype=np.float32))[None].to(probs.device)  # cached volumes are read-only
+        # a copy: cached volumes are read-only memory maps
+        image = torch.from_numpy(np.array(volume_zyx, dtype=np.float32))[None].to(probs.device)
         superpixels = homogeneous_superpixels(superpixels, image, torch.tensor([noise_sigma], dtype=torch.float32),
                                               config.refine_homogeneity)
     refined, changed = refine_pseudo_labels(probs[None], probs.argmax(dim=0)[None], superpixels, config.refine_tau,
@@ -299,8 +300,8 @@ def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,
     midpoint of a 2× resampling, where ``argmax`` gives each tie to the lower class: background
     took the rim of every organ: -4.7 Dice points against the unrefined labels on the phantom test
     set. One-hot vectors only at the changed voxels still cost 0.3: more certain than their
-    neighbours, they spread their class past the voxel. Swapped: -0.04; docs/METHOD.md.) Classes are restored
-    one at a time against a running maximum, so this needs about 14 bytes per input voxel
+    neighbours, they spread their class past the voxel. Swapped: -0.04; docs/METHOD.md.)
+    Classes are restored one at a time against a running maximum, so this needs about 14 bytes per input voxel
     (running max, one restored class and its SimpleITK image, label, comparison mask) plus 8 per
     resampled voxel, not C float maps of the input's size. Without resampling the argmax is
     taken on the preprocessed grid and pasted back, which gives the same labels.
