@@ -287,8 +287,10 @@ def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,
             argmax of ``probs``.
 
     Returns:
-        (label image, float32 confidence image = max probability). Outside the body crop the
-        network is certain of background, not unsure, so the confidence there is 1.
+        (label image, float32 confidence image = max probability; with resampling, the maximum of
+        the restored class maps, so refined labels that change nothing give the unrefined maps).
+        Outside the body crop the network is certain of background, not unsure, so the confidence
+        there is 1.
 
     When preprocessing resampled the image (``target_spacing``), each class map is resampled back
     linearly and the label is the argmax on the input grid, as nnU-Net does: boundaries follow the
@@ -301,10 +303,10 @@ def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,
     took the rim of every organ: -4.7 Dice points against the unrefined labels on the phantom test
     set. One-hot vectors only at the changed voxels still cost 0.3: more certain than their
     neighbours, they spread their class past the voxel. Swapped: -0.04; docs/METHOD.md.)
-    Classes are restored one at a time against a running maximum, so this needs about 14 bytes per input voxel
-    (running max, one restored class and its SimpleITK image, label, comparison mask) plus 8 per
-    resampled voxel, not C float maps of the input's size. Without resampling the argmax is
-    taken on the preprocessed grid and pasted back, which gives the same labels.
+    Classes are restored one at a time against a running maximum, so this needs about 14 bytes per
+    input voxel (running max, one restored class and its SimpleITK image, label, comparison mask)
+    plus 8 per resampled voxel, not C float maps of the input's size. Without resampling the argmax
+    is taken on the preprocessed grid and pasted back, which gives the same labels.
     """
     from ..data.preprocess import restore_to_original
 
@@ -313,7 +315,6 @@ def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,
     if info.resampled and refined is None:
         return _argmax_in_input_geometry(lambda c: probs[c].numpy(), num_classes, info, dtype)
     confidence, label = probs.max(dim=0)
-    confidence_image = restore_to_original(confidence.numpy().astype(np.float32), info, is_label=False, fill=1.0)
     if refined is not None:
         refined, predicted = refined.cpu(), label
         changed = refined != predicted
@@ -324,8 +325,8 @@ def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,
             swapped = torch.where(refined == c, confidence, torch.where(predicted == c, new_class_probability, probs[c]))
             return torch.where(changed, swapped, probs[c]).numpy()
 
-        label_image, _ = _argmax_in_input_geometry(refined_class_map, num_classes, info, dtype)
-        return label_image, confidence_image
+        return _argmax_in_input_geometry(refined_class_map, num_classes, info, dtype)
+    confidence_image = restore_to_original(confidence.numpy().astype(np.float32), info, is_label=False, fill=1.0)
     return restore_to_original(label.numpy().astype(dtype), info, is_label=True), confidence_image
 
 

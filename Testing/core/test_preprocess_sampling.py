@@ -174,22 +174,24 @@ def test_resampled_prediction_is_restored_from_probabilities(tmp_path):
 
     # refined labels that change nothing restore to exactly the unrefined labels (restoring one-hot
     # label maps instead moves every boundary: ties at the midpoints go to background)
-    unchanged_image, refined_confidence = restore_prediction(probs, info, 2, refined=probs.argmax(0))
+    unchanged_image, unchanged_confidence = restore_prediction(probs, info, 2, refined=probs.argmax(0))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(unchanged_image), label)
-    max_probability = restore_to_original(probs.max(0).values.numpy(), info, False, fill=1.0)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(refined_confidence), sitk.GetArrayFromImage(max_probability))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(unchanged_confidence), sitk.GetArrayFromImage(confidence_image))
 
     # refinement removed the left half of the sphere: gone there, untouched away from the cut
     refined = probs.argmax(0)
     cut = refined.shape[2] // 2
     refined[:, :, :cut] = 0
-    refined_label = sitk.GetArrayFromImage(restore_prediction(probs, info, 2, refined=refined)[0])
+    refined_image, refined_confidence = restore_prediction(probs, info, 2, refined=refined)
+    refined_label = sitk.GetArrayFromImage(refined_image)
     x_mm = origin_zyx[2] + np.arange(shape[2]) * spacing_zyx[2]
     coarse_x = info.resampled_spacing[0]  # SimpleITK order: x first
     cut_mm = info.origin[0] + (info.crop_start[2] + cut - 0.5) * coarse_x
     left, right = x_mm < cut_mm - coarse_x, x_mm > cut_mm + coarse_x  # beyond the interpolation's reach
     assert (label[:, :, left] == 1).any() and not (refined_label[:, :, left] == 1).any()
     np.testing.assert_array_equal(refined_label[:, :, right], label[:, :, right])
+    confidence, refined_confidence = (sitk.GetArrayFromImage(image) for image in (confidence_image, refined_confidence))
+    np.testing.assert_array_equal(refined_confidence[:, :, right], confidence[:, :, right])
 
 
 def test_unresampled_prediction_is_pasted_back(tmp_path):
