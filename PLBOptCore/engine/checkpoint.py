@@ -2,13 +2,15 @@
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so loading never
 unpickles code. ``save_checkpoint`` writes to a temporary file, fsyncs, keeps the previous good
-file as ``<name>.prev`` and then ``os.replace``s: a kill at any moment leaves a loadable file.
+file as ``<name>.prev`` (a hard link, so the final name never disappears) and then
+``os.replace``s: a kill at any moment leaves a loadable file under the final name.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Dict
@@ -30,8 +32,19 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> Path:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         if path.exists():
-            os.replace(path, path.with_name(path.name + ".prev"))
+            _keep_previous(path)
     return path
+
+
+def _keep_previous(path: Path) -> None:
+    """Make ``<name>.prev`` the current file without ever removing ``path``: renaming it away
+    before the new file is moved in left a moment without a file under the final name, and a
+    kill in that moment lost it (seen in CI)."""
+    with atomic_write(path.with_name(path.name + ".prev")) as link:
+        try:
+            os.link(path, link)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, link)
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:

@@ -23,7 +23,7 @@ from PLBOptCore.cli import main
 from PLBOptCore.config import make_config
 from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.phantom import make_phantom_dataset
-from PLBOptCore.engine.checkpoint import load_checkpoint
+from PLBOptCore.engine.checkpoint import load_checkpoint, save_checkpoint
 from PLBOptCore.engine.events import read_events
 from PLBOptCore.engine.trainer import Trainer
 
@@ -114,6 +114,27 @@ def test_signal_stops_at_a_step_boundary_with_a_resumable_checkpoint(signum, dat
     assert 1 <= step < iterations
     end = read_events(run)[-1]
     assert end["type"] == "end" and end["status"] == "interrupted" and end["step"] == step
+
+
+def test_a_kill_before_the_new_checkpoint_is_moved_in_leaves_the_old_one_under_its_name(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    replace = os.replace
+
+    def killed_before_moving_in(source, target):
+        if Path(target) == path:
+            raise KeyboardInterrupt  # stands for SIGKILL at the last moment of the save
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_before_moving_in)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    # the final name was never without a file (the random-moment SIGKILL test once hit that gap)
+    assert load_checkpoint(path)["step"] == 1 and load_checkpoint(path.with_name("last.pt.prev"))["step"] == 1
+    save_checkpoint(path, {"step": 3})
+    assert load_checkpoint(path)["step"] == 3 and load_checkpoint(path.with_name("last.pt.prev"))["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.prev"]
 
 
 def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(dataset, tmp_path, capsys):
