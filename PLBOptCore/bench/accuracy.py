@@ -625,10 +625,11 @@ def refined_section(results: Dict[str, Any]) -> List[str]:
              "many seeds refinement raised the mean Dice.", "",
              "| Method | Avg. Dice | Better on | " + " | ".join(class_names) + " |",
              "|" + "---|" * (len(class_names) + 3)]
+    def cell(values: Sequence[float]) -> str:
+        stats = _stats([100 * v for v in values])
+        return f"{stats['mean']:+.2f}" + (f" ± {stats['std']:.2f}" if stats["std"] is not None else "")
+
     for group, runs in groups.items():
-        def cell(values: Sequence[float]) -> str:
-            stats = _stats([100 * v for v in values])
-            return f"{stats['mean']:+.2f}" + (f" ± {stats['std']:.2f}" if stats["std"] is not None else "")
         mean_change = [r["refined"]["mean_dice"] - r["mean_dice"] for r in runs]
         per_class = [cell([r["refined"]["dice"][name] - r["dice"][name] for r in runs]) for name in class_names]
         lines.append(f"| {group} | {cell(mean_change)} | {sum(d > 0 for d in mean_change)}/{len(runs)} | "

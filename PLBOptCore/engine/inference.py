@@ -315,17 +315,18 @@ def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,
     if info.resampled and refined is None:
         return _argmax_in_input_geometry(lambda c: probs[c].numpy(), num_classes, info, dtype)
     confidence, label = probs.max(dim=0)
-    if refined is not None:
-        refined, predicted = refined.cpu(), label
-        changed = refined != predicted
+    if info.resampled:  # refined: the network's probabilities, the old and new class's swapped where it changed
+        refined = refined.cpu()
+        changed = refined != label
         new_class_probability = probs.gather(0, refined[None])[0]
-        label = refined
-    if info.resampled:  # the network's probabilities, the old and new class's swapped where refinement changed
+
         def refined_class_map(c: int) -> np.ndarray:
-            swapped = torch.where(refined == c, confidence, torch.where(predicted == c, new_class_probability, probs[c]))
+            swapped = torch.where(refined == c, confidence, torch.where(label == c, new_class_probability, probs[c]))
             return torch.where(changed, swapped, probs[c]).numpy()
 
         return _argmax_in_input_geometry(refined_class_map, num_classes, info, dtype)
+    if refined is not None:
+        label = refined.cpu()
     confidence_image = restore_to_original(confidence.numpy().astype(np.float32), info, is_label=False, fill=1.0)
     return restore_to_original(label.numpy().astype(dtype), info, is_label=True), confidence_image
 
