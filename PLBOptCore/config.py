@@ -249,7 +249,7 @@ GATED_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "refine": ("superpixel_method", "superpixel_divisor", "superpixel_area_mm2", "superpixel_compactness",
                "refine_tau", "refine_entropy", "refine_start", "refine_mode", "refine_homogeneity", "refine_self_check"),
     "triplet": ("triplet_levels", "triplet_capacity", "triplet_margin", "triplet_max_anchors",
-                "triplet_max_candidates", "lambda_triplet", "triplet_mining"),
+                "triplet_max_candidates", "lambda_triplet", "triplet_mining", "projection_dim"),
     "mutual_correction": ("mc_tau", "lambda_mc", "mc_mode"),
 }
 

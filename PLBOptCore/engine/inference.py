@@ -123,7 +123,8 @@ def sliding_window_probabilities(
 def build_models(config: Config, num_classes: int) -> List[VNet]:
     """The subnets a config trains: [A, B] for dual presets, [A] for `supervised`."""
     count = 2 if config.dual_subnets else 1
-    return [VNet(1, num_classes, config.base_filters, config.dropout, config.projection_dim) for _ in range(count)]
+    projection_dim = config.projection_dim if config.triplet else 0  # the head only feeds the triplet loss
+    return [VNet(1, num_classes, config.base_filters, config.dropout, projection_dim) for _ in range(count)]
 
 
 def load_subnet_weights(models: Sequence[torch.nn.Module], states, source: Path) -> None:

@@ -52,6 +52,30 @@ def _up_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+def _init_weights(module: nn.Module) -> None:
+    """DHC's initialisation: Kaiming-normal convolution weights, batch norm at identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.BatchNorm3d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _projection_head(channels: int, dim: int) -> nn.Sequential:
+    """1×1×1 conv ``channels→channels`` → ReLU → 1×1×1 conv ``channels→dim``, initialised like the trunk.
+
+    Built from a copy of the random state: a head must not change the initial weights of the trunk or
+    of the next subnet, or comparing runs with and without it compares two initialisations as well
+    (one DHC seed scored 79.3 and 82.8 Dice with two initialisations).
+    """
+    with torch.random.fork_rng(devices=[]):
+        head = nn.Sequential(nn.Conv3d(channels, channels, kernel_size=1), nn.ReLU(inplace=True),
+                             nn.Conv3d(channels, dim, kernel_size=1))
+        _init_weights(head)
+    return head
+
+
 class VNet(nn.Module):
     """DHC's VNet returning logits and last-decoder features.
 
@@ -108,20 +132,8 @@ class VNet(nn.Module):
 
         # One module shared by both dropout sites, as in DHC (it has no parameters).
         self.dropout = nn.Dropout3d(p=0.5)
-        self.projection = (
-            nn.Sequential(nn.Conv3d(f, f, kernel_size=1), nn.ReLU(inplace=True),
-                          nn.Conv3d(f, int(projection_dim), kernel_size=1))
-            if projection_dim > 0 else None
-        )
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_weights(self)
+        self.projection = _projection_head(f, int(projection_dim)) if projection_dim > 0 else None
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``x (B, in_channels, Z, Y, X)`` → ``(logits (B, C, Z, Y, X), features (B, F, Z, Y, X))``."""

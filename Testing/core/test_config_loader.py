@@ -13,6 +13,7 @@ from PLBOptCore.cli import main
 from PLBOptCore.config import CPU_DEMO_OVERRIDES, RESUME_SAFE_KEYS, Config, inert_settings, make_config, resume_config
 from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.phantom import make_phantom_dataset
+from PLBOptCore.engine.inference import build_models
 from PLBOptCore.engine.trainer import Trainer
 from PLBOptCore.errors import ConfigError
 
@@ -143,6 +144,14 @@ def test_inert_settings_name_the_switch_that_is_off():
     assert inert_settings(make_config("dhc"), keys) == {"lambda_mc": "mutual_correction", "refine_tau": "refine",
                                                          "triplet_mining": "triplet"}
     assert inert_settings(make_config("supervised"), ["class_weight_floor"]) == {"class_weight_floor": "class_weighting"}
+
+
+def test_projection_head_is_built_only_for_the_triplet_loss():
+    # the head only feeds the triplet loss: without it a run must be the one without the setting
+    dhc = make_config("dhc", overrides={"projection_dim": 16})
+    assert inert_settings(dhc, ["projection_dim"]) == {"projection_dim": "triplet"}
+    assert all(model.projection is None for model in build_models(dhc, 3))
+    assert all(model.feature_dim == 16 for model in build_models(make_config("plbopt", overrides={"projection_dim": 16}), 3))
 
 
 def test_cli_warns_once_per_setting_the_preset_switches_off(tiny_dataset, tmp_path, capfd):

@@ -273,3 +273,21 @@ def test_dice_scale_matters_and_half_precision():
     half = weighted_dice_ce_loss(logits.half(), target, w)
     assert half.dtype == torch.float32
     assert half.item() == pytest.approx(weighted_dice_ce_loss(logits.half().float(), target, w).item(), rel=1e-5)
+
+
+def test_projection_head_leaves_the_initialisation_unchanged():
+    # With and without a head, the same seed gives the same trunk weights and leaves the random
+    # stream where it was, so the next subnet is initialised identically too.
+    def build(projection_dim):
+        torch.manual_seed(3)
+        model = VNet(num_classes=3, base_filters=4, projection_dim=projection_dim)
+        return model, torch.rand(4)
+
+    plain, after_plain = build(0)
+    headed, after_headed = build(6)
+    trunk = {k: v for k, v in headed.state_dict().items() if not k.startswith("projection.")}
+    assert trunk.keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(trunk[key], value), key
+    assert torch.equal(after_plain, after_headed)
+    assert headed.projection[0].weight.std() > 0  # the head itself is initialised (Kaiming, not zeros)
