@@ -268,12 +268,7 @@ def refine_allowed_classes(config: Config, labeled_gain: Optional[torch.Tensor],
     if not config.refine_self_check:
         return None
     gains = [g for g in (labeled_gain, validation_gain) if g is not None]
-    if not gains:
-        return None
-    allowed = gains[0] >= 0
-    for gain in gains[1:]:
-        allowed = allowed & (gain >= 0)
-    return allowed
+    return torch.stack(gains).ge(0).all(dim=0) if gains else None
 
 
 def restore_prediction(probs: torch.Tensor, info: RestoreInfo, num_classes: int,

@@ -538,17 +538,22 @@ class Trainer:
         self.dist.barrier()
         return record
 
-    def _validation_refine_gain(self, case: Preprocessed, probs: torch.Tensor) -> List[float]:
+    def _validation_refine_gain(self, case: Preprocessed, probs: torch.Tensor,
+                                unrefined_dice: List[float]) -> List[float]:
         """Per foreground class, the Dice change refinement with every class allowed makes to the
         ensemble's prediction of a validation case: what ``plbopt refine`` would do to it. Kept with
         the checkpoint, it gates refinement at inference only: as a gate of the training pseudo
-        labels it did not earn its place (docs/METHOD.md)."""
+        labels it did not earn its place (docs/METHOD.md).
+
+        Args:
+            case: the validation case; probs: (C, Z, Y, X) the ensemble's softmax of it;
+            unrefined_dice: per foreground class 1..C-1, the Dice of ``probs``' argmax (as validated).
+        """
         sigma = case.noise_sigma if case.noise_sigma is not None else 0.0
         refined, _ = refine_prediction(self.config, case.image, probs,
                                        torch.from_numpy(case.superpixels.astype(np.int64)), sigma)
-        prediction, refined = probs.argmax(0).numpy(), refined.cpu().numpy()
-        return [dice(refined == c, case.label == c) - dice(prediction == c, case.label == c)
-                for c in range(1, self.num_classes)]
+        refined = refined.cpu().numpy()
+        return [dice(refined == c, case.label == c) - before for c, before in enumerate(unrefined_dice, 1)]
 
     @torch.no_grad()
     def _validate(self) -> Optional[Dict[str, Any]]:
@@ -569,11 +574,11 @@ class Trainer:
                                                      self.config.sw_overlap, self.config.sw_batch_size, self.device,
                                                      amp=self.config.amp)
                 prediction = probs.argmax(0).numpy()
-                for c, name in self.dataset.labels.items():
-                    if c > 0:
-                        per_class[member][name].append(dice(prediction == c, case.label == c))
+                case_dice = [dice(prediction == c, case.label == c) for c in range(1, self.num_classes)]
+                for name, value in zip(per_class[member], case_dice):
+                    per_class[member][name].append(value)
                 if member == "both" and self.config.refine and self.config.refine_self_check:
-                    refine_gains.append(self._validation_refine_gain(case, probs))
+                    refine_gains.append(self._validation_refine_gain(case, probs, case_dice))
         scores = {member: {name: float(np.mean(values)) for name, values in classes.items()}
                   for member, classes in per_class.items()}
         means = {member: float(np.mean(list(s.values()))) if s else 0.0 for member, s in scores.items()}

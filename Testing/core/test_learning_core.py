@@ -26,6 +26,7 @@ from PLBOptCore.errors import ConfigError
 from PLBOptCore.method.mutual import mutual_correction_loss
 from PLBOptCore.method.refine import homogeneous_superpixels, refinement_gain
 from PLBOptCore.method.superpixels import noise_sigma
+from PLBOptCore.metrics import dice
 
 TINY = dict(patch_size=(16, 32, 32), base_filters=4, batch_size=1, iterations=3, device="cpu", log_every=1,
             checkpoint_every=10, validate_every=2, triplet_max_anchors=32, triplet_max_candidates=256,
@@ -145,7 +146,8 @@ def test_validation_refine_gain_is_the_dice_change_refinement_makes():
     label[:, :, :8] = 1  # truth: class 1 up to the superpixel edge, where refinement expands it to
     case = Preprocessed("val", volume, label, superpixels.numpy().astype(np.int32), None, noise_sigma(volume))
     trainer = type("TrainerView", (), {"config": make_config("plbopt", overrides=dict(TINY)), "num_classes": 3})()
-    gain = Trainer._validation_refine_gain(trainer, case, probs)
+    unrefined = [dice(probs.argmax(0).numpy() == c, label == c) for c in (1, 2)]  # as _validate scores it
+    gain = Trainer._validation_refine_gain(trainer, case, probs, unrefined)
     # before: class 1 on x < 6, Dice 2·192 / (192 + 256) = 6/7; after: exact; class 2 absent everywhere
     assert gain == pytest.approx([1 - 6 / 7, 0.0])
 
