@@ -64,6 +64,13 @@ INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step
 SELF_CHECK_MOMENTUM = 0.95
 
 
+def _is_run_output(path: Path) -> bool:
+    """Whether ``path`` in a run folder is something a run wrote, not run control (the lock, a stop
+    request) or the temporary of an atomic write, which is never read. Rank 0 writes its lock through
+    such a temporary while the other ranks judge the folder, so counting it failed torchrun jobs."""
+    return path.name not in (RUN_LOCK_NAME, STOP_FILE_NAME) and not path.name.startswith(".tmp-")
+
+
 class Trainer:
     """Trains one run folder. ``fit()`` returns the path of the final checkpoint.
 
@@ -137,7 +144,7 @@ class Trainer:
         run_dir = self.run_dir
         if run_dir.resolve() == Path(self.dataset.root).resolve():
             raise ConfigError(f"{run_dir}: the run folder must not be the dataset folder")
-        existing = run_dir.exists() and any(p.name not in (RUN_LOCK_NAME, STOP_FILE_NAME) for p in run_dir.iterdir())
+        existing = run_dir.exists() and any(_is_run_output(p) for p in run_dir.iterdir())
         if self.resume:
             if not (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "checkpoints" / "last.pt.prev").exists():
                 raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")

@@ -117,6 +117,12 @@ def test_run_folder_is_protected(tiny_dataset, tmp_path):
     (run / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
         Trainer(make_config("dhc", overrides=TINY), load_dataset(tiny_dataset), run)
+    # the temporary through which another rank is writing the lock is not a run's output
+    pending = tmp_path / "pending"
+    pending.mkdir()
+    (pending / ".tmp-lock-999999").write_text("rank 0 at work")
+    Trainer(make_config("dhc", overrides=TINY), load_dataset(tiny_dataset), pending)
+    assert not (pending / ".tmp-lock-999999").exists()  # and rank 0 clears such leftovers
     with pytest.raises(ConfigError, match="nothing to resume"):
         Trainer(make_config("dhc", overrides=TINY), load_dataset(tiny_dataset), tmp_path / "empty", resume=True)
 
