@@ -4,7 +4,8 @@
   before it changes anything in the folder and removes it when it ends. A second ``plbopt train``
   or ``--resume`` on a live run is refused with a :class:`ConfigError` naming the folder (CLI:
   exit 2) and writes nothing. A lock left by a process that no longer runs on this host (killed,
-  crashed, power loss) is taken over. A lock from another host is never taken over: its process
+  crashed, power loss) is taken over, with or without psutil (Windows: ``OpenProcess`` through
+  ctypes). A lock from another host is never taken over: its process
   cannot be checked from here, so the message says which file to delete once that run is gone.
 - ``stop-requested``: any program (the Slicer module's Cancel) may create this file; the trainer
   looks for it at every step boundary and stops there with a resumable checkpoint, as on SIGTERM.
@@ -55,10 +56,49 @@ def read_lock(path: Path) -> Optional[Dict[str, object]]:
     return data if isinstance(data, dict) else None
 
 
+# Windows API values used by _windows_process_alive.
+_PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+_ERROR_ACCESS_DENIED = 5
+_ERROR_INVALID_PARAMETER = 87  # what OpenProcess reports for a PID no process has
+_STILL_ACTIVE = 259
+_FILETIME_UNIX_EPOCH = 116444736000000000  # 1970-01-01 in 100 ns units since 1601-01-01
+
+
+def _windows_process_alive(pid: int, since: float, kernel32=None, get_last_error=None) -> bool:
+    """Whether ``pid`` runs on this Windows host and existed when the lock was written at ``since``
+    (through kernel32 with ctypes, so Slicer's Python, which has no psutil, can take a stale lock
+    over). ``kernel32``/``get_last_error`` replace the real ones in tests."""
+    import ctypes
+    from ctypes import wintypes
+
+    if kernel32 is None:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = wintypes.HANDLE
+        kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+        get_last_error = ctypes.get_last_error
+    handle = kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, int(pid))
+    if not handle:
+        # Access denied: a process of another user holds the PID; it cannot be judged, so it lives.
+        return get_last_error() != _ERROR_INVALID_PARAMETER
+    try:
+        exit_code = wintypes.DWORD()
+        if kernel32.GetExitCodeProcess(handle, ctypes.byref(exit_code)) and exit_code.value != _STILL_ACTIVE:
+            return False  # ended; only an open handle somewhere keeps its record
+        created, exited, kernel, user = (wintypes.FILETIME() for _ in range(4))
+        if kernel32.GetProcessTimes(handle, ctypes.byref(created), ctypes.byref(exited), ctypes.byref(kernel),
+                                    ctypes.byref(user)):
+            ticks = (created.dwHighDateTime << 32) | created.dwLowDateTime
+            # A process created after the lock was written is another program that reuses the PID.
+            return (ticks - _FILETIME_UNIX_EPOCH) / 1e7 <= since + 1.0
+        return True
+    finally:
+        kernel32.CloseHandle(handle)
+
+
 def _process_alive(pid: int, since: float) -> bool:
     """Whether ``pid`` is a process on this host that existed when the lock was written at ``since``."""
     try:
-        import psutil  # Slicer ships it; with it PID reuse is detected and Windows is covered
+        import psutil  # with it PID reuse is detected on every system; Slicer 5.6-5.12 do not ship it
     except ImportError:
         psutil = None
     if psutil is not None:
@@ -70,7 +110,7 @@ def _process_alive(pid: int, since: float) -> bool:
         except psutil.Error:
             return True  # exists but cannot be inspected: assume it is the trainer
     if os.name == "nt":
-        return True  # os.kill would terminate the process on Windows; without psutil never guess "dead"
+        return _windows_process_alive(pid, since)  # os.kill(pid, 0) would terminate the process on Windows
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

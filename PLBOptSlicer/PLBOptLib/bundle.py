@@ -20,6 +20,7 @@ from typing import Dict, Mapping
 
 from . import __version__ as EXTENSION_VERSION
 from .errors import PLBOptSlicerError
+from .process import hidden_console_options
 
 CORE_PACKAGE = "PLBOptCore"
 MODULE_DIR = Path(__file__).resolve().parents[1]  # the folder holding PLBOpt.py and PLBOptLib/
@@ -59,7 +60,7 @@ def check_core(python: str, root: Path, environment: Mapping[str, str], cwd: Pat
     """
     code = f"import json, {CORE_PACKAGE} as c; print(json.dumps([c.__version__, c.__file__]))"
     result = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout,
-                            env=dict(environment), cwd=str(cwd))
+                            env=dict(environment), cwd=str(cwd), stdin=subprocess.DEVNULL, **hidden_console_options())
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines()
         raise PLBOptSlicerError(f"{root / CORE_PACKAGE}: cannot be imported by {python}: "

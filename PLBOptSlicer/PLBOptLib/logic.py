@@ -38,6 +38,7 @@ class TrainingJob:
     process: JobProcess
     events: EventsFollower
     progress: TrainingProgress = field(default_factory=TrainingProgress)
+    _unreported: List[str] = field(default_factory=list, repr=False)  # read by cancel(), returned by the next poll()
 
     @property
     def checkpoint(self) -> Path:
@@ -46,7 +47,7 @@ class TrainingJob:
 
     def poll(self) -> List[str]:
         """Advance progress from new events and process output; return lines for the log."""
-        log = list(self.process.poll())
+        log, self._unreported = self._unreported + list(self.process.poll()), []
         for record in self.events.read_new():
             line = self.progress.update(record)
             if line:
@@ -68,7 +69,11 @@ class TrainingJob:
         return self.process.returncode is not None and self.progress.finished
 
     def cancel(self) -> None:
-        self.process.cancel()
+        """Stop the trainer. In its loop it watches the stop file and stops at the next step with a
+        resumable checkpoint; before that (loading, preprocessing, building) it looks at nothing and
+        has nothing to save, so its process group is terminated at once."""
+        self._unreported += self.poll()  # the newest events tell whether the loop has started
+        self.process.cancel(graceful=self.progress.status == "running")
 
     def wait(self, timeout: Optional[float] = None, log: Optional[Callable[[str], None]] = None) -> TrainingProgress:
         """Block until the process ends (console/tests); the panel polls instead."""

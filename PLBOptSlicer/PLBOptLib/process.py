@@ -1,14 +1,18 @@
 """Run PLBOptCore's CLI in a separate process so Slicer stays responsive.
 
-The process's output lines are collected on a background thread (or, on Slicer 5.12+, by
-``slicer.util.launchConsoleProcess(blocking=False)``) and handed out by :meth:`JobProcess.poll`,
-which the panel calls from a QTimer on the main thread. Nothing here touches the MRML scene.
+The process's output lines are collected on a background thread and handed out by
+:meth:`JobProcess.poll`, which the panel calls from a QTimer on the main thread. Nothing here
+touches the MRML scene.
+
+Every job runs in a process group of its own (a new session on POSIX, a new process group on
+Windows), so Cancel reaches the launcher, the real interpreter below it and its workers without
+psutil, which a stock Slicer 5.6-5.12 does not ship. ``slicer.util.launchConsoleProcess`` is not
+used for jobs: it offers no way to start a process in its own group.
 """
 
 from __future__ import annotations
 
 import collections
-import inspect
 import os
 import queue
 import shutil
@@ -23,17 +27,15 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tup
 
 import slicer
 
-try:
-    import psutil  # bundled with Slicer (and in the test extra)
-except ImportError:  # without it only the direct child can be signalled: a launcher's child would survive
-    psutil = None
-
 PRESETS = ("supervised", "dhc", "plbopt", "plbopt-paper", "refine-only", "triplet-only", "mc-only")
 DEVICES = ("auto", "cpu", "cuda")
 EXIT_USER_ERROR = 2  # PLBOptCore printed one line saying what is wrong
 EXIT_INTERRUPTED = 130  # cancelled; a resumable checkpoint was written
 # PLBOptCore.engine.runcontrol.STOP_FILE_NAME (PLBOptLib never imports PLBOptCore; a test keeps them equal).
 STOP_FILE_NAME = "stop-requested"
+# Windows process creation flags (subprocess defines the names only on Windows).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
 
 
 @dataclass
@@ -64,6 +66,48 @@ def python_executable() -> str:
     return sys.executable
 
 
+def job_popen_options(windows: bool = os.name == "nt") -> Dict[str, object]:
+    """``subprocess.Popen`` options for a job: its own process group (POSIX: a new session, whose
+    id is the child's PID; Windows: a new process group), and no console window on Windows."""
+    if windows:
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+def hidden_console_options(windows: bool = os.name == "nt") -> Dict[str, object]:
+    """``subprocess`` options for a short helper process: no console window flashing up on Windows."""
+    return {"creationflags": CREATE_NO_WINDOW} if windows else {}
+
+
+def process_group_alive(group_id: int) -> bool:
+    """Whether any process other than a zombie is left in POSIX process group ``group_id``.
+
+    On Linux the processes are read from /proc, so a zombie whose new parent never reaps it (PID 1
+    of some containers) does not keep a job running forever; elsewhere a null signal asks the group.
+    """
+    if os.path.isfile("/proc/self/stat"):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(os.path.join(entry.path, "stat"), "rb") as stream:
+                    stat = stream.read().decode("ascii", "replace")
+            except OSError:  # ended meanwhile
+                continue
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+            fields = stat[stat.rfind(")") + 2:].split()
+            if len(fields) > 2 and int(fields[2]) == group_id and fields[0] not in ("Z", "X"):
+                return True
+        return False
+    try:
+        os.killpg(group_id, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member exists that we may not signal
+        return True
+    return True
+
+
 def train_command(python: str, dataset_dir: Path, run_dir: Path, settings: TrainSettings,
                   resume: bool = False, init_from: Optional[Path] = None) -> List[str]:
     """``python -m PLBOptCore train`` arguments for ``settings``."""
@@ -87,24 +131,29 @@ def train_command(python: str, dataset_dir: Path, run_dir: Path, settings: Train
 
 
 def refine_command(python: str, run_dir: Path, inputs: Path, out_dir: Path) -> List[str]:
-    """``python -m PLBOptCore refine`` arguments: refined pseudo labels + confidence maps into ``out_dir``."""
-    return [python, "-m", "PLBOptCore", "refine", str(run_dir), str(inputs), "-o", str(out_dir), "--quiet"]
+    """``python -m PLBOptCore refine`` arguments: refined pseudo labels + confidence maps into ``out_dir``
+    (the module's own folder per run: a new prediction of the same run replaces the last one)."""
+    return [python, "-m", "PLBOptCore", "refine", str(run_dir), str(inputs), "-o", str(out_dir), "--overwrite",
+            "--quiet"]
 
 
 class JobProcess:
     """A child process whose output lines are read without blocking the caller.
 
     In Slicer the child is ``PythonSlicer``: a launcher that starts the real interpreter as *its*
-    child and forwards no signal. So ``cancel()`` never signals the launcher alone; it
+    child and forwards no signal. The job is therefore started in a process group of its own
+    (:func:`job_popen_options`) and stopped as a group:
 
-    1. creates ``stop_file`` when given (the trainer stops at its next step boundary with a
-       resumable checkpoint; this is also the clean stop on Windows, which has no SIGTERM);
-    2. on POSIX sends SIGTERM to every process of the tree below the launcher (the trainer handles
-       it like the stop file; a prediction simply ends), or to the child itself when it has none;
-    3. kills the whole tree if it has not ended ``kill_after_seconds`` later (see :meth:`poll`).
+    - ``cancel()`` with a ``stop_file`` whose folder exists (a trainer in its loop) creates the
+      file: the trainer stops at its next step with a resumable checkpoint, the launcher relays
+      its exit status (130). No signal is sent, so the launcher lives on to do that.
+    - ``cancel(graceful=False)``, or without a stop file (a prediction, a trainer still preparing
+      its data): the whole group is terminated now (POSIX: SIGTERM to the group, which a trainer
+      in its loop handles like the stop file; Windows: ``taskkill /T /F``).
+    - Whatever of the group still runs ``kill_after_seconds`` later is killed (see :meth:`poll`).
 
-    The job counts as finished only when its output has been read to the end and every process
-    of the tree is gone, so the last lines (often the error message) are never lost.
+    The job counts as finished only when its output has been read to the end and no process of
+    the group is left, so the last lines (often the error message) are never lost.
     """
 
     def __init__(self, args: Sequence[str], cwd: Optional[Path] = None, environment: Optional[Mapping[str, str]] = None,
@@ -118,36 +167,24 @@ class JobProcess:
         self._lines: "queue.Queue[str]" = queue.Queue()
         self._proc: Optional[subprocess.Popen] = None
         self._exit_code: Optional[int] = None  # set once the output is drained and the child has exited
-        self._tree: List = []  # psutil.Process of every descendant seen when cancelling
+        self._group_gone = False  # once seen empty, the group is not asked again
         self._cancel_time: Optional[float] = None
+        self._killed = False
 
     def start(self) -> "JobProcess":
         if self.stop_file is not None:
             self.stop_file.unlink(missing_ok=True)  # a request left by an earlier job is not for this one
-        if in_slicer_application():
-            launch = slicer.util.launchConsoleProcess
-            if "blocking" in inspect.signature(launch).parameters:
-                # Slicer 5.12+: it reads the output itself; completedCallback comes after the last line.
-                self._proc = launch(self.args, updateEnvironment=self.environment, cwd=self._cwd(), blocking=False,
-                                    logCallback=self._lines.put, completedCallback=self._completed)
-                return self
-            self._proc = launch(self.args, updateEnvironment=self.environment, cwd=self._cwd())
-        else:
-            self._proc = subprocess.Popen(self.args, cwd=self._cwd(), env=self.environment, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True, errors="replace")
+        self._proc = subprocess.Popen(self.args, cwd=str(self.cwd) if self.cwd else None, env=self.environment,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      text=True, errors="replace", **job_popen_options())
         threading.Thread(target=self._read_output, daemon=True).start()
         return self
 
-    def _cwd(self) -> Optional[str]:
-        return str(self.cwd) if self.cwd else None
-
     def _read_output(self) -> None:
+        # The pipe ends when every process holding it has exited: the launcher and the interpreter below it.
         for line in self._proc.stdout:
             self._lines.put(line.rstrip("\r\n"))
-        self._completed(self._proc.wait())
-
-    def _completed(self, returncode: int) -> None:
-        self._exit_code = returncode
+        self._exit_code = self._proc.wait()
 
     @property
     def pid(self) -> Optional[int]:
@@ -155,8 +192,8 @@ class JobProcess:
 
     @property
     def returncode(self) -> Optional[int]:
-        """Exit status, once the output is read to the end and no process of the tree is left."""
-        return self._exit_code if self._exit_code is not None and not self._tree_alive() else None
+        """Exit status, once the output is read to the end and no process of the group is left."""
+        return self._exit_code if self._exit_code is not None and not self._group_alive() else None
 
     @property
     def running(self) -> bool:
@@ -166,35 +203,31 @@ class JobProcess:
     def cancel_requested(self) -> bool:
         return self._cancel_time is not None
 
-    def _tree_alive(self) -> bool:
-        return bool(self._live_tree())
+    def _group_alive(self) -> bool:
+        """Whether a process of the job's group still runs (a worker that closed its output, say).
+        On Windows the end of the output, which every process of the tree holds, stands for it."""
+        if self._group_gone or os.name == "nt":
+            return False
+        self._group_gone = not process_group_alive(self._proc.pid)
+        return not self._group_gone
 
-    def _live_tree(self) -> List:
-        alive = []
-        for process in self._tree:
-            try:
-                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(process)
-            except psutil.Error:  # ended meanwhile
-                continue
-        return alive
-
-    def _collect_tree(self) -> List:
-        """The child's descendants now (PythonSlicer's real interpreter, its workers), remembered
-        so the job is not over while one of them lives; empty without psutil."""
-        if psutil is None:
-            return []
+    def _signal_group(self, signum: int) -> None:
         try:
-            found = psutil.Process(self._proc.pid).children(recursive=True)
-        except psutil.Error:
-            found = []
-        known = {process.pid for process in self._tree}
-        self._tree += [process for process in found if process.pid not in known]
-        return self._live_tree()
+            os.killpg(self._proc.pid, signum)  # the session leader's PID is the group id
+        except ProcessLookupError:  # the group has ended
+            pass
+
+    def _kill_windows_tree(self) -> None:
+        """``taskkill /T /F``: the launcher and everything it started (the launcher waits for its
+        child, so the tree is still linked through it)."""
+        subprocess.run(["taskkill", "/PID", str(self._proc.pid), "/T", "/F"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, **hidden_console_options())
+        if self._proc.poll() is None:
+            self._proc.kill()
 
     def poll(self) -> List[str]:
         """New output lines since the last call; escalates a pending cancel to a kill when overdue."""
-        if self.running and self._cancel_time is not None \
+        if self._cancel_time is not None and not self._killed and self.running \
                 and time.monotonic() - self._cancel_time > self.kill_after_seconds:
             self.kill()
         lines = []
@@ -206,38 +239,29 @@ class JobProcess:
         self.output.extend(lines)
         return lines
 
-    def cancel(self) -> None:
-        """Ask the job to stop: stop file, SIGTERM to the tree below the launcher (POSIX), and a
-        kill of the whole tree if it is still running ``kill_after_seconds`` later."""
+    def cancel(self, graceful: bool = True) -> None:
+        """Ask the job to stop (see the class description); whatever still runs
+        ``kill_after_seconds`` later is killed by :meth:`poll`."""
         if not self.running or self._cancel_time is not None:
             return
         self._cancel_time = time.monotonic()
-        # No run folder yet: the trainer has not started, so there is nothing to save either.
-        stop_file_written = self.stop_file is not None and self.stop_file.parent.is_dir()
-        if stop_file_written:
+        if graceful and self.stop_file is not None and self.stop_file.parent.is_dir():
             self.stop_file.write_text("cancel requested by the PLBOpt module\n")
-        if os.name == "nt":
-            if not stop_file_written:
-                self.kill()  # no SIGTERM on Windows, and nothing to save: end it now
             return
-        descendants = self._collect_tree()
-        if not descendants:
-            self._proc.send_signal(signal.SIGTERM)  # a plain interpreter: no launcher in between
-        for process in descendants:
-            try:
-                process.send_signal(signal.SIGTERM)
-            except psutil.Error:  # ended meanwhile
-                continue
+        if os.name == "nt":
+            self.kill()  # no SIGTERM on Windows
+        else:
+            self._signal_group(signal.SIGTERM)
 
     def kill(self) -> None:
-        """End the child and every process below it, immediately."""
-        for process in self._collect_tree():
-            try:
-                process.kill()
-            except psutil.Error:  # already gone
-                continue
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+        """End the child and every process of its group, immediately."""
+        if self._proc is None:
+            return
+        self._killed = True
+        if os.name == "nt":
+            self._kill_windows_tree()
+        else:
+            self._signal_group(signal.SIGKILL)
 
     def wait(self, timeout: Optional[float] = None, on_lines: Optional[Callable[[List[str]], None]] = None,
              interval: float = 0.2) -> int:
@@ -249,8 +273,6 @@ class JobProcess:
                 on_lines(lines)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{' '.join(self.args[:4])}… still running after {timeout} s")
-            if in_slicer_application():
-                slicer.app.processEvents()  # Slicer 5.12 hands output and completion over on the Qt event loop
             time.sleep(interval)
         lines = self.poll()
         if on_lines and lines:

@@ -19,6 +19,7 @@ from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.phantom import make_phantom_dataset
 from PLBOptCore.engine.checkpoint import load_checkpoint
 from PLBOptCore.engine.events import read_events
+from PLBOptCore.engine import runcontrol
 from PLBOptCore.engine.runcontrol import RUN_LOCK_NAME, STOP_FILE_NAME, RunLock, read_lock, request_stop
 from PLBOptCore.engine.trainer import Trainer
 from PLBOptCore.errors import ConfigError, TrainingInterrupted
@@ -131,3 +132,88 @@ def test_stop_file_stops_at_a_step_boundary_with_a_checkpoint(dataset, tmp_path)
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
     assert read_events(run)[-1]["status"] == "interrupted"
     assert not (run / STOP_FILE_NAME).exists() and not (run / RUN_LOCK_NAME).exists()
+
+
+class FakeKernel32:
+    """kernel32 as ``runcontrol._windows_process_alive`` calls it, over a table of processes
+    ``{pid: (exit_code, created_unix_time)}``; ``denied``: PIDs of other users' processes."""
+
+    def __init__(self, processes: Dict[int, Tuple[int, float]], denied=()):
+        self.processes, self.denied = processes, set(denied)
+        self.last_error = 0
+        self.open_handles = set()
+
+    def OpenProcess(self, access, inherit, pid):
+        if pid in self.denied:
+            self.last_error = 5  # ERROR_ACCESS_DENIED
+            return None
+        if pid not in self.processes:
+            self.last_error = 87  # ERROR_INVALID_PARAMETER: no process has this PID
+            return None
+        self.open_handles.add(pid + 1000)
+        return pid + 1000
+
+    def GetExitCodeProcess(self, handle, exit_code):
+        exit_code._obj.value = self.processes[handle - 1000][0]
+        return 1
+
+    def GetProcessTimes(self, handle, created, exited, kernel, user):
+        ticks = int(self.processes[handle - 1000][1] * 10_000_000) + 116444736000000000
+        created._obj.dwLowDateTime, created._obj.dwHighDateTime = ticks & 0xFFFFFFFF, ticks >> 32
+        return 1
+
+    def CloseHandle(self, handle):
+        self.open_handles.remove(handle)
+        return 1
+
+
+STILL_ACTIVE = 259
+
+
+def windows_alive(kernel32: FakeKernel32):
+    """The liveness check of Windows, asking ``kernel32``."""
+    check = runcontrol._windows_process_alive
+    return lambda pid, since: check(pid, since, kernel32, lambda: kernel32.last_error)
+
+
+def test_windows_liveness_check_without_psutil():
+    lock_time = time.time()
+    kernel32 = FakeKernel32({10: (STILL_ACTIVE, lock_time - 60), 11: (0, lock_time - 60),
+                             12: (STILL_ACTIVE, lock_time + 30)}, denied={13})
+    alive = windows_alive(kernel32)
+    assert alive(10, lock_time)  # the trainer that wrote the lock
+    assert not alive(11, lock_time)  # ended (a handle somewhere keeps its record)
+    assert not alive(12, lock_time)  # a program started after the lock reuses the PID
+    assert alive(13, lock_time)  # another user's process cannot be judged: never taken over
+    assert not alive(14, lock_time)  # no such process
+    assert not kernel32.open_handles
+
+
+class WindowsOs:
+    """``os`` as ``runcontrol`` sees it on Windows (only ``name`` differs)."""
+
+    name = "nt"
+
+    def __getattr__(self, attribute):
+        return getattr(os, attribute)
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_stale_lock_on_windows_without_psutil_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch, running):
+    """Slicer's Python has no psutil: on Windows the lock of a dead trainer was never taken over."""
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    monkeypatch.setattr(runcontrol, "os", WindowsOs())
+    lock_time = time.time()
+    trainer_pid = 4242
+    processes = {trainer_pid: (STILL_ACTIVE, lock_time - 5)} if running else {}
+    monkeypatch.setattr(runcontrol, "_windows_process_alive", windows_alive(FakeKernel32(processes)), raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_lock(run, trainer_pid)
+    if running:
+        with pytest.raises(ConfigError, match=f"another trainer .*pid {trainer_pid}"):
+            RunLock(run).acquire()
+    else:
+        lock = RunLock(run).acquire()
+        assert lock.took_over["pid"] == trainer_pid and read_lock(run / RUN_LOCK_NAME)["pid"] == os.getpid()
+        lock.release()

@@ -95,3 +95,52 @@ def python_launcher(tmp_path) -> str:
     path.write_text(LAUNCHER_SCRIPT.format(python=sys.executable))
     path.chmod(0o755)
     return str(path)
+
+
+@pytest.fixture
+def without_psutil(monkeypatch):
+    """psutil not importable, as in a stock Slicer 5.6-5.12, which does not ship it (code that
+    bound the module when it was imported sees None as well)."""
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    from PLBOptLib import process
+
+    monkeypatch.setattr(process, "psutil", None, raising=False)
+    with pytest.raises(ImportError):
+        import psutil  # noqa: F401
+
+
+def _proc_stat(pid: int):
+    """(state, parent PID) of a process from /proc, or None when it is gone. Tests observe
+    processes through /proc because psutil is hidden from the code under test (and psutil itself
+    stops working while ``sys.modules["psutil"]`` is None)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[0], int(fields[1])
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent does not count)."""
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def descendant_pids(pid: int):
+    """PIDs of every process below ``pid`` now."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None:
+                children.setdefault(stat[1], []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+requires_proc = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="observes processes through /proc")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 import slicer
-from conftest import add_segmentation, add_volume, phantom_case
+from conftest import add_segmentation, add_volume, descendant_pids, phantom_case, process_running, requires_proc
 from PLBOptLib import Status, TrainSettings, WorkflowLogic, cases
 
 TINY = TrainSettings(preset="plbopt", iterations=4, patch_size=(16, 32, 32), device="cpu", base_filters=4,
@@ -73,8 +73,22 @@ def test_train_predict_review_accept_retrain(logic, tmp_path):
     assert "U0" in [c.name for c in cases.find_cases(logic.scene) if c.trains_supervised]
 
 
-def test_cancel_through_a_launcher_stops_the_trainer_and_resume_continues(scene, tmp_path, python_launcher):
-    """PythonSlicer forwards no signal: Cancel must reach the trainer below it, not just the launcher."""
+def wait_for_descendants(pid: int, timeout: float = 60) -> list:
+    """The processes below ``pid`` once there are any (the launcher has started the interpreter)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = descendant_pids(pid)
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} started no child process within {timeout} s")
+
+
+@requires_proc
+def test_cancel_through_a_launcher_stops_the_trainer_and_resume_continues(scene, tmp_path, python_launcher,
+                                                                           without_psutil):
+    """PythonSlicer forwards no signal and Slicer 5.6-5.12 have no psutil: Cancel must still reach
+    the trainer below the launcher, not just the launcher."""
     logic = make_logic(scene, tmp_path, python=python_launcher)
     # "supervised" skips superpixel preprocessing: the quickest start, same checkpoint/cancel path.
     long_run = TrainSettings(**{**TINY.__dict__, "preset": "supervised", "iterations": 2000,
@@ -85,12 +99,12 @@ def test_cancel_through_a_launcher_stops_the_trainer_and_resume_continues(scene,
         job.poll()
         time.sleep(0.1)
     assert job.progress.status == "running", "\n".join(job.process.output)
-    trainers = psutil.Process(job.process.pid).children(recursive=True)
+    trainers = descendant_pids(job.process.pid)
     assert trainers, "the launcher started no child interpreter"
     job.cancel()
     progress = job.wait(timeout=120)
     assert job.process.returncode == 130, "\n".join(job.process.output)  # the launcher relays the trainer's status
-    assert not [p for p in trainers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "a trainer survived"
+    assert not [pid for pid in trainers if process_running(pid)], "a trainer survived"
     assert progress.status == "interrupted" and job.checkpoint.is_file()
     assert not (job.run_dir / "train.lock").exists() and not (job.run_dir / "stop-requested").exists()
     stopped_at = progress.step
@@ -104,3 +118,49 @@ def test_cancel_through_a_launcher_stops_the_trainer_and_resume_continues(scene,
     assert resumed.progress.step > stopped_at  # it trains on from the checkpoint
     resumed.cancel()
     assert resumed.wait(timeout=120).status == "interrupted"
+
+
+@requires_proc
+def test_cancel_during_preprocessing_stops_the_trainer_below_a_launcher(scene, tmp_path, python_launcher,
+                                                                        without_psutil):
+    """While it prepares its data the trainer looks at no stop file: Cancel must end it there and
+    then, not after preprocessing at its first step (or never, as without psutil before)."""
+    logic = make_logic(scene, tmp_path, python=python_launcher)
+    for index in range(4):  # large enough that preprocessing them takes seconds (superpixels)
+        image, _ = phantom_case(shape=(48, 128, 128), seed=20 + index)
+        add_volume(scene, f"big{index}", image)
+    job = logic.start_training(TrainSettings(**{**TINY.__dict__, "iterations": 2000}))
+    deadline = time.monotonic() + 120
+    while not job.progress.preparing and not job.finished and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.02)
+    assert job.progress.preparing and job.progress.status == "waiting", "\n".join(job.process.output)
+    trainers = descendant_pids(job.process.pid)
+    assert trainers, "the launcher started no child interpreter"
+    cancelled = time.monotonic()
+    job.cancel()
+    progress = job.wait(timeout=60)
+    assert time.monotonic() - cancelled < 10
+    assert not [pid for pid in trainers if process_running(pid)], "a trainer survived"
+    records = [json.loads(line)["type"] for line in (job.run_dir / "events.jsonl").read_text().splitlines()]
+    assert "start" not in records, "the trainer went on from preprocessing to training after Cancel"
+    assert progress.status == "interrupted" and not job.checkpoint.exists()
+
+
+@requires_proc
+def test_cancel_stops_the_predictor_below_a_launcher(scene, tmp_path, python_launcher, without_psutil):
+    """Prediction has no stop file: Cancel terminates the job's process group, the predictor below
+    the launcher included, and nothing is written."""
+    logic = make_logic(scene, tmp_path)
+    trained = logic.start_training(TrainSettings(**{**TINY.__dict__, "preset": "supervised", "iterations": 2}))
+    assert trained.wait(timeout=180).status == "completed", "\n".join(trained.process.output)
+
+    logic.python = python_launcher
+    prediction = logic.start_prediction()
+    predictors = wait_for_descendants(prediction.process.pid)
+    cancelled = time.monotonic()
+    prediction.cancel()
+    prediction.process.wait(timeout=60)
+    assert time.monotonic() - cancelled < 10
+    assert not [pid for pid in predictors if process_running(pid)], "a predictor survived"
+    assert not list(prediction.out_dir.glob("*.nii.gz")), "the prediction ran on after Cancel"
