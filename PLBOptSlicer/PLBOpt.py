@@ -21,7 +21,7 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 from slicer.util import VTKObservationMixin
 
 from PLBOptLib import (DEVICES, PRESETS, JobProcess, PLBOptSlicerError, Status, TrainSettings, WorkflowLogic, bundle,
-                       dependencies, selftest)
+                       dependencies, panel, selftest)
 from PLBOptLib.events import TrainingProgress
 from PLBOptLib.review import DEFAULT_CONFIDENCE_THRESHOLD, OVERLAY_OPACITY
 
@@ -85,6 +85,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._predictionJob = None
         self._probeJob = None  # child interpreter telling which torch/device training gets
         self._devicePrompted = False
+        self.selection = panel.CaseSelection()  # by volume node ID: rows move when the table is rebuilt
 
     # ---- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -191,7 +192,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasRun = False
         if self._parameterNode:
             self._syncLogicWithParameters()
-            hasRun = self.logic.working_dir is not None and self.logic.latest_run_dir() is not None
+            hasRun = self.logic.has_trained_run()
         selected = self.selectedCase()
         for button in (self.ui.exportButton, self.ui.startButton):
             button.enabled = not busy
@@ -213,18 +214,25 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         logging.info(text)
 
     def refreshCaseTable(self) -> None:
-        """Case table: volumes of the scene, most uncertain pseudo labels first."""
+        """Case table: volumes of the scene, most uncertain pseudo labels first. The selected case
+        stays selected wherever its row moves (the selection is its volume's node ID)."""
         table = self.ui.casesTable
-        uncertainty = {item.case_name: item.prediction.uncertainty for item in self.logic.ranked_review()}
-        cases = sorted(self.logic.cases(), key=lambda case: -uncertainty.get(case.name, -1.0))
-        table.setRowCount(len(cases))
-        for row, case in enumerate(cases):
-            cells = [case.name, case.status.value, case.segmentation.GetName() if case.segmentation else "",
-                     f"{uncertainty[case.name]:.3f}" if case.name in uncertainty else ""]
-            for column, text in enumerate(cells):
-                item = qt.QTableWidgetItem(text)
-                item.setData(qt.Qt.UserRole, case.name)
-                table.setItem(row, column, item)
+        rows = panel.case_rows(self.logic)
+        wasBlocked = table.blockSignals(True)  # rebuilding is no selection by the user
+        try:
+            table.setRowCount(len(rows))
+            for index, row in enumerate(rows):
+                for column, text in enumerate(row.cells):
+                    item = qt.QTableWidgetItem(text)
+                    item.setData(qt.Qt.UserRole, row.volume_id)
+                    table.setItem(index, column, item)
+            selectedRow = self.selection.row_in(rows)
+            if selectedRow is None:
+                table.clearSelection()
+            else:
+                table.selectRow(selectedRow)
+        finally:
+            table.blockSignals(wasBlocked)
         table.resizeColumnsToContents()
         try:
             names = self.logic.class_names()
@@ -234,11 +242,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def selectedCase(self):
-        items = self.ui.casesTable.selectedItems()
-        if not items:
-            return None
-        name = items[0].data(qt.Qt.UserRole)
-        return next((case for case in self.logic.cases() if case.name == name), None)
+        return self.selection.case(self.logic)
 
     def showProgress(self, progress: TrainingProgress) -> None:
         self.ui.progressBar.setValue(int(round(1000 * progress.fraction)))
@@ -355,13 +359,11 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onTrainingFinished(self, job) -> None:
-        progress = job.progress
-        if progress.status == "completed":
-            self.appendLog(f"Training completed: {job.run_dir}")
-        elif progress.status == "interrupted":
-            self.appendLog(f"Training stopped; checkpoint kept for Resume: {job.checkpoint}")
+        kind, message = panel.training_finished_message(job)
+        if kind == "error":
+            slicer.util.errorDisplay(message, detailedText="\n".join(job.process.output))
         else:
-            slicer.util.errorDisplay(f"Training failed: {progress.message}", detailedText="\n".join(job.process.output))
+            self.appendLog(message)
 
     # ---- review ------------------------------------------------------------------------------
     def onPredict(self) -> None:
@@ -390,6 +392,8 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.casesTable.selectRow(0)
 
     def onCaseSelected(self) -> None:
+        items = self.ui.casesTable.selectedItems()
+        self.selection.select(items[0].data(qt.Qt.UserRole) if items else None)
         case = self.selectedCase()
         self.updateButtons()
         if case is None:
@@ -422,9 +426,8 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshCaseTable()
 
     def onAcceptAsLabeled(self) -> None:
-        case = self.selectedCase()
         with slicer.util.tryWithErrorDisplay("Could not accept the segmentation.", waitCursor=True):
-            self.logic.accept_as_labeled(case.name)
+            panel.accept_selected(self.logic, self.selection)
         self.refreshCaseTable()
 
 

@@ -65,6 +65,12 @@ def _safe_name(text: str) -> str:
     return name[: -len("_confidence")] + "_conf" if name.endswith("_confidence") else name
 
 
+def _node_number(node_id: str) -> Tuple[str, int]:
+    """Sort key of a node ID in creation order: ``vtkMRMLScalarVolumeNode9`` before ``...Node10``."""
+    match = re.fullmatch(r"(.*?)(\d*)", node_id or "")
+    return match.group(1), int(match.group(2) or 0)
+
+
 def _segment_names(segmentation_node) -> List[str]:
     segmentation = segmentation_node.GetSegmentation()
     return [segmentation.GetNthSegment(i).GetName().strip() for i in range(segmentation.GetNumberOfSegments())]
@@ -108,15 +114,22 @@ def find_cases(scene) -> List[SceneCase]:
         if node.GetImageData() is None:
             continue
         volumes.append(node)
-    volumes.sort(key=lambda node: (node.GetName() or "", node.GetID()))
+    volumes.sort(key=lambda node: (node.GetName() or "", _node_number(node.GetID())))
 
-    cases, used = [], set()
-    for volume in volumes:
+    # Exported cases are named first: their files and predictions carry that name, and a volume
+    # added later under the same name must not take it over (it becomes "<name>_2").
+    names, used = {}, set()
+    for volume in sorted(volumes, key=lambda node: not node.GetAttribute(CASE_NAME_ATTRIBUTE)):
         name = volume.GetAttribute(CASE_NAME_ATTRIBUTE) or _safe_name(volume.GetName() or "case")
         unique, counter = name, 2
         while unique in used:
             unique, counter = f"{name}_{counter}", counter + 1
         used.add(unique)
+        names[volume.GetID()] = unique
+
+    cases = []
+    for volume in volumes:
+        unique = names[volume.GetID()]
         segmentation = linked_segmentation(volume)
         stored = volume.GetAttribute(STATUS_ATTRIBUTE)
         if stored:

@@ -28,6 +28,8 @@ from .process import (EXIT_INTERRUPTED, STOP_FILE_NAME, JobProcess, TrainSetting
                       python_executable, refine_command, train_command)
 
 PREDICTION_KILL_AFTER_SECONDS = 10.0  # a prediction has nothing to save: SIGTERM, then kill soon
+RESUMABLE_CHECKPOINTS = ("last.pt",)  # what --resume and --init-from read
+PREDICTION_CHECKPOINTS = ("best.pt", "last.pt")  # what refine reads ("best", falling back to "last")
 
 
 @dataclass
@@ -153,6 +155,19 @@ class WorkflowLogic:
         runs = self.run_dirs()
         return runs[-1] if runs else None
 
+    def latest_run_with_checkpoint(self, names=RESUMABLE_CHECKPOINTS) -> Optional[Path]:
+        """The newest run folder holding ``checkpoints/<name>`` for one of ``names``. A run
+        cancelled or crashed before its first checkpoint is passed over, so it never hides an
+        earlier good run from Resume, Retrain or Predict."""
+        for run_dir in reversed(self.run_dirs()):
+            if any((run_dir / "checkpoints" / name).is_file() for name in names):
+                return run_dir
+        return None
+
+    def has_trained_run(self) -> bool:
+        """Whether Resume, Retrain and Predict have a run to work on."""
+        return self.working_dir is not None and self.latest_run_with_checkpoint() is not None
+
     def new_run_dir(self) -> Path:
         latest = self.latest_run_dir()
         number = int(latest.name.split("-")[1]) + 1 if latest else 1
@@ -162,6 +177,10 @@ class WorkflowLogic:
     def cases(self) -> List[SceneCase]:
         """Cases of the scene with their status (see :mod:`PLBOptLib.cases`)."""
         return case_utils.find_cases(self.scene)
+
+    def case_of_volume(self, volume_id: str) -> Optional[SceneCase]:
+        """The case whose volume has node ID ``volume_id``, None when it is not a case (any more)."""
+        return next((case for case in self.cases() if case.volume.GetID() == volume_id), None)
 
     def class_names(self) -> List[str]:
         """Class names the next export would use; raises with the reason when labeled cases disagree."""
@@ -212,8 +231,8 @@ class WorkflowLogic:
         ``checkpoints/last.pt``.
         """
         if resume:
-            run_dir = self.latest_run_dir()
-            if run_dir is None or not (run_dir / "checkpoints" / "last.pt").is_file():
+            run_dir = self.latest_run_with_checkpoint()
+            if run_dir is None:
                 raise PLBOptSlicerError(f"{self.runs_dir}: no run with a checkpoint to resume")
         else:
             if export:
@@ -231,18 +250,18 @@ class WorkflowLogic:
 
     def retrain(self, settings: TrainSettings) -> TrainingJob:
         """Re-export (corrections now count as labeled) and fine-tune from the latest run's last checkpoint."""
-        latest = self.latest_run_dir()
-        checkpoint = latest / "checkpoints" / "last.pt" if latest else None
-        if checkpoint is None or not checkpoint.is_file():
+        latest = self.latest_run_with_checkpoint()
+        if latest is None:
             raise PLBOptSlicerError(f"{self.runs_dir}: no trained run to fine-tune; start a training first")
-        return self.start_training(settings, init_from=checkpoint)
+        return self.start_training(settings, init_from=latest / "checkpoints" / RESUMABLE_CHECKPOINTS[0])
 
     # ---- review ------------------------------------------------------------------------------
     def start_prediction(self, run_dir: Optional[Path] = None) -> PredictionJob:
-        """Launch ``PLBOptCore refine`` on the exported unlabeled images of ``run_dir`` (default: latest run)."""
-        run_dir = Path(run_dir) if run_dir else self.latest_run_dir()
-        if run_dir is None or not (run_dir / "checkpoints").is_dir():
-            raise PLBOptSlicerError(f"{self.runs_dir}: no trained run; train a model first")
+        """Launch ``PLBOptCore refine`` on the exported unlabeled images of ``run_dir`` (default: the
+        latest run with a checkpoint)."""
+        run_dir = Path(run_dir) if run_dir else self.latest_run_with_checkpoint(PREDICTION_CHECKPOINTS)
+        if run_dir is None or not any((run_dir / "checkpoints" / name).is_file() for name in PREDICTION_CHECKPOINTS):
+            raise PLBOptSlicerError(f"{run_dir or self.runs_dir}: no trained run; train a model first")
         inputs = self.dataset_dir / "imagesUn"
         if not inputs.is_dir() or not any(inputs.iterdir()):
             raise PLBOptSlicerError(f"{inputs}: no unlabeled images exported")

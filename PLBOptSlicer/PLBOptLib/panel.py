@@ -1,0 +1,88 @@
+"""Decisions of the PLBOpt panel that need no Qt: what the case table lists and in which order,
+which case is selected, what Accept acts on, what the panel says when training ends.
+
+``PLBOpt.py`` only copies these into widgets, so they are tested headless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from .cases import SceneCase
+from .errors import PLBOptSlicerError
+
+
+@dataclass(frozen=True)
+class CaseRow:
+    """One row of the case table."""
+
+    volume_id: str  # MRML node ID of the case's volume: what a selected row stands for
+    case_name: str
+    cells: Tuple[str, str, str, str]  # case, status, segmentation, uncertainty
+
+
+def case_rows(logic) -> List[CaseRow]:
+    """The case table: the scene's cases, most uncertain pseudo labels first, then the others in
+    name order."""
+    uncertainty = {item.case_name: item.prediction.uncertainty for item in logic.ranked_review()}
+    cases = sorted(logic.cases(), key=lambda case: -uncertainty.get(case.name, -1.0))
+    return [CaseRow(case.volume.GetID(), case.name,
+                    (case.name, case.status.value, case.segmentation.GetName() if case.segmentation else "",
+                     f"{uncertainty[case.name]:.3f}" if case.name in uncertainty else ""))
+            for case in cases]
+
+
+class CaseSelection:
+    """The case the panel shows and acts on, held as its volume's node ID.
+
+    The table is rebuilt and re-sorted whenever a node is added to or removed from the scene, so
+    a row number soon names another case than the one in the slice views; the node ID does not
+    change.
+    """
+
+    def __init__(self) -> None:
+        self.volume_id: Optional[str] = None
+
+    def select(self, volume_id: Optional[str]) -> None:
+        self.volume_id = volume_id or None
+
+    def row_in(self, rows: Sequence[CaseRow]) -> Optional[int]:
+        """Row of the selected case in a rebuilt table; None (and nothing selected any more) when
+        its volume has left the scene."""
+        for index, row in enumerate(rows):
+            if row.volume_id == self.volume_id:
+                return index
+        self.volume_id = None
+        return None
+
+    def case(self, logic) -> Optional[SceneCase]:
+        """The selected case as the scene has it now."""
+        return logic.case_of_volume(self.volume_id) if self.volume_id else None
+
+    def require_case(self, logic) -> SceneCase:
+        case = self.case(logic)
+        if case is None:
+            raise PLBOptSlicerError("select a case in the table first")
+        return case
+
+
+def accept_selected(logic, selection: CaseSelection) -> Path:
+    """Accept the selected case's segmentation as a label (the Accept button)."""
+    return logic.accept_as_labeled(selection.require_case(logic).name)
+
+
+def training_finished_message(job) -> Tuple[str, str]:
+    """``(kind, text)`` for a finished training job: kind ``info`` goes to the log, ``error`` to an
+    error dialog. "Checkpoint kept" is said only when the checkpoint file exists: a training
+    stopped before its first checkpoint leaves nothing to resume."""
+    progress = job.progress
+    if progress.status == "completed":
+        return "info", f"Training completed: {job.run_dir}"
+    if progress.status == "interrupted":
+        if Path(job.checkpoint).is_file():
+            return "info", f"Training stopped; checkpoint kept for Resume: {job.checkpoint}"
+        return "info", (f"Training stopped before its first checkpoint; {job.run_dir.name} has nothing to resume "
+                        "(Resume, Retrain and Predict use the latest run with a checkpoint)")
+    return "error", f"Training failed: {progress.message}"
