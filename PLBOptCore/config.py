@@ -37,10 +37,19 @@ class Config:
     patch_size: Tuple[int, int, int] = (64, 128, 128)
     batch_size: int = 2  # labeled patches per step
     unlabeled_batch_size: Optional[int] = None  # None = same as batch_size
+    # Preprocessing. `plbopt train` plans the keys of PLANNED_KEYS from the dataset's fingerprint
+    # (data/plan.py) unless they are given explicitly; the defaults below are DHC's abdominal CT.
     target_spacing: Optional[Tuple[float, float, float]] = None  # mm (Z, Y, X); None = native
-    clip_window: Optional[Tuple[float, float]] = (-75.0, 275.0)  # HU, DHC's abdominal window
-    normalization: str = "minmax"  # "minmax" after clipping (DHC) or "zscore"
+    clip_window: Optional[Tuple[float, float]] = (-75.0, 275.0)  # intensity window, e.g. DHC's HU window
+    # "minmax": clip, then the window to [0, 1] (DHC); "zscore": clip if a window is set, then each
+    # case's mean and std over its body; "ct": clip, then the dataset's foreground mean and std
+    # (intensity_mean_std), nnU-Net's CTNormalization
+    normalization: str = "minmax"
+    intensity_mean_std: Optional[Tuple[float, float]] = None  # dataset foreground (mean, std), for "ct"
     crop_to_body: bool = True
+    # The body is the largest connected region above this intensity (CT: -500 HU separates air
+    # from tissue); None = above the image's minimum, the padding of an MRI or a cropped CT.
+    body_threshold: Optional[float] = -500.0
     foreground_oversample: float = 0.67  # share of patches centred on a foreground class
     augment: bool = True  # random intensity scale/shift, plus the geometric options below
     # Mirroring X swaps patient left and right, so left/right organs (kidneys, adrenals) become
@@ -140,6 +149,11 @@ class Config:
             raise ConfigError(f"patch_size must be 3 multiples of 16 (4 VNet poolings), got {list(self.patch_size)}")
         if self.clip_window is not None and not self.clip_window[0] < self.clip_window[1]:
             raise ConfigError(f"clip_window must be [low, high] with low < high, got {list(self.clip_window)}")
+        if min(self.batch_size, self.unlabeled_batch) == 1 and tuple(self.patch_size) == (16, 16, 16):
+            # the bottleneck is then one voxel of one patch: BatchNorm has a single value per channel
+            raise ConfigError("patch_size 16x16x16 needs batch_size (and unlabeled_batch_size) of at least 2")
+        if self.intensity_mean_std is not None and not self.intensity_mean_std[1] > 0:
+            raise ConfigError(f"intensity_mean_std must be [mean, std] with std > 0, got {list(self.intensity_mean_std)}")
         if not self.dual_subnets and (self.cps_weight or self.mutual_correction or self.refine or self.triplet):
             raise ConfigError("a single-subnet (supervised) run cannot use CPS, refinement, triplet or mutual correction")
         if set(self.flip_axes) - set("zyx"):
@@ -179,7 +193,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 # Allowed values of the text fields (``preset``: the keys of PRESETS; ``flip_axes`` and ``device``: in validate).
 CHOICES: Dict[str, Tuple[str, ...]] = {
     "supervised_subnets": ("AB", "B"),
-    "normalization": ("minmax", "zscore"),
+    "normalization": ("minmax", "zscore", "ct"),
     "optimizer": ("sgd", "adamw"),
     "superpixel_method": SUPERPIXEL_METHODS,
     "refine_entropy": ("binary", "multiclass"),
@@ -204,11 +218,13 @@ FLOAT_RANGE: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
     "lambda_triplet": (0.0, None, False), "mc_tau": (0.0, 1.0, True), "lambda_mc": (0.0, None, False),
     "sw_overlap": (0.0, 1.0, False), "class_weight_floor": (0.0, None, False),
     "refine_homogeneity": (0.0, None, False), "superpixel_area_mm2": (0.0, None, False),
+    "body_threshold": (-1e6, 1e6, True),
 }
 # Fields that must be strictly above their lower bound (a zero learning rate never trains).
 STRICTLY_POSITIVE = ("lr", "superpixel_compactness", "superpixel_area_mm2")
 # Float tuples: (length, every element > 0).
-FLOAT_TUPLES: Dict[str, Tuple[int, bool]] = {"target_spacing": (3, True), "clip_window": (2, False)}
+FLOAT_TUPLES: Dict[str, Tuple[int, bool]] = {"target_spacing": (3, True), "clip_window": (2, False),
+                                             "intensity_mean_std": (2, False)}
 
 # Each preset is a set of overrides on the defaults. The single-component presets switch the other
 # two PLBOpt components off but otherwise match `plbopt`, which is how the paper's Table V ablates.
@@ -236,11 +252,25 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # too much of so small a network; 3 mm in-plane keeps the whole abdomen inside a 48×48 patch.
 # The triplet banks hold four steps of candidates (a bank the size of one step's candidates held
 # only the previous step).
-CPU_DEMO_OVERRIDES: Dict[str, Any] = dict(
-    patch_size=(16, 48, 48), base_filters=8, batch_size=2, iterations=1200, optimizer="adamw", lr=0.003,
-    dropout=False, target_spacing=(2.5, 3.0, 3.0), checkpoint_every=200, validate_every=200, log_every=10,
+CPU_SCHEDULE: Dict[str, Any] = dict(
+    base_filters=8, batch_size=2, iterations=1200, optimizer="adamw", lr=0.003,
+    dropout=False, checkpoint_every=200, validate_every=200, log_every=10,
     triplet_capacity=4096, triplet_max_anchors=128, triplet_max_candidates=1024,
 )
+# Patch voxels of each schedule: the budget within which data/plan.py chooses the patch size
+# (and, on the CPU, the target spacing). GPU: DHC's 64×128×128; CPU: 16×48×48, measured above.
+PATCH_BUDGET: Dict[str, int] = {"gpu": 64 * 128 * 128, "cpu": 16 * 48 * 48}
+# The phantom's preprocessing, chosen and measured before planning existed (docs/RESULTS.md): the
+# demo keeps it so its numbers stay comparable; the planned preprocessing of the phantom differs.
+PHANTOM_PREPROCESSING: Dict[str, Any] = dict(
+    patch_size=(16, 48, 48), target_spacing=(2.5, 3.0, 3.0), normalization="minmax", clip_window=(-75.0, 275.0),
+    body_threshold=-500.0,
+)
+CPU_DEMO_OVERRIDES: Dict[str, Any] = dict(CPU_SCHEDULE, **PHANTOM_PREPROCESSING)
+# The settings data/plan.py chooses from the dataset; a value given explicitly (--set, --config,
+# --patch-size) wins over the plan.
+PLANNED_KEYS = ("target_spacing", "patch_size", "normalization", "clip_window", "intensity_mean_std",
+                "body_threshold")
 
 
 # The settings each method switch gates: while the switch is off, they change nothing in a run.
@@ -265,11 +295,16 @@ def inert_settings(config: Config, keys: Iterable[str]) -> Dict[str, str]:
 
 
 def make_config(preset: str = "plbopt", config_file: Optional[Path] = None,
-                overrides: Optional[Dict[str, Any]] = None) -> Config:
-    """Defaults → preset → config file (YAML/JSON) → explicit overrides; validated."""
+                overrides: Optional[Dict[str, Any]] = None, small: bool = False) -> Config:
+    """Defaults → preset → CPU schedule (``small``) → config file (YAML/JSON) → explicit overrides; validated.
+
+    The schedule comes before the file, so a file's values (its ``lr``, say) win over ``--small``.
+    """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     data: Dict[str, Any] = dict(PRESETS[preset], preset=preset)
+    if small:
+        data.update(CPU_SCHEDULE)
     if config_file is not None:
         data.update(load_config_file(Path(config_file)))
     data.update(overrides or {})
@@ -328,7 +363,8 @@ def parse_override(text: str) -> Tuple[str, Any]:
     return key.strip().replace("-", "_"), value
 
 
-OPTIONAL_FIELDS = ("unlabeled_batch_size", "target_spacing", "clip_window", "rampup_iterations", "superpixel_area_mm2")
+OPTIONAL_FIELDS = ("unlabeled_batch_size", "target_spacing", "clip_window", "rampup_iterations", "superpixel_area_mm2",
+                   "intensity_mean_std", "body_threshold")
 
 
 def _is_int(value: Any) -> bool:

@@ -40,7 +40,7 @@ import SimpleITK as sitk
 import torch
 
 from ..api import evaluate, predict, train
-from ..config import CHECKPOINT_NAMES, CPU_DEMO_OVERRIDES, Config, inert_settings, load_config_file, make_config
+from ..config import CHECKPOINT_NAMES, CPU_SCHEDULE, PLANNED_KEYS, Config, inert_settings, load_config_file, make_config
 from ..data.dataset import DatasetSpec, load_dataset
 from ..data.io import array_to_image, case_name, read_image, write_image
 from ..engine.events import read_events
@@ -123,6 +123,7 @@ class BenchContext:
     device: str
     gt_dir: Path
     checkpoint: str = "best"  # which checkpoint of each run is scored: "best" (validation) or "last"
+    small: bool = True  # CPU schedule: patches planned within the CPU budget
 
     def overrides(self, unit: RunSpec) -> Dict[str, Any]:
         return dict(self.base_overrides, seed=unit.seed, **dict(unit.variant))
@@ -141,8 +142,9 @@ class BenchContext:
 
 # ---------------------------------------------------------------------------------------- planning
 def base_overrides(iterations: int, small: bool, device: str, extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The schedule shared by every run: CPU demo sizes (if ``small``), the budget, then ``extra``."""
-    overrides = dict(CPU_DEMO_OVERRIDES) if small else {}
+    """The schedule shared by every run: the CPU schedule (if ``small``), the budget, then ``extra``.
+    Preprocessing is each run's plan (``api.train``), the same for every run of one dataset."""
+    overrides = dict(CPU_SCHEDULE) if small else {}
     overrides.update(iterations=int(iterations), device=device)
     overrides.update(extra or {})
     return overrides
@@ -233,14 +235,16 @@ def training_state(run_dir: Path) -> str:
 
 
 def check_same_config(run_dir: Path, preset: str, overrides: Dict[str, Any]) -> None:
-    """Refuse to reuse a run folder trained with other settings than this bench asks for."""
+    """Refuse to reuse a run folder trained with other settings than this bench asks for (planned
+    preprocessing aside: the plan is the dataset's, stored in the run)."""
     stored_path = run_dir / "config.json"
     if not stored_path.is_file():
         return
     # through Config as a resume would: keys added to Config since then take their defaults
     stored = Config.from_dict(load_config_file(stored_path)).to_dict()
     expected = make_config(preset, overrides=overrides).to_dict()
-    differing = sorted(k for k in expected if k not in IGNORED_KEYS and stored.get(k) != expected[k])
+    ignored = set(IGNORED_KEYS) | (set(PLANNED_KEYS) - set(overrides))
+    differing = sorted(k for k in expected if k not in ignored and stored.get(k) != expected[k])
     if differing:
         details = ", ".join(f"{k}: {stored.get(k)!r} there, {expected[k]!r} now" for k in differing)
         raise ConfigError(f"{stored_path}: run was trained with other settings ({details}); "
@@ -351,7 +355,7 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
             started = time.perf_counter()
             # a fresh run folder may hold leftovers of a crash before the first checkpoint
             train(ctx.dataset_dir, run_dir, preset=unit.preset, overrides=overrides, resume=state == "partial",
-                  overwrite=state == "fresh")
+                  overwrite=state == "fresh", small=ctx.small)
             seconds["train"] = time.perf_counter() - started
     scores = _predict_and_score(ctx, run_dir, images, work_dir)
     seconds.update(scores.pop("seconds"))
@@ -493,11 +497,12 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
     lines = [
         "# PLBOpt accuracy benchmark", "",
         f"Command: `{results['command']}`", "",
-        f"- Dataset: `{data['path']}`: {data['n_labeled']} labeled, {data['n_unlabeled']} unlabeled "
+        f"- Dataset: `{data['path']}`" + (f" split by `{data['split_file']}`" if data.get("split_file") else "")
+        + f": {data['n_labeled']} labeled, {data['n_unlabeled']} unlabeled "
         f"(labeled ratio {labeled_ratio(data)}), {data.get('n_validation', 0)} validation (chooses best.pt), "
         f"{data['n_test']} test cases; classes: {', '.join(class_names)}",
         f"- Budget, identical for every run: {settings['iterations']} iterations, "
-        f"{'CPU demo schedule (CPU_DEMO_OVERRIDES)' if settings['small'] else 'preset network size'}, "
+        f"{'CPU schedule (CPU_SCHEDULE, patches planned within the CPU budget)' if settings['small'] else 'preset network size'}, "
         f"seeds 0..{settings['seeds'] - 1}; extra overrides: {settings['extra_overrides'] or 'none'}",
         "- Scored checkpoint: " + ("`last.pt`, the final weights of each run" if settings.get("checkpoint") == "last"
                                    else "`best.pt`, chosen on the validation cases (what `plbopt predict` uses)"),
@@ -705,10 +710,12 @@ def write_report_index(out_dir: Path) -> None:
 
 def cli_command(dataset_dir: Path, out_dir: Path, presets: Sequence[str], seeds: int, iterations: int,
                 variants: Sequence[str], small: bool, device: str, settings: Sequence[Dict[str, Any]] = (),
-                checkpoint: str = "best") -> str:
+                checkpoint: str = "best", split_file: Optional[Path] = None) -> str:
     """The ``plbopt bench accuracy`` command that reproduces this call (``extra_overrides`` aside)."""
     args = ["plbopt", "bench", "accuracy", str(dataset_dir), "-o", str(out_dir), "--presets", ",".join(presets),
             "--seeds", str(seeds), "--iterations", str(iterations)]
+    if split_file is not None:
+        args += ["--split", str(split_file)]
     if variants:
         args += ["--variants", ",".join(variants)]
     for setting in settings:
@@ -755,7 +762,8 @@ def _progress_line(index: int, total: int, unit: RunSpec, outcome: str, record: 
 def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str], seeds: int = 3,
                        iterations: int = 300, variants: Sequence[str] = (), small: bool = True,
                        device: str = "auto", extra_overrides: Optional[Dict[str, Any]] = None,
-                       settings: Sequence[Dict[str, Any]] = (), checkpoint: str = "best") -> Dict[str, Any]:
+                       settings: Sequence[Dict[str, Any]] = (), checkpoint: str = "best",
+                       split_file: Optional[Path] = None) -> Dict[str, Any]:
     """Run the benchmark (resumable) and return the ``results.json`` content.
 
     Args:
@@ -766,7 +774,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
         seeds: seeds ``0..seeds-1`` per preset.
         iterations: training steps of every run.
         variants: any of ``superpixel-methods``, ``superpixel-number``, ``noise``.
-        small: use ``CPU_DEMO_OVERRIDES`` (8 filters, 32×64×64 patches) for every run.
+        small: use ``CPU_SCHEDULE`` (8 filters, AdamW) and patches planned within the CPU budget.
         device: ``auto``, ``cpu``, ``cuda``...
         extra_overrides: config overrides applied to every run after the schedule (variant
             settings still win); recorded in results.json but not expressible on the CLI.
@@ -775,6 +783,9 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
         checkpoint: ``best`` (chosen on the validation cases, what ``plbopt predict`` uses) or
             ``last`` (the final weights, free of the selection's noise); each is scored and stored
             separately, so a second call with the other one only predicts.
+        split_file: a fixed split (``Resources/splits/<dataset>.json``) of ``dataset_dir``, a
+            labelled dataset in any layout; the split's folder is built in ``OUT/dataset`` (hard
+            links) and benchmarked, and the split is stated in the report.
 
     The returned dict has ``command``, ``argv``, ``settings``, ``dataset``, ``hardware``,
     ``total_seconds``, ``runs`` (one record per finished unit), ``aggregates`` (per group, mean/std/n
@@ -785,6 +796,11 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     started = time.perf_counter()
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     presets, variants = list(presets), list(variants)
+    source_dir = dataset_dir
+    if split_file is not None:
+        from ..convert.splits import apply_split_file
+
+        dataset_dir = apply_split_file(Path(split_file), source_dir, out_dir / "dataset")
     spec = load_dataset(dataset_dir)
     if not spec.test or any(case.label is None for case in spec.test):
         raise DatasetError(f"{spec.json_path}: the accuracy benchmark needs 'test' cases that all have a label")
@@ -794,20 +810,23 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     out_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint not in CHECKPOINT_NAMES:
         raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, got {checkpoint!r}")
-    ctx = BenchContext(dataset_dir, out_dir, spec, base, device, out_dir / "test_labels", checkpoint)
+    ctx = BenchContext(dataset_dir, out_dir, spec, base, device, out_dir / "test_labels", checkpoint, small)
     for unit in units:  # before any training: a folder from other settings would mix budgets
         check_same_config(ctx.run_dir(unit), unit.preset, ctx.overrides(unit))
     prepare_ground_truth(spec, ctx.gt_dir)
     class_names = [name for label, name in sorted(spec.labels.items()) if label > 0]
     results: Dict[str, Any] = {
-        "command": cli_command(dataset_dir, out_dir, presets, seeds, iterations, variants, small, device, settings,
-                               checkpoint),
+        "command": cli_command(source_dir, out_dir, presets, seeds, iterations, variants, small, device, settings,
+                               checkpoint, split_file),
         "argv": " ".join(shlex.quote(a) for a in sys.argv),
         "settings": {"presets": presets, "seeds": seeds, "iterations": iterations, "variants": variants,
                      "set": settings, "checkpoint": checkpoint,
                      "small": small, "device": device, "extra_overrides": extra_overrides or {},
                      "base_overrides": base, "noise_levels_hu": NOISE_LEVELS, "noise_seed": NOISE_SEED},
-        "dataset": {"path": str(dataset_dir), "n_labeled": len(spec.training), "n_unlabeled": len(spec.unlabeled),
+        "dataset": {"path": str(source_dir), "split_file": str(split_file) if split_file else None,
+                    "split": ({role: [c.name for c in getattr(spec, role)] for role in
+                               ("training", "unlabeled", "validation", "test")} if split_file else None),
+                    "n_labeled": len(spec.training), "n_unlabeled": len(spec.unlabeled),
                     "n_validation": len(spec.validation), "n_test": len(spec.test), "classes": class_names},
         "hardware": hardware_note(device),
         "tables": tables,

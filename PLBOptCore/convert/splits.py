@@ -206,6 +206,7 @@ def write_dataset_folder(
     split_info: Mapping[str, Any],
     link: bool = False,
     colors: Optional[Mapping[str, Any]] = None,
+    modality: str = "",
 ) -> Path:
     """Materialise ``plan`` as a PLBOptCore dataset folder and return ``out_dir``.
 
@@ -213,7 +214,8 @@ def write_dataset_folder(
     ``<case><suffix>``. The folder is built under a temporary sibling name and renamed at the end,
     so an interrupted conversion never leaves a half-filled dataset under ``out_dir``.
     ``split_info`` (seed, fold, ratio...) is stored in splits.json with the case lists;
-    ``colors`` (dataset.json's optional display colours) is copied into dataset.json when given.
+    ``colors`` (dataset.json's optional display colours) is copied into dataset.json when given,
+    ``modality`` as MSD's ``{"modality": {"0": ...}}`` (the preprocessing plan normalises by it).
     """
     out_dir = Path(out_dir).absolute()
     _check_output_dir(out_dir)
@@ -235,6 +237,8 @@ def write_dataset_folder(
         }
         if colors is not None:
             dataset["colors"] = colors
+        if modality:
+            dataset["modality"] = {"0": modality}
         unlabeled_with_labels: List[Dict[str, str]] = []
         for role in ROLES:
             image_dir, label_dir = LAYOUT[role]
@@ -340,7 +344,8 @@ def apply_labeled_ratio(
         except (AttributeError, ValueError):
             raise DatasetError(f"{dataset_path}: 'labels' must map integer strings to names") from None
         return write_dataset_folder(
-            Path(out_dir), str(dataset.get("name", "")), labels, plan, info, colors=dataset.get("colors")
+            Path(out_dir), str(dataset.get("name", "")), labels, plan, info, colors=dataset.get("colors"),
+            modality=str((dataset.get("modality") or {}).get("0", "")),
         )
 
     def entry(case: SourceCase, with_label: bool = True) -> Dict[str, str]:
@@ -357,3 +362,47 @@ def apply_labeled_ratio(
     write_json(dataset_path, new)
     write_json(splits_path, info)
     return root
+
+
+# The keys of a fixed split file (Resources/splits/<dataset>.json) and the dataset.json role of each.
+SPLIT_FILE_ROLES = {"labeled": "training", "unlabeled": "unlabeled", "validation": "validation", "test": "test"}
+
+
+def apply_split_file(split_file: Path, source_dir: Path, out_dir: Path) -> Path:
+    """Materialise a fixed split of a labelled dataset folder (any layout ``load_dataset`` reads,
+    e.g. nnU-Net v2 raw) as a PLBOptCore dataset folder in ``out_dir``, files hard-linked where possible.
+
+    ``split_file`` is JSON with case-name lists ``labeled``, ``unlabeled``, ``validation`` and
+    ``test`` (every case of the source at most once); unlabeled cases keep their labels aside in
+    labelsUn/ as the converters do. An ``out_dir`` already made from the same split and source is
+    reused as it is, so a benchmark can be resumed; any other non-empty ``out_dir`` is refused.
+    """
+    from ..data.dataset import load_dataset
+
+    split_file, source_dir, out_dir = Path(split_file), Path(source_dir), Path(out_dir)
+    split = read_json(split_file)
+    source = load_dataset(source_dir)
+    cases = {case.name: case for case in source.training + source.unlabeled + source.validation + source.test}
+    plan = SplitPlan()
+    for key, role in SPLIT_FILE_ROLES.items():
+        names = split.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DatasetError(f"{split_file}: '{key}' must be a list of case names")
+        unknown = [n for n in names if n not in cases]
+        if unknown:
+            raise DatasetError(f"{split_file}: case {unknown[0]!r} of '{key}' is not in {source.json_path}")
+        plan.role(role).extend(SourceCase(n, cases[n].image, cases[n].label) for n in names)
+    if not plan.training:
+        raise DatasetError(f"{split_file}: 'labeled' lists no case")
+    missing_labels = [c.name for role in ("training", "validation", "test") for c in plan.role(role) if c.label is None]
+    if missing_labels:
+        raise DatasetError(f"{split_file}: case {missing_labels[0]!r} has no label in {source.json_path}")
+    info = {"split_file": split_file.name, "source": str(source_dir.resolve())}
+    if (out_dir / "splits.json").is_file():
+        made = read_json(out_dir / "splits.json")
+        if made.get("split_file") == info["split_file"] and made.get("source") == info["source"] and all(
+                made.get(role) == sorted(c.name for c in plan.role(role)) for role in ROLES):
+            return out_dir
+    colors = {str(k): list(v) for k, v in source.colors.items()}
+    return write_dataset_folder(out_dir, source_dir.name, source.labels, plan, info, link=True, colors=colors,
+                                modality=source.modality)

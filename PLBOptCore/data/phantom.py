@@ -142,5 +142,5 @@ def make_phantom_dataset(out_dir: Path, n_labeled: int = 2, n_unlabeled: int = 1
             cases[split].append(Case(name, image_path, label_path))
             index += 1
     write_dataset_json(out_dir, LABELS, cases["training"], cases["unlabeled"], cases["validation"], cases["test"],
-                       colors=COLORS, name="PLBOpt synthetic abdominal CT phantom")
+                       colors=COLORS, name="PLBOpt synthetic abdominal CT phantom", modality="CT")
     return out_dir

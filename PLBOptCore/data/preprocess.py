@@ -1,8 +1,9 @@
 """Preprocessing of one case: resample, crop to the body, clip, normalise; cached as ``.npy`` arrays.
 
 Order of operations (why): resample first so every later step works on the training grid; crop on
-the raw HU (before clipping, so air and tissue are still separable); clip to the HU window; then
-normalise. ``RestoreInfo`` records the crop and both grids, so that :func:`restore_to_original`
+the raw intensities (before clipping, so air and tissue are still separable); clip to the window;
+then normalise. Which window, normalisation and body rule apply is the dataset's plan
+(:mod:`.plan`), stored in the run's config. ``RestoreInfo`` records the crop and both grids, so that :func:`restore_to_original`
 maps a prediction back to the original image exactly.
 """
 
@@ -19,14 +20,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..utils import atomic_write
 from .dataset import Case
 from .io import check_same_geometry, read_image
 
 # Bump when the preprocessing code changes what it produces: old caches then live in another folder.
-CACHE_VERSION = 2  # 2: one folder of .npy arrays per case (memory-mapped) instead of an .npz
-# Voxels above this raw HU belong to the body (air is -1000, lung parenchyma about -850).
+CACHE_VERSION = 3  # 3: z-score over the body; 2: one folder of .npy arrays per case (memory-mapped)
+# Voxels above this raw HU belong to the body of a CT (air is -1000, lung parenchyma about -850).
 BODY_THRESHOLD_HU = -500.0
 # Voxels of margin around the body box, on the resampled grid.
 BODY_MARGIN = 4
@@ -42,6 +43,8 @@ class PreprocessParams:
     superpixel_divisor: int
     superpixel_compactness: float
     superpixel_area_mm2: Optional[float] = None
+    intensity_mean_std: Optional[Tuple[float, float]] = None  # "ct": the dataset's foreground mean and std
+    body_threshold: Optional[float] = BODY_THRESHOLD_HU  # None: the body is what lies above the image minimum
 
     def superpixel_pixels(self, spacing_zyx: Tuple[float, float, float]) -> int:
         """Mean superpixel size in pixels on a grid of ``spacing_zyx`` mm (the ``divisor``)."""
@@ -51,6 +54,12 @@ class PreprocessParams:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "PreprocessParams":
+        """The preprocessing of ``cfg``; :class:`ConfigError` if ``normalization`` is ``ct`` without
+        its statistics (checked here, not in ``Config.validate``, because the plan fills them in
+        after the user's settings are read)."""
+        if cfg.normalization == "ct" and (cfg.clip_window is None or cfg.intensity_mean_std is None):
+            raise ConfigError("normalization ct needs clip_window and intensity_mean_std (the dataset's foreground "
+                              "percentiles, mean and std), which plbopt train plans for a CT dataset only")
         return cls(
             target_spacing=tuple(float(s) for s in cfg.target_spacing) if cfg.target_spacing else None,
             clip_window=tuple(float(c) for c in cfg.clip_window) if cfg.clip_window else None,
@@ -60,11 +69,13 @@ class PreprocessParams:
             superpixel_divisor=int(cfg.superpixel_divisor),
             superpixel_compactness=float(cfg.superpixel_compactness),
             superpixel_area_mm2=float(cfg.superpixel_area_mm2) if cfg.superpixel_area_mm2 else None,
+            intensity_mean_std=tuple(float(v) for v in cfg.intensity_mean_std) if cfg.intensity_mean_std else None,
+            body_threshold=None if cfg.body_threshold is None else float(cfg.body_threshold),
         )
 
     def key(self) -> str:
         """Short hash of the parameters (and the code version): the cache folder name."""
-        text = json.dumps([CACHE_VERSION, BODY_THRESHOLD_HU, BODY_MARGIN, dataclasses.asdict(self)], sort_keys=True)
+        text = json.dumps([CACHE_VERSION, BODY_MARGIN, dataclasses.asdict(self)], sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -128,17 +139,28 @@ def _bbox(mask: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     return np.array([c[0] for c in coords]), np.array([c[-1] + 1 for c in coords])
 
 
-def _body_box(hu_zyx: np.ndarray, label_zyx: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """Crop box: largest connected body component above the HU threshold, plus a margin, grown to
-    contain all labeled foreground (never crop away annotation). Full volume if nothing is found."""
-    shape = np.array(hu_zyx.shape)
-    body = hu_zyx > BODY_THRESHOLD_HU
+def body_mask(raw_zyx: np.ndarray, threshold: Optional[float]) -> np.ndarray:
+    """The body: the largest connected region above ``threshold`` (None: above the image minimum,
+    which is the padding of an MRI or of a CT cut to a region). All False if there is none.
+
+    The couch and small artefacts are separate components and are dropped.
+    """
+    body = raw_zyx > (float(raw_zyx.min()) if threshold is None else threshold)
     components, n = ndimage.label(body)
     if n == 0:
-        return np.zeros(3, int), shape
-    # the largest component is the patient; the couch and small air-pocket artefacts are dropped
+        return body
     largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
-    start, stop = _bbox(components == largest)
+    return components == largest
+
+
+def body_box(body: np.ndarray, label_zyx: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """Crop box (start, stop) (Z, Y, X): the ``body`` mask's box plus a margin, grown to contain all
+    labeled foreground (never crop away annotation). The full volume if the body is empty."""
+    shape = np.array(body.shape)
+    found = _bbox(body)
+    if found is None:
+        return np.zeros(3, int), shape
+    start, stop = found
     start, stop = np.maximum(start - BODY_MARGIN, 0), np.minimum(stop + BODY_MARGIN, shape)
     if label_zyx is not None:
         fg = _bbox(label_zyx > 0)
@@ -147,13 +169,19 @@ def _body_box(hu_zyx: np.ndarray, label_zyx: Optional[np.ndarray]) -> Tuple[np.n
     return start, stop
 
 
-def _normalise(array: np.ndarray, params: PreprocessParams) -> np.ndarray:
+def _normalise(array: np.ndarray, params: PreprocessParams, body: np.ndarray) -> np.ndarray:
+    """``array`` clipped and normalised as ``params`` say; ``body`` (same shape) selects the voxels
+    whose statistics a per-case z-score uses (all voxels if it is empty)."""
     if params.clip_window is not None:
         low, high = params.clip_window
         array = np.clip(array, low, high)
+    if params.normalization == "ct":
+        mean, std = params.intensity_mean_std
+        return ((array - mean) / std).astype(np.float32)
     if params.normalization == "zscore":
-        std = float(array.std())
-        return ((array - float(array.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
+        values = array[body] if body.any() else array
+        std = float(values.std())
+        return ((array - float(values.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
     # minmax: the window bounds (DHC: clip then scale to [0, 1]) so all cases share one scale
     low, high = params.clip_window if params.clip_window is not None else (float(array.min()), float(array.max()))
     if high <= low:
@@ -170,20 +198,21 @@ def _prepare(image: sitk.Image, params: PreprocessParams, label: Optional[sitk.I
                        origin=tuple(image.GetOrigin()), direction=tuple(image.GetDirection()),
                        resampled_size=tuple(size), resampled_spacing=tuple(spacing))
     if params.target_spacing is not None:
-        air = float(sitk.GetArrayViewFromImage(image).min())  # outside the field of view
+        air = float(sitk.GetArrayViewFromImage(image).min())  # outside the field of view: the padding value
         image = _resample(image, size, spacing, image.GetOrigin(), image.GetDirection(), False, air)
         if label is not None:
             label = _resample(label, size, spacing, label.GetOrigin(), label.GetDirection(), True, 0)
-    hu = sitk.GetArrayFromImage(image)
+    raw = sitk.GetArrayFromImage(image)
     lab = sitk.GetArrayFromImage(label) if label is not None else None
+    body = body_mask(raw, params.body_threshold)
     if params.crop_to_body:
-        start, stop = _body_box(hu, lab)
+        start, stop = body_box(body, lab)
     else:
-        start, stop = np.zeros(3, int), np.array(hu.shape)
+        start, stop = np.zeros(3, int), np.array(raw.shape)
     box = tuple(slice(a, b) for a, b in zip(start, stop))
     info = RestoreInfo(crop_start=tuple(int(v) for v in start), crop_stop=tuple(int(v) for v in stop), **info_kwargs)
     out_label = np.rint(lab[box]).astype(np.int16) if lab is not None else None
-    return _normalise(hu[box], params), out_label, info
+    return _normalise(raw[box], params, body[box]), out_label, info
 
 
 def preprocess_image(image: sitk.Image, params: PreprocessParams) -> Tuple[np.ndarray, RestoreInfo]:

@@ -24,6 +24,7 @@ Rank 0 alone writes files, logs and validates.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import signal
@@ -39,6 +40,7 @@ import torch
 from ..config import Config
 from ..data.dataset import Case, DatasetSpec
 from ..data.loader import StepLoader
+from ..data.plan import format_plan
 from ..data.preprocess import Preprocessed, PreprocessParams, preprocess_case
 from ..data.sampling import PatchSampler
 from ..errors import ConfigError, TrainingInterrupted
@@ -56,6 +58,8 @@ from .inference import (build_models, load_subnet_weights, refine_allowed_classe
                         sliding_window_probabilities)
 from .runcontrol import RUN_LOCK_NAME, STOP_FILE_NAME, RunLock, stop_requested
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink, require_tensorboard
+
+logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
 INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step number
@@ -85,6 +89,8 @@ class Trainer:
         progress: called with every ``preprocess``/``train``/``validation`` event record.
         should_stop: polled at every step boundary; True stops with a resumable checkpoint.
         cache_dir: preprocessing cache (default ``<dataset>/.plbopt_cache``).
+        plan: the preprocessing plan (:func:`PLBOptCore.data.plan.plan_config`) whose values
+            ``config`` holds: logged and written to ``plan.json`` (None on resume: it is there).
 
     Started by ``torchrun`` (``WORLD_SIZE`` > 1), the constructor joins the process group and
     ``fit()`` leaves it; ``progress`` and the progress bar are used on rank 0 only.
@@ -93,8 +99,10 @@ class Trainer:
     def __init__(self, config: Config, dataset: DatasetSpec, run_dir: Path, resume: bool = False,
                  overwrite: bool = False, init_from: Optional[Path] = None,
                  progress: Optional[ProgressCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
-                 cache_dir: Optional[Path] = None, show_progress_bar: bool = False) -> None:
+                 cache_dir: Optional[Path] = None, show_progress_bar: bool = False,
+                 plan: Optional[Dict[str, Any]] = None) -> None:
         self.config = config
+        self.plan = plan
         self.dataset = dataset
         self.run_dir = Path(run_dir)
         self.resume = resume
@@ -155,7 +163,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         if existing and not self.resume:
-            for name in ("events.jsonl", "checkpoints", "config.json", "dataset.json", TENSORBOARD_DIR):
+            for name in ("events.jsonl", "checkpoints", "config.json", "dataset.json", "plan.json", TENSORBOARD_DIR):
                 target = run_dir / name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -177,6 +185,11 @@ class Trainer:
         colors = {str(k): list(v) for k, v in self.dataset.colors.items()}
         with atomic_write(self.run_dir / "dataset.json") as tmp:
             tmp.write_text(json.dumps({"labels": labels, "colors": colors, "source": str(self.dataset.root)}, indent=2))
+        if self.plan is not None:
+            with atomic_write(self.run_dir / "plan.json") as tmp:
+                tmp.write_text(json.dumps(self.plan, indent=2))
+            for line in format_plan(self.plan, self.config):
+                logger.info(line)
 
     def _preprocess(self, jobs: List[Tuple[Case, bool]]) -> List[Preprocessed]:
         """Preprocess (or read from the cache) each ``(case, with_superpixels)``; every case is

@@ -37,7 +37,7 @@ def test_results_json_structure(bench):
     stored = json.loads((out / results["report_dir"] / "results.json").read_text())
     assert stored["tables"]["main"] == [{"group": "supervised", "label": "Supervised only (VNet)"},
                                         {"group": "dhc", "label": "Baseline (DHC)"}]
-    assert stored["dataset"] == {"path": stored["dataset"]["path"], "n_labeled": 2, "n_unlabeled": 2,
+    assert stored["dataset"] == {"path": stored["dataset"]["path"], "split_file": None, "split": None, "n_labeled": 2, "n_unlabeled": 2,
                                  "n_validation": 0, "n_test": 1, "classes": CLASSES}
     assert stored["this_call"]["trained"] == ["supervised-seed0", "dhc-seed0"]
     assert stored["hardware"]["cpu_count"] >= 1 and stored["total_seconds"] > 0

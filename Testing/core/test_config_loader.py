@@ -54,7 +54,7 @@ BAD_VALUES = [
     ({"device": 0}, "device must be a string, got 0"),
     ({"device": "gpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
     ({"optimizer": "adam"}, "optimizer must be one of sgd, adamw"),
-    ({"normalization": "ct"}, "normalization must be one of minmax, zscore"),
+    ({"normalization": "hu"}, "normalization must be one of minmax, zscore, ct"),
     ({"amp": "yes"}, "amp must be true or false"),
     ({"deterministic": 1}, "deterministic must be true or false"),
     ({"flip_axes": "xw"}, "flip_axes may only contain z, y and x"),
