@@ -24,3 +24,8 @@ class ConfigError(PLBOptError):
 
 class TrainingInterrupted(PLBOptError):
     """Training was stopped by a signal or a cancel request; a resumable checkpoint was written."""
+
+
+class OutputError(PLBOptError):
+    """An output path cannot be written (not a folder, not writable) or holds a file that would be
+    overwritten without ``--overwrite``."""

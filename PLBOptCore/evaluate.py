@@ -1,7 +1,7 @@
 """Evaluate a folder of predicted label maps against a folder of ground-truth label maps.
 
 Files are paired by case name (file name without ``.nii.gz/.nii/.seg.nrrd/.nrrd/.mha/.mhd``);
-``<case>_confidence.*`` maps written by ``plbopt predict`` are ignored, and each pair must share
+subfolders (the ``confidence/`` maps of ``plbopt predict``) are ignored, and each pair must share
 its full geometry (size, spacing, origin, direction). Every foreground class gets Dice, ASD
 (one-sided, prediction → GT, as DHC reports), ASSD and HD95 in mm using the ground-truth spacing.
 
@@ -108,12 +108,14 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
     max_label = max(names) if names else 0
     for case in sorted(preds):
         pred, gt, spacing = _read_pair(preds[case], gts[case])
-        if names is not None:
-            _check_known_labels(pred, preds[case], names)
-            _check_known_labels(gt, gts[case], names)
-        found = int(max(pred.max(), gt.max()))
-        max_label = max(max_label, found)
-        per_case[case] = compute_case_metrics(pred, gt, found + 1, spacing, empty, missing, hd95)
+        values = [_label_values(pred, preds[case], names), _label_values(gt, gts[case], names)]
+        # Scored on the classes present, numbered 1..K: a label map's values may be sparse
+        # (FreeSurfer-like tables), and every class number costs a pass over the volume.
+        present = np.union1d(np.union1d(*values), [0])
+        compact = compute_case_metrics(np.searchsorted(present, pred), np.searchsorted(present, gt), len(present),
+                                       spacing, empty, missing, hd95)
+        per_case[case] = {int(present[k]): metrics for k, metrics in compact.items()}
+        max_label = max(max_label, int(present[-1]))
 
     if names is None:
         names = {c: f"class_{c}" for c in range(1, max_label + 1)}
@@ -244,11 +246,24 @@ def _read_label_map(path: Path) -> Tuple[np.ndarray, sitk.Image]:
     return array, image
 
 
-def _check_known_labels(array: np.ndarray, path: Path, names: Dict[int, str]) -> None:
-    present = set(np.flatnonzero(np.bincount(array.ravel())).tolist())
-    unknown = sorted(present - set(names) - {0})
-    if unknown:
-        raise DatasetError(f"{path}: label values {unknown} are not in the labels {sorted(names)}")
+# Without class names, classes are named class_1..class_K up to the largest value found; a larger
+# value is more likely a corrupt or non-label file than a label map, and would make K names.
+MAX_UNNAMED_LABEL = 1000
+
+
+def _label_values(array: np.ndarray, path: Path, names: Optional[Dict[int, str]]) -> np.ndarray:
+    """The sorted label values of ``array``, refused with ``DatasetError`` when not in ``names``
+    or, without names, above :data:`MAX_UNNAMED_LABEL` (np.unique: no table as long as the largest value)."""
+    values = np.unique(array)
+    if names is not None:
+        unknown = sorted(set(values.tolist()) - set(names) - {0})
+        if unknown:
+            shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+            raise DatasetError(f"{path}: label values [{shown}] are not in the labels {sorted(names)[:20]}")
+    elif values.size and values[-1] > MAX_UNNAMED_LABEL:
+        raise DatasetError(f"{path}: label value {int(values[-1])} is above {MAX_UNNAMED_LABEL}; "
+                           "give the class names (--labels dataset.json) to score such label maps")
+    return values
 
 
 def _read_pair(pred_path: Path, gt_path: Path) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
@@ -274,6 +289,8 @@ def _resolve_labels(labels: LabelsArg) -> Optional[Dict[int, str]]:
             raise DatasetError(f"{source}: labels file not found") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise DatasetError(f"{source}: cannot read \"labels\" ({exc!r})") from None
+        except RecursionError:  # json recurses once per level of nesting
+            raise DatasetError(f"{source}: cannot read \"labels\" (JSON nested too deeply)") from None
     try:
         items: List[Tuple[int, str]] = []
         for key, value in dict(labels).items():

@@ -30,6 +30,38 @@ def atomic_write(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def check_output_folder(folder: Path) -> None:
+    """Raise :class:`~PLBOptCore.errors.OutputError` unless files can be written in ``folder``.
+
+    ``folder``, or where it does not exist yet its nearest existing parent (where it would be
+    created), must be a folder this process may write. Commands call this before their first
+    write, so a bad ``-o`` (a file, a read-only folder) is one line and leaves nothing behind.
+    """
+    from .errors import OutputError
+
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and not existing.is_symlink() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        needed = "" if existing == folder else f" (output folder {folder} would be created in it)"
+        raise OutputError(f"{existing}: exists and is not a folder{needed}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{existing}: folder is not writable (read-only or no permission); choose another output")
+
+
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """Raise :class:`~PLBOptCore.errors.OutputError` if writing ``path`` would replace something:
+    a folder always, an existing file (or link) unless ``overwrite``."""
+    from .errors import OutputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; cannot write a file there")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputError(f"{path}: exists; use --overwrite to replace it, or choose another output")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; otherwise ``torch.device(name)``, refused with a
     :class:`ConfigError` when this machine does not have it."""

@@ -6,8 +6,9 @@ so they can be re-run on an existing ``results.json`` without training anything.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -76,12 +77,19 @@ def _number(value: Optional[float], missing: float = float("nan")) -> float:
     return missing if value is None else float(value)
 
 
+def _real(value: Any) -> bool:
+    """A JSON number (not a bool): what a step or a logged value must be to be plotted."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _series(run_dir: Path, record_type: str, key: str) -> Dict[int, float]:
-    """``{step: value}`` of one field of one event type; a resumed run repeats steps, the last wins."""
+    """``{step: value}`` of one field of one event type; a resumed run repeats steps, the last wins.
+    Records whose step or value is not a number (a damaged or edited file) are left out."""
     series: Dict[int, float] = {}
     for record in read_events(Path(run_dir)):
-        if record.get("type") == record_type and record.get(key) is not None:
-            series[int(record["step"])] = float(record[key])
+        step, value = record.get("step"), record.get(key)
+        if record.get("type") == record_type and _real(step) and math.isfinite(step) and _real(value):
+            series[int(step)] = float(value)
     return series
 
 
@@ -102,8 +110,12 @@ def refine_gain_curves(run_dirs: Sequence[Path]) -> Dict[str, Tuple[np.ndarray, 
     for run_dir in run_dirs:
         series: Dict[str, Dict[int, float]] = {}
         for record in read_events(Path(run_dir)):
-            for name, gain in (record.get("refine_gain") or {}).items() if record.get("type") == "train" else ():
-                series.setdefault(name, {})[int(record["step"])] = float(gain)
+            gains, step = record.get("refine_gain"), record.get("step")
+            if record.get("type") != "train" or not isinstance(gains, dict) or not _real(step) or not math.isfinite(step):
+                continue
+            for name, gain in gains.items():
+                if _real(gain):
+                    series.setdefault(str(name), {})[int(step)] = float(gain)
         if series:
             per_run.append(series)
     curves: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}

@@ -6,6 +6,7 @@ the CLI and Slicer can show one clear line instead of an ITK stack trace.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import zlib
@@ -31,7 +32,7 @@ def case_name(path: Path) -> str:
     path = Path(path)
     name = path.name
     if path.is_dir():
-        return name
+        return path.resolve().name  # "." or "series/.." name the folder they stand for
     lower = name.lower()
     for suffix in IMAGE_SUFFIXES:
         if lower.endswith(suffix):
@@ -51,6 +52,39 @@ def image_case_name(path: Path) -> str:
     return name[: match.start()] if match and match.group(1) == "0000" else name
 
 
+# What a case name may become: ``<name><suffix>`` files written through ``.tmp-<pid>-<name><suffix>``
+# (utils.atomic_write) and ``<cache>/<key>/<name>/`` folders. The temporary must fit a file name:
+# 255 bytes on every common file system, minus the prefix with a pid of up to 10 digits (32-bit)
+# and the longest image suffix.
+FILE_NAME_BYTES = 255
+CASE_NAME_BYTES = FILE_NAME_BYTES - len(".tmp--") - 10 - max(len(s) for s in IMAGE_SUFFIXES)
+
+
+def check_case_name(name: object, where: Path) -> str:
+    """``name`` if it is safe as one path component, else ``DatasetError("<where>: case name ...")``.
+
+    Case names become cache folders and output files, so a name must not leave its folder or
+    address another one: no absolute name, no ``.`` or ``..``, no separator (``/``, ``\\``), no NUL
+    or other control character, no leading ``.`` (hidden, and the ``.tmp-`` files of an
+    interrupted write are cleared as leftovers), and short enough that the temporary name of an
+    atomic write still fits a file name.
+    """
+    if not isinstance(name, str) or not name:
+        raise DatasetError(f"{where}: case name {name!r} must be a non-empty string")
+    if any(sep in name for sep in {"/", "\\", os.sep, os.altsep} - {None}):
+        raise DatasetError(f"{where}: case name {name!r} contains a path separator; "
+                           "a case name is one file name, it must not lead into another folder")
+    if name.startswith("."):
+        raise DatasetError(f"{where}: case name {name!r} starts with '.'; '.', '..' and hidden names are refused")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise DatasetError(f"{where}: case name {name!r} contains a NUL or control character")
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > CASE_NAME_BYTES:
+        raise DatasetError(f"{where}: case name is {size} bytes long; at most {CASE_NAME_BYTES} fit a file name "
+                           f"once the temporary prefix of an atomic write is added ({name[:40]!r}...)")
+    return name
+
+
 def check_single_channel(paths: Sequence[Path]) -> None:
     """Raise ``DatasetError`` when ``paths`` hold a second channel (``<case>_0001``...) of a case
     whose ``<case>_0000`` image is among them: PLBOpt's networks take one channel."""
@@ -62,15 +96,30 @@ def check_single_channel(paths: Sequence[Path]) -> None:
                                "PLBOpt trains and predicts single-channel images only")
 
 
-CONFIDENCE_SUFFIX = "_confidence"  # `<case>_confidence.nii.gz`, written beside `<case>.nii.gz` by predict
+# `plbopt predict -o OUT` writes label maps `OUT/<case><ending>` and confidence maps
+# `OUT/confidence/<case><ending>`: OUT holds label maps only, as nnU-Net's evaluation expects (it
+# keeps probabilities apart too, with --save_probabilities).
+CONFIDENCE_FOLDER = "confidence"
+
+
+def prediction_suffix(image: Path) -> str:
+    """File ending of the prediction of input ``image``: the input's own format, so that a
+    prediction folder pairs with ground truth stored like the images (nnU-Net's ``file_ending``).
+    A DICOM series gives ``.nii.gz``; ``.mhd`` gives ``.mha``, because a header with a separate
+    ``.raw`` cannot be moved into place atomically; ``.seg.nrrd`` gives ``.nrrd``, because a
+    label map is not a Slicer segmentation file."""
+    image = Path(image)
+    if image.is_dir():
+        return ".nii.gz"
+    suffix = _image_suffix(image)
+    return {".mhd": ".mha", ".seg.nrrd": ".nrrd"}.get(suffix, suffix)
 
 
 def image_files(folder: Path) -> List[Path]:
     """Sorted image files of a folder, leaving out hidden files (including the ``.tmp-`` files of an
-    interrupted atomic write) and the ``<case>_confidence`` maps that ``plbopt predict`` writes."""
+    interrupted atomic write)."""
     return [path for path in sorted(Path(folder).iterdir())
-            if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_SUFFIXES)
-            and not case_name(path).endswith(CONFIDENCE_SUFFIX)]
+            if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_SUFFIXES)]
 
 
 def _image_suffix(path: Path) -> str:
@@ -178,14 +227,76 @@ def _dicom_file_names(folder: Path) -> Sequence[str]:
     return sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
 
 
-def _check_dimension(path: Path, dimension: int, size: Sequence[int], components: int) -> None:
+_COMPLEX_PIXEL_IDS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+
+
+def _check_dimension(path: Path, dimension: int, size: Sequence[int], components: int, pixel_id: int) -> None:
     dims = "×".join(str(s) for s in size)
+    if pixel_id in _COMPLEX_PIXEL_IDS:  # before the component count: a reader counts 2 for complex voxels
+        raise DatasetError(f"{path}: image has complex-valued voxels; a real-valued scalar volume is required")
     if components != 1:
         raise DatasetError(f"{path}: image has {components} components per voxel; a scalar volume is required")
     if dimension == 2 or (dimension == 3 and min(size) == 1):
         raise DatasetError(f"{path}: image is 2D (size {dims}); a 3D volume is required")
     if dimension != 3:
         raise DatasetError(f"{path}: image is {dimension}D (size {dims}); a 3D volume is required")
+
+
+# A NRRD header's `data file:` (also `datafile:`) and a MetaImage header's `ElementDataFile` name
+# the files holding the voxels: one name, `LIST` (the names follow, one a line), or a printf
+# pattern with first, last and step numbers (`slice%03d.raw 1 40 1`). MetaImage's `LOCAL` means
+# the voxels follow the header.
+_DATA_FILE_FIELDS = {"nrrd": re.compile(r"\s*data ?file\s*:(.*)$", re.IGNORECASE),
+                     "meta": re.compile(r"\s*ElementDataFile\s*=(.*)$", re.IGNORECASE)}
+_MAX_PATTERN_FILES = 100_000
+
+
+def _detached_data_files(path: Path, suffix: str) -> List[str]:
+    """The file names a NRRD or MetaImage header reads its voxels from; [] when they follow the header."""
+    nrrd = suffix in (".nrrd", ".seg.nrrd")
+    with open(path, "rb") as f:
+        lines = f.read(1 << 20).decode("utf-8", "surrogateescape").splitlines()
+    field = _DATA_FILE_FIELDS["nrrd" if nrrd else "meta"]
+    for index, line in enumerate(lines):
+        if nrrd and not line.strip():
+            return []  # the blank line ending a NRRD header: the voxels are attached
+        match = field.match(line)
+        if match:
+            break
+    else:
+        return []
+    value = match.group(1).strip()
+    tokens = value.split()
+    if not tokens or (not nrrd and tokens[0].upper() == "LOCAL"):
+        return []
+    if tokens[0].upper() == "LIST":
+        return [line.strip() for line in lines[index + 1:] if line.strip()]
+    if len(tokens) >= 4 and "%" in tokens[0] and all(re.fullmatch(r"[+-]?\d+", t) for t in tokens[1:4]):
+        first, last, step = (int(t) for t in tokens[1:4])
+        if step == 0 or (last - first) // step + 1 > _MAX_PATTERN_FILES:
+            raise DatasetError(f"{path}: data file pattern {value!r} names no or too many files")
+        try:
+            return [tokens[0] % number for number in range(first, last + (1 if step > 0 else -1), step)]
+        except (TypeError, ValueError):
+            raise DatasetError(f"{path}: data file pattern {tokens[0]!r} is not a number pattern") from None
+    return [value]
+
+
+def _check_data_files_inside(path: Path, suffix: str) -> None:
+    """Refuse a header whose voxels would be read from outside its folder.
+
+    The reader opens the names relative to the header's folder as given; each must resolve
+    (symbolic links followed) into that folder, or into the folder the header itself resolves to
+    (a dataset assembled from links to header and data files). Otherwise a header could make any
+    file the user can read part of a dataset, around the rule that dataset paths stay inside.
+    """
+    folder = path.parent
+    allowed = (folder.resolve(), path.resolve().parent)
+    for name in _detached_data_files(path, suffix):
+        target = (folder / name).resolve() if "\0" not in name else None
+        if target is None or not any(target.is_relative_to(inside) for inside in allowed):
+            raise DatasetError(f"{path}: header reads its voxels from {name[:200]!r}, outside the folder of "
+                               "the header; keep the data file next to its header")
 
 
 def _check_file(path: Path, complete: bool = True) -> None:
@@ -195,8 +306,11 @@ def _check_file(path: Path, complete: bool = True) -> None:
     if path.stat().st_size == 0:
         raise DatasetError(f"{path}: file is empty (0 bytes)")
     _check_magic(path, suffix)
-    if complete and suffix in (".nii", ".nii.gz"):
-        _check_nifti_complete(path, compressed=suffix == ".nii.gz")
+    if suffix in (".nii", ".nii.gz"):
+        if complete:
+            _check_nifti_complete(path, compressed=suffix == ".nii.gz")
+    else:
+        _check_data_files_inside(path, suffix)
 
 
 def read_image(path: Path) -> sitk.Image:
@@ -217,7 +331,8 @@ def read_image(path: Path) -> sitk.Image:
         image = reader.Execute()
     except RuntimeError as exc:
         raise DatasetError(f"{path}: cannot read image, file is truncated or corrupt ({_itk_reason(exc)})") from None
-    _check_dimension(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
+    _check_dimension(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(),
+                     image.GetPixelID())
     if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
         if bad:
@@ -241,7 +356,8 @@ def read_header(path: Path) -> Geometry:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise DatasetError(f"{path}: cannot read image header, file is truncated or corrupt ({_itk_reason(exc)})") from None
-    _check_dimension(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+    _check_dimension(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
+                     reader.GetPixelID())
     return reader
 
 

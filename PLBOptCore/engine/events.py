@@ -67,19 +67,23 @@ def describe_event(record: Dict[str, Any]) -> str:
 
 
 def read_events(path: Path) -> List[Dict[str, Any]]:
-    """All complete records of an events file; a missing file or torn last line is tolerated."""
+    """All complete records (JSON objects) of an events file; a missing file or torn last line is
+    tolerated, and a line that is not UTF-8, not JSON or not an object is skipped: the file may
+    have been edited, concatenated or damaged, and its readers (plots, progress) expect records."""
     path = Path(path)
     if path.is_dir():
         path = path / EVENTS_FILE
     if not path.is_file():
         return []
     records = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:
         for line in handle:
-            if not line.endswith("\n"):
+            if not line.endswith(b"\n"):
                 break  # being written right now
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 continue
+            if isinstance(record, dict):
+                records.append(record)
     return records

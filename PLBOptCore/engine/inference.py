@@ -51,8 +51,22 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.12
     return weight.clamp_min(1e-3)
 
 
+def check_overlap(overlap: float) -> float:
+    """``overlap`` as a float if it lies in [0, 1), else :class:`ConfigError`: a negative overlap
+    spaces the windows more than a patch apart and leaves voxels that no window covers (confidence
+    0, label background), and an overlap of 1 or more never advances the window."""
+    try:
+        value = float(overlap)
+    except (TypeError, ValueError):
+        raise ConfigError(f"overlap: must be a number in [0, 1), got {overlap!r}") from None
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise ConfigError(f"overlap: must be in [0, 1) (the fraction of a patch that windows share), got {overlap!r}")
+    return value
+
+
 def window_starts(length: int, patch: int, overlap: float) -> List[int]:
     """Start offsets covering ``length`` with windows of ``patch`` and the requested overlap."""
+    check_overlap(overlap)
     if length <= patch:
         return [0]
     stride = max(1, int(round(patch * (1.0 - overlap))))

@@ -2,7 +2,7 @@
 
 A synthetic labeled case and an unlabeled one go into the scene; a prediction and a confidence
 map for the unlabeled case are written in the files and layout of PLBOptCore's ``refine``
-(``<case>.nii.gz``, ``<case>_confidence.nii.gz``, the run's ``dataset.json``); then the real
+(``<case>.nii.gz``, ``confidence/<case>.nii.gz``, the run's ``dataset.json``); then the real
 workflow runs on them: load -> jump to the least confident region -> begin correction -> accept
 as labeled -> export. This checks the module's segmentations, slice and file handling on any
 machine, with or without torch.
@@ -86,7 +86,7 @@ def write_synthetic_prediction(volume, case_name: str, run_dir: Path, out_dir: P
     (Path(run_dir) / "dataset.json").write_text(json.dumps(
         {"labels": {"0": "background", **{str(v): n for v, n in enumerate(CLASS_NAMES, start=1)}}, "colors": {}}))
     imageio.write_image(imageio.array_to_sitk(label.astype(np.uint8), grid), Path(out_dir) / f"{case_name}.nii.gz")
-    imageio.write_image(imageio.array_to_sitk(confidence, grid), Path(out_dir) / f"{case_name}_confidence.nii.gz")
+    imageio.write_image(imageio.array_to_sitk(confidence, grid), Path(out_dir) / "confidence" / f"{case_name}.nii.gz")
 
 
 def run_review_self_test(scene, working_dir: Path) -> ReviewSelfTestResult:

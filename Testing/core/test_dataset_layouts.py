@@ -163,7 +163,10 @@ def test_layout_trains_predicts_and_evaluates_without_conversion(phantom, tmp_pa
     assert (start["labeled"], start["unlabeled"]) == (2, 2)
     assert main(["predict", str(run), str(images_ts), "-o", str(preds), "--device", "cpu", "-q"]) == 0
     test_names = sorted(p.name for p in labels_ts.iterdir())
-    assert sorted(p.name for p in preds.glob("*.nii.gz") if "_confidence" not in p.name) == test_names
+    # label maps only, named like the ground truth: the folder nnUNetv2_evaluate_simple accepts
+    # (every prediction file has a reference file); the confidence maps are in their own folder
+    assert sorted(p.name for p in preds.iterdir() if p.is_file()) == test_names
+    assert sorted(p.name for p in (preds / "confidence").iterdir()) == test_names
     capsys.readouterr()
     assert main(["evaluate", str(preds), str(labels_ts), "--labels", str(root / "dataset.json")]) == 0
     table = capsys.readouterr().out

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +26,18 @@ import torch
 
 from PLBOptCore.cli import main
 from PLBOptCore.data.dataset import load_dataset, validate_dataset
+from PLBOptCore.data.io import CASE_NAME_BYTES, check_case_name, read_header, read_image
+from PLBOptCore.errors import DatasetError
+from PLBOptCore.utils import atomic_write
 
 SHAPE = (16, 32, 32)  # (Z, Y, X)
 SPACING = (1.5, 1.5, 2.5)  # (x, y, z)
 ORIGIN = (-20.0, 10.0, 300.0)
 IMAGE, LABEL, UNLABELED = "imagesTr/case.nii.gz", "labelsTr/case.nii.gz", "imagesUn/other.nii.gz"
+# The smallest training, for the few tests that need a run folder (and for old code that trained
+# where it should have refused).
+TINY_TRAIN = ["--preset", "supervised", "--iterations", "2", "--patch-size", "16", "32", "32", "--base-filters", "4",
+              "--batch-size", "1", "--device", "cpu", "-q", "--set", "checkpoint_every=1", "validate_every=1000"]
 
 
 def _ct() -> np.ndarray:
@@ -66,14 +75,17 @@ def _valid_json() -> dict:
             "training": [{"image": IMAGE, "label": LABEL}], "unlabeled": [{"image": UNLABELED}]}
 
 
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    root = tmp_path / "data"
+def _make_dataset(root: Path) -> Path:
     _write(_ct(), root / IMAGE)
     _write(_organ().astype(np.uint8), root / LABEL)
     _write(_ct()[::-1].copy(), root / UNLABELED)
     _write_json(root, _valid_json())
     return root
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return _make_dataset(tmp_path / "data")
 
 
 def test_the_unbroken_dataset_is_valid(dataset):
@@ -177,6 +189,11 @@ def _invalid_json(root: Path) -> Tuple[Path, str]:
     return root / "dataset.json", "invalid JSON"
 
 
+def _deeply_nested_json(root: Path) -> Tuple[Path, str]:
+    (root / "dataset.json").write_text("[" * 100_000 + "]" * 100_000)  # json.loads recurses per level
+    return root / "dataset.json", "nested too deeply"
+
+
 def _labels_not_a_mapping(root: Path) -> Tuple[Path, str]:
     return _write_json(root, {**_valid_json(), "labels": ["background", "organ"]}), "'labels' must be a non-empty mapping"
 
@@ -204,6 +221,43 @@ def _label_is_a_folder(root: Path) -> Tuple[Path, str]:
     return root / "labelsTr/empty", "folder contains no DICOM series"
 
 
+def _complex_image(root: Path) -> Tuple[Path, str]:
+    return _write(_ct().astype(np.complex64) * (1 + 1j), root / IMAGE), "complex-valued voxels"
+
+
+def _detached_header(root: Path, name: str, data_file_field: str) -> Path:
+    """A MetaImage (.mhd) or NRRD header of the image whose voxels are wherever its data field says;
+    listed as the training image in dataset.json."""
+    header = root / "imagesTr" / name
+    if name.endswith(".mhd"):
+        header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 32 32 16\nElementType = MET_SHORT\n"
+                          "ElementSpacing = 1.5 1.5 2.5\nOffset = -20 10 300\nBinaryData = True\n"
+                          f"BinaryDataByteOrderMSB = False\nElementDataFile = {data_file_field}\n")
+    else:
+        header.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 32 32 16\nspacings: 1.5 1.5 2.5\n"
+                          f"endian: little\nencoding: raw\ndata file: {data_file_field}\n")
+    _write_json(root, {**_valid_json(), "training": [{"image": f"imagesTr/{name}", "label": LABEL}]})
+    return header
+
+
+def _secret(root: Path) -> Path:
+    """A file outside the dataset that holds valid voxels: read, it would train without complaint."""
+    path = root.parent / "secret.raw"
+    path.write_bytes(_ct().astype("<i2").tobytes())
+    return path
+
+
+def _data_file_outside(root: Path) -> Tuple[Path, str]:
+    _secret(root)
+    return _detached_header(root, "case.mhd", "../../secret.raw"), "outside the folder of the header"
+
+
+def _data_file_through_symlink(root: Path) -> Tuple[Path, str]:
+    # the name stays in the folder; the link it names leads out of it
+    (root / "imagesTr" / "case.raw").symlink_to(_secret(root))
+    return _detached_header(root, "case.nrrd", "case.raw"), "outside the folder of the header"
+
+
 def _no_unlabeled_cases(root: Path) -> Tuple[Path, str]:
     # The default preset (plbopt) is semi-supervised: refused before the run folder or cache exist.
     _write_json(root, {**_valid_json(), "unlabeled": []})
@@ -216,7 +270,7 @@ TRAIN_CASES: Dict[str, Callable[[Path], Tuple[Path, str]]] = {
         _label_negative, _float_label, _size_mismatch, _spacing_mismatch, _origin_mismatch, _direction_mismatch,
         _nan_voxels, _inf_voxels, _constant_image, _empty_labels, _missing_keys, _invalid_json,
         _labels_not_a_mapping, _path_traversal, _absolute_path, _missing_file, _label_is_a_folder,
-        _no_unlabeled_cases)
+        _no_unlabeled_cases, _complex_image, _data_file_outside, _data_file_through_symlink, _deeply_nested_json)
 }
 # Run as real processes: a corrupt file, a JSON problem and a path attack.
 SUBPROCESS_CASES = {"truncated_nifti", "invalid_json", "path_traversal"}
@@ -322,3 +376,202 @@ def test_predict_never_executes_a_pickle_payload(dataset, tmp_path, capfd):
     code, err, checkpoint = _predict_with_checkpoint(dataset, tmp_path, payload, True, capfd)
     _assert_one_line_error(code, err, checkpoint, "refused to load")
     assert not marker.exists(), "the pickle payload was executed"
+
+
+# ---- voxels read through a header: only from the header's own folder ---------------------------
+
+@pytest.mark.parametrize("name, field", [("case.nrrd", "{secret}"),                  # absolute
+                                         ("case.nrrd", "LIST\ncase.raw\n../../secret.raw"),
+                                         ("case.mhd", "../../secret%d.raw 0 0 1"),  # printf pattern
+                                         ("case.mhd", "sub/../../../secret.raw")])
+def test_a_header_cannot_name_voxels_outside_its_folder(dataset, name, field):
+    secret = _secret(dataset)
+    shutil.copy(secret, dataset.parent / "secret0.raw")
+    header = _detached_header(dataset, name, field.format(secret=secret))
+    for read in (read_header, read_image):
+        with pytest.raises(DatasetError, match=r"^" + re.escape(f"{header}: header reads its voxels from")):
+            read(header)
+
+
+def test_a_header_with_its_voxels_beside_it_is_read(dataset):
+    """Control: detached data in the header's folder (or a subfolder) is read as before."""
+    (dataset / "imagesTr" / "sub").mkdir()
+    (dataset / "imagesTr" / "sub" / "case.raw").write_bytes(_ct().astype("<i2").tobytes())
+    header = _detached_header(dataset, "case.mhd", "sub/case.raw")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(header)), _ct())
+    validate_dataset(load_dataset(dataset), deep=True)
+
+
+# ---- case names: one safe file name, wherever they come from -------------------------------------
+
+def _nnunet_json(names: List[str]) -> dict:
+    """nnU-Net v2 dataset.json whose explicit "dataset" key names the case(s)."""
+    return {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz",
+            "numTraining": len(names), "unlabeled": "imagesUn",
+            "dataset": {name: {"images": [IMAGE], "label": LABEL} for name in names}}
+
+
+UNSAFE_NAMES = {"absolute": "{outside}/case", "parent": "../../case", "dotdot": "..", "dot": ".",
+                "separator": "sub/case", "backslash": "sub\\case", "nul": "ca\x00se", "newline": "ca\nse",
+                "hidden": ".tmp-1-case", "too_long": "c" * 231, "empty": ""}
+
+
+@pytest.mark.parametrize("kind", sorted(UNSAFE_NAMES))
+def test_train_refuses_a_case_name_that_is_no_safe_file_name(kind, dataset, tmp_path, capfd):
+    """nnU-Net's "dataset" key names cases freely; the names become cache folders. Refused before
+    anything is written, inside or outside the dataset (old code: exit 0, cache files anywhere)."""
+    (tmp_path / "outside").mkdir()
+    _write_json(dataset, _nnunet_json([UNSAFE_NAMES[kind].format(outside=tmp_path / "outside")]))
+    before = _snapshot(tmp_path)
+    code, err = _run_cli(["train", str(dataset), "-o", str(tmp_path / "run"), *TINY_TRAIN], False, capfd)
+    _assert_one_line_error(code, err, dataset / "dataset.json", "case name")
+    assert _snapshot(tmp_path) == before, "files were written"
+
+
+def test_the_longest_case_name_still_fits_the_temporary_of_an_atomic_write(tmp_path):
+    """The limit is the file system's: a name at the limit is written through its temporary."""
+    name = "c" * CASE_NAME_BYTES
+    assert check_case_name(name, tmp_path) == name
+    with atomic_write(tmp_path / f"{name}.seg.nrrd") as tmp:
+        tmp.write_bytes(b"x")
+    with pytest.raises(DatasetError, match="bytes long"):
+        check_case_name(name + "c", tmp_path)
+
+
+def test_file_names_too_long_for_a_case_are_refused_with_their_folder(dataset, tmp_path, capfd):
+    """Names made from file names (an --unlabeled folder, predict's inputs) pass the same check."""
+    long_image = _write(_ct(), tmp_path / "extra" / ("u" * 240 + ".nii.gz"))
+    code, err = _run_cli(["train", str(dataset), "-o", str(tmp_path / "run"), "--unlabeled", str(long_image.parent),
+                          *TINY_TRAIN], False, capfd)
+    _assert_one_line_error(code, err, long_image, "bytes long")
+    code, err = _run_cli(["predict", str(tmp_path / "no-run"), str(long_image), "-o", str(tmp_path / "out")],
+                         False, capfd)
+    _assert_one_line_error(code, err, long_image, "bytes long")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+# ---- outputs: checked before the first byte, nothing existing replaced unasked -------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Tuple[Path, Path]:
+    """(dataset, run folder) of a two-step supervised run on the unbroken dataset. Read only."""
+    root = _make_dataset(tmp_path_factory.mktemp("trained") / "data")
+    run = root.parent / "run"
+    assert main(["train", str(root), "-o", str(run), "--cache-dir", str(root.parent / "cache"), *TINY_TRAIN]) == 0
+    return root, run
+
+
+def test_predict_replaces_no_existing_file_unless_asked(trained_run, tmp_path, capfd):
+    """An existing file among the outputs (here the second case's confidence map) refuses the
+    whole prediction before the first case is written; --overwrite replaces them."""
+    root, run = trained_run
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(root / IMAGE, inputs / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    mine = _write(np.full(SHAPE, 7, np.uint8), out / "confidence" / "b.nii.gz")
+    before = _snapshot(tmp_path)
+    code, err = _run_cli(["predict", str(run), str(inputs), "-o", str(out), "--device", "cpu", "-q"], False, capfd)
+    _assert_one_line_error(code, err, mine, "exists; use --overwrite")
+    assert _snapshot(tmp_path) == before, "something was written although an output exists"
+    assert main(["predict", str(run), str(inputs), "-o", str(out), "--device", "cpu", "-q", "--overwrite"]) == 0
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(mine))).max() <= 1.0, "the confidence map was not replaced"
+    # label maps alone in the output folder, confidence maps apart: nnU-Net's evaluation reads it
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "confidence"]
+
+
+@pytest.mark.parametrize("overlap", ["-0.5", "1", "1.5", "nan"])
+def test_predict_refuses_an_overlap_outside_0_to_1_before_reading_anything(overlap, dataset, tmp_path, capfd):
+    code, err = _run_cli(["predict", str(tmp_path / "no-run"), str(dataset / IMAGE), "-o", str(tmp_path / "out"),
+                          f"--overlap={overlap}"], False, capfd)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "overlap: must be in [0, 1)" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_an_output_folder_that_is_a_file(dataset, tmp_path, capfd):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for out in (notes, notes / "sub"):
+        code, err = _run_cli(["predict", str(tmp_path / "no-run"), str(dataset / IMAGE), "-o", str(out)], False, capfd)
+        _assert_one_line_error(code, err, notes, "exists and is not a folder")
+    assert notes.read_text() == "mine"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, where nobody may create files")
+def test_an_output_folder_the_system_refuses_is_one_line(trained_run, tmp_path, capfd):
+    """/proc passes the permission check even for root; the refused mkdir is still one line, exit 2."""
+    root, run = trained_run
+    out = Path("/proc/plbopt-no-such-folder")
+    code, err = _run_cli(["predict", str(run), str(root / IMAGE), "-o", str(out), "--device", "cpu", "-q"], True, capfd)
+    _assert_one_line_error(code, err, out, "")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_predict_refuses_a_read_only_output_folder(dataset, tmp_path, capfd):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    code, err = _run_cli(["predict", str(tmp_path / "no-run"), str(dataset / IMAGE), "-o", str(locked / "out")],
+                         False, capfd)
+    _assert_one_line_error(code, err, locked, "not writable")
+
+
+def test_export_never_writes_over_the_run_folders_files(trained_run, tmp_path, capfd):
+    """`-o RUN/config.pt2` would put the sidecar over RUN/config.json (the run could not be
+    resumed): refused even with --overwrite; other existing outputs only without it."""
+    root, run = trained_run
+    before = _snapshot(run)
+    for extra in ([], ["--overwrite"]):
+        code, err = _run_cli(["export", str(run), "-o", str(run / "config.pt2"), *extra], False, capfd)
+        _assert_one_line_error(code, err, run / "config.json", "belongs to the run folder")
+        code, err = _run_cli(["export", str(run), "-o", str(run / "checkpoints" / "model.pt2"), *extra], False, capfd)
+        _assert_one_line_error(code, err, run / "checkpoints" / "model.pt2", "belongs to the run folder")
+    assert _snapshot(run) == before
+    sidecar = tmp_path / "model.json"
+    sidecar.write_text("my notes")
+    code, err = _run_cli(["export", str(run), "-o", str(tmp_path / "model.pt2")], False, capfd)
+    _assert_one_line_error(code, err, sidecar, "exists; use --overwrite")
+    assert sidecar.read_text() == "my notes" and not (tmp_path / "model.pt2").exists()
+
+
+def test_evaluate_refuses_absurd_label_values_without_allocating_for_them(tmp_path, capfd):
+    """One voxel of 2·10⁹: np.bincount would allocate 16 GB, and class_1..class_K names and
+    passes over the volume would never end. Refused in one line; label values named in
+    --labels may be sparse and large."""
+    gt = _organ().astype(np.int32)
+    _write(gt, tmp_path / "gt" / "case.nii.gz")
+    absurd = gt.copy()
+    absurd[0, 0, 0] = 2_000_000_000
+    _write(absurd, tmp_path / "pred" / "case.nii.gz")
+    code, err = _run_cli(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")], False, capfd)
+    _assert_one_line_error(code, err, tmp_path / "pred" / "case.nii.gz", "label value 2000000000 is above 1000")
+    labels = _write_json(tmp_path, {"labels": {"0": "background", "1": "organ"}})
+    code, err = _run_cli(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--labels", str(labels)],
+                         False, capfd)
+    _assert_one_line_error(code, err, tmp_path / "pred" / "case.nii.gz", "label values [2000000000] are not in")
+    sparse = np.where(gt > 0, 5000, 0).astype(np.int32)  # FreeSurfer-like label numbers
+    for folder in ("pred", "gt"):
+        _write(sparse, tmp_path / folder / "case.nii.gz")
+    labels = _write_json(tmp_path, {"labels": {"0": "background", "5000": "organ"}})
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--labels", str(labels)]) == 0
+    assert json.loads((tmp_path / "pred" / "metrics.json").read_text())["classes"]["organ"]["dice"]["mean"] == 1.0
+
+
+def test_plot_skips_events_lines_that_are_no_records(tmp_path, capfd):
+    """events.jsonl edited or damaged: lines that are not UTF-8, not objects, or carry values of
+    the wrong type are left out of the curves instead of ending `plbopt plot` in a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    good = [{"type": "train", "step": step, "loss": 1.0 / step, "refine_gain": {"organ": 0.01}} for step in (1, 2, 3)]
+    bad = [b"\xff\xfe not utf-8\n", b"[1, 2]\n", b'"text"\n', b"null\n", b"[" * 50_000 + b"\n",
+           b'{"type": "train", "step": "two", "loss": 0.5}\n', b'{"type": "train", "step": 4, "loss": "high"}\n',
+           b'{"type": "train", "step": 5, "loss": 0.1, "refine_gain": [0.1]}\n',
+           b'{"type": "train", "step": 6, "loss": 0.1, "refine_gain": {"organ": "up"}}\n']
+    lines = [json.dumps(record).encode() + b"\n" for record in good]
+    (run / "events.jsonl").write_bytes(b"".join(lines[:2] + bad + lines[2:]))
+    assert main(["plot", str(run), "-o", str(tmp_path / "curves.png")]) == 0, capfd.readouterr().err
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    from PLBOptCore.bench.plots import mean_curve, refine_gain_curves
+    steps, values = mean_curve([run], "train", "loss")
+    assert steps.tolist() == [1, 2, 3, 5, 6] and values[:3].tolist() == pytest.approx([1, 0.5, 1 / 3])
+    assert refine_gain_curves([run])["organ"][0].tolist() == [1, 2, 3]

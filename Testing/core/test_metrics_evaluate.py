@@ -137,13 +137,13 @@ def _write(path, array_zyx, spacing_xyz=(1.0, 1.0, 2.0), pixel=np.uint8):
 @pytest.fixture
 def folders(tmp_path):
     """case1: class 1 = offset cubes (ASD 19/26 mm with z spacing 2), class 2 only in GT;
-    case2 (.mha prediction): perfect. A *_confidence map must be ignored."""
+    case2 (.mha prediction): perfect. The confidence/ folder of `plbopt predict` must be ignored."""
     pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
     gt1 = GT.astype(np.uint8)
     gt1[7, 6, 6] = 2
     _write(pred_dir / "case1.nii.gz", PRED)
     _write(gt_dir / "case1.nii.gz", gt1)
-    _write(pred_dir / "case1_confidence.nii.gz", np.full(PRED.shape, 0.5), pixel=np.float32)
+    _write(pred_dir / "confidence" / "case1.nii.gz", np.full(PRED.shape, 0.5), pixel=np.float32)
     both = GT.astype(np.uint8) + 2 * _cube(GT.shape, (0, 0, 4), 2)
     _write(pred_dir / "case2.mha", both)
     _write(gt_dir / "case2.nii.gz", both)

@@ -170,14 +170,16 @@ def test_prediction_is_written_in_the_input_geometry(tiny_dataset, tmp_path):
     image_path.parent.mkdir()
     sitk.WriteImage(source, str(image_path))
     written = predict(tmp_path / "run", image_path.parent, tmp_path / "out", device="cpu")
-    assert [p.name for p in written] == ["case_a.nii.gz"]
-    for name in ("case_a.nii.gz", "case_a_confidence.nii.gz"):
+    # in the input's format; the confidence map in its own folder, so "out" holds label maps only
+    assert [p.name for p in written] == ["case_a.nrrd"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_a.nrrd", "confidence"]
+    for name in ("case_a.nrrd", "confidence/case_a.nrrd"):
         out = sitk.ReadImage(str(tmp_path / "out" / name))
         assert out.GetSize() == source.GetSize()
         np.testing.assert_allclose(out.GetSpacing(), source.GetSpacing(), atol=1e-5)
         np.testing.assert_allclose(out.GetOrigin(), source.GetOrigin(), atol=1e-4)
         np.testing.assert_allclose(out.GetDirection(), source.GetDirection(), atol=1e-6)
-    confidence = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case_a_confidence.nii.gz")))
+    confidence = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "confidence" / "case_a.nrrd")))
     assert confidence.min() > 0 and confidence.max() <= 1.0 + 1e-5
 
 

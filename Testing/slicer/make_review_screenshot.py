@@ -76,7 +76,7 @@ def main(out_path: Path) -> Path:
         predicted, confidence = synthetic_prediction(label)
         geometry = imageio.volume_geometry(volume)
         imageio.write_image(imageio.array_to_sitk(predicted, geometry), out_dir / "unlabeled_case.nii.gz")
-        imageio.write_image(imageio.array_to_sitk(confidence, geometry), out_dir / "unlabeled_case_confidence.nii.gz")
+        imageio.write_image(imageio.array_to_sitk(confidence, geometry), out_dir / "confidence" / "unlabeled_case.nii.gz")
         item = WorkflowLogic(scene, working_dir=work).load_predictions(run_dir, out_dir)[0]
     return render_loaded(scene, item, LABELS, COLORS, out_path)
 
