@@ -124,7 +124,7 @@ def write_fake_run(tmp_path, volumes_and_labels):
         confidence[low_box] = 0.4
         confidences[name] = confidence
         imageio.write_image(imageio.array_to_sitk(label, grid), out_dir / f"{name}.nii.gz")
-        imageio.write_image(imageio.array_to_sitk(confidence, grid), out_dir / f"{name}_confidence.nii.gz")
+        imageio.write_image(imageio.array_to_sitk(confidence, grid), out_dir / "confidence" / f"{name}.nii.gz")
     return run_dir, out_dir, confidences
 
 
