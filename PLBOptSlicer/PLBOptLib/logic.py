@@ -5,7 +5,7 @@ Working folder layout::
 
     WORK/dataset/           dataset.json, imagesTr/, labelsTr/, imagesUn/   (rewritten on export)
     WORK/runs/run-NNN/      PLBOptCore run folders (checkpoints/last.pt, events.jsonl, dataset.json)
-    WORK/predictions/run-NNN/   <case>.nii.gz + <case>_confidence.nii.gz from ``refine``
+    WORK/predictions/run-NNN/   <case>.nii.gz + confidence/<case>.nii.gz from ``refine``
     WORK/corrected/<case>.seg.nrrd   accepted corrections
 """
 
@@ -282,22 +282,23 @@ class WorkflowLogic:
             label_path = Path(out_dir) / f"{case.name}.nii.gz"
             if not label_path.is_file() or case.status in (Status.LABELED, Status.CORRECTED):
                 continue
-            self._remove_pseudo_label(case)
-            prediction = review.load_prediction(case.volume, label_path, Path(out_dir) / f"{case.name}_confidence.nii.gz",
+            previous = self._pseudo_label_nodes(case)  # replaced only once the new one has loaded
+            prediction = review.load_prediction(case.volume, label_path, Path(out_dir) / "confidence" / f"{case.name}.nii.gz",
                                                 labels, colors, threshold=self.confidence_threshold)
+            review.remove_nodes(self.scene, previous)
             case_utils.set_case_segmentation(case.volume, prediction.segmentation, Status.PSEUDO_LABELED)
             self.review_items[case.name] = ReviewItem(case.name, prediction)
             loaded.append(case.name)
         self.log_callback(f"Loaded pseudo labels of {len(loaded)} cases from {out_dir}")
         return [item for item in self.ranked_review() if item.case_name in loaded]
 
-    def _remove_pseudo_label(self, case: SceneCase) -> None:
-        if case.status == Status.PSEUDO_LABELED and case.segmentation is not None:
-            self.scene.RemoveNode(case.segmentation)
-        confidence = case.volume.GetNodeReference(review.CONFIDENCE_REFERENCE_ROLE)
-        if confidence is not None:
-            self.scene.RemoveNode(confidence)
-        self.review_items.pop(case.name, None)
+    @staticmethod
+    def _pseudo_label_nodes(case: SceneCase) -> list:
+        """The module-made pseudo label and confidence map of a case, which a new prediction replaces."""
+        nodes = [case.volume.GetNodeReference(review.CONFIDENCE_REFERENCE_ROLE)]
+        if case.status == Status.PSEUDO_LABELED:
+            nodes.append(case.segmentation)
+        return [node for node in nodes if node is not None]
 
     def ranked_review(self) -> List[ReviewItem]:
         """Pseudo-labeled cases, most uncertain first: correcting those teaches the model most."""

@@ -1,7 +1,7 @@
 """Review of pseudo labels: load PLBOptCore predictions as MRML nodes, rank cases by uncertainty,
 locate the least confident region, and colour the confidence overlay so that only doubt shows.
 
-``<case>.nii.gz`` is a class-index label map and ``<case>_confidence.nii.gz`` the max-softmax
+``<case>.nii.gz`` is a class-index label map and ``confidence/<case>.nii.gz`` the max-softmax
 probability per voxel, both on the input image's grid (PLBOptCore's refine contract).
 """
 
@@ -169,6 +169,28 @@ def place_under(volume_node, nodes: Sequence) -> None:
             hierarchy.CreateItem(parent, node)
 
 
+def set_segment_terminology(segment, entry: str) -> None:
+    """Give ``segment`` the serialised terminology ``entry``. ``vtkSegment.SetTerminology`` exists
+    from Slicer 5.10 on; Slicer 5.6 and 5.8 keep the entry in the segment's terminology tag, which
+    5.10+ still read (as SlicerTotalSegmentator writes it for those versions)."""
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(entry)
+    else:
+        segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
+
+
+def remove_nodes(scene, nodes: Sequence) -> None:
+    """Remove ``nodes`` and their display nodes (what a failed load had added) from ``scene``."""
+    for node in nodes:
+        if node is None or node.GetScene() is None:
+            continue
+        if hasattr(node, "GetNumberOfDisplayNodes"):
+            for display in [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]:
+                if display is not None:
+                    scene.RemoveNode(display)
+        scene.RemoveNode(node)
+
+
 def _read_on_grid(path: Path, volume_node, what: str) -> np.ndarray:
     image = imageio.read_image(path)
     problems = imageio.sitk_geometry(image).differences(imageio.volume_geometry(volume_node))
@@ -177,6 +199,55 @@ def _read_on_grid(path: Path, volume_node, what: str) -> np.ndarray:
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(image)
+
+
+def _add_prediction_nodes(volume_node, label: np.ndarray, confidence: np.ndarray, grid, label_path: Path,
+                          labels: Dict[int, str], colors: Dict[int, Tuple[int, int, int]], threshold: float,
+                          added: list):
+    """The scene part of :func:`load_prediction`; every node it adds goes into ``added`` first."""
+    scene = volume_node.GetScene()
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} pseudo label")
+    added.append(segmentation_node)
+    segmentation_node.SetAttribute(ROLE_ATTRIBUTE, PSEUDO_LABEL_ROLE)
+    segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segment_ids = vtk.vtkStringArray()
+    for value in range(1, max(labels) + 1):
+        name = labels.get(value, f"class {value}")
+        rgb = [c / 255.0 for c in class_color(value, colors)]
+        segment_id = segmentation_node.GetSegmentation().AddEmptySegment(name, name, rgb)
+        entry = terminology.terminology_entry(name)
+        if entry is not None:
+            set_segment_terminology(segmentation_node.GetSegmentation().GetSegment(segment_id), entry)
+        segment_ids.InsertNextValue(segment_id)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PLBOpt_import__")
+    added.append(labelmap)
+    try:
+        imageio.set_volume_from_array(labelmap, label.astype(np.int16), grid)
+        # Label value v goes to the v-th listed segment, i.e. the class of that index.
+        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation_node,
+                                                                                      segment_ids):
+            raise PLBOptSlicerError(f"{label_path}: import into a segmentation failed")
+    finally:
+        remove_nodes(scene, [labelmap])
+
+    confidence_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{volume_node.GetName()} confidence")
+    added.append(confidence_node)
+    confidence_node.SetAttribute(ROLE_ATTRIBUTE, CONFIDENCE_ROLE)
+    imageio.set_volume_from_array(confidence_node, confidence, grid)
+    confidence_node.CreateDefaultDisplayNodes()
+    display = confidence_node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(confidence_color_node(scene, threshold).GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)  # colour table index = confidence
+    legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(confidence_node)
+    if legend is not None:
+        legend.SetTitleText("Confidence")
+        legend.SetLabelFormat("%.2f")
+    volume_node.SetNodeReferenceID(CONFIDENCE_REFERENCE_ROLE, confidence_node.GetID())
+    place_under(volume_node, (segmentation_node, confidence_node))
+
+    return segmentation_node, confidence_node
 
 
 def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels: Dict[int, str],
@@ -195,43 +266,13 @@ def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels
     if unknown:
         raise PLBOptSlicerError(f"{label_path}: label values {unknown} are not in the run's class list {labels}")
 
-    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} pseudo label")
-    segmentation_node.SetAttribute(ROLE_ATTRIBUTE, PSEUDO_LABEL_ROLE)
-    segmentation_node.CreateDefaultDisplayNodes()
-    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    segment_ids = vtk.vtkStringArray()
-    for value in range(1, max(labels) + 1):
-        name = labels.get(value, f"class {value}")
-        rgb = [c / 255.0 for c in class_color(value, colors)]
-        segment_id = segmentation_node.GetSegmentation().AddEmptySegment(name, name, rgb)
-        entry = terminology.terminology_entry(name)
-        if entry is not None:
-            segmentation_node.GetSegmentation().GetSegment(segment_id).SetTerminology(entry)
-        segment_ids.InsertNextValue(segment_id)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PLBOpt_import__")
+    added = []  # removed again if anything below fails: no half-built pseudo label stays in the scene
     try:
-        imageio.set_volume_from_array(labelmap, label.astype(np.int16), grid)
-        # Label value v goes to the v-th listed segment, i.e. the class of that index.
-        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation_node,
-                                                                                      segment_ids):
-            raise PLBOptSlicerError(f"{label_path}: import into a segmentation failed")
-    finally:
-        scene.RemoveNode(labelmap)
-
-    confidence_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{volume_node.GetName()} confidence")
-    confidence_node.SetAttribute(ROLE_ATTRIBUTE, CONFIDENCE_ROLE)
-    imageio.set_volume_from_array(confidence_node, confidence, grid)
-    confidence_node.CreateDefaultDisplayNodes()
-    display = confidence_node.GetDisplayNode()
-    display.SetAndObserveColorNodeID(confidence_color_node(scene, threshold).GetID())
-    display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(0.0, 1.0)  # colour table index = confidence
-    legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(confidence_node)
-    if legend is not None:
-        legend.SetTitleText("Confidence")
-        legend.SetLabelFormat("%.2f")
-    volume_node.SetNodeReferenceID(CONFIDENCE_REFERENCE_ROLE, confidence_node.GetID())
-    place_under(volume_node, (segmentation_node, confidence_node))
+        segmentation_node, confidence_node = _add_prediction_nodes(volume_node, label, confidence, grid, label_path,
+                                                                   labels, colors, threshold, added)
+    except BaseException:
+        remove_nodes(scene, reversed(added))
+        raise
 
     return LoadedPrediction(segmentation=segmentation_node, confidence=confidence_node,
                             uncertainty=uncertainty_score(label, confidence),
