@@ -107,10 +107,8 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        # Volumes and segmentations added or removed anywhere (Data module, DICOM, Segment Editor)
-        # change the cases: the table follows without a Refresh click.
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
+        # Node additions/removals are observed only while the module is shown (enter/exit): a
+        # table refresh reads the working folder, which nobody needs while the panel is closed.
 
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
         self.ui.refreshCasesButton.connect("clicked(bool)", self.refreshCaseTable)
@@ -140,11 +138,24 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneNodesChanged(self, caller, event) -> None:
         self.sceneRefreshTimer.start()  # restarts while a burst of events lasts
 
+    def _observeSceneNodes(self, observe: bool) -> None:
+        """Volumes and segmentations added or removed anywhere (Data module, DICOM, Segment Editor)
+        change the cases: while the module is shown the table follows without a Refresh click."""
+        for event in (slicer.mrmlScene.NodeAddedEvent, slicer.mrmlScene.NodeRemovedEvent):
+            if observe and not self.hasObserver(slicer.mrmlScene, event, self.onSceneNodesChanged):
+                self.addObserver(slicer.mrmlScene, event, self.onSceneNodesChanged)
+            elif not observe:
+                self.removeObserver(slicer.mrmlScene, event, self.onSceneNodesChanged)
+        if not observe:
+            self.sceneRefreshTimer.stop()
+
     def enter(self) -> None:
         self.initializeParameterNode()
-        self.refreshCaseTable()
+        self._observeSceneNodes(True)
+        self.refreshCaseTable()  # catches up with what changed while the module was closed
 
     def exit(self) -> None:
+        self._observeSceneNodes(False)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
