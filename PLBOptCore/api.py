@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .config import Config, load_config_file, make_config, resume_config
+from .config import PLANNED_KEYS, Config, load_config_file, make_config, resume_config
 from .errors import DatasetError
 
 PathLike = Union[str, Path]
@@ -22,7 +22,7 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
           overrides: Optional[Dict[str, Any]] = None, resume: bool = False, overwrite: bool = False,
           init_from: Optional[PathLike] = None, progress: Optional[Callable[[dict], None]] = None,
           should_stop: Optional[Callable[[], bool]] = None, show_progress_bar: bool = False,
-          unlabeled_dir: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None) -> Path:
+          unlabeled_dir: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None, small: bool = False) -> Path:
     """Train a run folder from a dataset folder (MSD or nnU-Net v2 ``dataset.json``); returns ``run_dir``.
 
     With ``resume=True`` the configuration stored in the run folder is used, so a resumed run
@@ -32,22 +32,39 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
     ``unlabeled_dir`` adds the images of a folder to the unlabeled cases; ``cache_dir`` holds the
     preprocessing cache (default ``<dataset_dir>/.plbopt_cache``; give another folder when the
     dataset is read-only).
+
+    A new run plans its preprocessing from the dataset (:mod:`PLBOptCore.data.plan`): target
+    spacing, patch size (within the budget of ``small``, the CPU schedule, or of the full network),
+    normalisation by modality. Values in ``config_file`` and ``overrides`` win over the plan; a
+    resumed run keeps its stored plan.
     """
     from .data.dataset import load_dataset, validate_dataset
-    from .engine.trainer import Trainer
+    from .data.plan import plan_config
+    from .engine.checkpoint import load_checkpoint
+    from .engine.trainer import Trainer, check_training_inputs
 
     run_dir = Path(run_dir)
-    if resume and (run_dir / "config.json").is_file():
+    requested = {**(load_config_file(Path(config_file)) if config_file else {}), **(overrides or {})}
+    resuming = resume and (run_dir / "config.json").is_file()
+    if resuming:
         stored = Config.from_dict(load_config_file(run_dir / "config.json"))
-        requested = {**(load_config_file(Path(config_file)) if config_file else {}), **(overrides or {})}
         config = resume_config(stored, requested, run_dir / "config.json")
     else:
-        config = make_config(preset, Path(config_file) if config_file else None, overrides)
+        config = make_config(preset, Path(config_file) if config_file else None, overrides, small=small)
     dataset = load_dataset(Path(dataset_dir), unlabeled_dir=Path(unlabeled_dir) if unlabeled_dir else None)
     validate_dataset(dataset, deep=True)
+    cache_dir = Path(cache_dir) if cache_dir else Path(dataset.root) / ".plbopt_cache"
+    plan = None
+    if not resuming:
+        check_training_inputs(config, dataset, run_dir, Path(init_from) if init_from else None)
+        # a fine-tuned network keeps the input it was trained on
+        # (through Config, so a checkpoint older than a key gets the default it was trained with)
+        inherited = ({key: value for key, value in Config.from_dict(load_checkpoint(Path(init_from))["config"])
+                      .to_dict().items() if key in PLANNED_KEYS} if init_from else None)
+        config, plan = plan_config(config, dataset, requested, small, cache_dir, inherited)
     trainer = Trainer(config, dataset, run_dir, resume=resume, overwrite=overwrite, init_from=init_from,
                       progress=progress, should_stop=should_stop, show_progress_bar=show_progress_bar,
-                      cache_dir=Path(cache_dir) if cache_dir else None)
+                      cache_dir=cache_dir, plan=plan)
     trainer.fit()
     return run_dir
 
@@ -58,7 +75,7 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
     Case names (:func:`~PLBOptCore.data.io.image_case_name`) drop nnU-Net's ``_0000`` suffix; a
     second channel (``<case>_0001``) of such a case is refused.
     """
-    from .data.io import IMAGE_SUFFIXES, check_single_channel, image_case_name, image_files
+    from .data.io import IMAGE_SUFFIXES, check_case_name, check_single_channel, image_case_name, image_files
 
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     found: List[Path] = []
@@ -75,7 +92,7 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
                 raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             found.extend(images)
     check_single_channel(found)
-    names = [image_case_name(p) for p in found]
+    names = [check_case_name(image_case_name(p), p) for p in found]  # names become output files
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DatasetError(f"{paths[0]}: several inputs share the case name(s) {', '.join(duplicates)}")
@@ -85,29 +102,44 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
 def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_dir: PathLike,
             checkpoint: str = "best", device: str = "auto", refine: bool = False, overlap: Optional[float] = None,
             progress: Optional[Callable[[dict], None]] = None, should_stop: Optional[Callable[[], bool]] = None,
-            subnet: str = "both") -> List[Path]:
-    """Write ``<case>.nii.gz`` (labels) and ``<case>_confidence.nii.gz`` for every input image.
+            subnet: str = "both", overwrite: bool = False) -> List[Path]:
+    """Write the label map ``out_dir/<case><ending>`` and the confidence map (max softmax)
+    ``out_dir/confidence/<case><ending>`` of every input image; returns the label maps.
 
-    Outputs are in each input's original geometry. ``subnet`` is ``"a"``, ``"b"`` or ``"both"``
-    (DHC's ensemble, the default). Refusing to write over an input keeps the
-    user's data safe even when ``out_dir`` is the input folder.
+    ``out_dir`` holds label maps only, the layout nnU-Net's evaluation reads; ``<ending>`` is the
+    input's format (:func:`~PLBOptCore.data.io.prediction_suffix`). Outputs are in each input's
+    original geometry. ``subnet`` is ``"a"``, ``"b"`` or ``"both"`` (DHC's ensemble, the default).
+
+    Everything is checked before the first byte is written: ``overlap`` (in [0, 1)), the inputs
+    and their case names, the output folder, and every output file: one that exists is refused
+    unless ``overwrite``, an input image always (even when ``out_dir`` is the input folder).
     """
-    from .data.io import CONFIDENCE_SUFFIX, image_case_name, read_image, write_image
-    from .engine.inference import Predictor
+    from .data.io import CONFIDENCE_FOLDER, image_case_name, prediction_suffix, read_header, read_image, write_image
+    from .engine.inference import Predictor, check_overlap
+    from .utils import check_output_file, check_output_folder
 
-    predictor = Predictor.from_run(Path(run_dir), checkpoint, device, subnet)
-    if overlap is not None:
-        predictor.config.sw_overlap = float(overlap)
+    overlap = check_overlap(overlap) if overlap is not None else None
     images = list_images(inputs)
     out_dir = Path(out_dir)  # created by the first write, so a failed read leaves nothing behind
+    confidence_dir = out_dir / CONFIDENCE_FOLDER
+    for folder in (out_dir, confidence_dir):
+        check_output_folder(folder)
     input_set = {p.resolve() for p in images}
-    written: List[Path] = []
-    for index, image_path in enumerate(images):
-        name = image_case_name(image_path)
-        label_path, confidence_path = out_dir / f"{name}.nii.gz", out_dir / f"{name}{CONFIDENCE_SUFFIX}.nii.gz"
+    jobs = []
+    for image_path in images:
+        name, ending = image_case_name(image_path), prediction_suffix(image_path)
+        label_path, confidence_path = out_dir / f"{name}{ending}", confidence_dir / f"{name}{ending}"
         for target in (label_path, confidence_path):
             if target.resolve() in input_set:
                 raise DatasetError(f"{target}: refusing to overwrite an input image; choose another output folder")
+            check_output_file(target, overwrite)
+        read_header(image_path)  # a broken input is refused before the first case is written
+        jobs.append((image_path, name, label_path, confidence_path))
+    predictor = Predictor.from_run(Path(run_dir), checkpoint, device, subnet)
+    if overlap is not None:
+        predictor.config.sw_overlap = overlap
+    written: List[Path] = []
+    for index, (image_path, name, label_path, confidence_path) in enumerate(jobs):
         prediction = predictor.predict_image(read_image(image_path), refine=refine, should_stop=should_stop)
         write_image(prediction.label, label_path)
         write_image(prediction.confidence, confidence_path)

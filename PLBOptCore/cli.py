@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from . import __version__
-from .config import (CHECKPOINT_NAMES, CPU_DEMO_OVERRIDES, PRESETS, SUBNETS, inert_settings, load_config_file,
+from .config import (CHECKPOINT_NAMES, CPU_SCHEDULE, PATCH_BUDGET, PRESETS, SUBNETS, inert_settings, load_config_file,
                      make_config, parse_override)
 from .convert import add_convert_arguments
+from .data.io import CONFIDENCE_FOLDER
 from .errors import ConfigError, PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
 from .metrics import EMPTY_CONVENTIONS, HD95_CONVENTIONS, MISSING_CONVENTIONS
@@ -53,12 +54,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .api import train
 
     chosen = _training_overrides(args)
-    overrides = dict(CPU_DEMO_OVERRIDES) if args.small else {}
-    overrides.update(chosen)
+    overrides = dict(chosen)
     if args.tensorboard:
         overrides["tensorboard"] = True
     if not args.resume:  # a setting the preset switches off trains nothing different: say so before hours of it
-        config = make_config(args.preset, args.config, overrides)
+        config = make_config(args.preset, args.config, overrides, small=args.small)
         chosen = {**(load_config_file(args.config) if args.config else {}), **chosen}
         for key, switch in inert_settings(config, chosen).items():
             print(f"plbopt: warning: {key} has no effect: {switch} is off in preset {config.preset}", file=sys.stderr)
@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with logging_redirect_tqdm([logging.getLogger("PLBOptCore")]) if not args.quiet else contextlib.nullcontext():
         train(args.dataset, args.output, preset=args.preset, config_file=args.config, overrides=overrides,
               resume=args.resume, overwrite=args.overwrite, init_from=args.init_from, show_progress_bar=not args.quiet,
-              unlabeled_dir=args.unlabeled, cache_dir=args.cache_dir)
+              unlabeled_dir=args.unlabeled, cache_dir=args.cache_dir, small=args.small)
     if os.environ.get("RANK", "0") == "0":  # one line per job, not per torchrun process
         print(f"run folder: {args.output}  (checkpoints/best.pt, events.jsonl)")
     return 0
@@ -83,8 +83,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"[{event['index']}/{event['total']}] {event['case']} -> {event['path']}{extra}", flush=True)
 
     written = predict(args.run_dir, args.input, args.output, checkpoint=args.checkpoint, device=args.device or "auto",
-                      refine=args.refine, overlap=args.overlap, subnet=args.subnet, progress=report)
-    print(f"wrote {len(written)} label maps and confidence maps to {args.output}")
+                      refine=args.refine, overlap=args.overlap, subnet=args.subnet, progress=report,
+                      overwrite=args.overwrite)
+    print(f"wrote {len(written)} label maps to {args.output} and their confidence maps to "
+          f"{Path(args.output) / CONFIDENCE_FOLDER}")
     return 0
 
 
@@ -139,6 +141,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             run_predict_bench(args.output, args.device or "auto", args.preset, args.shape, args.classes, args.repeats,
                               small=small, overrides=overrides)
         return 0
+    if args.bench == "errors":
+        from .bench.errors import run_error_bench
+
+        results = run_error_bench(args.runs, args.dataset, args.output, args.checkpoint, args.device or "cpu")
+        print((Path(args.output) / "ERRORS.md").read_text(), end="")
+        print(f"wrote {Path(args.output) / 'errors.json'} ({len(results['runs'])} runs)")
+        return 0
     if args.bench == "refine":
         from .bench.refine import run_refine_bench
 
@@ -154,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  variants=args.variants.split(",") if args.variants else [],
                                  small=not args.full_size, device=args.device or "auto",
                                  settings=[dict(parse_override(text) for text in group) for group in args.set],
-                                 checkpoint=args.checkpoint)
+                                 checkpoint=args.checkpoint, split_file=args.split)
     report = Path(args.output) / results["report_dir"] / "RESULTS.md"
     print(f"report: {report}  (all reports: {Path(args.output) / 'RESULTS.md'})")
     return 0
@@ -176,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start again in a non-empty run folder")
     p.add_argument("--init-from", type=Path, help="initialise the subnets from this checkpoint (fine-tune)")
     p.add_argument("--small", action="store_true",
-                   help=(f"CPU-sized schedule ({CPU_DEMO_OVERRIDES['base_filters']} filters, "
-                         f"{'x'.join(map(str, CPU_DEMO_OVERRIDES['patch_size']))} patches, {CPU_DEMO_OVERRIDES['iterations']} "
-                         f"steps, {CPU_DEMO_OVERRIDES['optimizer']} lr {CPU_DEMO_OVERRIDES['lr']})"))
+                   help=(f"CPU-sized schedule ({CPU_SCHEDULE['base_filters']} filters, patches of at most "
+                         f"{PATCH_BUDGET['cpu']} voxels planned from the data, {CPU_SCHEDULE['iterations']} "
+                         f"steps, {CPU_SCHEDULE['optimizer']} lr {CPU_SCHEDULE['lr']}); a --config file's values win"))
     p.add_argument("--tensorboard", action="store_true",
                    help="also log to RUN_DIR/tensorboard (pip install \"plbopt[tensorboard]\")")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -196,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--subnet", default="both", choices=SUBNETS,
                        help="predict with subnet a, b, or both averaged (default; a supervised run has only a)")
         p.add_argument("--device")
+        p.add_argument("--overwrite", action="store_true", help="replace prediction files that already exist")
         p.add_argument("-q", "--quiet", action="store_true")
         if refine:
             p.set_defaults(refine=True)
@@ -255,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--classes", type=int, default=14)
             b.add_argument("--repeats", type=int, default=1)
         b.set_defaults(func=cmd_bench)
+    b = bench.add_parser("errors", help="where runs' test errors lie: near a boundary, in homogeneous superpixels "
+                                        "(what refinement can fix), organ confusion")
+    b.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    b.add_argument("--dataset", type=Path, required=True, help="dataset folder whose 'test' cases are scored")
+    b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("--checkpoint", choices=CHECKPOINT_NAMES, default="best")
+    b.add_argument("--device")
+    b.set_defaults(func=cmd_bench)
     b = bench.add_parser("refine", help="vectorised vs reference refinement, and the step-time share of PLBOpt's extras")
     b.add_argument("-o", "--output", type=Path, default=Path("bench-refine"))
     b.add_argument("--steps", type=int, default=20, help="training steps timed per preset (interleaved; medians)")
@@ -270,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a variant of every preset, trained beside its own runs and compared with them seed by "
                         "seed, e.g. --set lambda_mc=0.3; repeat --set for more variants")
     b.add_argument("--full-size", action="store_true", help="use the preset's own network size instead of the CPU schedule")
+    b.add_argument("--split", type=Path, metavar="SPLIT_JSON",
+                   help="fixed split of a labelled DATASET (e.g. Resources/splits/Dataset103_LA.json): case lists "
+                        "labeled, unlabeled, validation, test; the split's folder is built in OUTPUT/dataset")
     b.add_argument("--checkpoint", choices=CHECKPOINT_NAMES, default="best",
                    help="score best.pt (chosen on the validation cases, default) or last.pt (the final weights)")
     b.add_argument("--device")
@@ -308,6 +329,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except PLBOptError as exc:
         print(f"plbopt: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the system refused a file operation (disk full, permissions, /proc): name the file
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"plbopt: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("plbopt: interrupted", file=sys.stderr)

@@ -139,7 +139,7 @@ class _LogitsAdapter(nn.Module):
 
 def export_metadata(predictor: Predictor, checkpoint: Path) -> Dict[str, Any]:
     """Everything besides the weights that inference needs, as JSON-ready data."""
-    from .data.preprocess import BODY_MARGIN, BODY_THRESHOLD_HU, PreprocessParams
+    from .data.preprocess import BODY_MARGIN, PreprocessParams
 
     config = predictor.config
     params = PreprocessParams.from_config(config)
@@ -158,7 +158,7 @@ def export_metadata(predictor: Predictor, checkpoint: Path) -> Dict[str, Any]:
         "overlap": float(config.sw_overlap),
         "sw_batch_size": int(config.sw_batch_size),
         "preprocessing": {**json.loads(json.dumps(dataclasses.asdict(params))), "key": params.key(),
-                          "body_threshold_hu": BODY_THRESHOLD_HU, "body_margin": BODY_MARGIN},
+                          "body_margin": BODY_MARGIN},
         "checkpoint": str(checkpoint),
         "torch_version": torch.__version__,
     }
@@ -209,7 +209,48 @@ def _export_onnx(module: EnsembleModule, example: torch.Tensor, path: Path, meta
         onnx.save(model, str(tmp))
 
 
-def export_run(run_dir: Path, output: Path, onnx_path: Optional[Path] = None, checkpoint: str = "best") -> List[Path]:
+def _earlier_export(path: Path) -> bool:
+    """Whether ``path`` is what an export writes: training writes no ``.pt2`` or ``.onnx`` file,
+    and of the ``.json`` files only an export's sidecar carries the export format."""
+    if path.suffix in (PROGRAM_SUFFIX, ".onnx"):
+        return True
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_targets(run_dir: Path, targets: Sequence[Path], source: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, targets that would destroy something.
+
+    Never (not even with ``overwrite``): the checkpoint being exported, one target twice (``-o
+    m.pt2 --onnx m.json`` would write the sidecar over the ONNX file), anything in a subfolder
+    of the run folder (``checkpoints/``, ``tensorboard/``), and a file of the run folder that is
+    not an earlier export (``-o RUN/config.pt2`` would replace ``config.json``, and the run could not
+    be resumed). Without ``overwrite``, any existing file.
+    """
+    from .utils import check_output_file, check_output_folder
+
+    run = Path(run_dir).resolve()
+    seen = set()
+    for target in targets:
+        resolved = target.resolve()
+        if resolved == source.resolve():
+            raise ConfigError(f"{target}: refusing to overwrite the checkpoint being exported")
+        if resolved in seen:
+            raise ConfigError(f"{target}: written twice by this export (the .pt2 sidecar is <name>.json); "
+                              "give the outputs different names")
+        seen.add(resolved)
+        if resolved.is_relative_to(run) and (resolved.parent != run or (resolved.exists()
+                                                                        and not _earlier_export(resolved))):
+            raise ConfigError(f"{target}: belongs to the run folder {run_dir}; export next to its files, "
+                              "never over or among them")
+        check_output_folder(target.parent)
+        check_output_file(target, overwrite)
+
+
+def export_run(run_dir: Path, output: Path, onnx_path: Optional[Path] = None, checkpoint: str = "best",
+               overwrite: bool = False) -> List[Path]:
     """Export a run's ensemble; returns the written files (``output``, its ``.json`` sidecar, ONNX).
 
     Args:
@@ -217,6 +258,7 @@ def export_run(run_dir: Path, output: Path, onnx_path: Optional[Path] = None, ch
         output: ``.pt2`` file to write (e.g. ``model.pt2``); the sidecar is ``output.with_suffix(".json")``.
         onnx_path: also write an ONNX model here.
         checkpoint: ``best``, ``last`` or a checkpoint path, as for ``plbopt predict``.
+        overwrite: replace existing outputs (never the run folder's own files: :func:`check_export_targets`).
     """
     from .engine.inference import Predictor, resolve_checkpoint
 
@@ -224,9 +266,8 @@ def export_run(run_dir: Path, output: Path, onnx_path: Optional[Path] = None, ch
     if output.suffix != PROGRAM_SUFFIX:
         raise ConfigError(f"{output}: the exported program is a torch.export archive; name it *{PROGRAM_SUFFIX}")
     source = resolve_checkpoint(Path(run_dir), checkpoint)
-    for target in (output, onnx_path):
-        if target is not None and Path(target).resolve() == source.resolve():
-            raise ConfigError(f"{target}: refusing to overwrite the checkpoint being exported")
+    targets = [output, output.with_suffix(".json")] + ([Path(onnx_path)] if onnx_path is not None else [])
+    check_export_targets(Path(run_dir), targets, source, overwrite)
     predictor = Predictor.from_checkpoint(source, device="cpu")
     metadata = export_metadata(predictor, source)
     example = torch.zeros([2, 1] + metadata["patch_size"], dtype=torch.float32)
@@ -303,7 +344,10 @@ def preprocess_params(metadata: Dict[str, Any]) -> PreprocessParams:
         clip_window=tuple(raw["clip_window"]) if raw["clip_window"] else None,
         normalization=raw["normalization"], crop_to_body=raw["crop_to_body"],
         superpixel_method=raw["superpixel_method"], superpixel_divisor=raw["superpixel_divisor"],
-        superpixel_compactness=raw["superpixel_compactness"], superpixel_area_mm2=raw.get("superpixel_area_mm2"))
+        superpixel_compactness=raw["superpixel_compactness"], superpixel_area_mm2=raw.get("superpixel_area_mm2"),
+        intensity_mean_std=tuple(raw["intensity_mean_std"]) if raw.get("intensity_mean_std") else None,
+        # exports written before planning had a fixed CT body threshold, recorded as body_threshold_hu
+        body_threshold=raw.get("body_threshold", raw.get("body_threshold_hu", -500.0)))
 
 
 def predict_with_export(path: Path, image: sitk.Image, device: str = "cpu",
@@ -314,20 +358,21 @@ def predict_with_export(path: Path, image: sitk.Image, device: str = "cpu",
     superpixel refinement), so the labels equal those of the checkpoint the model came from.
     """
     from .data.preprocess import preprocess_image
-    from .engine.inference import restore_prediction, sliding_window_probabilities
+    from .engine.inference import check_overlap, restore_prediction, sliding_window_probabilities
     from .utils import resolve_device
 
+    overlap = check_overlap(overlap) if overlap is not None else None
     module, metadata = load_exported(path, device)
     volume, info = preprocess_image(image, preprocess_params(metadata))
     probs = sliding_window_probabilities(
         [_LogitsAdapter(module)], torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)),
-        metadata["patch_size"], metadata["num_classes"], metadata["overlap"] if overlap is None else float(overlap),
+        metadata["patch_size"], metadata["num_classes"], metadata["overlap"] if overlap is None else overlap,
         metadata["sw_batch_size"], resolve_device(device))
     return restore_prediction(probs, info, metadata["num_classes"])
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    written = export_run(args.run_dir, args.output, args.onnx, args.checkpoint)
+    written = export_run(args.run_dir, args.output, args.onnx, args.checkpoint, overwrite=args.overwrite)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -339,4 +384,6 @@ def add_export_arguments(subparsers: Any) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="torch.export program, e.g. model.pt2 (+ model.json)")
     p.add_argument("--onnx", type=Path, help="also write an ONNX model (dynamic batch axis)")
     p.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (never the run folder's own files)")
     p.set_defaults(func=cmd_export)

@@ -310,7 +310,7 @@ def _predict_and_score(ctx: BenchContext, run_dir: Path, images: Sequence[Path],
     suffix = "-refined" if refine else "" if subnet == "both" else f"-{subnet}"
     started = time.perf_counter()
     predict(run_dir, list(images), work_dir / f"predictions{suffix}", checkpoint=ctx.checkpoint, device=ctx.device,
-            subnet=subnet, refine=refine)
+            subnet=subnet, refine=refine, overwrite=True)  # a unit interrupted before its metrics predicts again
     predicted = time.perf_counter()
     # The conventions of the tables in docs/RESULTS.md (made before --empty/--missing existed), so
     # that a rerun reproduces them: absent-from-both counts as perfect, a missing organ's ASD is

@@ -168,4 +168,4 @@ def convert_amos(
         "labeled": str(labeled),
         "num_labeled": len(plan.training),
     }
-    return write_dataset_folder(Path(out_dir), "AMOS22 CT", labels, plan, info, link=link)
+    return write_dataset_folder(Path(out_dir), "AMOS22 CT", labels, plan, info, link=link, modality="CT")

@@ -159,4 +159,5 @@ def convert_synapse(
         "labeled": str(labeled),
         "num_labeled": len(plan.training),
     }
-    return write_dataset_folder(Path(out_dir), "Synapse multi-organ CT", SYNAPSE_LABELS, plan, info, link=link)
+    return write_dataset_folder(Path(out_dir), "Synapse multi-organ CT", SYNAPSE_LABELS, plan, info, link=link,
+                                modality="CT")

@@ -42,8 +42,8 @@ import SimpleITK as sitk
 
 from ..errors import DatasetError
 from ..utils import atomic_write
-from .io import (CHANNEL_SUFFIX, IMAGE_SUFFIXES, case_name, check_same_geometry, check_single_channel, image_case_name,
-                 image_files, read_header, read_image)
+from .io import (CHANNEL_SUFFIX, IMAGE_SUFFIXES, case_name, check_case_name, check_same_geometry, check_single_channel,
+                 image_case_name, image_files, read_header, read_image)
 
 Color = Tuple[int, int, int]
 
@@ -80,6 +80,9 @@ class DatasetSpec:
     validation: List[Case] = field(default_factory=list)
     test: List[Case] = field(default_factory=list)
     unlabeled_dirs: List[Path] = field(default_factory=list)  # folders given besides dataset.json (--unlabeled)
+    # the image modality: nnU-Net's channel_names["0"] or MSD's modality["0"] ("CT", "T2", "MRI"...),
+    # "" when dataset.json does not say; the preprocessing plan normalises CT and other images differently
+    modality: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -192,7 +195,7 @@ def folder_cases(folder: Path) -> List[Case]:
     check_single_channel(images)
     if not images:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    return [Case(image_case_name(path), path) for path in images]
+    return [Case(check_case_name(image_case_name(path), path), path) for path in images]
 
 
 def _nnunet_path(root: Path, raw: Any, where: Path) -> Path:
@@ -287,7 +290,8 @@ def load_dataset(root: Path, check_files: bool = True, unlabeled_dir: Optional[P
             nnU-Net's ``_0000`` suffix).
 
     Raises ``DatasetError`` for a missing folder or dataset.json, invalid JSON, missing keys,
-    bad labels/colours, paths escaping the folder, duplicate case names, no labeled case, several
+    bad labels/colours, paths escaping the folder, case names that are no safe file name
+    (:func:`~PLBOptCore.data.io.check_case_name`), duplicate case names, no labeled case, several
     input channels, or a missing file (named in the message).
     """
     root = Path(root)
@@ -300,6 +304,8 @@ def load_dataset(root: Path, check_files: bool = True, unlabeled_dir: Optional[P
         data = json.loads(where.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{where}: invalid JSON ({exc})") from None
+    except RecursionError:  # json recurses once per level of nesting
+        raise DatasetError(f"{where}: invalid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{where}: must contain a JSON object")
     if "file_ending" in data:
@@ -319,6 +325,7 @@ def load_dataset(root: Path, check_files: bool = True, unlabeled_dir: Optional[P
     seen: Dict[str, str] = {}
     for split, cases in splits.items():
         for case in cases:
+            check_case_name(case.name, where)  # names become cache folders: one safe file name each
             if case.name in seen:
                 raise DatasetError(
                     f"{where}: case name {case.name!r} appears twice ({seen[case.name]} and {split}); names must be unique"
@@ -328,9 +335,11 @@ def load_dataset(root: Path, check_files: bool = True, unlabeled_dir: Optional[P
                 for path in (case.image, case.label):
                     if path is not None and not path.exists():
                         raise DatasetError(f"{path}: file not found (listed in {where.name} '{split}')")
+    channels = data.get("channel_names", data.get("modality"))
+    modality = str(next(iter(channels.values()))) if isinstance(channels, dict) and channels else ""
     return DatasetSpec(
         root=root, labels=labels, colors=_parse_colors(data.get("colors"), labels, where), **splits,
-        unlabeled_dirs=[Path(unlabeled_dir)] if unlabeled_dir is not None else [],
+        unlabeled_dirs=[Path(unlabeled_dir)] if unlabeled_dir is not None else [], modality=modality,
     )
 
 
@@ -412,10 +421,12 @@ def _entries(root: Path, cases: Iterable[Case]) -> List[Dict[str, str]]:
 
 def write_dataset_json(root: Path, labels: Mapping[int, str], training: Sequence[Case], unlabeled: Sequence[Case],
                        validation: Sequence[Case] = (), test: Sequence[Case] = (),
-                       colors: Optional[Mapping[int, Sequence[int]]] = None, name: str = "") -> Path:
+                       colors: Optional[Mapping[int, Sequence[int]]] = None, name: str = "",
+                       modality: str = "") -> Path:
     """Write ``root/dataset.json`` atomically and return its path.
 
     Case paths may be absolute (inside ``root``) or relative to ``root``; they are stored relative.
+    ``modality`` ("CT", "MR"...) is written as MSD's ``{"modality": {"0": ...}}`` when given.
     """
     root = Path(root)
     data = {
@@ -428,6 +439,8 @@ def write_dataset_json(root: Path, labels: Mapping[int, str], training: Sequence
     }
     if colors:
         data["colors"] = {str(int(k)): [int(c) for c in rgb] for k, rgb in sorted(colors.items())}
+    if modality:
+        data["modality"] = {"0": modality}
     path = root / "dataset.json"
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")

@@ -43,7 +43,7 @@ from ..data.loader import StepLoader
 from ..data.plan import format_plan
 from ..data.preprocess import Preprocessed, PreprocessParams, preprocess_case
 from ..data.sampling import PatchSampler
-from ..errors import ConfigError, TrainingInterrupted
+from ..errors import CheckpointError, ConfigError, TrainingInterrupted
 from ..method.dhc import DiffDW, DistDW, weighted_ce_loss, weighted_dice_ce_loss
 from ..method.mutual import mutual_correction_loss
 from ..method.rampup import sigmoid_rampup
@@ -60,6 +60,23 @@ from .runcontrol import RUN_LOCK_NAME, STOP_FILE_NAME, RunLock, stop_requested
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink, require_tensorboard
 
 logger = logging.getLogger(__name__)
+
+
+def check_training_inputs(config: Config, dataset: DatasetSpec, run_dir: Path, init_from: Optional[Path]) -> None:
+    """Refuse, before anything is written (the plan's fingerprint, the run folder, the
+    preprocessing cache), what would otherwise fail after they exist."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: exists and is not a folder; choose another run folder")
+    if config.uses_unlabeled and not dataset.unlabeled:
+        raise ConfigError(f"{dataset.root}: preset {config.preset!r} needs unlabeled cases; "
+                          "dataset.json has none (use --preset supervised)")
+    if config.tensorboard:
+        require_tensorboard()
+    if init_from is not None:
+        state = load_checkpoint(init_from)
+        load_subnet_weights(build_models(config, dataset.num_classes), state["models"], init_from)
+        if not isinstance(state.get("config"), dict):
+            raise CheckpointError(f"{init_from}: checkpoint lacks its configuration; fine-tuning needs it")
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
 INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step number
@@ -134,19 +151,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self) -> None:
-        """Refuse, before anything is written, what would otherwise fail after the run folder and
-        the preprocessing cache exist."""
-        cfg = self.config
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ConfigError(f"{self.run_dir}: exists and is not a folder; choose another run folder")
-        if cfg.uses_unlabeled and not self.dataset.unlabeled:
-            raise ConfigError(f"{self.dataset.root}: preset {cfg.preset!r} needs unlabeled cases; "
-                              "dataset.json has none (use --preset supervised)")
-        if cfg.tensorboard:
-            require_tensorboard()
-        if self.init_from is not None:
-            load_subnet_weights(build_models(cfg, self.dataset.num_classes), load_checkpoint(self.init_from)["models"],
-                                self.init_from)
+        check_training_inputs(self.config, self.dataset, self.run_dir, self.init_from)
 
     def _prepare_run_dir(self, overwrite: bool) -> None:
         run_dir = self.run_dir

@@ -258,3 +258,11 @@ def test_repository_split_files_are_disjoint_and_state_their_counts(name):
     assert len(names) == len(set(names))
     assert split["counts"] == {role: len(split[role]) for role in roles}
     assert {"Dataset103_LA": 8, "Dataset101_OpenKBP": 6, "Dataset102_CHAOST2": 2}[name] == len(split["labeled"])
+
+
+@pytest.mark.parametrize("config_file", sorted((Path(__file__).parents[2] / "Resources" / "configs").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_repository_configs_load(config_file):
+    config = make_config("plbopt", config_file)
+    if "synapse" in config_file.name or "amos" in config_file.name:  # the paper's setting stays DHC's window
+        assert config.normalization == "minmax" and config.clip_window == (-75.0, 275.0)
