@@ -163,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  variants=args.variants.split(",") if args.variants else [],
                                  small=not args.full_size, device=args.device or "auto",
                                  settings=[dict(parse_override(text) for text in group) for group in args.set],
-                                 checkpoint=args.checkpoint, split_file=args.split)
+                                 checkpoint=args.checkpoint, split_file=args.split, config_file=args.config)
     report = Path(args.output) / results["report_dir"] / "RESULTS.md"
     print(f"report: {report}  (all reports: {Path(args.output) / 'RESULTS.md'})")
     return 0
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a variant of every preset, trained beside its own runs and compared with them seed by "
                         "seed, e.g. --set lambda_mc=0.3; repeat --set for more variants")
     b.add_argument("--full-size", action="store_true", help="use the preset's own network size instead of the CPU schedule")
+    b.add_argument("--config", type=Path, metavar="YAML",
+                   help="settings of every run, e.g. Resources/configs/phantom-cpu.yaml (the phantom's preprocessing "
+                        "before planning, with which docs/RESULTS.md's phantom tables were measured)")
     b.add_argument("--split", type=Path, metavar="SPLIT_JSON",
                    help="fixed split of a labelled DATASET (e.g. Resources/splits/Dataset103_LA.json): case lists "
                         "labeled, unlabeled, validation, test; the split's folder is built in OUTPUT/dataset")

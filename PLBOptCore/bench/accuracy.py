@@ -710,12 +710,14 @@ def write_report_index(out_dir: Path) -> None:
 
 def cli_command(dataset_dir: Path, out_dir: Path, presets: Sequence[str], seeds: int, iterations: int,
                 variants: Sequence[str], small: bool, device: str, settings: Sequence[Dict[str, Any]] = (),
-                checkpoint: str = "best", split_file: Optional[Path] = None) -> str:
+                checkpoint: str = "best", split_file: Optional[Path] = None, config_file: Optional[Path] = None) -> str:
     """The ``plbopt bench accuracy`` command that reproduces this call (``extra_overrides`` aside)."""
     args = ["plbopt", "bench", "accuracy", str(dataset_dir), "-o", str(out_dir), "--presets", ",".join(presets),
             "--seeds", str(seeds), "--iterations", str(iterations)]
     if split_file is not None:
         args += ["--split", str(split_file)]
+    if config_file is not None:
+        args += ["--config", str(config_file)]
     if variants:
         args += ["--variants", ",".join(variants)]
     for setting in settings:
@@ -763,7 +765,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
                        iterations: int = 300, variants: Sequence[str] = (), small: bool = True,
                        device: str = "auto", extra_overrides: Optional[Dict[str, Any]] = None,
                        settings: Sequence[Dict[str, Any]] = (), checkpoint: str = "best",
-                       split_file: Optional[Path] = None) -> Dict[str, Any]:
+                       split_file: Optional[Path] = None, config_file: Optional[Path] = None) -> Dict[str, Any]:
     """Run the benchmark (resumable) and return the ``results.json`` content.
 
     Args:
@@ -783,6 +785,8 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
         checkpoint: ``best`` (chosen on the validation cases, what ``plbopt predict`` uses) or
             ``last`` (the final weights, free of the selection's noise); each is scored and stored
             separately, so a second call with the other one only predicts.
+        config_file: a YAML/JSON file of settings for every run (``--config``), applied like
+            ``extra_overrides`` (which win over it) and named in the reproducing command.
         split_file: a fixed split (``Resources/splits/<dataset>.json``) of ``dataset_dir``, a
             labelled dataset in any layout; the split's folder is built in ``OUT/dataset`` (hard
             links) and benchmarked, and the split is stated in the report.
@@ -804,6 +808,8 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     spec = load_dataset(dataset_dir)
     if not spec.test or any(case.label is None for case in spec.test):
         raise DatasetError(f"{spec.json_path}: the accuracy benchmark needs 'test' cases that all have a label")
+    if config_file is not None:
+        extra_overrides = {**load_config_file(Path(config_file)), **(extra_overrides or {})}
     base = base_overrides(iterations, small, device, extra_overrides)
     settings = [dict(setting) for setting in settings]
     units, tables = plan_runs(presets, seeds, variants, base, settings)
@@ -817,7 +823,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     class_names = [name for label, name in sorted(spec.labels.items()) if label > 0]
     results: Dict[str, Any] = {
         "command": cli_command(source_dir, out_dir, presets, seeds, iterations, variants, small, device, settings,
-                               checkpoint, split_file),
+                               checkpoint, split_file, config_file),
         "argv": " ".join(shlex.quote(a) for a in sys.argv),
         "settings": {"presets": presets, "seeds": seeds, "iterations": iterations, "variants": variants,
                      "set": settings, "checkpoint": checkpoint,

@@ -266,3 +266,11 @@ def test_repository_configs_load(config_file):
     config = make_config("plbopt", config_file)
     if "synapse" in config_file.name or "amos" in config_file.name:  # the paper's setting stays DHC's window
         assert config.normalization == "minmax" and config.clip_window == (-75.0, 275.0)
+
+
+def test_phantom_config_is_the_demo_preprocessing():
+    from PLBOptCore.config import PHANTOM_PREPROCESSING
+
+    config = make_config("plbopt", Path(__file__).parents[2] / "Resources" / "configs" / "phantom-cpu.yaml")
+    assert {key: getattr(config, key) for key in PHANTOM_PREPROCESSING} == {
+        key: tuple(value) if isinstance(value, (list, tuple)) else value for key, value in PHANTOM_PREPROCESSING.items()}
