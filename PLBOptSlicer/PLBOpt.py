@@ -26,6 +26,7 @@ from PLBOptLib.events import TrainingProgress
 from PLBOptLib.review import DEFAULT_CONFIDENCE_THRESHOLD, OVERLAY_OPACITY
 
 POLL_INTERVAL_MS = 1000
+EXPORT_STEP_INTERVAL_MS = 10  # one case read from the scene per tick; the GUI handles events in between
 SCENE_REFRESH_DELAY_MS = 300  # one case-table refresh for a burst of node additions/removals
 MAX_LOG_CHARACTERS = 256 * 1024  # the log box gets slow beyond this; older lines are dropped
 
@@ -83,6 +84,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._trainingJob = None
         self._predictionJob = None
+        self._stagedStart = None  # Export/Start/Retrain while the dataset is being exported (PLBOptLib.logic.StagedStart)
         self._probeJob = None  # child interpreter telling which torch/device training gets
         self._devicePrompted = False
         self.selection = panel.CaseSelection()  # by volume node ID: rows move when the table is rebuilt
@@ -100,6 +102,9 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollTimer)
+        self.exportTimer = qt.QTimer()
+        self.exportTimer.setInterval(EXPORT_STEP_INTERVAL_MS)
+        self.exportTimer.connect("timeout()", self.onExportTimer)
         self.sceneRefreshTimer = qt.QTimer()
         self.sceneRefreshTimer.setSingleShot(True)
         self.sceneRefreshTimer.setInterval(SCENE_REFRESH_DELAY_MS)
@@ -133,6 +138,9 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Module unloaded: stop polling (a running job keeps running and can be resumed)."""
         self.pollTimer.stop()
         self.sceneRefreshTimer.stop()
+        if self._stagedStart is not None:
+            self._stagedStart.cancel()
+            self._endStagedStart()
         self.removeObservers()
 
     def onSceneNodesChanged(self, caller, event) -> None:
@@ -194,11 +202,13 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.working_dir = WorkflowLogic.working_folder_from_text(str(self._parameterNode.workingFolder))
 
     def _busy(self) -> bool:
-        return any(job is not None and job.process.running for job in (self._trainingJob, self._predictionJob))
+        return self._stagedStart is not None or any(
+            job is not None and job.process.running for job in (self._trainingJob, self._predictionJob))
 
     def updateButtons(self, caller=None, event=None) -> None:
         busy = self._busy()
         training = self._trainingJob is not None and self._trainingJob.process.running
+        exporting = self._stagedStart is not None
         predicting = self._predictionJob is not None and self._predictionJob.process.running
         hasRun = False
         if self._parameterNode:
@@ -207,7 +217,8 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         selected = self.selectedCase()
         for button in (self.ui.exportButton, self.ui.startButton):
             button.enabled = not busy
-        self.ui.cancelButton.enabled = training and not self._trainingJob.process.cancel_requested
+        self.ui.cancelButton.enabled = (exporting and not self._stagedStart.export.cancelled) or (
+            training and not self._trainingJob.process.cancel_requested)
         self.ui.cancelPredictionButton.enabled = predicting and not self._predictionJob.process.cancel_requested
         self.ui.show3DButton.enabled = selected is not None and selected.segmentation is not None
         self.ui.resumeButton.enabled = not busy and hasRun
@@ -313,32 +324,92 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExport(self) -> None:
         self._syncLogicWithParameters()
-        with slicer.util.tryWithErrorDisplay("Dataset export failed.", waitCursor=True):
-            self.logic.export_dataset()
+        self._beginStagedStart(self._validated("Dataset export failed.", self.logic.staged_export))
+
+    @staticmethod
+    def _validated(failure: str, makeStaged):
+        """The StagedStart ``makeStaged`` builds (it validates every case, which may take a moment:
+        wait cursor), or None after showing why it cannot start."""
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+            return makeStaged()
+        return None
+
+    def _beginStagedStart(self, staged) -> None:
+        """Export step by step from a timer (the files are written on a worker thread), then start
+        the job, if any. The busy cursor says Slicer is working; it stays usable meanwhile."""
+        if staged is None:
+            return
+        self._stagedStart = staged
+        qt.QApplication.setOverrideCursor(qt.Qt.BusyCursor)
+        self.ui.progressBar.setValue(0)
+        self.ui.progressLabel.text = staged.progress_text
+        self.exportTimer.start()
+        self.updateButtons()
+
+    def _endStagedStart(self) -> None:
+        self.exportTimer.stop()
+        self._stagedStart = None
+        qt.QApplication.restoreOverrideCursor()
+
+    def onExportTimer(self) -> None:
+        staged = self._stagedStart
+        if staged is None:
+            self.exportTimer.stop()
+            return
+        try:
+            over = staged.advance()
+        except Exception as error:  # noqa: BLE001 - shown to the user like any failed start
+            self._endStagedStart()
+            self.ui.progressLabel.text = str(error)
+            if not staged.export.cancelled:
+                slicer.util.errorDisplay(f"Could not export the dataset: {error}")
+            self.refreshCaseTable()
+            return
+        self.ui.progressBar.setValue(int(round(1000 * staged.fraction)))
+        self.ui.progressLabel.text = staged.progress_text
+        if not over:
+            return
+        self._endStagedStart()
+        if staged.job is not None:
+            self._trainingStarted(staged.job)
         self.refreshCaseTable()
 
-    def _startTrainingJob(self, start) -> None:
+    def _trainingStarted(self, job) -> None:
+        self._trainingJob = job
+        self.ui.progressBar.setValue(0)
+        self.ui.progressLabel.text = TrainingProgress().summary()
+        self.pollTimer.start()
+
+    def _startTraining(self, staged) -> None:
+        """Start/Retrain: dependencies, then the staged export and the job; ``staged`` builds the
+        StagedStart (validating the cases, which raises with the reason)."""
         self._syncLogicWithParameters()
+        ready = False
         with slicer.util.tryWithErrorDisplay("Could not start training."):
-            if not self.ensureDependencies(askToInstall=True):
-                return
-            self._trainingJob = start()
-            self.ui.progressBar.setValue(0)
-            self.ui.progressLabel.text = TrainingProgress().summary()
-            self.pollTimer.start()
-        self.refreshCaseTable()
+            ready = self.ensureDependencies(askToInstall=True)  # may ask: no wait cursor over its dialogs
+        if ready:
+            self._beginStagedStart(self._validated("Could not start training.", staged))
 
     def onStartTraining(self) -> None:
-        self._startTrainingJob(lambda: self.logic.start_training(self.trainSettings()))
-
-    def onResumeTraining(self) -> None:
-        self._startTrainingJob(lambda: self.logic.resume_training(self.trainSettings()))
+        self._startTraining(lambda: self.logic.staged_training(self.trainSettings()))
 
     def onRetrain(self) -> None:
-        self._startTrainingJob(lambda: self.logic.retrain(self.trainSettings()))
+        self._startTraining(lambda: self.logic.staged_retrain(self.trainSettings()))
+
+    def onResumeTraining(self) -> None:
+        self._syncLogicWithParameters()
+        with slicer.util.tryWithErrorDisplay("Could not resume training."):
+            if not self.ensureDependencies(askToInstall=True):
+                return
+            self._trainingStarted(self.logic.resume_training(self.trainSettings()))
+        self.refreshCaseTable()
 
     def onCancelTraining(self) -> None:
-        if self._trainingJob is not None:
+        if self._stagedStart is not None:
+            self.appendLog("Cancelling the dataset export; no training is started")
+            self._stagedStart.cancel()
+            self.updateButtons()
+        elif self._trainingJob is not None:
             self.appendLog("Cancelling: the trainer saves a checkpoint at the end of the current step…")
             self._trainingJob.cancel()
             self.updateButtons()

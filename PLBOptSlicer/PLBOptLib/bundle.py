@@ -3,27 +3,26 @@
 The extension installs PLBOptCore next to ``PLBOpt.py`` (``<module folder>/PLBOptCore``); in a
 source checkout it is the checkout's ``PLBOptCore`` beside ``PLBOptSlicer``. Jobs get that folder
 first on ``PYTHONPATH``, so they never need (and the module never installs) a ``plbopt`` package
-from an index. Before a job starts, :func:`check_core` asks the job's interpreter which
-PLBOptCore it imports: it must be the bundled one, at the extension's version. That catches an
-extension updated while Slicer was running (old module code in memory, new core on disk) and a
-stray ``plbopt`` in Slicer's Python that would shadow the bundled core.
+from an index. Every job starts through ``run_bundled_core.py`` (:func:`checked_core_command`),
+which checks, inside the job, that its interpreter imports the bundled PLBOptCore at the
+extension's version. That catches an extension updated while Slicer was running (old module code
+in memory, new core on disk) and a stray ``plbopt`` in Slicer's Python that would shadow the
+bundled core, without making the GUI thread wait for an interpreter to start.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 from pathlib import Path
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping, Sequence
 
 from . import __version__ as EXTENSION_VERSION
 from .errors import PLBOptSlicerError
-from .process import hidden_console_options
 
 CORE_PACKAGE = "PLBOptCore"
 MODULE_DIR = Path(__file__).resolve().parents[1]  # the folder holding PLBOpt.py and PLBOptLib/
+JOB_SCRIPT = Path(__file__).resolve().with_name("run_bundled_core.py")  # every job's entry point
 
 
 def core_root(module_dir: Path = MODULE_DIR) -> Path:
@@ -52,25 +51,11 @@ def job_environment(root: Path, base: Mapping[str, str]) -> Dict[str, str]:
     return {**base, "PYTHONPATH": os.pathsep.join(entries), "PYTHONUNBUFFERED": "1"}
 
 
-def check_core(python: str, root: Path, environment: Mapping[str, str], cwd: Path, timeout: float = 120.0) -> str:
-    """Ask ``python``, run as the job will be (whole ``environment``, in ``cwd``, which Python puts
-    first on ``sys.path``), which PLBOptCore it imports; return its version.
-
-    Raises :class:`PLBOptSlicerError` unless it is ``root/PLBOptCore`` at the extension's version.
-    """
-    code = f"import json, {CORE_PACKAGE} as c; print(json.dumps([c.__version__, c.__file__]))"
-    result = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout,
-                            env=dict(environment), cwd=str(cwd), stdin=subprocess.DEVNULL, **hidden_console_options())
-    if result.returncode != 0:
-        lines = (result.stderr or result.stdout).strip().splitlines()
-        raise PLBOptSlicerError(f"{root / CORE_PACKAGE}: cannot be imported by {python}: "
-                                f"{lines[-1] if lines else 'exit ' + str(result.returncode)}")
-    version, location = json.loads(result.stdout.strip().splitlines()[-1])
-    expected = (Path(root) / CORE_PACKAGE).resolve()
-    if Path(location).resolve().parent != expected:
-        raise PLBOptSlicerError(f"{location}: jobs import this PLBOptCore instead of the one in the extension "
-                                f"({expected}); uninstall it from Slicer's Python (pip uninstall plbopt)")
-    if version != EXTENSION_VERSION:
-        raise PLBOptSlicerError(f"{expected}: PLBOptCore {version} does not match the PLBOpt module {EXTENSION_VERSION}; "
-                                "the extension was updated while Slicer was running: restart Slicer")
-    return version
+def checked_core_command(command: Sequence[str], root: Path) -> List[str]:
+    """``[python, "-m", "PLBOptCore", *args]`` as the job really runs it: through
+    ``run_bundled_core.py``, which refuses (exit status 2, one line saying why) unless that
+    interpreter imports ``root/PLBOptCore`` at the extension's version, then runs the CLI."""
+    python, flag, package, *arguments = [str(part) for part in command]
+    if (flag, package) != ("-m", CORE_PACKAGE):
+        raise ValueError(f"not a PLBOptCore command: {' '.join(map(str, command[:3]))}")
+    return [python, str(JOB_SCRIPT), str(Path(root)), EXTENSION_VERSION, *arguments]

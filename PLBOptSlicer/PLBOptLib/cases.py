@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -271,55 +274,173 @@ class ExportedDataset:
         return self.root / "imagesUn"
 
 
+@dataclass
+class _CaseSnapshot:
+    """What the writer thread writes for one case, read from the scene on the main thread."""
+
+    name: str
+    folder: str  # imagesTr or imagesUn
+    image: np.ndarray  # (K, J, I), a copy: the node may change or leave the scene meanwhile
+    label: Optional[np.ndarray]  # class-index label map for labelsTr, None for an unlabeled case
+    grid: imageio.Geometry
+
+
+_END_OF_CASES = None  # what the main thread queues after the last case
+
+
+class DatasetExport:
+    """A dataset export split so that Slicer's GUI thread never waits for a file to be written.
+
+    - The constructor validates everything (class names, segmentation grids, transforms) before
+      anything is written.
+    - :meth:`step`, on the main thread (MRML is not thread-safe), reads one case from the scene: a
+      copy of its voxels and, for a labeled case, its segmentation as a class-index label map.
+    - A worker thread removes the previous image folders, compresses and writes each case's NIfTI
+      files and, last, ``dataset.json``. SimpleITK releases the GIL while it writes, so the GUI
+      stays responsive.
+
+    The main thread reads the next case only while fewer than ``max_pending`` read cases wait to be
+    written, so at most a few volume copies are held in memory. :meth:`run` does everything and
+    waits (console, tests); the panel calls :meth:`step` from a timer and shows :attr:`progress_text`.
+    """
+
+    def __init__(self, cases: Sequence[SceneCase], out_dir: Path, preferred_order: Sequence[str] = (),
+                 name: str = "PLBOpt Slicer dataset", max_pending: int = 2):
+        self.out_dir = Path(out_dir)
+        self.cases = list(cases)
+        self.class_names = class_names(self.cases, preferred_order)
+        self.labeled = [case for case in self.cases if case.trains_supervised]
+        self.unlabeled = [case for case in self.cases if not case.trains_supervised]
+        for case in self.labeled:
+            check_segmentation_geometry(case)
+        for case in self.unlabeled:
+            imageio.check_not_transformed(case.volume)
+        self.colors = class_colors(self.labeled[0], self.class_names)
+        self.dataset_name = name
+        self.max_pending = max(1, int(max_pending))
+        self._to_read: List[SceneCase] = self.labeled + self.unlabeled
+        self._queue: "queue.Queue[Optional[_CaseSnapshot]]" = queue.Queue()
+        self._writer = threading.Thread(target=self._write_all, name="PLBOpt dataset export", daemon=True)
+        self.read_count = 0
+        self.written_count = 0  # updated by the writer thread
+        self.error: Optional[BaseException] = None  # set by the writer thread
+        self.cancelled = False
+        self._result: Optional[ExportedDataset] = None
+
+    @property
+    def total(self) -> int:
+        return len(self.labeled) + len(self.unlabeled)
+
+    @property
+    def writer_done(self) -> bool:
+        return self._writer.ident is not None and not self._writer.is_alive()
+
+    @property
+    def progress_text(self) -> str:
+        return f"Exporting the dataset: {self.written_count}/{self.total} cases written"
+
+    @property
+    def fraction(self) -> float:
+        return self.written_count / self.total if self.total else 1.0
+
+    def step(self) -> bool:
+        """Main thread: read the next case if the writer has room for it. Returns True once the
+        export is over (written, failed or cancelled); then :meth:`result` tells which."""
+        if self._writer.ident is None:
+            self._writer.start()
+        if self.writer_done or self.cancelled:
+            return self.writer_done
+        if self._to_read and self.read_count - self.written_count < self.max_pending:
+            case = self._to_read.pop(0)
+            self._queue.put(self._snapshot(case))
+            self.read_count += 1
+            if not self._to_read:
+                self._queue.put(_END_OF_CASES)
+        return False
+
+    def _snapshot(self, case: SceneCase) -> _CaseSnapshot:
+        grid = imageio.volume_geometry(case.volume)
+        image = np.array(slicer.util.arrayFromVolume(case.volume), copy=True)
+        if case.trains_supervised:
+            return _CaseSnapshot(case.name, "imagesTr", image, label_array(case, self.class_names), grid)
+        return _CaseSnapshot(case.name, "imagesUn", image, None, grid)
+
+    def _write_all(self) -> None:
+        """Writer thread: never touches the scene, only numpy arrays and files."""
+        try:
+            for folder in ("imagesTr", "labelsTr", "imagesUn"):
+                shutil.rmtree(self.out_dir / folder, ignore_errors=True)
+            training, unlabeled = [], []
+            while True:
+                snapshot = self._queue.get()
+                if snapshot is _END_OF_CASES or self.cancelled:
+                    break
+                image_path = f"{snapshot.folder}/{snapshot.name}.nii.gz"
+                imageio.write_image(imageio.array_to_sitk(snapshot.image, snapshot.grid), self.out_dir / image_path)
+                if snapshot.label is not None:
+                    label_path = f"labelsTr/{snapshot.name}.nii.gz"
+                    imageio.write_image(imageio.array_to_sitk(snapshot.label, snapshot.grid), self.out_dir / label_path)
+                    training.append({"image": image_path, "label": label_path})
+                else:
+                    unlabeled.append({"image": image_path})
+                self.written_count += 1
+            if self.cancelled:
+                return
+            names = self.class_names
+            _write_json(self.out_dir / "dataset.json", {
+                "name": self.dataset_name,
+                "labels": {"0": BACKGROUND_NAME, **{str(i + 1): n for i, n in enumerate(names)}},
+                "colors": {str(i + 1): list(self.colors[n]) for i, n in enumerate(names)},
+                "training": training,
+                "unlabeled": unlabeled,
+                "validation": [],
+                "test": [],
+            })
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread by result()
+            self.error = error
+
+    def cancel(self) -> None:
+        """Stop after the file being written; dataset.json is not rewritten."""
+        self.cancelled = True
+        self._queue.put(_END_OF_CASES)  # wakes a writer waiting for the next case
+
+    def result(self) -> ExportedDataset:
+        """Main thread, once :meth:`step` returned True: what was written. Raises when the writer
+        failed or the export was cancelled."""
+        if not self.writer_done:
+            raise RuntimeError("the export is still running")
+        if self.error is not None:
+            raise PLBOptSlicerError(f"{self.out_dir}: dataset export failed: {self.error}") from self.error
+        if self.cancelled:
+            raise PLBOptSlicerError(f"{self.out_dir}: dataset export cancelled")
+        if self._result is None:
+            for case in self.cases:
+                # Predictions come back under the case name; remember it even if the node is renamed later.
+                case.volume.SetAttribute(CASE_NAME_ATTRIBUTE, case.name)
+            self._result = ExportedDataset(root=self.out_dir, class_names=list(self.class_names),
+                                           labeled=[c.name for c in self.labeled],
+                                           unlabeled=[c.name for c in self.unlabeled])
+        return self._result
+
+    def run(self, interval: float = 0.005) -> ExportedDataset:
+        """Read every case, wait for the writer and return what was written (console, tests)."""
+        while not self.step():
+            if self.read_count - self.written_count >= self.max_pending or not self._to_read:
+                time.sleep(interval)  # the writer is busy: nothing to read yet
+        return self.result()
+
+
 def export_dataset(cases: Sequence[SceneCase], out_dir: Path, preferred_order: Sequence[str] = (),
                    name: str = "PLBOpt Slicer dataset") -> ExportedDataset:
-    """Write the scene's cases as a PLBOptCore dataset folder (dataset.json, imagesTr, labelsTr, imagesUn).
+    """Write the scene's cases as a PLBOptCore dataset folder (dataset.json, imagesTr, labelsTr, imagesUn)
+    and wait until it is written (see :class:`DatasetExport`, which the panel drives step by step).
 
     Labeled cases go to imagesTr/labelsTr; unlabeled, pseudo-labeled and not yet accepted
     corrected cases go to imagesUn (their labels are not trusted). Images keep their exact grid
     (origin, spacing, direction) as NIfTI. Everything is validated before anything is written, and
     the image folders are rewritten so cases removed from the scene do not linger.
     """
-    out_dir = Path(out_dir)
-    names = class_names(cases, preferred_order)
-    labeled = [case for case in cases if case.trains_supervised]
-    unlabeled = [case for case in cases if not case.trains_supervised]
-    for case in labeled:
-        check_segmentation_geometry(case)
-    for case in unlabeled:
-        imageio.check_not_transformed(case.volume)
-    colors = class_colors(labeled[0], names)
-
-    for folder in ("imagesTr", "labelsTr", "imagesUn"):
-        shutil.rmtree(out_dir / folder, ignore_errors=True)
-    training, unlabeled_entries = [], []
-    for case in labeled:
-        grid = imageio.volume_geometry(case.volume)
-        image_path, label_path = f"imagesTr/{case.name}.nii.gz", f"labelsTr/{case.name}.nii.gz"
-        imageio.write_image(imageio.array_to_sitk(slicer.util.arrayFromVolume(case.volume), grid), out_dir / image_path)
-        imageio.write_image(imageio.array_to_sitk(label_array(case, names), grid), out_dir / label_path)
-        training.append({"image": image_path, "label": label_path})
-    for case in unlabeled:
-        grid = imageio.volume_geometry(case.volume)
-        image_path = f"imagesUn/{case.name}.nii.gz"
-        imageio.write_image(imageio.array_to_sitk(slicer.util.arrayFromVolume(case.volume), grid), out_dir / image_path)
-        unlabeled_entries.append({"image": image_path})
-    for case in cases:
-        # Predictions come back under the case name; remember it even if the node is renamed later.
-        case.volume.SetAttribute(CASE_NAME_ATTRIBUTE, case.name)
-
-    manifest = {
-        "name": name,
-        "labels": {"0": BACKGROUND_NAME, **{str(i + 1): n for i, n in enumerate(names)}},
-        "colors": {str(i + 1): list(colors[n]) for i, n in enumerate(names)},
-        "training": training,
-        "unlabeled": unlabeled_entries,
-        "validation": [],
-        "test": [],
-    }
-    _write_json(out_dir / "dataset.json", manifest)
-    return ExportedDataset(root=out_dir, class_names=names, labeled=[c.name for c in labeled],
-                           unlabeled=[c.name for c in unlabeled])
+    return DatasetExport(cases, out_dir, preferred_order, name).run()
 
 
 def read_class_table(dataset_json: Path) -> Tuple[Dict[int, str], Dict[int, Tuple[int, int, int]]]:

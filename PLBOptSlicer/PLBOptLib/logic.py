@@ -21,7 +21,7 @@ import slicer
 
 from . import bundle, review
 from . import cases as case_utils
-from .cases import ExportedDataset, SceneCase, Status
+from .cases import DatasetExport, ExportedDataset, SceneCase, Status
 from .errors import PLBOptSlicerError
 from .events import EventsFollower, TrainingProgress
 from .process import (EXIT_INTERRUPTED, STOP_FILE_NAME, JobProcess, TrainSettings, in_slicer_application,
@@ -97,6 +97,49 @@ class PredictionJob:
     def cancel(self) -> None:
         """Stop the prediction (its partial outputs are not loaded)."""
         self.process.cancel()
+
+
+class StagedStart:
+    """Start, Retrain or Export as the panel runs them without freezing Slicer: the dataset
+    export, one case read from the scene per :meth:`advance` on the main thread while a worker
+    thread writes the files, then (unless export only) the training job, started from the
+    finished export. The panel calls :meth:`advance` from a timer until it returns True."""
+
+    def __init__(self, export: DatasetExport, log: Callable[[str], None],
+                 start: Optional[Callable[[], TrainingJob]] = None):
+        self.export = export
+        self.log = log
+        self.start = start
+        self.exported: Optional[ExportedDataset] = None
+        self.job: Optional[TrainingJob] = None
+
+    @property
+    def progress_text(self) -> str:
+        return self.export.progress_text
+
+    @property
+    def fraction(self) -> float:
+        return self.export.fraction
+
+    def advance(self) -> bool:
+        """Do the next bit of work; True when over. Then :attr:`job` is the started job (None for
+        an export only). Raises when the export failed or was cancelled, or the job cannot start."""
+        if not self.export.step():
+            return False
+        self.exported = self.export.result()
+        self.log(export_summary(self.exported))
+        if self.start is not None:
+            self.job = self.start()
+        return True
+
+    def cancel(self) -> None:
+        """Stop the export after the file being written; no job is started."""
+        self.export.cancel()
+
+
+def export_summary(exported: ExportedDataset) -> str:
+    return (f"Exported {len(exported.labeled)} labeled and {len(exported.unlabeled)} unlabeled "
+            f"cases, classes: {', '.join(exported.class_names)} -> {exported.root}")
 
 
 @dataclass
@@ -193,16 +236,25 @@ class WorkflowLogic:
         labels, _ = case_utils.read_class_table(previous)
         return [labels[v] for v in sorted(labels) if v > 0]
 
-    def export_dataset(self) -> ExportedDataset:
-        """Write the scene's cases to ``WORK/dataset`` in the PLBOptCore dataset format.
+    def begin_export(self) -> DatasetExport:
+        """An export of the scene's cases to ``WORK/dataset``, validated now and written as it is
+        stepped (see :class:`PLBOptLib.cases.DatasetExport`).
 
         Classes keep the order of the previous export when the names are the same, so a model
         fine-tuned from an earlier run keeps its output channels.
         """
-        exported = case_utils.export_dataset(self.cases(), self.dataset_dir, preferred_order=self._previous_class_order())
-        self.log_callback(f"Exported {len(exported.labeled)} labeled and {len(exported.unlabeled)} unlabeled "
-                          f"cases, classes: {', '.join(exported.class_names)} -> {exported.root}")
+        return DatasetExport(self.cases(), self.dataset_dir, preferred_order=self._previous_class_order())
+
+    def export_dataset(self) -> ExportedDataset:
+        """Write the scene's cases to ``WORK/dataset`` in the PLBOptCore dataset format and wait
+        until it is written (console, tests; the panel uses :meth:`staged_export`)."""
+        exported = self.begin_export().run()
+        self.log_callback(export_summary(exported))
         return exported
+
+    def staged_export(self) -> StagedStart:
+        """Export the dataset step by step (the panel's Export button)."""
+        return StagedStart(self.begin_export(), self.log_callback)
 
     # ---- training ----------------------------------------------------------------------------
     def job_python(self) -> str:
@@ -216,11 +268,13 @@ class WorkflowLogic:
 
     def _start_job(self, command: List[str], stop_file: Optional[Path] = None,
                    kill_after_seconds: float = 120.0) -> JobProcess:
-        """Check that the job will run the bundled PLBOptCore at the module's version, then start it."""
-        environment = self.job_environment()
-        bundle.check_core(command[0], self.core_root or bundle.core_root(), environment, cwd=self._work())
+        """Start ``python -m PLBOptCore ...`` without waiting for it. The job itself first checks
+        that it imports the bundled PLBOptCore at the module's version (``run_bundled_core.py``)
+        and otherwise fails with one line saying why, which the panel shows as the job's error."""
         self.log_callback("Running: " + " ".join(command))
-        return JobProcess(command, cwd=self._work(), environment=environment, stop_file=stop_file,
+        root = self.core_root or bundle.core_root()
+        return JobProcess(bundle.checked_core_command(command, root), cwd=self._work(),
+                          environment=self.job_environment(), stop_file=stop_file,
                           kill_after_seconds=kill_after_seconds).start()
 
     def start_training(self, settings: TrainSettings, resume: bool = False, init_from: Optional[Path] = None,
@@ -230,13 +284,26 @@ class WorkflowLogic:
         A new run folder is created unless ``resume``, which continues the latest run from its
         ``checkpoints/last.pt``.
         """
+        if export and not resume:
+            self.export_dataset()
+        return self._launch_training(settings, resume=resume, init_from=init_from)
+
+    def staged_training(self, settings: TrainSettings, init_from: Optional[Path] = None) -> StagedStart:
+        """Start as the panel runs it: the export step by step, then the job (see :class:`StagedStart`)."""
+        return StagedStart(self.begin_export(), self.log_callback,
+                           start=lambda: self._launch_training(settings, init_from=init_from))
+
+    def staged_retrain(self, settings: TrainSettings) -> StagedStart:
+        """Retrain as the panel runs it: the export step by step, then the fine-tuning job."""
+        return self.staged_training(settings, init_from=self._fine_tuning_checkpoint())
+
+    def _launch_training(self, settings: TrainSettings, resume: bool = False,
+                         init_from: Optional[Path] = None) -> TrainingJob:
         if resume:
             run_dir = self.latest_run_with_checkpoint()
             if run_dir is None:
                 raise PLBOptSlicerError(f"{self.runs_dir}: no run with a checkpoint to resume")
         else:
-            if export:
-                self.export_dataset()
             run_dir = self.new_run_dir()
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         command = train_command(self.job_python(), self.dataset_dir, run_dir, settings, resume=resume, init_from=init_from)
@@ -250,10 +317,13 @@ class WorkflowLogic:
 
     def retrain(self, settings: TrainSettings) -> TrainingJob:
         """Re-export (corrections now count as labeled) and fine-tune from the latest run's last checkpoint."""
+        return self.start_training(settings, init_from=self._fine_tuning_checkpoint())
+
+    def _fine_tuning_checkpoint(self) -> Path:
         latest = self.latest_run_with_checkpoint()
         if latest is None:
             raise PLBOptSlicerError(f"{self.runs_dir}: no trained run to fine-tune; start a training first")
-        return self.start_training(settings, init_from=latest / "checkpoints" / RESUMABLE_CHECKPOINTS[0])
+        return latest / "checkpoints" / RESUMABLE_CHECKPOINTS[0]
 
     # ---- review ------------------------------------------------------------------------------
     def start_prediction(self, run_dir: Optional[Path] = None) -> PredictionJob:

@@ -102,5 +102,5 @@ def test_installed_extension_trains_and_predicts_on_its_own(installed, tmp_path)
     assert Path(report["module"]).is_relative_to(installed) and Path(report["core_root"]) == module_dir
     assert report["training"] == ["completed", 4, 0], result.stdout[-3000:]
     assert report["prediction"] == 0 and len(report["outputs"]) == 2  # label + confidence of the unlabeled case
-    # Jobs checked that they import the installed core (bundle.check_core) before they started.
+    # Jobs started through run_bundled_core.py, which checked that they import the installed core.
     assert f"Running: {sys.executable} -m PLBOptCore train" in result.stdout

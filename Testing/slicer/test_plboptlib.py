@@ -403,21 +403,37 @@ def test_versions_and_stop_file_name_agree_with_plboptcore():
     assert STOP_FILE_NAME == runcontrol.STOP_FILE_NAME
 
 
+def run_checked(root, environment_root, cwd):
+    """``python -m PLBOptCore --version`` as a job runs it (through run_bundled_core.py)."""
+    command = bundle.checked_core_command([sys.executable, "-m", "PLBOptCore", "--version"], root)
+    result = subprocess.run(command, cwd=cwd, env=bundle.job_environment(environment_root, os.environ),
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, (result.stdout + result.stderr).strip().splitlines()[-1]
+
+
 def test_jobs_run_the_bundled_core_and_refuse_another(tmp_path):
     root = bundle.core_root()
     assert root == MODULE_DIR.parent and bundle.bundled_core_version(root) == PLBOptLib.__version__
     environment = bundle.job_environment(root, {"PYTHONPATH": "/elsewhere"})
     assert environment["PYTHONPATH"].split(os.pathsep) == [str(root), "/elsewhere"]
-    assert bundle.check_core(sys.executable, root, bundle.job_environment(root, os.environ), tmp_path) == PLBOptLib.__version__
+    assert run_checked(root, root, tmp_path) == (0, f"plbopt {PLBOptLib.__version__}")
 
     stale = tmp_path / "updated" / "PLBOptCore"
     stale.mkdir(parents=True)
     (stale / "__init__.py").write_text('__version__ = "9.9.9"\n')
-    with pytest.raises(PLBOptSlicerError, match=r"PLBOptCore 9.9.9 does not match the PLBOpt module .*restart Slicer"):
-        bundle.check_core(sys.executable, stale.parent, bundle.job_environment(stale.parent, os.environ), tmp_path)
+    code, line = run_checked(stale.parent, stale.parent, tmp_path)
+    assert code == 2 and re.search(r"PLBOptCore 9.9.9 does not match the PLBOpt module .*restart Slicer", line)
     # The job's interpreter imports some other PLBOptCore (here: the checkout) instead of the bundled one.
-    with pytest.raises(PLBOptSlicerError, match=r"instead of the one in the extension"):
-        bundle.check_core(sys.executable, stale.parent, bundle.job_environment(root, os.environ), tmp_path)
+    code, line = run_checked(stale.parent, root, tmp_path)
+    assert code == 2 and "instead of the one in the extension" in line
+    # A PLBOptCore in the working folder comes first on sys.path, as with python -m.
+    work = tmp_path / "work"
+    (work / "PLBOptCore").mkdir(parents=True)
+    (work / "PLBOptCore" / "__init__.py").write_text(f'__version__ = "{PLBOptLib.__version__}"\n')
+    code, line = run_checked(root, root, work)
+    assert code == 2 and line.startswith(str((work / "PLBOptCore").resolve())) and "working folder" in line
+    with pytest.raises(ValueError, match="not a PLBOptCore command"):
+        bundle.checked_core_command([sys.executable, "-c", "pass"], root)
     with pytest.raises(PLBOptSlicerError, match="PLBOptCore is missing next to the module"):
         bundle.core_root(tmp_path / "empty" / "module")
 
