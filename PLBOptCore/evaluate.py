@@ -15,6 +15,12 @@ Conventions (options ``empty``, ``missing``, ``hd95``; see :mod:`PLBOptCore.metr
 - ``hd95="pooled"`` (default; medpy, DHC-style tables): 95th percentile of both directions'
   distances together; ``"max"``: the larger directed 95th percentile (MONAI).
 
+Sparse ground truth: when the labels (``--labels dataset.json``) have nnU-Net v2's ``"ignore"`` label
+(the highest value), or a run's dataset.json gives ``"ignore_label"``, GT voxels of that value are
+left out of every class's TP, FP and FN, as nnU-Net's ``compute_metrics`` does
+(:func:`PLBOptCore.metrics.annotated_only`); ``ignore`` is never scored as a class, and a prediction
+holding its value is refused.
+
 ``--empty perfect --missing skip`` reproduces earlier PLBOpt tables (and docs/RESULTS.md);
 ``--empty ignore --missing inf --hd95 max`` is MONAI's. Aggregation follows DHC: per class the
 mean (and population std) over the scored cases, then the mean over classes; NaN (not scored)
@@ -32,10 +38,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .data.dataset import IGNORE_NAME
 from .data.io import case_name, check_same_geometry, image_files, read_image
 from .errors import ConfigError, DatasetError
-from .metrics import (EMPTY_CONVENTIONS, HD95_CONVENTIONS, METRIC_NAMES, MISSING_CONVENTIONS, both_empty_metrics,
-                      compute_case_metrics)
+from .metrics import (EMPTY_CONVENTIONS, HD95_CONVENTIONS, METRIC_NAMES, MISSING_CONVENTIONS, annotated_only,
+                      both_empty_metrics, compute_case_metrics)
 from .utils import atomic_write
 
 LabelsArg = Optional[Union[Dict[int, str], str, Path]]
@@ -69,8 +76,9 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
         pred_dir: folder of predicted label maps ``<case>.nii.gz`` (or .nii/.nrrd/.seg.nrrd/.mha/.mhd).
         gt_dir: folder of ground-truth label maps with the same case names.
         labels: ``{index: name}`` or the path of a ``dataset.json`` whose ``"labels"`` are used;
-            index 0 (background) is not scored. Default: ``class_1 .. class_K`` with ``K`` the
-            largest label value found.
+            index 0 (background) is not scored; a label named ``"ignore"`` (the highest index) or
+            a dataset.json's ``"ignore_label"`` marks unannotated GT voxels (module docstring).
+            Default: ``class_1 .. class_K`` with ``K`` the largest label value found.
         out_dir: where ``metrics.csv`` (one row per case × class) and ``metrics.json`` are written
             atomically; default ``pred_dir``.
         empty, missing, hd95: the conventions of the module docstring.
@@ -92,7 +100,7 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
     """
     conventions = check_conventions(empty, missing, hd95)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    names = _resolve_labels(labels)
+    names, ignore = _resolve_labels(labels)
     preds = _list_cases(pred_dir, "prediction")
     gts = _list_cases(gt_dir, "ground-truth")
     if not preds:
@@ -108,7 +116,10 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
     max_label = max(names) if names else 0
     for case in sorted(preds):
         pred, gt, spacing = _read_pair(preds[case], gts[case])
-        values = [_label_values(pred, preds[case], names), _label_values(gt, gts[case], names)]
+        values = [_label_values(pred, preds[case], names), _label_values(gt, gts[case], names, ignore)]
+        if ignore is not None:
+            pred, gt = annotated_only(pred, gt, ignore)
+            values[1] = values[1][values[1] != ignore]
         # Scored on the classes present, numbered 1..K: a label map's values may be sparse
         # (FreeSurfer-like tables), and every class number costs a pass over the volume.
         present = np.union1d(np.union1d(*values), [0])
@@ -251,12 +262,14 @@ def _read_label_map(path: Path) -> Tuple[np.ndarray, sitk.Image]:
 MAX_UNNAMED_LABEL = 1000
 
 
-def _label_values(array: np.ndarray, path: Path, names: Optional[Dict[int, str]]) -> np.ndarray:
+def _label_values(array: np.ndarray, path: Path, names: Optional[Dict[int, str]],
+                  ignore: Optional[int] = None) -> np.ndarray:
     """The sorted label values of ``array``, refused with ``DatasetError`` when not in ``names``
-    or, without names, above :data:`MAX_UNNAMED_LABEL` (np.unique: no table as long as the largest value)."""
+    (``ignore`` allowed: ground truth only) or, without names, above :data:`MAX_UNNAMED_LABEL`
+    (np.unique: no table as long as the largest value)."""
     values = np.unique(array)
     if names is not None:
-        unknown = sorted(set(values.tolist()) - set(names) - {0})
+        unknown = sorted(set(values.tolist()) - set(names) - {0, ignore})
         if unknown:
             shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
             raise DatasetError(f"{path}: label values [{shown}] are not in the labels {sorted(names)[:20]}")
@@ -275,16 +288,21 @@ def _read_pair(pred_path: Path, gt_path: Path) -> Tuple[np.ndarray, np.ndarray, 
     return pred, gt, tuple(float(s) for s in gt_image.GetSpacing()[::-1])
 
 
-def _resolve_labels(labels: LabelsArg) -> Optional[Dict[int, str]]:
-    """``{index: name}`` from a dict or a dataset.json (MSD ``{"1": "spleen"}`` or nnU-Net v2
-    ``{"spleen": 1}``); background 0 is kept here and skipped when scoring."""
+def _resolve_labels(labels: LabelsArg) -> Tuple[Optional[Dict[int, str]], Optional[int]]:
+    """``({index: name}, ignore index or None)`` from a dict or a dataset.json (MSD ``{"1": "spleen"}``
+    or nnU-Net v2 ``{"spleen": 1}``); background 0 is kept here and skipped when scoring. The ignore
+    index is that of a label named ``"ignore"`` (which must be the highest, as nnU-Net v2 requires)
+    or a dataset.json's ``"ignore_label"`` (a run's: its labels are the network's classes)."""
     if labels is None:
-        return None
+        return None, None
     source: Union[str, Path] = "labels"
+    ignore: Optional[int] = None
     if isinstance(labels, (str, Path)):
         source = Path(labels)
         try:
-            labels = json.loads(source.read_text())["labels"]
+            data = json.loads(source.read_text())
+            labels = data["labels"]
+            ignore = data.get("ignore_label")
         except FileNotFoundError:
             raise DatasetError(f"{source}: labels file not found") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -310,4 +328,17 @@ def _resolve_labels(labels: LabelsArg) -> Optional[Dict[int, str]]:
         raise DatasetError(f"{source}: labels have no foreground class")
     if len(set(foreground)) != len(foreground):
         raise DatasetError(f"{source}: labels have duplicate class names")
-    return names
+    named_ignore = [c for c, n in names.items() if n == IGNORE_NAME]
+    if named_ignore:
+        if named_ignore[0] != max(names):
+            raise DatasetError(f"{source}: the \"ignore\" label must have the highest label value (as nnU-Net v2 "
+                               f"requires), but it is {named_ignore[0]} and the highest is {max(names)}")
+        ignore = named_ignore[0]
+        del names[ignore]
+        if not any(c > 0 for c in names):
+            raise DatasetError(f"{source}: labels have no foreground class besides \"ignore\"")
+    elif ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int) or ignore <= 0
+                                 or ignore in names):
+        raise DatasetError(f"{source}: \"ignore_label\" must be a positive label value that is no class, "
+                           f"got {ignore!r}")
+    return names, ignore

@@ -30,6 +30,10 @@ Empty masks, per class (``compute_case_metrics``):
   left out of the distance means (earlier PLBOpt versions; missing an organ then improves the mean).
 
 The standalone ``asd``/``assd``/``hd95`` return 0 for two empty masks and NaN for one.
+
+Sparse ground truth (nnU-Net v2's ignore label): :func:`annotated_only` gives both maps background
+where the ground truth is ``ignore``, so those voxels add no TP, FP or FN to any class, as nnU-Net's
+``compute_metrics`` masks them; the surface distances are then those of the annotated part.
 """
 
 from __future__ import annotations
@@ -56,6 +60,16 @@ def dice(pred_mask: np.ndarray, gt_mask: np.ndarray) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.logical_and(pred_mask, gt_mask).sum()) / total
+
+
+def annotated_only(pred_labels: np.ndarray, gt_labels: np.ndarray, ignore_label: Optional[int]
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """``(pred, gt)`` with background (0) wherever ``gt_labels == ignore_label``: the voxels nobody
+    annotated then count for no foreground class. Unchanged when ``ignore_label`` is None."""
+    if ignore_label is None:
+        return pred_labels, gt_labels
+    annotated = gt_labels != ignore_label
+    return np.where(annotated, pred_labels, 0), np.where(annotated, gt_labels, 0)
 
 
 def surface(mask: np.ndarray) -> np.ndarray:

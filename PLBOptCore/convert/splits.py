@@ -377,7 +377,7 @@ def apply_split_file(split_file: Path, source_dir: Path, out_dir: Path) -> Path:
     labelsUn/ as the converters do. An ``out_dir`` already made from the same split and source is
     reused as it is, so a benchmark can be resumed; any other non-empty ``out_dir`` is refused.
     """
-    from ..data.dataset import load_dataset
+    from ..data.dataset import IGNORE_NAME, load_dataset
 
     split_file, source_dir, out_dir = Path(split_file), Path(source_dir), Path(out_dir)
     split = read_json(split_file)
@@ -404,5 +404,8 @@ def apply_split_file(split_file: Path, source_dir: Path, out_dir: Path) -> Path:
                 made.get(role) == sorted(c.name for c in plan.role(role)) for role in ROLES):
             return out_dir
     colors = {str(k): list(v) for k, v in source.colors.items()}
-    return write_dataset_folder(out_dir, source_dir.name, source.labels, plan, info, link=True, colors=colors,
+    labels = dict(source.labels)
+    if source.ignore_label is not None:  # the linked label files still hold it
+        labels[source.ignore_label] = IGNORE_NAME
+    return write_dataset_folder(out_dir, source_dir.name, labels, plan, info, link=True, colors=colors,
                                 modality=source.modality)

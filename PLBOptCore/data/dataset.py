@@ -24,6 +24,11 @@ ignored by nnU-Net) names a folder of unlabeled images. ``imagesTs`` (with ``lab
 where present) becomes the test split. Case names drop the ``_0000`` channel suffix; datasets
 with several channels are refused.
 
+Sparse annotation (both layouts): a label named ``"ignore"`` marks voxels nobody annotated. As
+nnU-Net v2 requires, it must be the highest label value (``{"background": 0, "spleen": 1,
+"ignore": 2}``); it is no class: ``DatasetSpec.labels`` and ``num_classes`` leave it out and
+``DatasetSpec.ignore_label`` holds its value.
+
 ``load_dataset`` checks the JSON and that files exist; ``validate_dataset`` opens the files
 (header only, or every voxel with ``deep=True``).
 """
@@ -83,6 +88,9 @@ class DatasetSpec:
     # the image modality: nnU-Net's channel_names["0"] or MSD's modality["0"] ("CT", "T2", "MRI"...),
     # "" when dataset.json does not say; the preprocessing plan normalises CT and other images differently
     modality: str = ""
+    # the label value of voxels nobody annotated (nnU-Net v2's "ignore" label), None when every
+    # voxel of a label is annotated; it is no class and not in ``labels``
+    ignore_label: Optional[int] = None
 
     @property
     def num_classes(self) -> int:
@@ -94,9 +102,12 @@ class DatasetSpec:
 
 
 SPLITS = ("training", "unlabeled", "validation", "test")
+IGNORE_NAME = "ignore"  # nnU-Net v2's name of the label of unannotated voxels
 
 
-def _parse_labels(raw: Any, where: Path) -> Dict[int, str]:
+def _parse_labels(raw: Any, where: Path) -> Tuple[Dict[int, str], Optional[int]]:
+    """``({value: class name}, ignore value or None)`` of dataset.json's ``labels``; the ignore
+    label (named ``"ignore"``) must be the highest value and is not among the classes."""
     if not isinstance(raw, dict) or not raw:
         raise DatasetError(f"{where}: 'labels' must be a non-empty mapping like {{\"0\": \"background\", \"1\": \"spleen\"}}")
     # nnU-Net v2 writes {"background": 0, "spleen": 1}; accept it too.
@@ -111,7 +122,11 @@ def _parse_labels(raw: Any, where: Path) -> Dict[int, str]:
         if not isinstance(name, str) or not name.strip():
             raise DatasetError(f"{where}: label {key} must have a non-empty name, got {name!r}")
         labels[index] = name.strip()
-    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
+    ignore = next((index for index, name in labels.items() if name == IGNORE_NAME), None)
+    if ignore is not None and ignore != max(labels):
+        raise DatasetError(f"{where}: the \"ignore\" label must have the highest label value (as nnU-Net v2 "
+                           f"requires), but it is {ignore} and the highest is {max(labels)}")
+    if sorted(labels) != list(range(len(labels))) or len(labels) - (ignore is not None) < 2:
         raise DatasetError(
             f"{where}: labels must be contiguous 0..C-1 with 0 = background and at least one class, "
             f"got {sorted(labels)}"
@@ -120,10 +135,12 @@ def _parse_labels(raw: Any, where: Path) -> Dict[int, str]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DatasetError(f"{where}: duplicate label names {duplicates}")
-    return dict(sorted(labels.items()))
+    classes = {index: name for index, name in sorted(labels.items()) if index != ignore}
+    return classes, ignore
 
 
-def _parse_colors(raw: Any, labels: Mapping[int, str], where: Path) -> Dict[int, Color]:
+def _parse_colors(raw: Any, labels: Mapping[int, str], where: Path, ignore: Optional[int] = None) -> Dict[int, Color]:
+    """Colour of every class; a colour given for the ignore label is accepted and dropped (no class)."""
     colors = {i: default_color(i) for i in labels}
     if raw is None:
         return colors
@@ -134,6 +151,8 @@ def _parse_colors(raw: Any, labels: Mapping[int, str], where: Path) -> Dict[int,
             index = int(key)
         except ValueError:
             raise DatasetError(f"{where}: colour key {key!r} is not an integer") from None
+        if index == ignore:
+            continue
         if index not in labels:
             raise DatasetError(f"{where}: colour given for label {index}, which is not in 'labels'")
         if (not isinstance(rgb, (list, tuple)) or len(rgb) != 3
@@ -310,13 +329,13 @@ def load_dataset(root: Path, check_files: bool = True, unlabeled_dir: Optional[P
         raise DatasetError(f"{where}: must contain a JSON object")
     if "file_ending" in data:
         splits = _nnunet_v2_splits(root, data, where, check_files)
-        labels = _parse_labels(data["labels"], where)
+        labels, ignore = _parse_labels(data["labels"], where)
     else:
         missing = [key for key in ("labels", "training") if key not in data]
         if missing:
             raise DatasetError(f"{where}: missing required keys {missing}")
         _refuse_channels(data.get("modality"), "modality", where)
-        labels = _parse_labels(data["labels"], where)
+        labels, ignore = _parse_labels(data["labels"], where)
         splits = {split: _parse_split(root, data.get(split, []), split, where) for split in SPLITS}
     if unlabeled_dir is not None:
         splits["unlabeled"] = splits["unlabeled"] + folder_cases(Path(unlabeled_dir))
@@ -338,13 +357,15 @@ def load_dataset(root: Path, check_files: bool = True, unlabeled_dir: Optional[P
     channels = data.get("channel_names", data.get("modality"))
     modality = str(next(iter(channels.values()))) if isinstance(channels, dict) and channels else ""
     return DatasetSpec(
-        root=root, labels=labels, colors=_parse_colors(data.get("colors"), labels, where), **splits,
+        root=root, labels=labels, colors=_parse_colors(data.get("colors"), labels, where, ignore), **splits,
         unlabeled_dirs=[Path(unlabeled_dir)] if unlabeled_dir is not None else [], modality=modality,
+        ignore_label=ignore,
     )
 
 
-def _check_label_values(path: Path, label: sitk.Image, labels: Mapping[int, str]) -> bool:
-    """Raise unless every voxel is one of ``labels``; return whether any foreground is present."""
+def _check_label_values(path: Path, label: sitk.Image, labels: Mapping[int, str], ignore: Optional[int] = None) -> bool:
+    """Raise unless every voxel is one of ``labels`` or ``ignore``; return whether any annotated
+    foreground (a class other than background) is present."""
     array = sitk.GetArrayViewFromImage(label)
     if array.dtype.kind == "f":
         fractional = array[array != np.round(array)]
@@ -354,13 +375,12 @@ def _check_label_values(path: Path, label: sitk.Image, labels: Mapping[int, str]
                 "labels must be whole class numbers"
             )
     values = np.unique(array)
-    bad = [v.item() for v in values if v not in labels]
+    bad = [v.item() for v in values if v not in labels and v != ignore]
     if bad:
         shown = ", ".join(f"{v:g}" for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
-        raise DatasetError(
-            f"{path}: label values [{shown}] are not in dataset.json labels (0..{len(labels) - 1})"
-        )
-    return bool(np.any(values != 0))
+        allowed = f"0..{len(labels) - 1}" + (f", ignore {ignore}" if ignore is not None else "")
+        raise DatasetError(f"{path}: label values [{shown}] are not in dataset.json labels ({allowed})")
+    return any(v != 0 and v != ignore for v in values.tolist())
 
 
 def _check_image_values(path: Path, image: sitk.Image) -> None:
@@ -375,7 +395,8 @@ def validate_dataset(spec: DatasetSpec, deep: bool = True) -> None:
 
     Always: file readable, 3D, label on the image grid (size, spacing, origin, direction).
     ``deep`` additionally reads every voxel: NaN/Inf, truncated data, constant images, label values
-    outside ``spec.labels``, non-integer labels, and every training label empty.
+    outside ``spec.labels`` (the ignore label allowed), non-integer labels, and every training label
+    empty (no annotated foreground).
     Volumes are read one at a time so memory stays at one case.
     """
     any_foreground = False
@@ -391,7 +412,7 @@ def validate_dataset(spec: DatasetSpec, deep: bool = True) -> None:
             if case.label is not None:
                 label = read_image(case.label)
                 check_same_geometry(image, label, case.image, case.label)
-                has_foreground = _check_label_values(case.label, label, spec.labels)
+                has_foreground = _check_label_values(case.label, label, spec.labels, spec.ignore_label)
                 any_foreground |= split == "training" and has_foreground
     if deep and not any_foreground:
         raise DatasetError(

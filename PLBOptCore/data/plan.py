@@ -73,7 +73,7 @@ def compute_fingerprint(spec: DatasetSpec, cache_dir: Optional[Path] = None) -> 
     median, min, max, samples}}``. The cache file ``fingerprint-<hash>.json`` is keyed by the
     modality and the labeled files' names, sizes and modification times.
     """
-    stamps = [_source_stamp(case) for case in spec.training]
+    stamps = [_source_stamp(case, spec.ignore_label) for case in spec.training]
     key = hashlib.sha1(json.dumps([FINGERPRINT_VERSION, spec.modality, stamps], sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"fingerprint-{key}.json" if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -87,6 +87,8 @@ def compute_fingerprint(spec: DatasetSpec, cache_dir: Optional[Path] = None) -> 
         image = read_image(case.image)
         raw = sitk.GetArrayFromImage(image).astype(np.float32)
         label = sitk.GetArrayFromImage(read_image(case.label))
+        if spec.ignore_label is not None:  # annotated voxels only: unannotated ones are no foreground
+            label = np.where(label == spec.ignore_label, 0, label)
         start, stop = body_box(body_mask(raw, threshold), label)
         spacings.append([float(s) for s in reversed(image.GetSpacing())])
         shapes.append([int(n) for n in raw.shape])

@@ -31,6 +31,9 @@ CACHE_VERSION = 3  # 3: z-score over the body; 2: one folder of .npy arrays per 
 BODY_THRESHOLD_HU = -500.0
 # Voxels of margin around the body box, on the resampled grid.
 BODY_MARGIN = 4
+# Preprocessed label value of a voxel nobody annotated (the dataset's ignore label, whatever its
+# value in the files): negative, so it is no class index; losses and metrics leave out label < 0.
+UNANNOTATED = -1
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class RestoreInfo:
 class Preprocessed:
     name: str
     image: np.ndarray  # float32 (Z, Y, X), normalised
-    label: Optional[np.ndarray]  # int16 (Z, Y, X) or None
+    label: Optional[np.ndarray]  # int16 (Z, Y, X), UNANNOTATED (-1) where not annotated; or None
     superpixels: Optional[np.ndarray]  # int32 (Z, Y, X), ids unique within the volume, or None
     info: RestoreInfo
     # image noise std (Immerkær), stored with the superpixels: the scale of refinement's homogeneity test
@@ -189,9 +192,10 @@ def _normalise(array: np.ndarray, params: PreprocessParams, body: np.ndarray) ->
     return ((array - low) / (high - low)).astype(np.float32)
 
 
-def _prepare(image: sitk.Image, params: PreprocessParams, label: Optional[sitk.Image] = None
-             ) -> Tuple[np.ndarray, Optional[np.ndarray], RestoreInfo]:
-    """Resample, crop, clip, normalise ``image`` (and resample/crop ``label`` identically)."""
+def _prepare(image: sitk.Image, params: PreprocessParams, label: Optional[sitk.Image] = None,
+             ignore_label: Optional[int] = None) -> Tuple[np.ndarray, Optional[np.ndarray], RestoreInfo]:
+    """Resample, crop, clip, normalise ``image`` (and resample/crop ``label`` identically, its
+    ``ignore_label`` voxels becoming :data:`UNANNOTATED`)."""
     image = sitk.Cast(image, sitk.sitkFloat32)
     size, spacing = _target_grid(image, params.target_spacing)
     info_kwargs = dict(size=tuple(image.GetSize()), spacing=tuple(image.GetSpacing()),
@@ -204,6 +208,11 @@ def _prepare(image: sitk.Image, params: PreprocessParams, label: Optional[sitk.I
             label = _resample(label, size, spacing, label.GetOrigin(), label.GetDirection(), True, 0)
     raw = sitk.GetArrayFromImage(image)
     lab = sitk.GetArrayFromImage(label) if label is not None else None
+    if lab is not None and ignore_label is not None:
+        # after the nearest-neighbour resampling (which keeps the value) and before the crop, so
+        # that unannotated voxels do not grow the crop box as labeled foreground would
+        # (a signed sentinel: in a uint8 label a plain -1 would wrap to 255)
+        lab = np.where(lab == ignore_label, np.int16(UNANNOTATED), lab)
     body = body_mask(raw, params.body_threshold)
     if params.crop_to_body:
         start, stop = body_box(body, lab)
@@ -248,9 +257,10 @@ def restore_to_original(array_zyx: np.ndarray, info: RestoreInfo, is_label: bool
     return image
 
 
-def _source_stamp(case: Case) -> Dict[str, Any]:
-    """Size and mtime of the case's source files (all files of a DICOM folder): cache validity key."""
-    stamp = {}
+def _source_stamp(case: Case, ignore_label: Optional[int] = None) -> Dict[str, Any]:
+    """Size and mtime of the case's source files (all files of a DICOM folder), and the ignore
+    label's value when there is one (it changes label.npy): cache validity key."""
+    stamp: Dict[str, Any] = {} if ignore_label is None else {"ignore_label": int(ignore_label)}
     for role, path in (("image", case.image), ("label", case.label)):
         if path is None:
             continue
@@ -314,8 +324,11 @@ def superpixels_for(image: np.ndarray, params: PreprocessParams, info: RestoreIn
 
 
 def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Path],
-                    with_superpixels: bool) -> Preprocessed:
+                    with_superpixels: bool, ignore_label: Optional[int] = None) -> Preprocessed:
     """Preprocess ``case`` (image, label if any, superpixels if asked), reusing the cache.
+
+    ``ignore_label`` (the dataset's, see :class:`~PLBOptCore.data.dataset.DatasetSpec`): label
+    voxels of this value become :data:`UNANNOTATED` (-1) in the preprocessed label.
 
     The cache of a case is the folder ``cache_dir/<params.key()>/<case.name>/`` holding
     ``image.npy`` (float32), ``label.npy`` (int16), ``superpixels.npy`` (int32), all (Z, Y, X), and
@@ -328,7 +341,7 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
     Raises:
         DatasetError: unreadable source files, or a cache folder that cannot be written.
     """
-    stamp = _source_stamp(case)
+    stamp = _source_stamp(case, ignore_label if case.label is not None else None)
     folder = Path(cache_dir) / params.key() / case.name if cache_dir is not None else None
     cached = _load_cache(folder, stamp, case.name) if folder is not None else None
     if cached is not None and (not with_superpixels or (cached.superpixels is not None
@@ -342,7 +355,7 @@ def preprocess_case(case: Case, params: PreprocessParams, cache_dir: Optional[Pa
             label = read_image(case.label)
             check_same_geometry(image, label, case.image, case.label)
             label.CopyInformation(image)
-        array, label_array, info = _prepare(image, params, label)
+        array, label_array, info = _prepare(image, params, label, ignore_label)
         cached = Preprocessed(case.name, array, label_array, None, info)
         new_arrays = [key for key in ("image", "label") if getattr(cached, key) is not None]
     if with_superpixels:

@@ -14,11 +14,15 @@ from .preprocess import Preprocessed
 # Patch centres are drawn from at most this many voxels per class and case: bounds memory on large
 # organs (a liver has millions of voxels) while small organs keep all theirs.
 MAX_INDICES_PER_CLASS = 20000
+# Centres of the other patches of a sparsely annotated case are drawn from at most this many of its
+# annotated voxels (an even stride keeps every annotated slice represented).
+MAX_ANNOTATED_INDICES = 200000
 
 
 def class_indices(label_zyx: np.ndarray, num_classes: int,
                   max_per_class: int = MAX_INDICES_PER_CLASS) -> Dict[int, np.ndarray]:
-    """Flat voxel indices of each foreground class ``1..num_classes-1`` present in ``label_zyx``.
+    """Flat voxel indices of each foreground class ``1..num_classes-1`` present in ``label_zyx``
+    (unannotated voxels, label < 0, belong to no class).
 
     One sort of the foreground voxels instead of one full-volume pass per class. Classes with more
     than ``max_per_class`` voxels keep an evenly strided subset, which still covers the whole organ.
@@ -36,6 +40,20 @@ def class_indices(label_zyx: np.ndarray, num_classes: int,
             idx = idx[np.linspace(0, n - 1, max_per_class).astype(np.int64)]
         out[int(c)] = idx
     return out
+
+
+def annotated_indices(label_zyx: np.ndarray, max_count: int = MAX_ANNOTATED_INDICES) -> Optional[np.ndarray]:
+    """Flat indices of the annotated voxels (label >= 0) of a sparsely annotated label, an evenly
+    strided subset of at most ``max_count``; None when every voxel is annotated (or none is)."""
+    flat = label_zyx.ravel()
+    if not (flat < 0).any():  # the common, fully annotated case: no index array of the whole volume
+        return None
+    annotated = np.flatnonzero(flat >= 0)
+    if not annotated.size:
+        return None
+    if annotated.size > max_count:
+        annotated = annotated[np.linspace(0, annotated.size - 1, max_count).astype(np.int64)]
+    return annotated
 
 
 def centred_padding(shape: Sequence[int], patch: Sequence[int]) -> List[Tuple[int, int]]:
@@ -73,10 +91,12 @@ class PatchSampler:
     Each patch picks a case uniformly; with probability ``foreground_oversample`` (and if the case
     has foreground) it is centred near a voxel of a foreground class chosen uniformly among the
     classes present in that case, so rare small organs are seen as often as large ones; otherwise
-    it is a uniform random crop. An axis shorter than the patch is padded (image with the volume's
-    minimum, label 0, superpixels -1) so that crops place the volume at every offset inside the
-    patch, the centred layout of :func:`pad_to_patch` (inference) among them. ``stream`` separates
-    samplers sharing a seed (labeled vs unlabeled).
+    it is a uniform random crop, or, in a sparsely annotated case (label -1 where not annotated),
+    a patch centred near an annotated voxel of any class, so that no labeled patch falls where
+    nothing is annotated (nnU-Net v2 does the same). An axis shorter than the patch is padded
+    (image with the volume's minimum, label 0, superpixels -1) so that crops place the volume at
+    every offset inside the patch, the centred layout of :func:`pad_to_patch` (inference) among
+    them. ``stream`` separates samplers sharing a seed (labeled vs unlabeled).
     """
 
     def __init__(self, cases: Sequence[Preprocessed], patch_size: Sequence[int], batch_size: int, num_classes: int,
@@ -96,6 +116,7 @@ class PatchSampler:
         self._labels: List[Optional[np.ndarray]] = []
         self._superpixels: List[Optional[np.ndarray]] = []
         self._foreground: List[Dict[int, np.ndarray]] = []
+        self._annotated: List[Optional[np.ndarray]] = []  # None: fully annotated (or unlabeled)
         # noise level of each volume, for refinement's homogeneity test (cached with the superpixels)
         self._noise = [0.0 if case.superpixels is None else case.noise_sigma if case.noise_sigma is not None
                        else noise_sigma(case.image) for case in cases]
@@ -105,6 +126,7 @@ class PatchSampler:
             self._labels.append(label)
             self._superpixels.append(_pad_for_crops(case.superpixels, self.patch, -1))
             self._foreground.append(class_indices(label, num_classes) if label is not None else {})
+            self._annotated.append(annotated_indices(label) if label is not None else None)
 
     def _start(self, index: int, rng: np.random.Generator) -> np.ndarray:
         """Corner (Z, Y, X) of the next patch in case ``index``."""
@@ -114,16 +136,19 @@ class PatchSampler:
         if rng.random() < self.foreground_oversample and foreground:
             classes = sorted(foreground)
             voxels = foreground[classes[rng.integers(len(classes))]]
-            centre = np.array(np.unravel_index(voxels[rng.integers(len(voxels))], shape))
-            # the voxel lands anywhere in the central half of the patch, not always dead centre
-            jitter = rng.integers(-(patch // 4), patch // 4 + 1)
-            return np.clip(centre - patch // 2 + jitter, 0, high)
-        return rng.integers(0, high + 1)
+        elif self._annotated[index] is not None:
+            voxels = self._annotated[index]
+        else:
+            return rng.integers(0, high + 1)
+        centre = np.array(np.unravel_index(voxels[rng.integers(len(voxels))], shape))
+        # the voxel lands anywhere in the central half of the patch, not always dead centre
+        jitter = rng.integers(-(patch // 4), patch // 4 + 1)
+        return np.clip(centre - patch // 2 + jitter, 0, high)
 
     def sample(self, step: int) -> Dict[str, torch.Tensor]:
         """The batch of ``step``: ``image`` (B,1,Z,Y,X) float32, ``label`` (B,Z,Y,X) int64 (zeros if
-        unlabeled), ``superpixels`` (B,Z,Y,X) int64 (-1 where none), ``noise_sigma`` (B,) float32
-        (the volume's image noise level, 0 without superpixels)."""
+        unlabeled, -1 where not annotated), ``superpixels`` (B,Z,Y,X) int64 (-1 where none),
+        ``noise_sigma`` (B,) float32 (the volume's image noise level, 0 without superpixels)."""
         rng = np.random.default_rng([self.seed, int(step), self.stream])
         shape = (self.batch_size,) + self.patch
         image = np.empty((self.batch_size, 1) + self.patch, dtype=np.float32)

@@ -41,7 +41,7 @@ from ..config import Config
 from ..data.dataset import Case, DatasetSpec
 from ..data.loader import StepLoader
 from ..data.plan import format_plan
-from ..data.preprocess import Preprocessed, PreprocessParams, preprocess_case
+from ..data.preprocess import UNANNOTATED, Preprocessed, PreprocessParams, preprocess_case
 from ..data.sampling import PatchSampler
 from ..errors import CheckpointError, ConfigError, TrainingInterrupted
 from ..method.dhc import DiffDW, DistDW, weighted_ce_loss, weighted_dice_ce_loss
@@ -49,7 +49,7 @@ from ..method.mutual import mutual_correction_loss
 from ..method.rampup import sigmoid_rampup
 from ..method.refine import homogeneous_superpixels, refine_pseudo_labels, refinement_gain
 from ..method.triplet import ConfidenceTripletLoss
-from ..metrics import dice
+from ..metrics import annotated_only, dice
 from ..utils import resolve_device, seed_everything, step_seed, torch_backend_flags
 from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
@@ -188,8 +188,13 @@ class Trainer:
             tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
         labels = {str(k): v for k, v in self.dataset.labels.items()}
         colors = {str(k): list(v) for k, v in self.dataset.colors.items()}
+        stored: Dict[str, Any] = {"labels": labels, "colors": colors, "source": str(self.dataset.root)}
+        if self.dataset.ignore_label is not None:
+            # the network's classes only; the value of unannotated voxels in the dataset's labels,
+            # for plbopt evaluate --labels RUN/dataset.json
+            stored["ignore_label"] = self.dataset.ignore_label
         with atomic_write(self.run_dir / "dataset.json") as tmp:
-            tmp.write_text(json.dumps({"labels": labels, "colors": colors, "source": str(self.dataset.root)}, indent=2))
+            tmp.write_text(json.dumps(stored, indent=2))
         if self.plan is not None:
             with atomic_write(self.run_dir / "plan.json") as tmp:
                 tmp.write_text(json.dumps(self.plan, indent=2))
@@ -210,7 +215,8 @@ class Trainer:
         try:
             for index, (case, with_superpixels) in enumerate(jobs, start=1):
                 started = time.perf_counter()
-                prepared.append(preprocess_case(case, params, self.cache_dir, with_superpixels))
+                prepared.append(preprocess_case(case, params, self.cache_dir, with_superpixels,
+                                                self.dataset.ignore_label))
                 record = self.events.write("preprocess", case=case.name, index=index, total=len(jobs),
                                            seconds=round(time.perf_counter() - started, 3))
                 if self.progress:
@@ -248,7 +254,8 @@ class Trainer:
                                  pin_memory=self.device.type == "cuda")
         counts = torch.zeros(self.num_classes, dtype=torch.float64)
         for case in labeled:
-            counts += torch.bincount(torch.from_numpy(case.label.astype(np.int64)).flatten(),
+            annotated = case.label[case.label >= 0]  # DistDW's initial weights count annotated voxels only
+            counts += torch.bincount(torch.from_numpy(annotated.astype(np.int64)),
                                      minlength=self.num_classes)[: self.num_classes].double()
         self.label_counts = counts.float()
 
@@ -577,8 +584,8 @@ class Trainer:
         sigma = case.noise_sigma if case.noise_sigma is not None else 0.0
         refined, _ = refine_prediction(self.config, case.image, probs,
                                        torch.from_numpy(case.superpixels.astype(np.int64)), sigma)
-        refined = refined.cpu().numpy()
-        return [dice(refined == c, case.label == c) - before for c, before in enumerate(unrefined_dice, 1)]
+        refined, label = annotated_only(refined.cpu().numpy(), case.label, UNANNOTATED)
+        return [dice(refined == c, label == c) - before for c, before in enumerate(unrefined_dice, 1)]
 
     @torch.no_grad()
     def _validate(self) -> Optional[Dict[str, Any]]:
@@ -598,8 +605,8 @@ class Trainer:
                 probs = sliding_window_probabilities(models, volume, self.config.patch_size, self.num_classes,
                                                      self.config.sw_overlap, self.config.sw_batch_size, self.device,
                                                      amp=self.config.amp)
-                prediction = probs.argmax(0).numpy()
-                case_dice = [dice(prediction == c, case.label == c) for c in range(1, self.num_classes)]
+                prediction, label = annotated_only(probs.argmax(0).numpy(), case.label, UNANNOTATED)
+                case_dice = [dice(prediction == c, label == c) for c in range(1, self.num_classes)]
                 for name, value in zip(per_class[member], case_dice):
                     per_class[member][name].append(value)
                 if member == "both" and self.config.refine and self.config.refine_self_check:

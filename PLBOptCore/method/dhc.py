@@ -10,6 +10,9 @@ Formulas follow ``code/train_dhc.py`` and ``code/utils/loss.py`` of the referenc
 - Weights are in ``[0, C]`` (``C`` = classes including background). ``weighted_dice_ce_loss`` is
   nnU-Net's DC_and_CE with those weights on both terms; ``weighted_ce_loss`` is the CPS term.
 
+Sparse annotation: a negative target value (the preprocessed ignore label, -1) marks a voxel nobody
+annotated; it adds nothing to CE, Dice or DiffDW's statistics (nnU-Net v2's ignore label).
+
 The weight trackers hold only tensors (``state_dict`` is safe for ``torch.load(weights_only=True)``)
 and follow the device of their inputs. Their updates never build autograd graphs.
 """
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 _EPS = 1e-8
+UNANNOTATED_TARGET = -1  # the target value of an unannotated voxel (data.preprocess.UNANNOTATED)
 
 
 def _ema(current: torch.Tensor, past: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -114,7 +118,8 @@ class DiffDW:
 
     @torch.no_grad()
     def update(self, logits_labeled: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``logits_labeled (B, C, Z, Y, X)``, ``target (B, Z, Y, X)`` int → new weights ``(C,)``."""
+        """``logits_labeled (B, C, Z, Y, X)``, ``target (B, Z, Y, X)`` int (< 0: not annotated, left
+        out of the Dice) → new weights ``(C,)``."""
         device = logits_labeled.device
         for name in self._STATE:
             setattr(self, name, getattr(self, name).to(device))
@@ -153,7 +158,10 @@ def _checked(state: Dict[str, torch.Tensor], key: str, num_classes: int) -> torc
 
 def _hard_batch_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Dice per class of two label maps summed over the whole batch, nnU-Net SoftDiceLoss with
-    ``smooth=1e-8`` on one-hot inputs: ``(2TP + s) / (2TP + FP + FN + s + 1e-8)`` → float32 ``(C,)``."""
+    ``smooth=1e-8`` on one-hot inputs: ``(2TP + s) / (2TP + FP + FN + s + 1e-8)`` → float32 ``(C,)``.
+    Voxels whose target is negative (not annotated) are left out."""
+    annotated = target >= 0
+    pred, target = pred[annotated], target[annotated]
     tp = _class_counts(pred[pred == target], num_classes)
     fp = _class_counts(pred, num_classes) - tp
     fn = _class_counts(target, num_classes) - tp
@@ -174,18 +182,23 @@ def weighted_ce_loss(logits: torch.Tensor, target: torch.Tensor,
     """Class-weighted cross entropy with PyTorch's weighted-mean semantics.
 
     ``logits (B, C, Z, Y, X)``, ``target (B, Z, Y, X)`` int, ``weights (C,)`` or None →
-    ``Σ_i w[y_i]·l_i / Σ_i w[y_i]`` (plain mean when ``weights`` is None). Computed in float32 for
-    AMP. Deviation from ``nn.CrossEntropyLoss`` only where ``Σ w[y_i] = 0`` (e.g. DistDW's zero
-    background weight on an all-background patch): returns 0 instead of torch's NaN, so one such
-    patch cannot poison the step.
+    ``Σ_i w[y_i]·l_i / Σ_i w[y_i]`` over the annotated voxels ``i`` (target ≥ 0; a negative target
+    is not annotated and left out, as ``ignore_index``); plain mean when ``weights`` is None.
+    Computed in float32 for AMP. Deviation from ``nn.CrossEntropyLoss`` only where ``Σ w[y_i] = 0``
+    (e.g. DistDW's zero background weight on an all-background patch, or no annotated voxel):
+    returns 0 instead of torch's NaN, so one such patch cannot poison the step.
     """
     target = _squeeze_target(target, logits)
     logits = logits.float()
+    annotated = target >= 0
     if weights is None:
-        return F.cross_entropy(logits, target)
-    weights = weights.detach().to(device=logits.device, dtype=torch.float32)
-    per_voxel = F.cross_entropy(logits, target, weight=weights, reduction="none")  # w[y_i] * l_i
-    denominator = weights[target].sum()
+        per_voxel = F.cross_entropy(logits, target, ignore_index=UNANNOTATED_TARGET, reduction="none")
+        denominator = annotated.sum()
+    else:
+        weights = weights.detach().to(device=logits.device, dtype=torch.float32)
+        # w[y_i] * l_i, 0 where not annotated
+        per_voxel = F.cross_entropy(logits, target, weight=weights, ignore_index=UNANNOTATED_TARGET, reduction="none")
+        denominator = (weights[target.clamp_min(0)] * annotated).sum()
     return torch.where(denominator > 0, per_voxel.sum() / denominator.clamp_min(_EPS), per_voxel.sum() * 0.0)
 
 
@@ -193,12 +206,15 @@ def _soft_dice_per_class(logits: torch.Tensor, target: torch.Tensor, smooth: flo
     """nnU-Net SoftDiceLoss terms with ``batch_dice=True`` on ``softmax(logits)``.
 
     ``logits (B, C, Z, Y, X)``, ``target (B, Z, Y, X)`` → ``dc (C,)`` with
-    ``dc_c = (2TP_c + smooth) / (2TP_c + FP_c + FN_c + smooth + 1e-8)``, sums over batch and space.
+    ``dc_c = (2TP_c + smooth) / (2TP_c + FP_c + FN_c + smooth + 1e-8)``, sums over batch and the
+    annotated voxels (target ≥ 0; nnU-Net's ``loss_mask`` of the ignore label).
     """
     target = _squeeze_target(target, logits)
-    probs = torch.softmax(logits.float(), dim=1)
-    # scatter into a float tensor: F.one_hot would allocate an int64 copy C times the volume
-    onehot = torch.zeros_like(probs).scatter_(1, target.unsqueeze(1), 1.0)
+    annotated = (target >= 0).unsqueeze(1)
+    probs = torch.softmax(logits.float(), dim=1) * annotated
+    # scatter into a float tensor: F.one_hot would allocate an int64 copy C times the volume;
+    # an unannotated voxel scatters into class 0 and is then zeroed
+    onehot = torch.zeros_like(probs).scatter_(1, target.clamp_min(0).unsqueeze(1), 1.0) * annotated
     axes = [0] + list(range(2, logits.dim()))
     tp = (probs * onehot).sum(dim=axes)
     fp = probs.sum(dim=axes) - tp

@@ -313,12 +313,16 @@ def refinement_gain(pseudo: torch.Tensor, refined: torch.Tensor, target: torch.T
     """Per-class change of hard Dice that refinement makes on patches whose labels are known.
 
     Args:
-        pseudo, refined, target: (B, Z, Y, X) long labels before/after refinement and the truth.
+        pseudo, refined, target: (B, Z, Y, X) long labels before/after refinement and the truth
+            (target < 0: not annotated; such voxels are left out of both Dice scores).
 
     Returns:
-        (C,) float32 ``Dice(refined) − Dice(pseudo)`` per class over the whole batch; 0 for a class
-        absent from all three.
+        (C,) float32 ``Dice(refined) − Dice(pseudo)`` per class over the whole batch's annotated
+        voxels; 0 for a class absent from all three.
     """
+    annotated = target >= 0
+    pseudo, refined, target = pseudo[annotated], refined[annotated], target[annotated]
+
     def batch_dice(labels: torch.Tensor) -> torch.Tensor:
         tp = torch.bincount(labels[labels == target], minlength=num_classes)[:num_classes].float()
         total = (torch.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes]
