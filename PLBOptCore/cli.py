@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Dice, ASD, ASSD, HD95 of predictions against ground truth")
     p.add_argument("pred_dir", type=Path)
     p.add_argument("gt_dir", type=Path)
-    p.add_argument("--labels", type=Path, help="dataset.json with class names")
+    p.add_argument("--labels", type=Path, help="dataset.json with class names (its \"ignore\" label, if any, "
+                   "marks ground-truth voxels left out of the scores)")
     p.add_argument("-o", "--output", type=Path, help="where metrics.csv/json go (default PRED_DIR)")
     p.add_argument("--empty", choices=EMPTY_CONVENTIONS, default="ignore",
                    help="a class absent from prediction and GT: ignore = left out of the means (default; "
