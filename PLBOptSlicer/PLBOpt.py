@@ -111,6 +111,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.sceneRefreshTimer.connect("timeout()", self.refreshCaseTable)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         # Node additions/removals are observed only while the module is shown (enter/exit): a
         # table refresh reads the working folder, which nobody needs while the panel is closed.
@@ -161,6 +162,27 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self._observeSceneNodes(True)
         self.refreshCaseTable()  # catches up with what changed while the module was closed
+        self._reattachRunningTraining()
+
+    def _reattachRunningTraining(self) -> None:
+        """Follow a training that an earlier Slicer session started and left running."""
+        self._syncLogicWithParameters()
+        runDir = panel.training_to_reattach(self.logic, self._trainingJob)
+        if runDir is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not follow the running training."):
+            self._trainingJob = self.logic.reattach_training(runDir)
+            self.showProgress(self._trainingJob.progress)
+            self.pollTimer.start()
+        self.updateButtons()
+
+    def onAboutToQuit(self) -> None:
+        """Slicer closes: ask whether to stop a running training (it would outlive Slicer)."""
+        question = panel.exit_question(self._trainingJob)
+        if question and slicer.util.confirmYesNoDisplay(question, "PLBOpt: training is running"):
+            self._trainingJob.cancel()
+        if self._predictionJob is not None and self._predictionJob.process.running:
+            self._predictionJob.cancel()  # nothing would load its output once Slicer is gone
 
     def exit(self) -> None:
         self._observeSceneNodes(False)

@@ -11,8 +11,10 @@ Working folder layout::
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -24,12 +26,13 @@ from . import cases as case_utils
 from .cases import DatasetExport, ExportedDataset, SceneCase, Status
 from .errors import PLBOptSlicerError
 from .events import EventsFollower, TrainingProgress
-from .process import (EXIT_INTERRUPTED, STOP_FILE_NAME, JobProcess, TrainSettings, in_slicer_application,
-                      python_executable, refine_command, train_command)
+from .process import (EXIT_INTERRUPTED, STOP_FILE_NAME, AttachedProcess, JobProcess, TrainSettings,
+                      in_slicer_application, process_alive, python_executable, refine_command, train_command)
 
 PREDICTION_KILL_AFTER_SECONDS = 10.0  # a prediction has nothing to save: SIGTERM, then kill soon
 RESUMABLE_CHECKPOINTS = ("last.pt",)  # what --resume and --init-from read
 PREDICTION_CHECKPOINTS = ("best.pt", "last.pt")  # what refine reads ("best", falling back to "last")
+RUN_LOCK_NAME = "train.lock"  # PLBOptCore.engine.runcontrol.RUN_LOCK_NAME: {"pid", "host", "time"} while a trainer runs
 
 
 @dataclass
@@ -210,6 +213,40 @@ class WorkflowLogic:
     def has_trained_run(self) -> bool:
         """Whether Resume, Retrain and Predict have a run to work on."""
         return self.working_dir is not None and self.latest_run_with_checkpoint() is not None
+
+    def running_trainings(self) -> List[Path]:
+        """Run folders whose trainer is running now on this host, oldest first: the run lock names
+        a live process that is not newer than the lock. Found after Slicer was closed and reopened
+        while a training ran (the trainer outlives Slicer), so the panel can follow and cancel it."""
+        if self.working_dir is None:
+            return []
+        return [run_dir for run_dir in self.run_dirs() if self._live_lock(run_dir) is not None]
+
+    @staticmethod
+    def _live_lock(run_dir: Path) -> Optional[dict]:
+        try:
+            holder = json.loads((run_dir / RUN_LOCK_NAME).read_text())
+            pid, since = int(holder["pid"]), float(holder["time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if holder.get("host") != socket.gethostname() or not process_alive(pid, since):
+            return None  # another host's trainer cannot be signalled from here; a dead one is no job
+        return {"pid": pid, "time": since}
+
+    def reattach_training(self, run_dir: Path) -> TrainingJob:
+        """Follow and control the trainer running in ``run_dir`` (see :meth:`running_trainings`):
+        progress rebuilt from the whole ``events.jsonl``, Cancel through the stop file, then the
+        trainer's process group."""
+        run_dir = Path(run_dir)
+        holder = self._live_lock(run_dir)
+        if holder is None:
+            raise PLBOptSlicerError(f"{run_dir}: no trainer is running in this run folder")
+        process = AttachedProcess(holder["pid"], stop_file=run_dir / STOP_FILE_NAME, started=holder["time"])
+        job = TrainingJob(run_dir=run_dir, process=process, events=EventsFollower(run_dir / "events.jsonl"))
+        job.poll()  # catches up with the records so far; their log lines were shown by the earlier session
+        self.log_callback(f"Following the training running in {run_dir.name} (pid {holder['pid']}), "
+                          "started before Slicer was last closed")
+        return job
 
     def new_run_dir(self) -> Path:
         latest = self.latest_run_dir()

@@ -86,3 +86,23 @@ def training_finished_message(job) -> Tuple[str, str]:
         return "info", (f"Training stopped before its first checkpoint; {job.run_dir.name} has nothing to resume "
                         "(Resume, Retrain and Predict use the latest run with a checkpoint)")
     return "error", f"Training failed: {progress.message}"
+
+
+def training_to_reattach(logic, current_job) -> Optional[Path]:
+    """On module entry: the run folder whose running trainer the panel should follow, i.e. the
+    newest one found through the run locks, unless the panel already follows a training."""
+    if current_job is not None and current_job.process.running:
+        return None
+    running = logic.running_trainings()
+    return running[-1] if running else None
+
+
+def exit_question(training_job) -> Optional[str]:
+    """What to ask when Slicer closes while a training runs (None: nothing runs, ask nothing).
+    Yes stops it; No leaves it running, to be found again when the module is next opened."""
+    if training_job is None or not training_job.process.running or training_job.process.cancel_requested:
+        return None
+    return (f"A training is running in {training_job.run_dir}.\n\n"
+            "Stop it now? It saves a checkpoint at the end of the current step, for Resume.\n\n"
+            "No: it keeps running (and keeps its GPU and run folder) after Slicer closes; open the PLBOpt "
+            "module again with the same working folder to follow or cancel it.")

@@ -285,3 +285,159 @@ class JobProcess:
             if line.strip():
                 return line.strip()
         return f"exited with status {self.returncode}"
+
+
+def process_alive(pid: int, since: Optional[float] = None) -> bool:
+    """Whether ``pid`` runs on this host (a zombie does not count) and, where the start time can
+    be read (Linux /proc, or psutil), was started no later than ``since`` (a Unix time): a PID
+    reused by another program since then is not the process that wrote ``since``."""
+    try:
+        import psutil  # not shipped with Slicer 5.6-5.12; used when present
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            process = psutil.Process(pid)
+            return process.status() != psutil.STATUS_ZOMBIE and (since is None or process.create_time() <= since + 1.0)
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.Error:
+            return True
+    if os.name == "nt":
+        return _windows_process_alive(pid)
+    if os.path.isfile("/proc/self/stat"):
+        try:
+            with open(f"/proc/{int(pid)}/stat", "rb") as stream:
+                stat = stream.read().decode("ascii", "replace")
+        except OSError:
+            return False
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields[0] in ("Z", "X"):
+            return False
+        return since is None or _linux_start_time(int(fields[19])) <= since + 1.0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _linux_start_time(start_ticks: int) -> float:
+    """Unix time of a process start given in clock ticks after boot (/proc/PID/stat field 22)."""
+    with open("/proc/stat") as stream:
+        boot = next(float(line.split()[1]) for line in stream if line.startswith("btime "))
+    return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _windows_process_alive(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel32.OpenProcess(0x1000, False, int(pid))  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process
+    try:
+        code = ctypes.c_ulong()
+        return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+EXIT_UNKNOWN = -1  # an attached job's exit status is not known: it was not started by this session
+
+
+class AttachedProcess:
+    """A trainer started by an earlier Slicer session (Slicer was closed while it ran), found
+    through its run folder's lock, which names the trainer's PID. It has the interface of
+    :class:`JobProcess` that :class:`PLBOptLib.logic.TrainingJob` uses. Its output went to the
+    earlier session; its progress comes from ``events.jsonl``.
+
+    ``cancel()`` creates the stop file (a trainer in its loop stops with a checkpoint), or with
+    ``graceful=False`` terminates the trainer's process group (POSIX) or tree (Windows ``taskkill``);
+    whatever still runs ``kill_after_seconds`` later is killed by :meth:`poll`.
+    """
+
+    def __init__(self, pid: int, stop_file: Optional[Path] = None, kill_after_seconds: float = 120.0,
+                 started: Optional[float] = None):
+        self._pid = int(pid)
+        self._started = started
+        self.args = [f"trainer (pid {self._pid}) started by an earlier Slicer session"]
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.kill_after_seconds = kill_after_seconds
+        self.output: Deque[str] = collections.deque(maxlen=100)
+        self._exit_code: Optional[int] = None
+        self._cancel_time: Optional[float] = None
+        self._killed = False
+        try:
+            self._group = os.getpgid(self._pid) if os.name != "nt" else None  # the launcher's group
+        except ProcessLookupError:
+            self._group = None
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        """Set by :meth:`poll` once the trainer is gone (so events read after it are complete)."""
+        return self._exit_code
+
+    @property
+    def running(self) -> bool:
+        return self._exit_code is None
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_time is not None
+
+    def poll(self) -> List[str]:
+        if self._exit_code is None and not process_alive(self._pid, self._started):
+            self._exit_code = EXIT_INTERRUPTED if self.cancel_requested else EXIT_UNKNOWN
+        if self._cancel_time is not None and not self._killed and self.running \
+                and time.monotonic() - self._cancel_time > self.kill_after_seconds:
+            self.kill()
+        return []
+
+    def _signal(self, signum: int) -> None:
+        try:
+            if self._group is not None and self._group != os.getpgid(0):
+                os.killpg(self._group, signum)
+            else:
+                os.kill(self._pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def cancel(self, graceful: bool = True) -> None:
+        if not self.running or self._cancel_time is not None:
+            return
+        self._cancel_time = time.monotonic()
+        if graceful and self.stop_file is not None and self.stop_file.parent.is_dir():
+            self.stop_file.write_text("cancel requested by the PLBOpt module\n")
+            return
+        if os.name == "nt":
+            self.kill()
+        else:
+            self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._killed = True
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/PID", str(self._pid), "/T", "/F"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, **hidden_console_options())
+        else:
+            self._signal(signal.SIGKILL)
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.1) -> Optional[int]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running:
+            self.poll()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.args[0]}: still running after {timeout} s")
+            time.sleep(interval)
+        return self.returncode
+
+    def failure_message(self) -> str:
+        return f"the trainer (pid {self._pid}) ended without reporting how; see its run folder's events.jsonl"
+
