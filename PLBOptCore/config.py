@@ -176,7 +176,7 @@ class Config:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "Config":
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(str(key) for key in set(data) - set(known))
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         cfg = cls()
@@ -201,30 +201,43 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "refine_mode": ("safe", "paper"),
     "mc_mode": ("teacher", "paper"),
 }
-# Inclusive lower bounds of the integer fields (counts are >= 1, sizes and seeds >= 0).
-INT_MINIMUM: Dict[str, int] = {
-    "batch_size": 1, "unlabeled_batch_size": 1, "base_filters": 1, "iterations": 1, "log_every": 1,
-    "checkpoint_every": 1, "validate_every": 1, "triplet_levels": 1, "triplet_capacity": 1, "triplet_max_anchors": 1,
-    "triplet_max_candidates": 1, "superpixel_divisor": 1, "sw_batch_size": 1,
-    "num_workers": 0, "projection_dim": 0, "seed": 0, "rampup_iterations": 0,
+# Inclusive (low, high) of the integer fields: counts are >= 1, sizes and seeds >= 0. The upper
+# bounds are generous (beyond any GPU of today) but finite, so that a typo such as
+# triplet_capacity=1e12 is refused at once instead of allocating terabytes hours later.
+MAX_STEPS = 10_000_000
+INT_RANGE: Dict[str, Tuple[int, int]] = {
+    "batch_size": (1, 1024), "unlabeled_batch_size": (1, 1024), "base_filters": (1, 512),
+    "iterations": (1, MAX_STEPS), "log_every": (1, MAX_STEPS), "checkpoint_every": (1, MAX_STEPS),
+    "validate_every": (1, MAX_STEPS), "rampup_iterations": (0, MAX_STEPS), "triplet_levels": (1, 100),
+    "triplet_capacity": (1, 1_048_576), "triplet_max_anchors": (1, 16_384), "triplet_max_candidates": (1, 262_144),
+    "superpixel_divisor": (1, 100_000), "sw_batch_size": (1, 1024), "num_workers": (0, 256),
+    "projection_dim": (0, 4096), "seed": (0, 2**32 - 1),  # numpy's legacy seed range
 }
-# (low, high, high included) of the float fields; None = unbounded.
-FLOAT_RANGE: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
-    "lr": (0.0, None, False), "momentum": (0.0, 1.0, False), "weight_decay": (0.0, None, False),
-    "poly_power": (0.0, None, False), "cps_weight": (0.0, None, False),
+# The largest patch side: 512 voxels (DHC uses 64x128x128).
+MAX_PATCH_SIDE = 512
+# Intensities (HU, MR values) of windows, thresholds and statistics.
+MAX_INTENSITY = 1e6
+# Voxel spacing in mm that a medical volume can have: from 10 µm (pre-clinical micro-CT) to 100 mm.
+# data/io.py refuses images outside it (a spacing written in metres); target_spacing must lie in it.
+SPACING_RANGE_MM = (0.01, 100.0)
+# (low, high, high included) of the float fields.
+FLOAT_RANGE: Dict[str, Tuple[float, float, bool]] = {
+    "lr": (0.0, 10.0, True), "momentum": (0.0, 1.0, False), "weight_decay": (0.0, 1.0, True),
+    "poly_power": (0.0, 10.0, True), "cps_weight": (0.0, 100.0, True),
     "foreground_oversample": (0.0, 1.0, True), "distdw_momentum": (0.0, 1.0, False),
-    "diffdw_momentum": (0.0, 1.0, False), "superpixel_compactness": (0.0, None, False),
-    "refine_tau": (0.0, None, False), "refine_start": (0.0, 1.0, False), "triplet_margin": (0.0, None, False),
-    "lambda_triplet": (0.0, None, False), "mc_tau": (0.0, 1.0, True), "lambda_mc": (0.0, None, False),
-    "sw_overlap": (0.0, 1.0, False), "class_weight_floor": (0.0, None, False),
-    "refine_homogeneity": (0.0, None, False), "superpixel_area_mm2": (0.0, None, False),
-    "body_threshold": (-1e6, 1e6, True),
+    "diffdw_momentum": (0.0, 1.0, False), "superpixel_compactness": (0.0, 1000.0, True),
+    "refine_tau": (0.0, 10.0, True), "refine_start": (0.0, 1.0, False), "triplet_margin": (0.0, 10.0, True),
+    "lambda_triplet": (0.0, 100.0, True), "mc_tau": (0.0, 1.0, True), "lambda_mc": (0.0, 100.0, True),
+    "sw_overlap": (0.0, 1.0, False), "class_weight_floor": (0.0, 1000.0, True),
+    "refine_homogeneity": (0.0, 1000.0, True), "superpixel_area_mm2": (0.0, 1e5, True),
+    "body_threshold": (-MAX_INTENSITY, MAX_INTENSITY, True),
 }
 # Fields that must be strictly above their lower bound (a zero learning rate never trains).
 STRICTLY_POSITIVE = ("lr", "superpixel_compactness", "superpixel_area_mm2")
-# Float tuples: (length, every element > 0).
-FLOAT_TUPLES: Dict[str, Tuple[int, bool]] = {"target_spacing": (3, True), "clip_window": (2, False),
-                                             "intensity_mean_std": (2, False)}
+# Float tuples: (length, low, high), both included.
+FLOAT_TUPLES: Dict[str, Tuple[int, float, float]] = {
+    "target_spacing": (3, *SPACING_RANGE_MM), "clip_window": (2, -MAX_INTENSITY, MAX_INTENSITY),
+    "intensity_mean_std": (2, -MAX_INTENSITY, MAX_INTENSITY)}
 
 # Each preset is a set of overrides on the defaults. The single-component presets switch the other
 # two PLBOpt components off but otherwise match `plbopt`, which is how the paper's Table V ablates.
@@ -332,9 +345,15 @@ def resume_config(stored: Config, overrides: Optional[Dict[str, Any]], source: P
 
 
 def load_config_file(path: Path) -> Dict[str, Any]:
+    """The mapping in a YAML or JSON file; :class:`ConfigError` naming the file (and the key) for
+    anything else: a parse error, nesting too deep to parse, or a value that is not JSON data (a
+    YAML date, a recursive alias), which config.json and checkpoints could not hold."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -342,25 +361,45 @@ def load_config_file(path: Path) -> Dict[str, Any]:
             data = yaml.safe_load(text) or {}
         else:
             data = json.loads(text)
+    except RecursionError:  # both parsers recurse once per level of nesting
+        raise ConfigError(f"{path}: cannot parse config (nested too deeply)") from None
     except Exception as exc:  # parse errors of either format
-        raise ConfigError(f"{path}: cannot parse config ({exc})") from None
+        raise ConfigError(f"{path}: cannot parse config ({_one_line(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: config must be a mapping of key: value")
+    where, what = _plain_data_problem(data)
+    if where:
+        raise ConfigError(f"{path}: {where.lstrip('.')}: not plain data (strings, finite numbers, true/false, null, "
+                          f"lists, mappings with text keys): {what}")
     return data
 
 
 def parse_override(text: str) -> Tuple[str, Any]:
-    """``key=value`` with the value parsed as YAML (numbers, lists, true/false, null)."""
+    """``key=value`` with the value parsed as YAML (numbers, lists, true/false, null); text that is
+    no YAML stays text. A value that is not JSON data (a date, a recursive alias) is refused
+    naming the key."""
     import yaml
 
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value")
+        raise ConfigError(f"override {_short_repr(text, 80)} must look like key=value")
     key, raw = text.split("=", 1)
+    key = key.strip().replace("-", "_")
     try:
         value = yaml.safe_load(raw)
+    except RecursionError:
+        raise ConfigError(f"{key}: value nested too deeply") from None
     except yaml.YAMLError:
         value = raw
-    return key.strip().replace("-", "_"), value
+    where, what = _plain_data_problem(value)
+    if where or what:
+        raise ConfigError(f"{key}{where}: not plain data (strings, finite numbers, true/false, null, lists, "
+                          f"mappings with text keys): {what}")
+    return key, value
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception's message on one line (YAML's point at the error over several)."""
+    return " ".join(str(exc).split())[:300]
 
 
 OPTIONAL_FIELDS = ("unlabeled_batch_size", "target_spacing", "clip_window", "rampup_iterations", "superpixel_area_mm2",
@@ -372,7 +411,10 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an integer with hundreds of digits is no float either
+        return False
 
 
 def _check_field(name: str, value: Any) -> None:
@@ -381,24 +423,26 @@ def _check_field(name: str, value: Any) -> None:
         return
     default = Config.__dataclass_fields__[name].default
     problem = None
-    if name in INT_MINIMUM:
-        if not _is_int(value) or value < INT_MINIMUM[name]:
-            problem = f"an integer >= {INT_MINIMUM[name]}"
+    if name in INT_RANGE:
+        low, high = INT_RANGE[name]
+        if not _is_int(value) or not low <= value <= high:
+            problem = f"an integer in [{low}, {high}]"
     elif name in FLOAT_RANGE:
         low, high, high_included = FLOAT_RANGE[name]
         strict = name in STRICTLY_POSITIVE
         if not _is_number(value) or (value <= low if strict else value < low) or (
-                high is not None and (value > high if high_included else value >= high)):
-            upper = "" if high is None else f", {high}{']' if high_included else ')'}"
-            problem = f"a number in {'(' if strict else '['}{low}{upper or ', inf)'}"
+                value > high if high_included else value >= high):
+            problem = f"a number in {'(' if strict else '['}{low}, {high}{']' if high_included else ')'}"
     elif name in FLOAT_TUPLES:
-        length, positive = FLOAT_TUPLES[name]
+        length, low, high = FLOAT_TUPLES[name]
         if not isinstance(value, (tuple, list)) or len(value) != length or not all(_is_number(v) for v in value) \
-                or (positive and min(value) <= 0):
-            problem = f"a list of {length} {'positive ' if positive else ''}numbers"
+                or not all(low <= v <= high for v in value):
+            problem = f"a list of {length} numbers in [{low:g}, {high:g}]"
     elif name == "patch_size":
         if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
             problem = "a list of 3 integers"
+        elif any(v > MAX_PATCH_SIDE for v in value):
+            problem = f"a list of 3 integers of at most {MAX_PATCH_SIDE}"
     elif name == "preset" or name in CHOICES:
         choices = tuple(PRESETS) if name == "preset" else CHOICES[name]
         if value not in choices:
@@ -409,11 +453,62 @@ def _check_field(name: str, value: Any) -> None:
     elif isinstance(default, str):
         if not isinstance(value, str):
             problem = "a string"
-    elif name == "extra" and not isinstance(value, dict):
-        problem = "a mapping"
+    elif name == "extra":
+        if not isinstance(value, dict):
+            problem = "a mapping"
+        else:  # kept in config.json and every checkpoint: JSON data only
+            where, what = _plain_data_problem(value)
+            if where:
+                raise ConfigError(f"{name}{where} must be plain data (strings, finite numbers, true/false, null, "
+                                  f"lists, mappings with text keys), got {what}")
     if problem:
         shown = list(value) if isinstance(value, tuple) else value
-        raise ConfigError(f"{name} must be {problem}, got {shown!r}")
+        raise ConfigError(f"{name} must be {problem}, got {_short_repr(shown)}")
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message stays one readable line."""
+    try:
+        text = repr(value)
+    except RecursionError:  # a self-containing list (a recursive YAML alias)
+        text = f"a recursive {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Plain data nests at most this deep and holds at most this many values; deeper is a structure
+# that contains itself (a recursive YAML alias) or an attack, and a walk over aliases repeated
+# inside aliases ("billion laughs") would never end without the count.
+MAX_DATA_DEPTH = 64
+MAX_DATA_VALUES = 100_000
+
+
+def _plain_data_problem(value: Any) -> Tuple[str, str]:
+    """``("", "")`` if ``value`` is JSON data (str, int, finite float, bool, None, lists and mappings
+    with text keys, at most :data:`MAX_DATA_DEPTH` deep and :data:`MAX_DATA_VALUES` values);
+    otherwise ``(where, what)``: the path of the first offending value (``.key`` / ``[index]``)
+    and what it is. Iterative, so depth cannot exhaust Python's stack."""
+    stack = [(value, "", 0)]
+    seen = 0
+    while stack:
+        item, where, depth = stack.pop()
+        where = where if len(where) <= 80 else where[:80] + "..."  # a recursive alias's path never ends
+        seen += 1
+        if seen > MAX_DATA_VALUES:
+            return where or ".", f"more than {MAX_DATA_VALUES} values (aliases repeated inside aliases?)"
+        if depth > MAX_DATA_DEPTH:
+            return where, f"values nested more than {MAX_DATA_DEPTH} deep (or a YAML alias that contains itself)"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return f"{where}.{key!r}", f"a key of type {type(key).__name__} (keys must be text)"
+                stack.append((child, f"{where}.{key}", depth + 1))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, f"{where}[{index}]", depth + 1) for index, child in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            return where, f"{item!r} (not a finite number)"
+        elif item is not None and not isinstance(item, (str, int, float, bool)):
+            return where, f"{_short_repr(item, 60)}, a {type(item).__name__} (quote it to keep it as text)"
+    return "", ""
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
@@ -425,13 +520,21 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{f.name} must be a list, got {value!r}")
         return tuple(_coerce_number(f.name, v, as_int=f.name == "patch_size") for v in value)
-    if f.name in INT_MINIMUM or f.name in FLOAT_RANGE:
-        return _coerce_number(f.name, value, as_int=f.name in INT_MINIMUM)
+    if f.name in INT_RANGE or f.name in FLOAT_RANGE:
+        return _coerce_number(f.name, value, as_int=f.name in INT_RANGE)
     return value
 
 
+NUMBER_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce_number(name: str, value: Any, as_int: bool) -> Any:
-    """``value`` as int (if ``as_int``, only from whole numbers) or float; non-numbers unchanged."""
+    """``value`` as int (if ``as_int``, only from whole numbers) or float; non-numbers unchanged.
+
+    Text in scientific notation is a number too: YAML 1.1 reads ``1e-3`` (no dot, no exponent
+    sign) as a string, and ``--set lr=1e-3`` means a number."""
+    if isinstance(value, str) and NUMBER_TEXT.fullmatch(value.strip()):
+        value = float(value)
     if not _is_number(value):
         return value
     if as_int:
