@@ -12,23 +12,29 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .config import PLANNED_KEYS, Config, load_config_file, make_config, resume_config
-from .errors import DatasetError
+from .config import (CPU_SCHEDULE, PLANNED_KEYS, RESUME_SAFE_KEYS, Config, load_config_file, make_config,
+                     resume_config)
+from .errors import ConfigError, DatasetError
+from .utils import check_output_folder
 
 PathLike = Union[str, Path]
 
 
-def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", config_file: Optional[PathLike] = None,
+def train(dataset_dir: PathLike, run_dir: PathLike, preset: Optional[str] = None, config_file: Optional[PathLike] = None,
           overrides: Optional[Dict[str, Any]] = None, resume: bool = False, overwrite: bool = False,
           init_from: Optional[PathLike] = None, progress: Optional[Callable[[dict], None]] = None,
           should_stop: Optional[Callable[[], bool]] = None, show_progress_bar: bool = False,
           unlabeled_dir: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None, small: bool = False) -> Path:
     """Train a run folder from a dataset folder (MSD or nnU-Net v2 ``dataset.json``); returns ``run_dir``.
 
+    ``preset`` defaults to ``"plbopt"`` for a new run and to the stored one on resume.
     With ``resume=True`` the configuration stored in the run folder is used, so a resumed run
     continues the same experiment: ``config_file`` and ``overrides`` may change only the keys of
     :data:`~PLBOptCore.config.RESUME_SAFE_KEYS` (schedule length, device, workers, logging);
-    a different value of any other key is a :class:`ConfigError`.
+    a different value of any other key, another ``preset``, ``small`` where the run was not
+    trained with the CPU schedule, ``init_from``, or a dataset whose classes are not the run's
+    is refused (:class:`ConfigError`), as is a checkpoint that cannot be loaded, all before
+    anything in the run folder or the cache changes.
     ``unlabeled_dir`` adds the images of a folder to the unlabeled cases; ``cache_dir`` holds the
     preprocessing cache (default ``<dataset_dir>/.plbopt_cache``; give another folder when the
     dataset is read-only).
@@ -45,17 +51,30 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
 
     run_dir = Path(run_dir)
     requested = {**(load_config_file(Path(config_file)) if config_file else {}), **(overrides or {})}
-    resuming = resume and (run_dir / "config.json").is_file()
-    if resuming:
+    if resume:
+        # A resumed run continues its stored experiment: every request it cannot honour is refused
+        # here, not ignored, before anything in the run folder changes.
+        if init_from:
+            raise ConfigError(f"{init_from}: --init-from starts a new run from a checkpoint's weights; --resume "
+                              f"continues the weights of {run_dir}; use one or the other")
+        if not (run_dir / "config.json").is_file():
+            raise ConfigError(f"{run_dir}: nothing to resume (no config.json)")
         stored = Config.from_dict(load_config_file(run_dir / "config.json"))
-        config = resume_config(stored, requested, run_dir / "config.json")
+        # --small and a preset become requested values below the explicit ones, as in make_config
+        schedule = {key: value for key, value in CPU_SCHEDULE.items() if key not in RESUME_SAFE_KEYS} if small else {}
+        config = resume_config(stored, {**schedule, **({"preset": preset} if preset else {}), **requested},
+                               run_dir / "config.json")
     else:
-        config = make_config(preset, Path(config_file) if config_file else None, overrides, small=small)
+        config = make_config(preset or "plbopt", Path(config_file) if config_file else None, overrides, small=small)
     dataset = load_dataset(Path(dataset_dir), unlabeled_dir=Path(unlabeled_dir) if unlabeled_dir else None)
     validate_dataset(dataset, deep=True)
     cache_dir = Path(cache_dir) if cache_dir else Path(dataset.root) / ".plbopt_cache"
+    if not cache_dir.is_dir():  # an existing one may be a complete, read-only shared cache
+        check_output_folder(cache_dir)
     plan = None
-    if not resuming:
+    if resume:
+        check_resume_inputs(dataset, run_dir)
+    else:
         check_training_inputs(config, dataset, run_dir, Path(init_from) if init_from else None)
         # a fine-tuned network keeps the input it was trained on
         # (through Config, so a checkpoint older than a key gets the default it was trained with)
@@ -67,6 +86,37 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: str = "plbopt", conf
                       cache_dir=cache_dir, plan=plan)
     trainer.fit()
     return run_dir
+
+
+def check_resume_inputs(dataset: Any, run_dir: Path) -> None:
+    """Refuse to resume ``run_dir`` on ``dataset`` (a :class:`~PLBOptCore.data.dataset.DatasetSpec`)
+    when its classes are not the run's, or when no checkpoint of the run loads (``last.pt``
+    truncated and no good ``last.pt.prev``): before the run's ``dataset.json`` is rewritten and
+    before its ``events.jsonl`` grows, since the Slicer module reads class names from the former.
+
+    The run's classes are those of its ``dataset.json``; where that file is missing or unreadable,
+    those stored in the checkpoint.
+    """
+    import json
+
+    from .engine.checkpoint import load_latest_good
+
+    last = run_dir / "checkpoints" / "last.pt"
+    state = load_latest_good(last) if last.exists() or last.with_name("last.pt.prev").exists() else {}
+    source, stored = run_dir / "dataset.json", None
+    try:
+        stored = json.loads(source.read_text())["labels"]
+    except (OSError, ValueError, TypeError, KeyError):
+        source, stored = last, state.get("labels")
+    current = {str(key): name for key, name in dataset.labels.items()}
+    if stored is not None and stored != current:
+        def shown(labels: Any) -> str:
+            text = ", ".join(f"{key} {name}" for key, name in labels.items()) if isinstance(labels, dict) else repr(labels)
+            return text if len(text) <= 200 else text[:200] + "..."
+
+        raise ConfigError(f"{source}: the run was trained on the classes {{{shown(stored)}}}; dataset "
+                          f"{dataset.root} has {{{shown(current)}}}; resume on the run's dataset, or train a new "
+                          "run folder")
 
 
 def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:

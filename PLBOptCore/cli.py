@@ -39,7 +39,9 @@ def _training_overrides(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="plbopt", choices=sorted(PRESETS), help="method preset (default: plbopt)")
+    # No default here: with --resume a preset given is checked against the run's, one not given is the run's.
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="method preset (default: plbopt; with --resume the run's own)")
     parser.add_argument("--config", type=Path, help="YAML or JSON config file (applied after the preset)")
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override any config key, e.g. lr=0.01 refine_tau=0.6")
     parser.add_argument("--iterations", type=int)
@@ -58,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tensorboard:
         overrides["tensorboard"] = True
     if not args.resume:  # a setting the preset switches off trains nothing different: say so before hours of it
-        config = make_config(args.preset, args.config, overrides, small=args.small)
+        config = make_config(args.preset or "plbopt", args.config, overrides, small=args.small)
         chosen = {**(load_config_file(args.config) if args.config else {}), **chosen}
         for key, switch in inert_settings(config, chosen).items():
             print(f"plbopt: warning: {key} has no effect: {switch} is off in preset {config.preset}", file=sys.stderr)

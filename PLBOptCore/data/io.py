@@ -6,6 +6,7 @@ the CLI and Slicer can show one clear line instead of an ITK stack trace.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -16,6 +17,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
+from ..config import SPACING_RANGE_MM
 from ..errors import DatasetError
 from ..utils import atomic_write
 
@@ -242,6 +244,41 @@ def _check_dimension(path: Path, dimension: int, size: Sequence[int], components
         raise DatasetError(f"{path}: image is {dimension}D (size {dims}); a 3D volume is required")
 
 
+def _check_spacing(path: Path, spacing: Sequence[float]) -> None:
+    """Refuse a voxel spacing no medical volume has (outside :data:`~PLBOptCore.config.SPACING_RANGE_MM`):
+    a header written in metres (0.0015) or micrometres would be resampled to a handful of voxels,
+    or to billions, and train or predict nonsense without any other error."""
+    low, high = SPACING_RANGE_MM
+    if not all(math.isfinite(s) and low <= s <= high for s in spacing):
+        raise DatasetError(f"{path}: voxel spacing {_fmt(spacing)} mm (x, y, z) is not that of a medical image; "
+                           f"each must be in [{low:g}, {high:g}] mm (a header written in metres?)")
+
+
+def _check_slice_positions(path: Path, reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
+    """Refuse a DICOM series two of whose slices lie at one position (ImagePositionPatient along the
+    slice normal): ITK would stack them with an invented spacing of 1 mm. Slices without a
+    position (some secondary captures) are left to ITK."""
+    key = "0020|0032"
+    names = reader.GetFileNames()
+    if len(names) < 2 or not all(reader.HasMetaDataKey(i, key) for i in range(len(names))):
+        return
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, key).split("\\")] for i in range(len(names))])
+    except ValueError:
+        raise DatasetError(f"{path}: a slice has an unreadable ImagePositionPatient (0020,0032)") from None
+    if positions.shape[1] != 3:
+        raise DatasetError(f"{path}: a slice's ImagePositionPatient (0020,0032) does not hold 3 numbers")
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    gaps = np.diff(along[order])
+    if gaps.size and gaps.min() < 1e-3:  # mm: DICOM writes positions to 1e-6 and more
+        first = int(np.argmin(gaps))
+        a, b = (Path(names[order[first]]).name, Path(names[order[first + 1]]).name)
+        raise DatasetError(f"{path}: slices {a} and {b} lie at one position ({along[order[first]]:.6g} mm along the "
+                           "slice normal), so the slice spacing is 0; a series must have one slice per position")
+
+
 # A NRRD header's `data file:` (also `datafile:`) and a MetaImage header's `ElementDataFile` name
 # the files holding the voxels: one name, `LIST` (the names follow, one a line), or a printf
 # pattern with first, last and step numbers (`slice%03d.raw 1 40 1`). MetaImage's `LOCAL` means
@@ -317,12 +354,14 @@ def read_image(path: Path) -> sitk.Image:
     """Read a 3D scalar volume: NIfTI, NRRD, MetaImage file or a DICOM series folder.
 
     Raises ``DatasetError`` naming ``path`` when the file is missing, empty, of the wrong format,
-    truncated or corrupt, not 3D (2D, 4D, vector), or holds NaN/Inf voxels.
+    truncated or corrupt, not 3D (2D, 4D, vector), has an implausible voxel spacing, holds NaN/Inf
+    voxels, or is a DICOM series with two slices at one position.
     """
     path = Path(path)
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(_dicom_file_names(path))
+        reader.MetaDataDictionaryArrayUpdateOn()  # the slices' positions, checked below
     else:
         _check_file(path)
         reader = sitk.ImageFileReader()
@@ -333,6 +372,9 @@ def read_image(path: Path) -> sitk.Image:
         raise DatasetError(f"{path}: cannot read image, file is truncated or corrupt ({_itk_reason(exc)})") from None
     _check_dimension(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(),
                      image.GetPixelID())
+    if path.is_dir():
+        _check_slice_positions(path, reader, image)
+    _check_spacing(path, image.GetSpacing())
     if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
         if bad:
@@ -358,6 +400,7 @@ def read_header(path: Path) -> Geometry:
         raise DatasetError(f"{path}: cannot read image header, file is truncated or corrupt ({_itk_reason(exc)})") from None
     _check_dimension(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
                      reader.GetPixelID())
+    _check_spacing(path, reader.GetSpacing())
     return reader
 
 

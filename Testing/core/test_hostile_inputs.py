@@ -575,3 +575,164 @@ def test_plot_skips_events_lines_that_are_no_records(tmp_path, capfd):
     steps, values = mean_curve([run], "train", "loss")
     assert steps.tolist() == [1, 2, 3, 5, 6] and values[:3].tolist() == pytest.approx([1, 0.5, 1 / 3])
     assert refine_gain_curves([run])["organ"][0].tolist() == [1, 2, 3]
+
+
+# ---- voxel spacings no medical image has --------------------------------------------------------
+
+@pytest.mark.parametrize("spacing", [(0.0015, 0.0015, 0.0025),  # metres: old code trained a one-class volume
+                                     (1.5, 1.5, 250.0), (1.5, 0.004, 2.5)])
+def test_an_implausible_voxel_spacing_is_refused_naming_the_file(spacing, dataset, tmp_path, capfd):
+    # image and label alike, so that only the spacing is left to refuse them
+    image = _write(_ct(), dataset / IMAGE, spacing=spacing)
+    _write(_organ().astype(np.uint8), dataset / LABEL, spacing=spacing)
+    before = _snapshot(tmp_path)
+    code, err = _run_cli(["train", str(dataset), "-o", str(tmp_path / "run"), *TINY_TRAIN], False, capfd)
+    _assert_one_line_error(code, err, image, "is not that of a medical image")
+    code, err = _run_cli(["predict", str(tmp_path / "no-run"), str(image), "-o", str(tmp_path / "out")], False, capfd)
+    _assert_one_line_error(code, err, image, "is not that of a medical image")
+    assert _snapshot(tmp_path) == before
+
+
+# ---- a DICOM series whose slices share one position --------------------------------------------
+
+DICOM_SERIES = Path("/work/shared/data/dicom-ct-3slice/ct")  # 3 real CT slices, 1 mm apart
+
+
+@pytest.mark.skipif(not DICOM_SERIES.is_dir(), reason="needs the 3-slice DICOM sample")
+def test_a_dicom_series_with_slices_at_one_position_is_refused(dataset, tmp_path, capfd):
+    """ITK stacks such slices with an invented spacing of 1 mm; refused naming the folder and the
+    slices, by every command that reads an image (here predict, before it looks for the run)."""
+    series = tmp_path / "series"
+    series.mkdir()
+    for index, source in enumerate(sorted(DICOM_SERIES.glob("*.dcm"))):
+        data = source.read_bytes()
+        # ImagePositionPatient and SliceLocation of every slice become the first one's (same length)
+        for z in (b"-127.690002", b"-128.690002"):
+            data = data.replace(z, b"-126.690002")
+        (series / source.name).write_bytes(data)
+    assert read_image(DICOM_SERIES).GetSpacing()[2] == pytest.approx(1.0)  # control: the series as it is
+    for read in (read_image, read_header):
+        with pytest.raises(DatasetError, match=re.escape(f"{series}: slices 01.dcm and 02.dcm lie at one position")):
+            read(series)
+    code, err = _run_cli(["predict", str(tmp_path / "no-run"), str(series), "-o", str(tmp_path / "out")], False, capfd)
+    _assert_one_line_error(code, err, series, "the slice spacing is 0")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- config files and settings that are no plain data -------------------------------------------
+
+CONFIG_FILES = {  # name: (text, problem)
+    "date.yaml": ("extra:\n  when: 2020-01-01\n", "extra.when: not plain data"),
+    "recursive-alias.yaml": ("extra: &loop\n  again: *loop\n", "nested more than 64 deep"),
+    "billion-laughs.yaml": ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+                            + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n"
+                                      for p, n in zip("abcd", "bcde")).replace("e: &e", "extra: &e"),
+                            "more than 100000 values"),
+    "key-not-text.yaml": ("1: 2\n", "a key of type int"),
+    "deep.json": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "deep-extra.json": ('{"extra": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    "deep.yaml": ("extra: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
+    "nan.yaml": ("lr: .nan\n", "lr: not plain data"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_FILES))
+def test_train_refuses_a_config_file_that_is_no_plain_data(name, dataset, tmp_path, capfd):
+    """Old code: TypeError (date), RecursionError (recursive alias, from to_dict) or an endless walk."""
+    text, problem = CONFIG_FILES[name]
+    config = tmp_path / name
+    config.write_text(text)
+    before = _snapshot(tmp_path)
+    code, err = _run_cli(["train", str(dataset), "-o", str(tmp_path / "run"), "--config", str(config)],
+                         name == "date.yaml", capfd)
+    _assert_one_line_error(code, err, config, problem)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("setting, named, problem", [
+    ("extra={when: 2020-01-01}", "extra.when", "a date (quote it to keep it as text)"),
+    ("extra=&loop {again: *loop}", "extra.again.again", "nested more than 64 deep"),
+    ("extra=" + "[" * 100_000, "extra", "nested too deeply"),
+    ("extra={a: " + "[" * 100_000 + "]" * 100_000 + "}", "extra", "nested too deeply"),
+    ("seed=2020-01-01", "seed", "a date"),
+    ("triplet_capacity=1e12", "triplet_capacity must be an integer in [1, 1048576]", "got 1000000000000"),
+])
+def test_train_refuses_a_setting_that_is_no_plain_data_or_out_of_range(setting, named, problem, dataset, tmp_path,
+                                                                        capfd):
+    before = _snapshot(tmp_path)
+    code, err = _run_cli(["train", str(dataset), "-o", str(tmp_path / "run"), "--set", setting], False, capfd)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"plbopt: error: {named}") and problem in err, err
+    assert _snapshot(tmp_path) == before
+
+
+# ---- --resume: what it cannot honour is refused before the run folder changes ------------------
+
+@pytest.fixture
+def resumable(trained_run, tmp_path) -> Tuple[Path, Path, Path]:
+    """(dataset, cache, a copy of the trained run) that a test may resume or break."""
+    root, run = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return root, root.parent / "cache", copy
+
+
+def _resume(root: Path, run: Path, cache: Path, *extra: str) -> List[str]:
+    return ["train", str(root), "-o", str(run), "--cache-dir", str(cache), "--resume", "--device", "cpu", "-q", *extra]
+
+
+@pytest.mark.parametrize("extra, named, problem", [
+    (["--preset", "dhc"], "config.json", "preset cannot change"),  # old code: trained on, silently
+    (["--small"], "config.json", "base_filters, batch_size, dropout, lr, optimizer"),
+    (["--init-from", "{run}/checkpoints/best.pt"], "checkpoints/best.pt", "use one or the other"),
+])
+def test_resume_refuses_a_request_it_cannot_honour(extra, named, problem, resumable, capfd):
+    root, cache, run = resumable
+    before = _snapshot(run)
+    code, err = _run_cli(_resume(root, run, cache, *[a.format(run=run) for a in extra]), False, capfd)
+    _assert_one_line_error(code, err, run / named, problem)
+    assert _snapshot(run) == before, "the run folder changed"
+
+
+def test_resume_refuses_a_dataset_with_other_classes_before_rewriting_the_runs_dataset_json(resumable, tmp_path,
+                                                                                             capfd):
+    """Old code rewrote RUN/dataset.json (the Slicer module's class names) with the new labels,
+    then failed with a traceback."""
+    root, cache, run = resumable
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    _write_json(other, {**_valid_json(), "labels": {"0": "background", "1": "organ", "2": "tumour"}})
+    before = _snapshot(run)
+    code, err = _run_cli(_resume(other, run, cache), False, capfd)
+    _assert_one_line_error(code, err, run / "dataset.json", "the run was trained on the classes {0 background, 1 organ}")
+    assert "{0 background, 1 organ, 2 tumour}" in err
+    assert _snapshot(run) == before, "the run folder changed"
+
+
+def test_resume_refuses_a_truncated_checkpoint_without_prev_before_writing(resumable, capfd):
+    root, cache, run = resumable
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    (run / "checkpoints" / "last.pt.prev").unlink(missing_ok=True)
+    before = _snapshot(run)
+    code, err = _run_cli(_resume(root, run, cache), False, capfd)
+    _assert_one_line_error(code, err, last, "corrupt or truncated checkpoint")
+    assert _snapshot(run) == before, "the run folder changed (events.jsonl, config.json or dataset.json)"
+
+
+# ---- a cache folder that cannot be one ----------------------------------------------------------
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_cache_dir_that_is_a_file_is_refused_before_the_run_folder_is_written(resume, resumable, tmp_path, capfd):
+    root, _, run = resumable
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    if not resume:
+        shutil.rmtree(run)
+    before = _snapshot(tmp_path)
+    for cache in (notes, notes / "cache"):
+        args = (_resume(root, run, cache) if resume
+                else ["train", str(root), "-o", str(run), "--cache-dir", str(cache), *TINY_TRAIN])
+        code, err = _run_cli(args, False, capfd)
+        _assert_one_line_error(code, err, notes, "exists and is not a folder")
+    assert _snapshot(tmp_path) == before and notes.read_text() == "mine"
