@@ -19,6 +19,7 @@ from typing import Dict, Iterator, List
 import pytest
 import torch
 
+from PLBOptCore.api import train
 from PLBOptCore.cli import main
 from PLBOptCore.config import make_config
 from PLBOptCore.data.dataset import load_dataset
@@ -69,9 +70,9 @@ def _wait_for_first_checkpoint(process: subprocess.Popen, run: Path, timeout: fl
 
 
 def _reference_models(dataset: Path, run: Path, iterations: int) -> List[Dict[str, torch.Tensor]]:
-    trainer = Trainer(make_config("plbopt", overrides=dict(TINY, iterations=iterations)), load_dataset(dataset), run)
-    trainer.fit()
-    return [model.state_dict() for model in trainer.models]
+    """The uninterrupted run, trained as the CLI trains (api.train: the same preprocessing plan)."""
+    train(dataset, run, preset="plbopt", overrides=dict(TINY, iterations=iterations))
+    return load_checkpoint(run / "checkpoints" / "last.pt")["models"]
 
 
 def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
