@@ -137,7 +137,27 @@ def refine_command(python: str, run_dir: Path, inputs: Path, out_dir: Path) -> L
             "--quiet"]
 
 
-class JobProcess:
+class _StopFileCancel:
+    """``cancel()`` of :class:`JobProcess` and :class:`AttachedProcess`: the stop file when the
+    trainer can read it, else SIGTERM to the job's process group (Windows: :meth:`kill`). The
+    class using it has ``running``, ``_cancel_time``, ``stop_file``, ``kill()`` and ``_signal_group()``."""
+
+    def cancel(self, graceful: bool = True) -> None:
+        """Ask the job to stop (see the class description); whatever still runs
+        ``kill_after_seconds`` later is killed by :meth:`poll`."""
+        if not self.running or self._cancel_time is not None:
+            return
+        self._cancel_time = time.monotonic()
+        if graceful and self.stop_file is not None and self.stop_file.parent.is_dir():
+            self.stop_file.write_text("cancel requested by the PLBOpt module\n")
+            return
+        if os.name == "nt":
+            self.kill()  # no SIGTERM on Windows
+        else:
+            self._signal_group(signal.SIGTERM)
+
+
+class JobProcess(_StopFileCancel):
     """A child process whose output lines are read without blocking the caller.
 
     In Slicer the child is ``PythonSlicer``: a launcher that starts the real interpreter as *its*
@@ -239,20 +259,6 @@ class JobProcess:
         self.output.extend(lines)
         return lines
 
-    def cancel(self, graceful: bool = True) -> None:
-        """Ask the job to stop (see the class description); whatever still runs
-        ``kill_after_seconds`` later is killed by :meth:`poll`."""
-        if not self.running or self._cancel_time is not None:
-            return
-        self._cancel_time = time.monotonic()
-        if graceful and self.stop_file is not None and self.stop_file.parent.is_dir():
-            self.stop_file.write_text("cancel requested by the PLBOpt module\n")
-            return
-        if os.name == "nt":
-            self.kill()  # no SIGTERM on Windows
-        else:
-            self._signal_group(signal.SIGTERM)
-
     def kill(self) -> None:
         """End the child and every process of its group, immediately."""
         if self._proc is None:
@@ -348,7 +354,7 @@ def _windows_process_alive(pid: int) -> bool:
 EXIT_UNKNOWN = -1  # an attached job's exit status is not known: it was not started by this session
 
 
-class AttachedProcess:
+class AttachedProcess(_StopFileCancel):
     """A trainer started by an earlier Slicer session (Slicer was closed while it ran), found
     through its run folder's lock, which names the trainer's PID. It has the interface of
     :class:`JobProcess` that :class:`PLBOptLib.logic.TrainingJob` uses. Its output went to the
@@ -400,7 +406,7 @@ class AttachedProcess:
             self.kill()
         return []
 
-    def _signal(self, signum: int) -> None:
+    def _signal_group(self, signum: int) -> None:
         try:
             if self._group is not None and self._group != os.getpgid(0):
                 os.killpg(self._group, signum)
@@ -409,25 +415,13 @@ class AttachedProcess:
         except ProcessLookupError:
             pass
 
-    def cancel(self, graceful: bool = True) -> None:
-        if not self.running or self._cancel_time is not None:
-            return
-        self._cancel_time = time.monotonic()
-        if graceful and self.stop_file is not None and self.stop_file.parent.is_dir():
-            self.stop_file.write_text("cancel requested by the PLBOpt module\n")
-            return
-        if os.name == "nt":
-            self.kill()
-        else:
-            self._signal(signal.SIGTERM)
-
     def kill(self) -> None:
         self._killed = True
         if os.name == "nt":
             subprocess.run(["taskkill", "/PID", str(self._pid), "/T", "/F"], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, **hidden_console_options())
         else:
-            self._signal(signal.SIGKILL)
+            self._signal_group(signal.SIGKILL)
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.1) -> Optional[int]:
         deadline = None if timeout is None else time.monotonic() + timeout
