@@ -46,7 +46,6 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: Optional[str] = None
     """
     from .data.dataset import load_dataset, validate_dataset
     from .data.plan import plan_config
-    from .engine.checkpoint import load_checkpoint
     from .engine.trainer import Trainer, check_training_inputs
 
     run_dir = Path(run_dir)
@@ -75,11 +74,11 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: Optional[str] = None
     if resume:
         check_resume_inputs(dataset, run_dir)
     else:
-        check_training_inputs(config, dataset, run_dir, Path(init_from) if init_from else None)
+        init_config = check_training_inputs(config, dataset, run_dir, Path(init_from) if init_from else None)
         # a fine-tuned network keeps the input it was trained on
         # (through Config, so a checkpoint older than a key gets the default it was trained with)
-        inherited = ({key: value for key, value in Config.from_dict(load_checkpoint(Path(init_from))["config"])
-                      .to_dict().items() if key in PLANNED_KEYS} if init_from else None)
+        inherited = ({key: value for key, value in Config.from_dict(init_config).to_dict().items()
+                      if key in PLANNED_KEYS} if init_config is not None else None)
         config, plan = plan_config(config, dataset, requested, small, cache_dir, inherited)
     trainer = Trainer(config, dataset, run_dir, resume=resume, overwrite=overwrite, init_from=init_from,
                       progress=progress, should_stop=should_stop, show_progress_bar=show_progress_bar,

@@ -62,9 +62,11 @@ from .tensorboard import TENSORBOARD_DIR, TensorBoardSink, require_tensorboard
 logger = logging.getLogger(__name__)
 
 
-def check_training_inputs(config: Config, dataset: DatasetSpec, run_dir: Path, init_from: Optional[Path]) -> None:
+def check_training_inputs(config: Config, dataset: DatasetSpec, run_dir: Path,
+                          init_from: Optional[Path]) -> Optional[Dict[str, Any]]:
     """Refuse, before anything is written (the plan's fingerprint, the run folder, the
-    preprocessing cache), what would otherwise fail after they exist."""
+    preprocessing cache), what would otherwise fail after they exist. Returns the stored
+    configuration of the ``init_from`` checkpoint (None without one), so it is read once."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: exists and is not a folder; choose another run folder")
     if config.uses_unlabeled and not dataset.unlabeled:
@@ -77,6 +79,8 @@ def check_training_inputs(config: Config, dataset: DatasetSpec, run_dir: Path, i
         load_subnet_weights(build_models(config, dataset.num_classes), state["models"], init_from)
         if not isinstance(state.get("config"), dict):
             raise CheckpointError(f"{init_from}: checkpoint lacks its configuration; fine-tuning needs it")
+        return state["config"]
+    return None
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
 INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step number
