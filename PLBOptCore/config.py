@@ -124,11 +124,23 @@ class Config:
     triplet_max_candidates: int = 2048  # boundary/internal voxels sampled per level and step
     lambda_triplet: float = 0.1
     triplet_mining: str = "paper"  # "paper" = eq. 5-6 as written; "hardest" = batch-hard mining
+    # "subnet": each subnet has its own 2k banks; "shared": A and B push to and mine from one set of
+    # banks, as the paper's two banks (positive, negative) per level are written. docs/METHOD.md
+    triplet_banks: str = "subnet"
+    # Confidence that splits voxels into levels (eq. 3): "max" = the max softmax; "refined" = the
+    # softmax of the refined pseudo label, so relabelled voxels fall into the low levels.
+    triplet_confidence: str = "max"
 
     # ---- PLBOpt: mutual correction (eq. 9-10) -------------------------------------------------
     mc_tau: float = 0.8  # confidence threshold tau
     lambda_mc: float = 1.0
     mc_mode: str = "teacher"  # "teacher": the confident subnet teaches, detached; "paper": symmetric gradients
+    # Eq. 10's sum divided by all voxels ("mean_voxels"), by the discrepant voxels as MCF does
+    # ("mean_masked"), or by the batch size as written ("paper"). docs/METHOD.md
+    mc_reduction: str = "mean_voxels"
+    # What the confident subnet teaches ("teacher" mode only): its softmax ("probs") or its refined
+    # pseudo label, one-hot ("refined"), as MCF corrects towards a label.
+    mc_target: str = "probs"
 
     # ---- inference ----------------------------------------------------------------------------
     sw_overlap: float = 0.5
@@ -156,6 +168,8 @@ class Config:
             raise ConfigError(f"intensity_mean_std must be [mean, std] with std > 0, got {list(self.intensity_mean_std)}")
         if not self.dual_subnets and (self.cps_weight or self.mutual_correction or self.refine or self.triplet):
             raise ConfigError("a single-subnet (supervised) run cannot use CPS, refinement, triplet or mutual correction")
+        if self.mc_target == "refined" and self.mc_mode != "teacher":
+            raise ConfigError("mc_target=refined needs mc_mode=teacher (a label carries no gradient to share)")
         if set(self.flip_axes) - set("zyx"):
             raise ConfigError(f"flip_axes may only contain z, y and x, got {self.flip_axes!r}")
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -198,6 +212,10 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "superpixel_method": SUPERPIXEL_METHODS,
     "refine_entropy": ("binary", "multiclass"),
     "triplet_mining": ("paper", "hardest"),
+    "triplet_banks": ("subnet", "shared"),
+    "triplet_confidence": ("max", "refined"),
+    "mc_reduction": ("mean_voxels", "mean_masked", "paper"),
+    "mc_target": ("probs", "refined"),
     "refine_mode": ("safe", "paper"),
     "mc_mode": ("teacher", "paper"),
 }
@@ -292,8 +310,9 @@ GATED_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "refine": ("superpixel_method", "superpixel_divisor", "superpixel_area_mm2", "superpixel_compactness",
                "refine_tau", "refine_entropy", "refine_start", "refine_mode", "refine_homogeneity", "refine_self_check"),
     "triplet": ("triplet_levels", "triplet_capacity", "triplet_margin", "triplet_max_anchors",
-                "triplet_max_candidates", "lambda_triplet", "triplet_mining", "projection_dim"),
-    "mutual_correction": ("mc_tau", "lambda_mc", "mc_mode"),
+                "triplet_max_candidates", "lambda_triplet", "triplet_mining", "projection_dim",
+                "triplet_banks", "triplet_confidence"),
+    "mutual_correction": ("mc_tau", "lambda_mc", "mc_mode", "mc_reduction", "mc_target"),
 }
 
 

@@ -277,10 +277,12 @@ class Trainer:
         feature_dim = cfg.projection_dim or cfg.base_filters
         # banks receive every rank's candidates, so they hold the same entries on every rank
         share = self.dist.gather_rows if self.dist.enabled else None
-        self.triplet_losses = [ConfidenceTripletLoss(cfg.triplet_levels, cfg.triplet_capacity, feature_dim,
-                                                     cfg.triplet_margin, cfg.triplet_max_anchors,
-                                                     cfg.triplet_max_candidates, mining=cfg.triplet_mining, share=share)
-                               for _ in self.models]
+        banks = [ConfidenceTripletLoss(cfg.triplet_levels, cfg.triplet_capacity, feature_dim,
+                                       cfg.triplet_margin, cfg.triplet_max_anchors,
+                                       cfg.triplet_max_candidates, mining=cfg.triplet_mining, share=share)
+                 for _ in range(1 if cfg.triplet_banks == "shared" else len(self.models))]
+        # with shared banks both subnets use the one instance: each mines what both pushed
+        self.triplet_losses = [banks[i % len(banks)] for i in range(len(self.models))]
         # running mean of refinement's per-class Dice gain on labeled patches (the self-check), and
         # its gain on the validation cases at the latest validation (None until measured)
         self.refine_gain = torch.zeros(self.num_classes)
@@ -404,13 +406,17 @@ class Trainer:
             timings["cps"] = self._lap()
             if cfg.triplet and has_unlabeled:
                 generator = torch.Generator(device="cpu").manual_seed(step_seed(own_seed, step) % (2**62))
+                if cfg.triplet_confidence == "refined":
+                    confidence = [p.detach().gather(1, label.unsqueeze(1)).squeeze(1) for p, label in zip(probs, pseudo)]
                 record["loss_tri"] = sum(
                     triplet(features[i][n_l:], pseudo[i][n_l:], confidence[i][n_l:], generator)
                     for i, triplet in enumerate(self.triplet_losses))
             timings["triplet"] = self._lap()
             if cfg.mutual_correction and has_unlabeled:
+                targets = (pseudo[0][n_l:], pseudo[1][n_l:]) if cfg.mc_target == "refined" else None
                 record["loss_mc"] = mutual_correction_loss(probs[0][n_l:], probs[1][n_l:], cfg.mc_tau,
-                                                           teacher=cfg.mc_mode == "teacher")
+                                                           reduction=cfg.mc_reduction,
+                                                           teacher=cfg.mc_mode == "teacher", targets=targets)
 
         loss = record["loss_sup"] + ramp * (cfg.cps_weight * record["loss_unsup"] + cfg.lambda_triplet * record["loss_tri"]
                                             + cfg.lambda_mc * record["loss_mc"])

@@ -57,3 +57,24 @@ def test_sigmoid_rampup_values():
     assert sigmoid_rampup(7, 0) == 1.0
     with pytest.raises(ValueError):
         sigmoid_rampup(1, -1)
+
+
+def test_mutual_correction_mean_over_the_discrepant_voxels():
+    # the same three masked distances as above, divided by the 3 discrepant voxels (MCF)
+    total = 0.18 + 0.18 + 0.405
+    assert mutual_correction_loss(A, B, 0.8, reduction="mean_masked").item() == pytest.approx(total / 3)
+    assert mutual_correction_loss(A, A, 0.8, reduction="mean_masked").item() == 0.0  # no discrepant voxel
+
+
+def test_mutual_correction_towards_the_confident_subnets_refined_label():
+    # discrepant voxels: (0,1) A confident, label 1 (refined away from A's argmax 0);
+    # (0,2) and (1,2) B confident, labels 1 and 0. Targets elsewhere do not matter.
+    labels_a = torch.tensor([[0, 1, 0, 0], [1, 0, 0, 1]])
+    labels_b = torch.tensor([[0, 0, 1, 0], [1, 0, 0, 1]])
+    # B at (0,1) = [0.6, 0.4] against one-hot [0, 1]: 0.36 + 0.36; A at (0,2) = [0.4, 0.6] against
+    # [0, 1]: 0.16 + 0.16; A at (1,2) = [0.5, 0.5] against [1, 0]: 0.25 + 0.25
+    total = 0.72 + 0.32 + 0.5
+    loss = mutual_correction_loss(A, B, 0.8, teacher=True, targets=(labels_a, labels_b), reduction="mean_masked")
+    assert loss.item() == pytest.approx(total / 3)
+    with pytest.raises(ValueError):
+        mutual_correction_loss(A, B, 0.8, targets=(labels_a, labels_b))  # a label cannot take a gradient

@@ -74,6 +74,30 @@ def test_one_step_of_each_preset_updates_every_subnet_and_logs_its_terms(preset,
         assert key in record
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(triplet_banks="shared"), dict(triplet_confidence="refined"),
+    dict(mc_reduction="mean_masked", mc_target="refined"), dict(projection_dim=8)])
+def test_triplet_and_mutual_correction_variants_train(overrides, tiny_dataset, tmp_path):
+    trainer = Trainer(make_config("plbopt", overrides=dict(TINY, iterations=2, **overrides)),
+                      load_dataset(tiny_dataset), tmp_path / "run")
+    trainer.setup()
+    if overrides.get("triplet_banks") == "shared":
+        assert trainer.triplet_losses[0] is trainer.triplet_losses[1]
+    before = [_weights(m) for m in trainer.models]
+    records = [trainer.train_step() for _ in range(2)]
+    for old, model in zip(before, trainer.models):
+        assert not torch.equal(old, _weights(model))
+    assert records[-1]["loss_tri"] > 0 and records[-1]["loss_mc"] > 0
+    if overrides.get("triplet_banks") == "shared":  # both subnets' candidates went to the one bank
+        bank = trainer.triplet_losses[0].positive[0]
+        assert len(bank) > 0
+
+
+def test_mc_target_refined_needs_the_teacher_mode():
+    with pytest.raises(ConfigError, match="mc_target"):
+        make_config("plbopt", overrides=dict(mc_target="refined", mc_mode="paper"))
+
+
 def test_refinement_starts_after_refine_start_of_the_run(tiny_dataset, tmp_path):
     trainer = Trainer(make_config("refine-only", overrides=dict(TINY, iterations=3, refine_start=0.5)),
                       load_dataset(tiny_dataset), tmp_path / "run")
