@@ -41,3 +41,47 @@ def test_error_bench_writes_json_and_markdown(tmp_path):
     assert shares["refinable"] <= min(shares["near_boundary"], shares["homogeneous"])
     stored = json.loads((tmp_path / "errors" / "errors.json").read_text())
     assert stored["runs"][0]["pooled"]["errors"] > 0 and (tmp_path / "errors" / "ERRORS.md").is_file()
+
+
+def test_unannotated_truth_is_neither_an_error_nor_a_boundary():
+    # truth -1 = not annotated (the ignore label after preprocessing): the organ predicted there is
+    # no error, and the annotated/unannotated border (voxels 2|3 and 5|6) is no class boundary
+    truth = np.array([[[0, 0, 0, -1, -1, -1, 1, 1]]])
+    predicted = np.array([[[0, 1, 0, 1, 1, 0, 1, 0]]])
+    band = boundary_band(truth)
+    assert not band.any()
+    counts = case_error_counts(predicted, truth, np.ones(truth.shape, bool))
+    assert counts["voxels"] == 5 and counts["errors"] == 2
+    assert counts["false_positive"] == 1 and counts["false_negative"] == 1 and counts["near_boundary"] == 0
+
+
+def test_error_bench_leaves_the_ignore_label_out(tmp_path):
+    import SimpleITK as sitk
+
+    from PLBOptCore.data.dataset import load_dataset
+    from PLBOptCore.data.phantom import LABELS
+
+    data = make_phantom_dataset(tmp_path / "data", n_labeled=1, n_unlabeled=0, n_test=1, shape=(16, 32, 32), seed=1)
+    run = tmp_path / "run"
+    train(data, run, preset="supervised", small=True,
+          overrides=dict(iterations=1, base_filters=4, batch_size=1, device="cpu", validate_every=1000,
+                         crop_to_body=False, target_spacing=None))
+    ignore = max(LABELS) + 1
+    spec = load_dataset(data)
+    image = sitk.ReadImage(str(spec.test[0].label))
+    label = sitk.GetArrayFromImage(image)
+    label[np.arange(label.shape[0]) % 4 != 0] = ignore  # every 4th axial slice annotated
+    sparse = sitk.GetImageFromArray(label)
+    sparse.CopyInformation(image)
+    sitk.WriteImage(sparse, str(spec.test[0].label))
+    dataset_json = json.loads((data / "dataset.json").read_text())
+    dataset_json["labels"][str(ignore)] = "ignore"
+    (data / "dataset.json").write_text(json.dumps(dataset_json))
+
+    results = run_error_bench([run], data, tmp_path / "errors", checkpoint="last")
+    pooled = results["runs"][0]["pooled"]
+    # the network never predicts the ignore value: scored as a class, every ignore voxel was an error
+    assert pooled["voxels"] == int((label != ignore).sum()) == label.size // 4
+    assert pooled["errors"] <= pooled["voxels"]
+    assert results["runs"][0]["ignore_label"] == ignore
+    assert "ignore (%d) are left out" % ignore in (tmp_path / "errors" / "ERRORS.md").read_text()
