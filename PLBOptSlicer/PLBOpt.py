@@ -88,6 +88,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._probeJob = None  # child interpreter telling which torch/device training gets
         self._devicePrompted = False
         self.selection = panel.CaseSelection()  # by volume node ID: rows move when the table is rebuilt
+        self._declinedReviews = set()  # prediction folders the user chose not to load (asked once per scene)
 
     # ---- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -150,11 +151,14 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _observeSceneNodes(self, observe: bool) -> None:
         """Volumes and segmentations added or removed anywhere (Data module, DICOM, Segment Editor)
         change the cases: while the module is shown the table follows without a Refresh click."""
-        for event in (slicer.mrmlScene.NodeAddedEvent, slicer.mrmlScene.NodeRemovedEvent):
-            if observe and not self.hasObserver(slicer.mrmlScene, event, self.onSceneNodesChanged):
-                self.addObserver(slicer.mrmlScene, event, self.onSceneNodesChanged)
+        handlers = ((slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged),
+                    (slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged),
+                    (slicer.mrmlScene.EndImportEvent, self.onSceneImported))
+        for event, handler in handlers:
+            if observe and not self.hasObserver(slicer.mrmlScene, event, handler):
+                self.addObserver(slicer.mrmlScene, event, handler)
             elif not observe:
-                self.removeObserver(slicer.mrmlScene, event, self.onSceneNodesChanged)
+                self.removeObserver(slicer.mrmlScene, event, handler)
         if not observe:
             self.sceneRefreshTimer.stop()
 
@@ -163,6 +167,27 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observeSceneNodes(True)
         self.refreshCaseTable()  # catches up with what changed while the module was closed
         self._reattachRunningTraining()
+        self._restoreReview()
+
+    def onSceneImported(self, caller=None, event=None) -> None:
+        """A scene was loaded while the module is shown: its pseudo labels come back for review."""
+        self._restoreReview()
+
+    def _restoreReview(self) -> None:
+        """The review of an earlier session (saved scene, or prediction files of the working
+        folder), shown as after a prediction in this session: ranked, most uncertain case selected."""
+        self._syncLogicWithParameters()
+        restored = []
+        with slicer.util.tryWithErrorDisplay("Could not load the pseudo labels.", waitCursor=True):
+            restored = panel.restore_review(
+                self.logic, lambda question: slicer.util.confirmYesNoDisplay(question, "PLBOpt: pseudo labels found"),
+                self._declinedReviews)
+        if not restored:
+            return
+        self.appendLog(f"Review of {len(restored)} pseudo labels restored, most uncertain first")
+        self.refreshCaseTable()
+        if self.selection.volume_id is None:
+            self.ui.casesTable.selectRow(0)
 
     def _reattachRunningTraining(self) -> None:
         """Follow a training that an earlier Slicer session started and left running."""
@@ -197,6 +222,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
         self.logic.review_items.clear()
+        self._declinedReviews.clear()  # another scene: its pseudo labels may be offered again
         self.refreshCaseTable()
 
     def initializeParameterNode(self) -> None:

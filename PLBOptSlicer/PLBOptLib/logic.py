@@ -145,6 +145,15 @@ def export_summary(exported: ExportedDataset) -> str:
             f"cases, classes: {', '.join(exported.class_names)} -> {exported.root}")
 
 
+@dataclass(frozen=True)
+class PendingPredictions:
+    """Predictions of a run on disk for cases of the scene that have no pseudo label yet."""
+
+    run_dir: Path
+    out_dir: Path
+    case_names: List[str]
+
+
 @dataclass
 class ReviewItem:
     """A case whose pseudo label is in the scene, with its review numbers."""
@@ -377,8 +386,9 @@ class WorkflowLogic:
         process = self._start_job(command, kill_after_seconds=PREDICTION_KILL_AFTER_SECONDS)
         return PredictionJob(run_dir=run_dir, out_dir=out_dir, process=process)
 
-    def load_predictions(self, run_dir: Path, out_dir: Path) -> List[ReviewItem]:
-        """Load every predicted case as pseudo label + confidence map; return them most uncertain first.
+    def load_predictions(self, run_dir: Path, out_dir: Path, case_names: Optional[List[str]] = None) -> List[ReviewItem]:
+        """Load every predicted case (or those of ``case_names``) as pseudo label + confidence map;
+        return them most uncertain first.
 
         Cases being corrected or already labeled are left alone so edits are never overwritten;
         an earlier pseudo label of the same case is replaced.
@@ -389,6 +399,8 @@ class WorkflowLogic:
             label_path = Path(out_dir) / f"{case.name}.nii.gz"
             if not label_path.is_file() or case.status in (Status.LABELED, Status.CORRECTED):
                 continue
+            if case_names is not None and case.name not in case_names:
+                continue
             previous = self._pseudo_label_nodes(case)  # replaced only once the new one has loaded
             prediction = review.load_prediction(case.volume, label_path, Path(out_dir) / "confidence" / f"{case.name}.nii.gz",
                                                 labels, colors, threshold=self.confidence_threshold)
@@ -398,6 +410,44 @@ class WorkflowLogic:
             loaded.append(case.name)
         self.log_callback(f"Loaded pseudo labels of {len(loaded)} cases from {out_dir}")
         return [item for item in self.ranked_review() if item.case_name in loaded]
+
+    def restore_review_from_scene(self) -> List[ReviewItem]:
+        """The review as it was before the module was reloaded or Slicer reopened with the saved
+        scene: pseudo labels (also those being corrected) that the module loaded carry their
+        review numbers, so ranking, the uncertainty column and Jump come back without reading a
+        file or touching a node (see :func:`review.prediction_in_scene`). Returns the cases
+        restored, most uncertain first."""
+        restored = []
+        for case in self.cases():
+            if case.name in self.review_items or case.status not in (Status.PSEUDO_LABELED, Status.CORRECTED):
+                continue
+            prediction = review.prediction_in_scene(case.volume, case.segmentation)
+            if prediction is not None:
+                self.review_items[case.name] = ReviewItem(case.name, prediction)
+                restored.append(case.name)
+        return [item for item in self.ranked_review() if item.case_name in restored]
+
+    def unloaded_predictions(self) -> Optional[PendingPredictions]:
+        """Pseudo labels on disk that the scene lacks: the newest ``WORK/predictions/run-NNN``
+        whose run still has its class table, and the scene's unlabeled cases without any
+        segmentation that it holds a prediction for (e.g. Slicer reopened and the volumes loaded
+        again). None when there is nothing to load. Reads the working folder: called when the
+        module is entered, never per scene change."""
+        if self.working_dir is None:
+            return None
+        predictions = self._work() / "predictions"
+        folders = sorted((p for p in predictions.iterdir() if p.is_dir() and re.fullmatch(r"run-\d{3,}", p.name)),
+                         key=lambda p: int(p.name.split("-")[1])) if predictions.is_dir() else []
+        for out_dir in reversed(folders):
+            run_dir = self.runs_dir / out_dir.name
+            if not (run_dir / "dataset.json").is_file():
+                continue
+            names = [case.name for case in self.cases()
+                     if case.status == Status.UNLABELED and case.segmentation is None
+                     and (out_dir / f"{case.name}.nii.gz").is_file()
+                     and (out_dir / "confidence" / f"{case.name}.nii.gz").is_file()]
+            return PendingPredictions(run_dir, out_dir, names) if names else None
+        return None
 
     @staticmethod
     def _pseudo_label_nodes(case: SceneCase) -> list:

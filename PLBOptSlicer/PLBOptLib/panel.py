@@ -1,5 +1,6 @@
 """Decisions of the PLBOpt panel that need no Qt: what the case table lists and in which order,
-which case is selected, what Accept acts on, what the panel says when training ends.
+which case is selected, what Accept acts on, what the panel says when training ends, which
+review comes back when Slicer is reopened.
 
 ``PLBOpt.py`` only copies these into widgets, so they are tested headless.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 from .cases import SceneCase
 from .errors import PLBOptSlicerError
@@ -106,3 +107,34 @@ def exit_question(training_job) -> Optional[str]:
             "Stop it now? It saves a checkpoint at the end of the current step, for Resume.\n\n"
             "No: it keeps running (and keeps its GPU and run folder) after Slicer closes; open the PLBOpt "
             "module again with the same working folder to follow or cancel it.")
+
+
+def pending_review_question(pending) -> str:
+    """What the panel asks before loading pseudo labels that are on disk but not in the scene."""
+    names = pending.case_names
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return (f"{pending.out_dir} holds pseudo labels of {pending.run_dir.name} for {len(names)} case(s) of the scene "
+            f"that have none: {shown}.\n\nLoad them for review (most uncertain first)?")
+
+
+def restore_review(logic, confirm: Callable[[str], bool], declined: Set[Path]) -> list:
+    """When the module is entered (Slicer reopened, a training found again) or a scene is loaded:
+    bring the review back as a prediction in this session would have left it.
+
+    - Pseudo labels the module loaded before are already in a saved scene: their ranking and
+      jump targets come back from their nodes, without a question and without touching them.
+    - Predictions on disk for unlabeled cases that have no segmentation are offered (``confirm``
+      asks the user); a folder the user declined (``declined``, kept by the panel) is not
+      offered again.
+
+    Returns the review items that came back, most uncertain first (empty: nothing changed, the
+    panel keeps its selection)."""
+    restored = {item.case_name for item in logic.restore_review_from_scene()}
+    pending = logic.unloaded_predictions()
+    if pending is not None and pending.out_dir not in declined:
+        if confirm(pending_review_question(pending)):
+            restored |= {item.case_name for item in logic.load_predictions(pending.run_dir, pending.out_dir,
+                                                                           pending.case_names)}
+        else:
+            declined.add(pending.out_dir)
+    return [item for item in logic.ranked_review() if item.case_name in restored]

@@ -25,6 +25,12 @@ CONFIDENCE_ROLE = "confidence"
 CONFIDENCE_COLORS_ROLE = "confidence-colors"
 PSEUDO_LABEL_ROLE = "pseudo-label"
 THRESHOLD_ATTRIBUTE = "PLBOpt.ConfidenceThreshold"
+# The review numbers of a pseudo label, kept on its segmentation node so that they are saved with
+# the scene: a reopened scene (or a reloaded module) shows the same ranking and jump target
+# without reading the prediction files again.
+UNCERTAINTY_ATTRIBUTE = "PLBOpt.Uncertainty"
+LEAST_CONFIDENT_ATTRIBUTE = "PLBOpt.LeastConfidentRAS"
+PREDICTION_FILE_ATTRIBUTE = "PLBOpt.PredictionFile"
 # Voxels at least this confident are transparent in the overlay: the clinician sees only doubt.
 DEFAULT_CONFIDENCE_THRESHOLD = 0.9
 # The strongest doubt colour from here down; below 0.5 the predicted class is not even a majority.
@@ -274,9 +280,31 @@ def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels
         remove_nodes(scene, reversed(added))
         raise
 
-    return LoadedPrediction(segmentation=segmentation_node, confidence=confidence_node,
-                            uncertainty=uncertainty_score(label, confidence),
-                            least_confident_ras=voxel_to_ras(volume_node, least_confident_voxel(label, confidence)))
+    loaded = LoadedPrediction(segmentation=segmentation_node, confidence=confidence_node,
+                              uncertainty=uncertainty_score(label, confidence),
+                              least_confident_ras=voxel_to_ras(volume_node, least_confident_voxel(label, confidence)))
+    segmentation_node.SetAttribute(UNCERTAINTY_ATTRIBUTE, repr(loaded.uncertainty))
+    segmentation_node.SetAttribute(LEAST_CONFIDENT_ATTRIBUTE, " ".join(repr(v) for v in loaded.least_confident_ras))
+    segmentation_node.SetAttribute(PREDICTION_FILE_ATTRIBUTE, str(label_path))
+    return loaded
+
+
+def prediction_in_scene(volume_node, segmentation_node) -> Optional[LoadedPrediction]:
+    """The review of a pseudo label already in the scene, from the numbers :func:`load_prediction`
+    stored on its node (None for a segmentation the module did not load, or one without them).
+    Reads nothing from disk and changes nothing in the scene, so edits in progress are kept."""
+    if segmentation_node is None:
+        return None
+    try:
+        uncertainty = float(segmentation_node.GetAttribute(UNCERTAINTY_ATTRIBUTE))
+        ras = tuple(float(v) for v in segmentation_node.GetAttribute(LEAST_CONFIDENT_ATTRIBUTE).split())
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if len(ras) != 3 or not np.isfinite([uncertainty, *ras]).all():
+        return None
+    return LoadedPrediction(segmentation=segmentation_node,
+                            confidence=volume_node.GetNodeReference(CONFIDENCE_REFERENCE_ROLE),
+                            uncertainty=uncertainty, least_confident_ras=ras)
 
 
 def jump_slices_to(scene, ras: Sequence[float]) -> None:

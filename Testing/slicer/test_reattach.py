@@ -1,6 +1,8 @@
 """A training that outlives Slicer is found again through its run folder and can be cancelled
 (issue 21, item 6), with psutil not importable as in a stock Slicer. The trainer is a stand-in that behaves like PLBOptCore's towards the panel:
-run lock, events.jsonl, stop file; started in a session of its own by "an earlier Slicer"."""
+run lock, events.jsonl, stop file; started in a session of its own by "an earlier Slicer".
+The review of the earlier session comes back too: from the saved scene, or offered from the
+prediction files when only the volumes were loaded again."""
 
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from conftest import process_running, requires_proc
-from PLBOptLib import WorkflowLogic, panel
+import slicer
+from conftest import process_running, requires_proc, save_and_reopen
+from headless_slicer import create_headless_scene
+from PLBOptLib import Status, WorkflowLogic, panel
 from PLBOptLib.process import STOP_FILE_NAME
+from test_plboptlib import add_phantom, write_fake_run
 
 TRAINER = '''
 import json, os, signal, socket, sys, time
@@ -125,3 +131,114 @@ def test_dead_foreign_and_reused_locks_are_no_running_training(scene, tmp_path, 
 
 def test_nothing_is_asked_at_exit_without_a_running_training():
     assert panel.exit_question(None) is None
+
+
+SMALL_DOUBT = (slice(5, 7), slice(10, 12), slice(8, 10))  # U1: a small uncertain region
+LARGE_DOUBT = (slice(3, 9), slice(6, 14), slice(4, 12))  # U2: a large one, so U2 ranks first
+
+
+def predicted_session(scene, work):
+    """An earlier Slicer session: a labeled case and U1, U2 exported, trained (run-001) and
+    predicted; returns {case: (uncertainty, least confident RAS)} as that session showed them."""
+    add_phantom(scene, "labeled", seed=0)
+    first, _, label_1 = add_phantom(scene, "U1", seed=1, labeled=False)
+    second, _, label_2 = add_phantom(scene, "U2", seed=2, labeled=False)
+    logic = WorkflowLogic(scene, working_dir=work, log_callback=lambda line: None)
+    logic.export_dataset()
+    run_dir, out_dir, _ = write_fake_run(work, {"U1": (first, label_1, SMALL_DOUBT), "U2": (second, label_2, LARGE_DOUBT)})
+    (run_dir / "checkpoints" / "last.pt").write_text("weights")
+    shown = {item.case_name: (item.prediction.uncertainty, item.prediction.least_confident_ras)
+             for item in logic.load_predictions(run_dir, out_dir)}
+    return logic, shown
+
+
+def never_asked(question):
+    pytest.fail(f"nothing should be asked: {question}")
+
+
+def segmentation_ids(scene):
+    return sorted(scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode").GetID()
+                  for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")))
+
+
+@requires_proc
+def test_a_reopened_slicer_follows_the_training_and_gets_the_review_of_its_saved_scene_back(
+        scene, tmp_path, orphans, without_psutil):
+    work = tmp_path / "work"
+    earlier, shown = predicted_session(scene, work)
+    # The clinician was correcting U1 (one voxel added to the liver), then pressed Retrain (run-002)
+    # and closed Slicer after saving the scene; the training kept running.
+    edited = earlier.begin_correction("U1")
+    volume = edited.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+    liver = edited.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(edited, liver, volume)
+    corner = tuple(int(v) for v in np.argwhere(mask == 0)[0])
+    mask[corner] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, edited, liver, volume)
+    retraining = work / "runs" / "run-002"
+    orphans.append(start_orphan_trainer(retraining, "loop"))
+    reopened = save_and_reopen(scene, tmp_path / "saved-scene")
+
+    logic = WorkflowLogic(reopened, working_dir=work, log_callback=lambda line: None)  # module entered
+    assert logic.review_items == {} and panel.training_to_reattach(logic, current_job=None) == retraining
+    job = logic.reattach_training(retraining)
+    nodes_before = segmentation_ids(reopened)
+    restored = panel.restore_review(logic, confirm=never_asked, declined=set())
+
+    assert [item.case_name for item in restored] == ["U2", "U1"]  # most uncertain first, as shown before
+    for item in restored:
+        assert item.prediction.uncertainty == shown[item.case_name][0]
+        assert item.prediction.least_confident_ras == shown[item.case_name][1]
+        assert item.prediction.confidence is not None  # the overlay of the saved scene is used again
+    assert [(row.case_name, row.cells[3]) for row in panel.case_rows(logic)][:2] == [
+        ("U2", f"{shown['U2'][0]:.3f}"), ("U1", f"{shown['U1'][0]:.3f}")]
+    assert logic.jump_to_least_confident("U2") == shown["U2"][1]
+    # Nothing was reloaded: the same nodes, and the correction in progress is intact.
+    assert segmentation_ids(reopened) == nodes_before
+    u1 = next(case for case in logic.cases() if case.name == "U1")
+    assert u1.status == Status.CORRECTED
+    # (compared on the reopened volume's grid: the NRRD round trip stores a left-handed grid with K reversed)
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(u1.segmentation, liver, u1.volume),
+                                  slicer.util.arrayFromSegmentBinaryLabelmap(edited, liver, u1.volume))
+    assert panel.restore_review(logic, confirm=never_asked, declined=set()) == []  # entering again changes nothing
+
+    job.cancel()
+    assert job.wait(timeout=20).status == "interrupted"
+
+
+def test_predictions_on_disk_are_offered_for_volumes_loaded_again_and_a_declined_offer_is_not_repeated(scene, tmp_path):
+    work = tmp_path / "work"
+    _, shown = predicted_session(scene, work)  # then Slicer was closed without saving the scene
+    fresh = create_headless_scene()  # Slicer reopened, the same volumes loaded again
+    add_phantom(fresh, "labeled", seed=0)
+    add_phantom(fresh, "U1", seed=1, labeled=False)
+    add_phantom(fresh, "U2", seed=2, labeled=False)
+    logic = WorkflowLogic(fresh, working_dir=work, log_callback=lambda line: None)
+    assert panel.training_to_reattach(logic, current_job=None) is None  # the training had finished
+
+    questions, declined = [], set()
+    no = lambda question: questions.append(question) or False  # noqa: E731
+    assert panel.restore_review(logic, confirm=no, declined=declined) == []
+    assert len(questions) == 1 and "U1, U2" in questions[0] and "run-001" in questions[0]
+    assert declined == {work / "predictions" / "run-001"}
+    assert [case.status for case in logic.cases()] == [Status.UNLABELED, Status.UNLABELED, Status.LABELED]
+    assert panel.restore_review(logic, confirm=never_asked, declined=declined) == []  # not asked again
+
+    restored = panel.restore_review(logic, confirm=lambda question: True, declined=set())  # the next session: Yes
+    assert [item.case_name for item in restored] == ["U2", "U1"]
+    for item in restored:
+        assert item.prediction.uncertainty == pytest.approx(shown[item.case_name][0])
+        np.testing.assert_allclose(item.prediction.least_confident_ras, shown[item.case_name][1])
+    assert [case.status for case in logic.cases()] == [Status.PSEUDO_LABELED, Status.PSEUDO_LABELED, Status.LABELED]
+    assert panel.restore_review(logic, confirm=never_asked, declined=set()) == []  # loaded: nothing left to offer
+
+
+def test_predictions_of_a_run_whose_class_table_is_gone_are_not_offered(scene, tmp_path):
+    work = tmp_path / "work"
+    predicted_session(scene, work)
+    fresh = create_headless_scene()
+    add_phantom(fresh, "U1", seed=1, labeled=False)
+    (work / "runs" / "run-001" / "dataset.json").unlink()
+    logic = WorkflowLogic(fresh, working_dir=work, log_callback=lambda line: None)
+    assert logic.unloaded_predictions() is None
+    assert panel.restore_review(logic, confirm=never_asked, declined=set()) == []
