@@ -337,10 +337,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             restartReasons = self.logic.install_dependencies(status)
             status = dependencies.check_dependencies()
             self.ui.dependencyStatusLabel.text = f"{status.summary()}; PLBOptCore: bundled"
-            if restartReasons and slicer.util.confirmYesNoDisplay(
-                    "Slicer has older versions of these packages loaded; restart to use the new ones:\n"
-                    + "\n".join(restartReasons) + "\n\nRestart Slicer now?", "PLBOpt: restart recommended"):
-                slicer.util.restart()
+            if restartReasons and self._restartSlicer(restartReasons):
                 return False
             if not status.ready:
                 raise PLBOptSlicerError("installation finished but packages are still missing: " + status.summary())
@@ -351,6 +348,28 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                         environment=self.logic.job_environment()).start()
             self.pollTimer.start()
         return True
+
+    def _restartSlicer(self, reasons) -> bool:
+        """Restart after asking (panel.restart_question); with unsaved data the user can save them
+        first, as Slicer's own close question offers. False: Slicer keeps running."""
+        while True:
+            question = panel.restart_question(slicer.mrmlScene, reasons)
+            box = qt.QMessageBox(slicer.util.mainWindow())
+            box.setWindowTitle("PLBOpt: restart recommended")
+            box.setIcon(qt.QMessageBox.Question)
+            box.setText(question.text)
+            buttons = [(box.addButton(text, qt.QMessageBox.ActionRole), choice) for choice, text in question.choices]
+            box.exec_()
+            clicked = box.clickedButton()
+            choice = next((choice for button, choice in buttons if button == clicked), panel.RestartChoice.CANCEL)
+            saved = slicer.app.ioManager().openSaveDataDialog() if choice == panel.RestartChoice.SAVE else None
+            step = panel.after_restart_choice(choice, saved, panel.unsaved_data(slicer.mrmlScene) if saved else ())
+            if step == panel.RestartStep.RESTART:
+                slicer.util.restart()
+                return True
+            if step == panel.RestartStep.STAY:
+                self.appendLog("Slicer not restarted: the new packages are used after its next restart")
+                return False
 
     def _pollProbe(self) -> None:
         self._probeJob.poll()

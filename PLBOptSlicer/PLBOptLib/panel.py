@@ -1,6 +1,6 @@
 """Decisions of the PLBOpt panel that need no Qt: what the case table lists and in which order,
 which case is selected, what Accept acts on, what the panel says when training ends, which
-review comes back when Slicer is reopened.
+review comes back when Slicer is reopened, what to ask before restarting Slicer.
 
 ``PLBOpt.py`` only copies these into widgets, so they are tested headless.
 """
@@ -8,6 +8,7 @@ review comes back when Slicer is reopened.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Set, Tuple
 
@@ -138,3 +139,77 @@ def restore_review(logic, confirm: Callable[[str], bool], declined: Set[Path]) -
         else:
             declined.add(pending.out_dir)
     return [item for item in logic.ranked_review() if item.case_name in restored]
+
+
+class RestartChoice(str, Enum):
+    """The buttons of the question before Slicer restarts after a dependency install."""
+
+    SAVE = "save"  # open Slicer's save dialog, then restart once nothing is left unsaved
+    RESTART = "restart"  # restart now, discarding what is unsaved
+    CANCEL = "cancel"  # do not restart now; the new packages are used after the next restart
+
+
+class RestartStep(str, Enum):
+    RESTART = "restart"
+    ASK_AGAIN = "ask again"  # saved, but something is still unsaved: ask with the new list
+    STAY = "stay"
+
+
+@dataclass(frozen=True)
+class RestartQuestion:
+    text: str
+    choices: Tuple[Tuple[RestartChoice, str], ...]  # (choice, button text), in the order shown
+    unsaved: Tuple[str, ...]  # names of what a restart would discard
+
+
+MAX_UNSAVED_LISTED = 10
+
+
+def unsaved_data(scene) -> List[str]:
+    """What a restart now would discard, as Slicer's own close question sees it: data nodes
+    modified since they were read or saved (a segmentation edited in Segment Editor, a pseudo
+    label, a volume made in Slicer), then the scene itself when only its layout changed."""
+    from vtk import vtkCollection
+
+    modified = vtkCollection()
+    names = []
+    if scene.GetStorableNodesModifiedSinceRead(modified):
+        for index in range(modified.GetNumberOfItems()):
+            node = modified.GetItemAsObject(index)
+            if not node.GetHideFromEditors():
+                names.append(node.GetName() or node.GetID())
+    if not names and scene.GetModifiedSinceRead():
+        names.append("the scene (views, layout and node settings)")
+    return names
+
+
+def restart_question(scene, reasons: Sequence[str]) -> RestartQuestion:
+    """What to ask before ``slicer.util.restart()`` after an install replaced packages Slicer had
+    loaded: a restart closes the scene without Slicer's own save question, so unsaved Segment
+    Editor work would be lost. With unsaved data: Save / Restart without saving / Cancel."""
+    why = ("Slicer has older versions of these packages loaded; restart to use the new ones:\n"
+           + "\n".join(reasons))
+    unsaved = tuple(unsaved_data(scene))
+    if not unsaved:
+        return RestartQuestion(why + "\n\nRestart Slicer now?",
+                               ((RestartChoice.RESTART, "Restart now"), (RestartChoice.CANCEL, "Not now")), ())
+    listed = "\n".join(f"  - {name}" for name in unsaved[:MAX_UNSAVED_LISTED])
+    if len(unsaved) > MAX_UNSAVED_LISTED:
+        listed += f"\n  and {len(unsaved) - MAX_UNSAVED_LISTED} more"
+    return RestartQuestion(
+        f"{why}\n\nThese data are not saved and a restart discards them:\n{listed}\n\n"
+        "Save them first?",
+        ((RestartChoice.SAVE, "Save…"), (RestartChoice.RESTART, "Restart without saving"),
+         (RestartChoice.CANCEL, "Cancel")), unsaved)
+
+
+def after_restart_choice(choice: RestartChoice, saved: Optional[bool] = None,
+                         still_unsaved: Sequence[str] = ()) -> RestartStep:
+    """What follows the user's answer. ``saved``: whether Slicer's save dialog was applied
+    (after SAVE); ``still_unsaved``: :func:`unsaved_data` after it. Restarting is never the
+    outcome of a save dialog that was cancelled or that left data unsaved."""
+    if choice == RestartChoice.RESTART:
+        return RestartStep.RESTART
+    if choice == RestartChoice.SAVE and saved:
+        return RestartStep.ASK_AGAIN if still_unsaved else RestartStep.RESTART
+    return RestartStep.STAY

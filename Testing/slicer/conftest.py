@@ -146,19 +146,16 @@ def descendant_pids(pid: int):
 requires_proc = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="observes processes through /proc")
 
 
-def save_and_reopen(scene, folder: Path):
-    """The scene as Slicer gives it back after *Save* and, in a new Slicer, *Load scene*: every
-    data node written to ``folder`` with its storage node, the MRML file committed, then imported
-    into a fresh headless scene (which ``slicer.mrmlScene`` then is)."""
-    from headless_slicer import create_headless_scene
-
+def save_to_disk(scene, folder: Path) -> None:
+    """What Slicer's save dialog does: every modified data node written to ``folder`` with its
+    storage node (not Slicer's built-in colour tables, which every scene has), then the scene file."""
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(scene.GetNumberOfNodes()):
         node = scene.GetNthNode(index)
         if not node.IsA("vtkMRMLStorableNode") or not node.GetModifiedSinceRead():
             continue
         if node.IsA("vtkMRMLColorTableNode") and node.GetType() != node.User:
-            continue  # Slicer's built-in colour tables: every scene has them
+            continue
         if node.GetStorageNode() is None:
             node.AddDefaultStorageNode()
         storage = node.GetStorageNode()
@@ -166,6 +163,14 @@ def save_and_reopen(scene, folder: Path):
         assert storage.WriteData(node), node.GetName()
     scene.SetURL(str(folder / "scene.mrml"))
     assert scene.Commit()
+
+
+def save_and_reopen(scene, folder: Path):
+    """The scene as Slicer gives it back after *Save* and, in a new Slicer, *Load scene*: saved to
+    ``folder``, then imported into a fresh headless scene (which ``slicer.mrmlScene`` then is)."""
+    from headless_slicer import create_headless_scene
+
+    save_to_disk(scene, folder)
     reopened = create_headless_scene()
     reopened.SetURL(str(folder / "scene.mrml"))
     assert reopened.Import()

@@ -6,7 +6,9 @@ import types
 
 import numpy as np
 
-from conftest import add_volume
+import slicer
+
+from conftest import add_volume, save_to_disk
 from PLBOptLib import Status, WorkflowLogic, cases, panel
 from PLBOptLib.events import EventsFollower
 from PLBOptLib.logic import TrainingJob
@@ -118,3 +120,53 @@ def test_panel_says_checkpoint_kept_only_when_it_exists(tmp_path):
         kind, message = panel.training_finished_message(job)
         assert kind == "info" and ("checkpoint kept" in message) == kept, message
         assert kept or "nothing to resume" in message
+
+
+REASONS = ["numpy 1.26.4 -> 2.1.0"]
+
+
+def test_restart_asks_to_save_unsaved_segment_editor_work_first(scene, tmp_path):
+    fresh = panel.restart_question(scene, REASONS)
+    assert fresh.unsaved == () and [c for c, _ in fresh.choices] == [panel.RestartChoice.RESTART,
+                                                                       panel.RestartChoice.CANCEL]
+    assert "numpy 1.26.4 -> 2.1.0" in fresh.text
+
+    volume, _, label = add_phantom(scene, "patient", seed=0)
+    save_to_disk(scene, tmp_path / "saved")
+    assert panel.unsaved_data(scene) == []  # everything saved: nothing to lose
+    segmentation = next(case.segmentation for case in cases.find_cases(scene))
+    liver = segmentation.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, liver, volume)
+    mask[0, 0, 0] = 1  # a stroke in Segment Editor
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, liver, volume)
+
+    question = panel.restart_question(scene, REASONS)
+    assert question.unsaved == (segmentation.GetName(),)
+    assert [c for c, _ in question.choices] == [panel.RestartChoice.SAVE, panel.RestartChoice.RESTART,
+                                                panel.RestartChoice.CANCEL]
+    assert segmentation.GetName() in question.text and "numpy" in question.text
+    assert dict(question.choices)[panel.RestartChoice.RESTART] == "Restart without saving"
+
+    save_to_disk(scene, tmp_path / "saved")  # the user pressed Save and saved everything
+    assert panel.after_restart_choice(panel.RestartChoice.SAVE, True, panel.unsaved_data(scene)) == panel.RestartStep.RESTART
+
+
+def test_a_restart_follows_only_a_save_that_left_nothing_unsaved():
+    step, choice = panel.RestartStep, panel.RestartChoice
+    assert panel.after_restart_choice(choice.SAVE, saved=False) == step.STAY  # save dialog cancelled
+    assert panel.after_restart_choice(choice.SAVE, saved=True, still_unsaved=["seg"]) == step.ASK_AGAIN
+    assert panel.after_restart_choice(choice.SAVE, saved=True, still_unsaved=[]) == step.RESTART
+    assert panel.after_restart_choice(choice.CANCEL) == step.STAY
+    assert panel.after_restart_choice(choice.RESTART) == step.RESTART
+
+
+def test_unsaved_data_lists_visible_data_then_a_changed_scene(scene, tmp_path):
+    image = np.zeros((4, 5, 6), np.float32)
+    add_volume(scene, "made in Slicer", image)
+    helper = add_volume(scene, "helper", image)
+    helper.SetHideFromEditors(True)  # not shown to the user: not named either
+    assert panel.unsaved_data(scene) == ["made in Slicer"]
+    save_to_disk(scene, tmp_path / "saved")
+    assert panel.unsaved_data(scene) == []
+    helper.SetName("renamed")  # only the scene file changed
+    assert panel.unsaved_data(scene) == ["the scene (views, layout and node settings)"]
