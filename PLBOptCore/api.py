@@ -212,13 +212,15 @@ def predict_array(run_dir: PathLike, volume_zyx: np.ndarray, spacing_zyx=(1.0, 1
 
 def evaluate(pred_dir: PathLike, gt_dir: PathLike, labels: Union[None, Dict[int, str], PathLike] = None,
              out_dir: Optional[PathLike] = None, empty: str = "ignore", missing: str = "diagonal",
-             hd95: str = "pooled") -> dict:
+             hd95: str = "pooled", average: str = "classes") -> dict:
     """Per case and class Dice, ASD, ASSD and HD95 (mm); writes metrics.csv and metrics.json.
 
-    ``empty`` (``ignore``/``perfect``), ``missing`` (``diagonal``/``inf``/``skip``) and ``hd95``
-    (``pooled``/``max``) choose the conventions described in :mod:`PLBOptCore.evaluate`.
+    ``empty`` (``ignore``/``perfect``/``ignore-gt``), ``missing`` (``diagonal``/``inf``/``skip``),
+    ``hd95`` (``pooled``/``max``) and ``average`` (``classes``/``cases``: the order of the mean over
+    cases and classes) choose the conventions described in :mod:`PLBOptCore.evaluate`.
     """
     from .evaluate import evaluate_folders
 
     return evaluate_folders(Path(pred_dir), Path(gt_dir), labels if isinstance(labels, dict) or labels is None else Path(labels),
-                            Path(out_dir) if out_dir else None, empty=empty, missing=missing, hd95=hd95)
+                            Path(out_dir) if out_dir else None, empty=empty, missing=missing, hd95=hd95,
+                            average=average)

@@ -21,7 +21,7 @@ from .convert import add_convert_arguments
 from .data.io import CONFIDENCE_FOLDER
 from .errors import ConfigError, PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
-from .metrics import EMPTY_CONVENTIONS, HD95_CONVENTIONS, MISSING_CONVENTIONS
+from .metrics import AVERAGE_CONVENTIONS, EMPTY_CONVENTIONS, HD95_CONVENTIONS, MISSING_CONVENTIONS
 
 
 def _training_overrides(args: argparse.Namespace) -> Dict[str, Any]:
@@ -97,7 +97,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import format_table
 
     results = evaluate(args.pred_dir, args.gt_dir, labels=args.labels, out_dir=args.output, empty=args.empty,
-                       missing=args.missing, hd95=args.hd95)
+                       missing=args.missing, hd95=args.hd95, average=args.average)
     print(format_table(results))
     return 0
 
@@ -223,13 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="where metrics.csv/json go (default PRED_DIR)")
     p.add_argument("--empty", choices=EMPTY_CONVENTIONS, default="ignore",
                    help="a class absent from prediction and GT: ignore = left out of the means (default; "
-                        "nnU-Net v2, MONAI ignore_empty), perfect = Dice 1 and distance 0 (DHC)")
+                        "nnU-Net v2), perfect = Dice 1 and distance 0 (DHC; MONAI DiceMetric ignore_empty=False); "
+                        "ignore-gt = also leave out a class predicted where the GT has none (MONAI DiceMetric "
+                        "ignore_empty=True)")
     p.add_argument("--missing", choices=MISSING_CONVENTIONS, default="diagonal",
                    help="distance of a class in only one of prediction and GT: diagonal = image diagonal "
-                        "in mm (default), inf (MONAI), skip = left out of the means (earlier PLBOpt)")
+                        "in mm (default), inf (MONAI's ASD/ASSD), skip = left out of the means (MONAI's HD95, "
+                        "earlier PLBOpt)")
     p.add_argument("--hd95", choices=HD95_CONVENTIONS, default="pooled",
                    help="pooled = 95th percentile of both directions together (default; medpy, DHC), "
                         "max = larger of the two directed 95th percentiles (MONAI)")
+    p.add_argument("--average", choices=AVERAGE_CONVENTIONS, default="classes",
+                   help="the mean row: classes = mean over classes of each class's mean over cases (default; "
+                        "nnU-Net v2, DHC), cases = mean over cases of each case's mean over its classes "
+                        "(MONAI's default reduction=\"mean\")")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate the embedded phantom dataset, train, predict, evaluate")

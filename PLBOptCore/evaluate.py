@@ -5,15 +5,20 @@ subfolders (the ``confidence/`` maps of ``plbopt predict``) are ignored, and eac
 its full geometry (size, spacing, origin, direction). Every foreground class gets Dice, ASD
 (one-sided, prediction → GT, as DHC reports), ASSD and HD95 in mm using the ground-truth spacing.
 
-Conventions (options ``empty``, ``missing``, ``hd95``; see :mod:`PLBOptCore.metrics`), recorded in
-``metrics.json`` and printed above every table:
+Conventions (options ``empty``, ``missing``, ``hd95``, ``average``; see :mod:`PLBOptCore.metrics`),
+recorded in ``metrics.json`` and printed above every table:
 
 - ``empty="ignore"`` (default): a class absent from both prediction and GT is left out of the
-  means (nnU-Net v2, MONAI ``ignore_empty=True``); ``"perfect"`` counts it as Dice 1 / distance 0.
+  means (nnU-Net v2); ``"perfect"`` counts it as Dice 1 / distance 0; ``"ignore-gt"`` also leaves
+  out a class predicted where the GT has none (MONAI ``DiceMetric(ignore_empty=True)``).
 - ``missing="diagonal"`` (default): a class in exactly one of them has Dice 0 and distance = the
-  image diagonal (mm); ``"inf"`` as MONAI; ``"skip"`` leaves the distance out of the means.
+  image diagonal (mm); ``"inf"`` as MONAI's ASD/ASSD; ``"skip"`` leaves the distance out of the
+  means (as MONAI's HD95, which is NaN there).
 - ``hd95="pooled"`` (default; medpy, DHC-style tables): 95th percentile of both directions'
   distances together; ``"max"``: the larger directed 95th percentile (MONAI).
+- ``average="classes"`` (default; nnU-Net v2, DHC): each class's mean over the cases that score it,
+  then the mean over classes; ``"cases"``: each case's mean over the classes it scores, then the
+  mean over cases (MONAI's default ``reduction="mean"``). The per-class rows are the same.
 
 Sparse ground truth: when the labels (``--labels dataset.json``) have nnU-Net v2's ``"ignore"`` label
 (the highest value), or a run's dataset.json gives ``"ignore_label"``, GT voxels of that value are
@@ -21,10 +26,20 @@ left out of every class's TP, FP and FN, as nnU-Net's ``compute_metrics`` does
 (:func:`PLBOptCore.metrics.annotated_only`); ``ignore`` is never scored as a class, and a prediction
 holding its value is refused.
 
-``--empty perfect --missing skip`` reproduces earlier PLBOpt tables (and docs/RESULTS.md);
-``--empty ignore --missing inf --hd95 max`` is MONAI's. Aggregation follows DHC: per class the
-mean (and population std) over the scored cases, then the mean over classes; NaN (not scored)
-is left out, infinity is kept.
+``--empty perfect --missing skip`` reproduces earlier PLBOpt tables (and docs/RESULTS.md). No
+single option set gives all of MONAI's metrics (``include_background=False``, default
+``reduction="mean"``), one set per metric does (tested against MONAI in
+``Testing/core/test_metrics_monai.py``):
+
+- ``DiceMetric(ignore_empty=True)``: Dice of ``--empty ignore-gt --average cases``;
+  ``DiceMetric(ignore_empty=False)``: Dice of ``--empty perfect --average cases``;
+- ``HausdorffDistanceMetric(percentile=95)``: HD95 of ``--empty ignore --missing skip --hd95 max
+  --average cases``;
+- ``SurfaceDistanceMetric(symmetric=False/True)``: ASD/ASSD of ``--empty ignore --missing inf
+  --average cases``.
+
+Per class (``reduction="mean_batch"``) the same sets with any ``--average``. NaN (not scored) is
+left out of every mean, infinity is kept; the per-class std is the population std.
 """
 
 from __future__ import annotations
@@ -41,35 +56,38 @@ import SimpleITK as sitk
 from .data.dataset import IGNORE_NAME
 from .data.io import case_name, check_same_geometry, image_files, read_image
 from .errors import ConfigError, DatasetError
-from .metrics import (EMPTY_CONVENTIONS, HD95_CONVENTIONS, METRIC_NAMES, MISSING_CONVENTIONS, annotated_only,
-                      both_empty_metrics, compute_case_metrics)
+from .metrics import (AVERAGE_CONVENTIONS, EMPTY_CONVENTIONS, HD95_CONVENTIONS, METRIC_NAMES, MISSING_CONVENTIONS,
+                      annotated_only, both_empty_metrics, compute_case_metrics)
 from .utils import atomic_write
 
 LabelsArg = Optional[Union[Dict[int, str], str, Path]]
 
 CONVENTION_TEXT = {
     "empty": {"ignore": "class absent from prediction and GT: not scored",
-              "perfect": "class absent from prediction and GT: Dice 1, distance 0"},
+              "perfect": "class absent from prediction and GT: Dice 1, distance 0",
+              "ignore-gt": "class absent from GT: not scored, even where predicted"},
     "missing": {"diagonal": "class in only one of them: Dice 0, distance = image diagonal",
                 "inf": "class in only one of them: Dice 0, distance inf",
                 "skip": "class in only one of them: Dice 0, distance left out"},
     "hd95": {"pooled": "95th percentile of both directions together, as medpy",
              "max": "larger directed 95th percentile, as MONAI"},
+    "average": {"classes": "mean row = mean over classes of each class's mean over cases",
+                "cases": "mean row = mean over cases of each case's mean over classes, as MONAI"},
 }
 
 
-def check_conventions(empty: str, missing: str, hd95: str) -> Dict[str, str]:
+def check_conventions(empty: str, missing: str, hd95: str, average: str = "classes") -> Dict[str, str]:
     """The conventions as a dict; an unknown value raises ``ConfigError`` naming the option."""
     for option, value, allowed in (("empty", empty, EMPTY_CONVENTIONS), ("missing", missing, MISSING_CONVENTIONS),
-                                   ("hd95", hd95, HD95_CONVENTIONS)):
+                                   ("hd95", hd95, HD95_CONVENTIONS), ("average", average, AVERAGE_CONVENTIONS)):
         if value not in allowed:
             raise ConfigError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
-    return {"empty": empty, "missing": missing, "hd95": hd95}
+    return {"empty": empty, "missing": missing, "hd95": hd95, "average": average}
 
 
 def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], labels: LabelsArg = None,
                      out_dir: Optional[Union[str, Path]] = None, empty: str = "ignore", missing: str = "diagonal",
-                     hd95: str = "pooled") -> Dict[str, Any]:
+                     hd95: str = "pooled", average: str = "classes") -> Dict[str, Any]:
     """Score every prediction in ``pred_dir`` against its ground truth in ``gt_dir``.
 
     Args:
@@ -81,13 +99,14 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
             Default: ``class_1 .. class_K`` with ``K`` the largest label value found.
         out_dir: where ``metrics.csv`` (one row per case × class) and ``metrics.json`` are written
             atomically; default ``pred_dir``.
-        empty, missing, hd95: the conventions of the module docstring.
+        empty, missing, hd95, average: the conventions of the module docstring.
 
     Returns:
-        ``{"pred_dir", "gt_dir", "conventions": {"empty", "missing", "hd95"}, "labels": {"1": name, ...},
-        "cases": {case: {class_name: {"dice", "asd", "assd", "hd95", "empty"}}},
+        ``{"pred_dir", "gt_dir", "conventions": {"empty", "missing", "hd95", "average"},
+        "labels": {"1": name, ...}, "cases": {case: {class_name: {"dice", "asd", "assd", "hd95", "empty"}}},
         "classes": {class_name: {"label", "n_cases", "n_missing", "n_absent", "dice": {"mean", "std"}, ...}},
-        "mean": {"dice", "asd", "assd", "hd95"}}`` with NaN for values not scored (``null`` in
+        "case_means": {case: {"dice", ...}}, "mean": {"dice", "asd", "assd", "hd95"}}`` (``mean``
+        averaged in the order ``average``) with NaN for values not scored (``null`` in
         JSON) and infinity as ``"inf"`` in JSON. ``"empty"`` is one of ``none``, ``both``,
         ``prediction``, ``ground_truth`` (the empty side); ``n_missing`` counts cases with exactly
         one side empty, ``n_absent`` cases with both.
@@ -98,7 +117,7 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
             non-integer or out-of-range label values.
         ConfigError: an unknown convention.
     """
-    conventions = check_conventions(empty, missing, hd95)
+    conventions = check_conventions(empty, missing, hd95, average)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     names, ignore = _resolve_labels(labels)
     preds = _list_cases(pred_dir, "prediction")
@@ -139,7 +158,7 @@ def evaluate_folders(pred_dir: Union[str, Path], gt_dir: Union[str, Path], label
         "conventions": conventions,
         "labels": {str(c): n for c, n in sorted(names.items()) if c > 0},
         "cases": cases,
-        **_aggregate(cases, {n: c for c, n in names.items() if c > 0}),
+        **_aggregate(cases, {n: c for c, n in names.items() if c > 0}, average),
     }
     _write_outputs(results, Path(out_dir) if out_dir is not None else pred_dir)
     return results
@@ -164,7 +183,7 @@ def format_table(results: Dict[str, Any]) -> str:
         lines.append(f"{name[:19]:<20}{cells}{stats['n_missing']:>9}{stats['n_absent']:>8}")
     lines.append("-" * len(header))
     overall = "".join(f"{_fmt(results['mean'][m], m):>16}" for m in METRIC_NAMES)
-    lines.append(f"{'mean':<20}{overall}")
+    lines.append(f"{'mean of ' + conventions.get('average', 'classes'):<20}{overall}")
     return "\n".join(lines)
 
 
@@ -193,7 +212,8 @@ def _mean_std_of(values: np.ndarray) -> Dict[str, float]:
     return {"mean": float(scored.mean()), "std": float(scored.std())}
 
 
-def _aggregate(cases: Dict[str, Dict[str, Dict[str, Any]]], classes: Dict[str, int]) -> Dict[str, Any]:
+def _aggregate(cases: Dict[str, Dict[str, Dict[str, Any]]], classes: Dict[str, int],
+               average: str = "classes") -> Dict[str, Any]:
     per_class: Dict[str, Any] = {}
     for name, label in sorted(classes.items(), key=lambda item: item[1]):
         statuses = [cases[c][name]["empty"] for c in cases]
@@ -203,9 +223,13 @@ def _aggregate(cases: Dict[str, Dict[str, Dict[str, Any]]], classes: Dict[str, i
         for m in METRIC_NAMES:
             stats[m] = _mean_std_of(np.array([cases[c][name][m] for c in cases], dtype=float))
         per_class[name] = stats
-    overall = {m: _mean_std_of(np.array([s[m]["mean"] for s in per_class.values()], dtype=float))["mean"]
-               for m in METRIC_NAMES}
-    return {"classes": per_class, "mean": overall}
+    # each case's mean over the classes it scores (NaN where it scores none)
+    case_means = {case: {m: _mean_std_of(np.array([scores[name][m] for name in per_class], dtype=float))["mean"]
+                         for m in METRIC_NAMES} for case, scores in cases.items()}
+    means = ([s[m]["mean"] for s in per_class.values()] if average == "classes" else
+             [c[m] for c in case_means.values()] for m in METRIC_NAMES)
+    overall = {m: _mean_std_of(np.array(values, dtype=float))["mean"] for m, values in zip(METRIC_NAMES, means)}
+    return {"classes": per_class, "case_means": case_means, "mean": overall}
 
 
 def _write_outputs(results: Dict[str, Any], out_dir: Path) -> None:

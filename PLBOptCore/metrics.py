@@ -21,9 +21,13 @@ from each surface voxel to the nearest surface voxel of the other mask come from
 Empty masks, per class (``compute_case_metrics``):
 
 - absent from both prediction and GT (``EMPTY_CONVENTIONS``): ``ignore`` (default) scores nothing
-  (NaN, left out of every mean; nnU-Net v2, MONAI ``ignore_empty=True``); ``perfect`` scores Dice
-  1 and distances 0, included in the means (DHC's evaluation and earlier PLBOpt versions).
-- present in exactly one: Dice 0; the distances follow ``MISSING_CONVENTIONS``: ``diagonal``
+  (NaN, left out of every mean; nnU-Net v2); ``perfect`` scores Dice 1 and distances 0, included in
+  the means (DHC's evaluation and earlier PLBOpt versions; MONAI ``DiceMetric(ignore_empty=False)``);
+  ``ignore-gt`` scores nothing either, and also leaves out a class predicted where the GT has none
+  (every metric NaN: MONAI ``DiceMetric(ignore_empty=True)``, which scores a case only where its GT
+  holds the class).
+- present in exactly one (under ``ignore-gt``: only in the GT): Dice 0; the distances follow
+  ``MISSING_CONVENTIONS``: ``diagonal``
   (default) = the diagonal of the image in mm, the largest distance the image allows, so missing
   an organ is never better than segmenting it badly (BraTS-style; DHC used a fixed 128-voxel
   placeholder); ``inf`` = infinity (MONAI), which makes the class mean infinite; ``skip`` = NaN,
@@ -46,9 +50,14 @@ from scipy import ndimage
 
 SURFACE_STRUCTURE = ndimage.generate_binary_structure(3, 1)
 METRIC_NAMES = ("dice", "asd", "assd", "hd95")
-EMPTY_CONVENTIONS = ("ignore", "perfect")
+EMPTY_CONVENTIONS = ("ignore", "perfect", "ignore-gt")
 MISSING_CONVENTIONS = ("diagonal", "inf", "skip")
 HD95_CONVENTIONS = ("pooled", "max")
+# The order of averaging over cases and classes (``PLBOptCore.evaluate``): ``classes`` = each class's
+# mean over cases, then the mean over classes (nnU-Net v2's foreground mean, DHC; MONAI
+# ``reduction="mean_batch"`` then the mean of that vector); ``cases`` = each case's mean over its
+# scored classes, then the mean over the cases with any (MONAI's default ``reduction="mean"``).
+AVERAGE_CONVENTIONS = ("classes", "cases")
 # What a class is, per case, as far as empty masks go (``compute_case_metrics``' "empty" entry).
 EMPTY_STATUSES = ("none", "both", "prediction", "ground_truth")
 
@@ -128,8 +137,8 @@ def both_empty_metrics(empty: str = "ignore") -> Dict[str, object]:
     """Metrics of a class absent from prediction and GT under the ``empty`` convention."""
     if empty not in EMPTY_CONVENTIONS:
         raise ValueError(f"empty convention must be one of {EMPTY_CONVENTIONS}, got {empty!r}")
-    scores = dict.fromkeys(METRIC_NAMES, math.nan) if empty == "ignore" else {"dice": 1.0, "asd": 0.0,
-                                                                              "assd": 0.0, "hd95": 0.0}
+    scores = dict.fromkeys(METRIC_NAMES, math.nan) if empty != "perfect" else {"dice": 1.0, "asd": 0.0,
+                                                                               "assd": 0.0, "hd95": 0.0}
     return {**scores, "empty": "both"}
 
 
@@ -159,6 +168,8 @@ def compute_case_metrics(pred_labels: np.ndarray, gt_labels: np.ndarray, num_cla
         raise ValueError(f"prediction shape {pred_labels.shape} differs from ground truth {gt_labels.shape}")
     if missing not in MISSING_CONVENTIONS:
         raise ValueError(f"missing convention must be one of {MISSING_CONVENTIONS}, got {missing!r}")
+    if empty not in EMPTY_CONVENTIONS:
+        raise ValueError(f"empty convention must be one of {EMPTY_CONVENTIONS}, got {empty!r}")
     missing_distance = {"diagonal": image_diagonal(gt_labels.shape, spacing), "inf": math.inf,
                         "skip": math.nan}[missing]
     results: Dict[int, Dict[str, object]] = {}
@@ -167,6 +178,8 @@ def compute_case_metrics(pred_labels: np.ndarray, gt_labels: np.ndarray, num_cla
         has_pred, has_gt = bool(p.any()), bool(g.any())
         if not has_pred and not has_gt:
             results[c] = both_empty_metrics(empty)
+        elif not has_gt and empty == "ignore-gt":  # predicted only: not scored (MONAI ignore_empty)
+            results[c] = {**dict.fromkeys(METRIC_NAMES, math.nan), "empty": "ground_truth"}
         elif not has_pred or not has_gt:
             results[c] = {"dice": 0.0, **dict.fromkeys(("asd", "assd", "hd95"), missing_distance),
                           "empty": "prediction" if not has_pred else "ground_truth"}

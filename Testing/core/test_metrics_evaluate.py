@@ -154,7 +154,7 @@ def test_evaluate_folders(folders, tmp_path):
     pred_dir, gt_dir = folders
     diagonal = math.sqrt((8 * 2.0) ** 2 + 7 ** 2 + 7 ** 2)
     results = evaluate_folders(pred_dir, gt_dir, labels={0: "background", 1: "liver", 2: "spleen"})
-    assert results["conventions"] == {"empty": "ignore", "missing": "diagonal", "hd95": "pooled"}
+    assert results["conventions"] == {"empty": "ignore", "missing": "diagonal", "hd95": "pooled", "average": "classes"}
     assert set(results["cases"]) == {"case1", "case2"}
     liver1 = results["cases"]["case1"]["liver"]
     assert _scores(liver1) == pytest.approx({"dice": 2 / 3, "asd": 19 / 26, "assd": 19 / 26, "hd95": 2.0})
@@ -196,7 +196,7 @@ def test_evaluate_folders(folders, tmp_path):
     saved = json.loads((pred_dir / "metrics.json").read_text())
     assert saved["cases"]["case1"]["spleen"]["asd"] is None
 
-    # MONAI: infinite distance, an infinite class mean, written as "inf"
+    # infinite distance (MONAI's ASD), an infinite class mean, written as "inf"
     monai = evaluate_folders(pred_dir, gt_dir, labels={1: "liver", 2: "spleen"}, missing="inf", hd95="max")
     assert monai["classes"]["spleen"]["hd95"]["mean"] == math.inf and monai["mean"]["hd95"] == math.inf
     assert json.loads((pred_dir / "metrics.json").read_text())["classes"]["spleen"]["hd95"]["mean"] == "inf"
