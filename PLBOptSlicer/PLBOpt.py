@@ -127,6 +127,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeTraining)
         self.ui.predictButton.connect("clicked(bool)", self.onPredict)
         self.ui.casesTable.connect("itemSelectionChanged()", self.onCaseSelected)
+        self.ui.casesTable.connect("itemChanged(QTableWidgetItem*)", self.onCaseItemChanged)
         self.ui.jumpButton.connect("clicked(bool)", self.onJumpToLeastConfident)
         self.ui.editButton.connect("clicked(bool)", self.onEditInSegmentEditor)
         self.ui.acceptButton.connect("clicked(bool)", self.onAcceptAsLabeled)
@@ -295,6 +296,10 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 for column, text in enumerate(row.cells):
                     item = qt.QTableWidgetItem(text)
                     item.setData(qt.Qt.UserRole, row.volume_id)
+                    if column == 0:  # the tick: whether the export uses this volume as a case
+                        item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                        item.setCheckState(qt.Qt.Checked if row.used else qt.Qt.Unchecked)
+                        item.setToolTip(row.cells[-1] or "Used for training; untick to leave it out")
                     table.setItem(index, column, item)
             selectedRow = self.selection.row_in(rows)
             if selectedRow is None:
@@ -551,6 +556,14 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Confident voxels are clear through the colour table; doubtful ones tint the CT.
         slicer.util.setSliceViewerLayers(background=case.volume, foreground=confidence,
                                          foregroundOpacity=OVERLAY_OPACITY if confidence else 0.0, fit=True)
+
+    def onCaseItemChanged(self, item) -> None:
+        """The user ticked or unticked a case (rebuilding the table blocks this signal)."""
+        if item.column() != 0:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not change which cases are used."):
+            self.logic.set_case_use(item.data(qt.Qt.UserRole), item.checkState() == qt.Qt.Checked)
+        self.sceneRefreshTimer.start()  # the reasons and classes change; not rebuilt inside the table's own signal
 
     def onShow3D(self) -> None:
         case = self.selectedCase()

@@ -33,6 +33,15 @@ CASE_NAME_ATTRIBUTE = "PLBOpt.CaseName"
 ROLE_ATTRIBUTE = "PLBOpt.Role"  # marks module-created volumes (confidence maps) that are not cases
 SEGMENTATION_REFERENCE_ROLE = "PLBOptSegmentation"
 BACKGROUND_NAME = "background"
+USE_ATTRIBUTE = "PLBOpt.Use"  # "1"/"0": the user's tick in the case table (saved with the scene)
+DICOM_MODALITY_ATTRIBUTE = "DICOM.Modality"  # vtkMRMLSubjectHierarchyConstants' series modality
+DOSE_VOLUME_ATTRIBUTE = "DicomRtImport.DoseVolume"  # what SlicerRT's DICOM-RT import puts on a dose grid
+# DICOM modalities whose volumes are no images of the anatomy the model segments.
+NON_IMAGE_MODALITIES = {"RTDOSE": "a radiotherapy dose grid", "SEG": "a segmentation", "RTSTRUCT": "structure contours",
+                        "REG": "a registration", "RTIMAGE": "a portal image"}
+# A finest voxel spacing this many times coarser or finer than every labeled case's is another
+# kind of image (PET at 4 mm or a dose grid at 2.5-3 mm next to CTs at 0.6-1 mm), not another patient.
+SPACING_FACTOR = 2.0
 
 
 class Status(str, Enum):
@@ -142,6 +151,110 @@ def find_cases(scene) -> List[SceneCase]:
             status = Status.LABELED if has_segments else Status.UNLABELED
         cases.append(SceneCase(name=unique, volume=volume, segmentation=segmentation, status=status))
     return cases
+
+
+@dataclass(frozen=True)
+class CaseUse:
+    """Whether a case goes into the exported dataset, and why (shown in the case table)."""
+
+    used: bool
+    reason: str  # "" for a case used without remark
+    chosen: bool  # the user ticked or unticked it (else the default below decided)
+
+
+def set_case_use(volume_node, used: Optional[bool]) -> None:
+    """Record the user's tick (saved with the scene); None goes back to the default."""
+    if used is None:
+        volume_node.RemoveAttribute(USE_ATTRIBUTE)
+    else:
+        volume_node.SetAttribute(USE_ATTRIBUTE, "1" if used else "0")
+
+
+def volume_modality(volume_node) -> Optional[str]:
+    """The DICOM modality of a volume (CT, MR, PT, RTDOSE, ...) where Slicer knows it: on the node,
+    or on its series item in the subject hierarchy (the DICOM import puts it there); None for a
+    volume read from NIfTI/NRRD or made in Slicer."""
+    modality = volume_node.GetAttribute(DICOM_MODALITY_ATTRIBUTE)
+    if not modality:
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volume_node.GetScene())
+        item = hierarchy.GetItemByDataNode(volume_node) if hierarchy is not None else 0
+        if item:
+            modality = hierarchy.GetItemAttribute(item, DICOM_MODALITY_ATTRIBUTE)
+    return modality.strip().upper() if modality and modality.strip() else None
+
+
+def _shape_problem(volume_node) -> str:
+    """Why no training could read this volume at all ("" when it can)."""
+    image = volume_node.GetImageData()
+    components = image.GetNumberOfScalarComponents()
+    if components != 1:
+        return f"{components} values per voxel (a colour or vector image); training reads one"
+    if min(image.GetDimensions()) < 2:
+        return "a single slice; training needs 3D volumes"
+    return ""
+
+
+def _default_exclusion(case: SceneCase, labeled: Sequence[SceneCase], modalities: Dict[str, Optional[str]],
+                       spacing_range: Optional[Tuple[float, float]]) -> str:
+    """Why an unlabeled volume should not be a case by default ("" when it should be). Decided
+    from what the scene knows about it (never its voxels): components and shape, DICOM-RT and
+    modality tags, voxel spacing."""
+    if _shape_problem(case.volume):
+        return _shape_problem(case.volume)
+    if case.volume.GetAttribute(DOSE_VOLUME_ATTRIBUTE) == "1":
+        return "a radiotherapy dose grid (DICOM-RT import)"
+    modality = modalities[case.volume.GetID()]
+    if modality in NON_IMAGE_MODALITIES:
+        return f"modality {modality}: {NON_IMAGE_MODALITIES[modality]}"
+    labeled_modalities = sorted({modalities[c.volume.GetID()] for c in labeled} - {None})
+    if modality and labeled_modalities and modality not in labeled_modalities:
+        return f"modality {modality}; the labeled cases are {', '.join(labeled_modalities)}"
+    if spacing_range is not None:
+        finest = min(case.volume.GetSpacing())
+        low, high = spacing_range
+        if finest > high * SPACING_FACTOR or finest < low / SPACING_FACTOR:
+            span = f"{low:.2g}" if abs(high - low) < 1e-6 else f"{low:.2g}-{high:.2g}"
+            return (f"finest voxel spacing {finest:.2g} mm, the labeled cases' {span} mm: another kind of image "
+                    "(PET, dose, a resampled copy)?")
+    return ""
+
+
+def case_uses(cases: Sequence[SceneCase]) -> Dict[str, CaseUse]:
+    """Which cases the export uses, by volume node ID.
+
+    The user's tick wins. Otherwise labeled cases are used (someone drew on them) unless no
+    training could read them (several values per voxel, a single slice), and every other volume
+    is used unless it does not look like the labeled cases: unreadable in the same way, a dose
+    grid or another non-image DICOM modality, a modality other than the labeled cases', or a
+    finest voxel spacing more than SPACING_FACTOR away from theirs. The reason is shown in the
+    case table, so a wrong guess is one click away from fixed. (Whether a volume covers the same
+    region as another is no criterion: datasets resampled to one grid would lose every case but one.)
+    """
+    labeled = [case for case in cases if case.trains_supervised]
+    modalities = {case.volume.GetID(): volume_modality(case.volume) for case in cases}
+    finest = [min(case.volume.GetSpacing()) for case in labeled]
+    spacing_range = (min(finest), max(finest)) if finest else None
+    uses: Dict[str, CaseUse] = {}
+    for case in cases:
+        if case.trains_supervised:
+            reason = _shape_problem(case.volume)
+        else:
+            reason = _default_exclusion(case, labeled, modalities, spacing_range)
+        choice = case.volume.GetAttribute(USE_ATTRIBUTE)
+        if choice == "1":
+            uses[case.volume.GetID()] = CaseUse(True, "ticked by you" + (f" (by default not: {reason})" if reason else ""),
+                                                True)
+        elif choice == "0":
+            uses[case.volume.GetID()] = CaseUse(False, "unticked by you", True)
+        else:
+            uses[case.volume.GetID()] = CaseUse(not reason, reason, False)
+    return uses
+
+
+def used_cases(cases: Sequence[SceneCase]) -> List[SceneCase]:
+    """The cases the dataset export writes (see :func:`case_uses`), in the order given."""
+    uses = case_uses(cases)
+    return [case for case in cases if uses[case.volume.GetID()].used]
 
 
 def find_case(scene, name: str) -> SceneCase:

@@ -267,13 +267,28 @@ class WorkflowLogic:
         """Cases of the scene with their status (see :mod:`PLBOptLib.cases`)."""
         return case_utils.find_cases(self.scene)
 
+    def case_uses(self) -> Dict[str, case_utils.CaseUse]:
+        """Which cases the export uses and why, by volume node ID (see :func:`PLBOptLib.cases.case_uses`)."""
+        return case_utils.case_uses(self.cases())
+
+    def used_cases(self) -> List[SceneCase]:
+        """The cases the next export writes: ticked in the case table, or used by default."""
+        return case_utils.used_cases(self.cases())
+
+    def set_case_use(self, volume_id: str, used: Optional[bool]) -> None:
+        """The user ticked (True) or unticked (False) a case in the table; None: back to the default."""
+        case = self.case_of_volume(volume_id)
+        if case is None:
+            raise PLBOptSlicerError(f"{volume_id}: is not a case of the scene")
+        case_utils.set_case_use(case.volume, used)
+
     def case_of_volume(self, volume_id: str) -> Optional[SceneCase]:
         """The case whose volume has node ID ``volume_id``, None when it is not a case (any more)."""
         return next((case for case in self.cases() if case.volume.GetID() == volume_id), None)
 
     def class_names(self) -> List[str]:
         """Class names the next export would use; raises with the reason when labeled cases disagree."""
-        return case_utils.class_names(self.cases(), self._previous_class_order())
+        return case_utils.class_names(self.used_cases(), self._previous_class_order())
 
     def _previous_class_order(self) -> List[str]:
         previous = self.dataset_dir / "dataset.json"
@@ -283,13 +298,20 @@ class WorkflowLogic:
         return [labels[v] for v in sorted(labels) if v > 0]
 
     def begin_export(self) -> DatasetExport:
-        """An export of the scene's cases to ``WORK/dataset``, validated now and written as it is
-        stepped (see :class:`PLBOptLib.cases.DatasetExport`).
+        """An export of the scene's used cases (ticked in the case table, or used by default: see
+        :func:`PLBOptLib.cases.case_uses`; the others are named in the log) to ``WORK/dataset``,
+        validated now and written as it is stepped (see :class:`PLBOptLib.cases.DatasetExport`).
 
         Classes keep the order of the previous export when the names are the same, so a model
         fine-tuned from an earlier run keeps its output channels.
         """
-        return DatasetExport(self.cases(), self.dataset_dir, preferred_order=self._previous_class_order())
+        cases = self.cases()
+        uses = case_utils.case_uses(cases)
+        for case in cases:
+            if not uses[case.volume.GetID()].used:
+                self.log_callback(f"Not exported: {case.name} ({uses[case.volume.GetID()].reason})")
+        return DatasetExport([case for case in cases if uses[case.volume.GetID()].used], self.dataset_dir,
+                             preferred_order=self._previous_class_order())
 
     def export_dataset(self) -> ExportedDataset:
         """Write the scene's cases to ``WORK/dataset`` in the PLBOptCore dataset format and wait
@@ -520,7 +542,7 @@ class WorkflowLogic:
             raise PLBOptSlicerError(f"{case_name}: has no segmentation to accept")
         case_utils.check_segmentation_geometry(case)
         promoted = SceneCase(case.name, case.volume, case.segmentation, Status.LABELED)
-        others = [c for c in self.cases() if c.trains_supervised and c.name != case.name]
+        others = [c for c in self.used_cases() if c.trains_supervised and c.name != case.name]
         case_utils.class_names(others + [promoted])  # raises if its segment names disagree
         path = self._work() / "corrected" / f"{case.name}.seg.nrrd"
         path.parent.mkdir(parents=True, exist_ok=True)

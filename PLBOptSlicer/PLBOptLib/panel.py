@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Set, Tuple
 
+from . import cases as case_utils
 from .cases import SceneCase
 from .errors import PLBOptSlicerError
 
@@ -22,17 +23,21 @@ class CaseRow:
 
     volume_id: str  # MRML node ID of the case's volume: what a selected row stands for
     case_name: str
-    cells: Tuple[str, str, str, str]  # case, status, segmentation, uncertainty
+    used: bool  # the tick in the first column: whether the export writes this case
+    cells: Tuple[str, str, str, str, str]  # case, status, segmentation, uncertainty, why (not) used
 
 
 def case_rows(logic) -> List[CaseRow]:
     """The case table: the scene's cases, most uncertain pseudo labels first, then the others in
-    name order."""
+    name order; each ticked when the export uses it, with the reason when it does not (or the
+    user overrode the default)."""
     uncertainty = {item.case_name: item.prediction.uncertainty for item in logic.ranked_review()}
     cases = sorted(logic.cases(), key=lambda case: -uncertainty.get(case.name, -1.0))
-    return [CaseRow(case.volume.GetID(), case.name,
+    uses = case_utils.case_uses(cases)
+    return [CaseRow(case.volume.GetID(), case.name, uses[case.volume.GetID()].used,
                     (case.name, case.status.value, case.segmentation.GetName() if case.segmentation else "",
-                     f"{uncertainty[case.name]:.3f}" if case.name in uncertainty else ""))
+                     f"{uncertainty[case.name]:.3f}" if case.name in uncertainty else "",
+                     uses[case.volume.GetID()].reason))
             for case in cases]
 
 
