@@ -51,6 +51,11 @@ class Config:
     # from tissue); None = above the image's minimum, the padding of an MRI or a cropped CT.
     body_threshold: Optional[float] = -500.0
     foreground_oversample: float = 0.67  # share of patches centred on a foreground class
+    # Sparse annotation (an "ignore" label): each training case with ignore voxels also joins the
+    # unlabeled cases (its image; its label unused there), so CPS, refinement, triplet and mutual
+    # correction learn from its unannotated voxels (data.dataset.with_sparse_as_unlabeled, applied
+    # by api.train). Only where the preset uses unlabeled data.
+    sparse_as_unlabeled: bool = False
     augment: bool = True  # random intensity scale/shift, plus the geometric options below
     # Mirroring X swaps patient left and right, so left/right organs (kidneys, adrenals) become
     # ambiguous: off by default. DHC mirrors Y and X ("yx"); any of "zyx" can be chosen.
@@ -313,6 +318,8 @@ GATED_SETTINGS: Dict[str, Tuple[str, ...]] = {
                 "triplet_max_candidates", "lambda_triplet", "triplet_mining", "projection_dim",
                 "triplet_banks", "triplet_confidence"),
     "mutual_correction": ("mc_tau", "lambda_mc", "mc_mode", "mc_reduction", "mc_target"),
+    # a property, not a field: a dual preset with at least one unlabeled term
+    "uses_unlabeled": ("sparse_as_unlabeled",),
 }
 
 

@@ -21,13 +21,19 @@ ignores an old ``training`` list)::
 ``dataset`` (optional, nnU-Net's explicit case list: paths relative to ``root`` or absolute,
 ``$VARS`` expanded) replaces the ``imagesTr`` scan. ``unlabeled`` (optional, PLBOpt's own key,
 ignored by nnU-Net) names a folder of unlabeled images. ``imagesTs`` (with ``labelsTs`` labels
-where present) becomes the test split. Case names drop the ``_0000`` channel suffix; datasets
+where present) becomes the test split; a file there that is not named ``<case>_0000<file_ending>``
+is left out with a warning (nnU-Net never reads ``imagesTs`` for training, so neither is it refused). Case names drop the ``_0000`` channel suffix; datasets
 with several channels are refused.
 
 Sparse annotation (both layouts): a label named ``"ignore"`` marks voxels nobody annotated. As
 nnU-Net v2 requires, it must be the highest label value (``{"background": 0, "spleen": 1,
 "ignore": 2}``); it is no class: ``DatasetSpec.labels`` and ``num_classes`` leave it out and
 ``DatasetSpec.ignore_label`` holds its value.
+
+A sparsely annotated training case's unannotated voxels are exactly what semi-supervision is
+for: :func:`with_sparse_as_unlabeled` (``Config.sparse_as_unlabeled``, applied by ``api.train``)
+also lists the image of every training case whose label holds the ignore label among the
+unlabeled cases, as ``<case>~unannotated`` without its label.
 
 ``load_dataset`` checks the JSON and that files exist; ``validate_dataset`` opens the files
 (header only, or every voxel with ``deep=True``).
@@ -36,7 +42,9 @@ nnU-Net v2 requires, it must be the highest label value (``{"background": 0, "sp
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +59,7 @@ from .io import (CHANNEL_SUFFIX, IMAGE_SUFFIXES, case_name, check_case_name, che
                  image_case_name, image_files, read_header, read_image)
 
 Color = Tuple[int, int, int]
+logger = logging.getLogger(__name__)
 
 # Slicer-like organ colours for the first classes; further classes get evenly spread hues.
 _PALETTE: Tuple[Color, ...] = (
@@ -225,8 +234,12 @@ def _nnunet_path(root: Path, raw: Any, where: Path) -> Path:
     return root / os.path.expandvars(raw)  # an absolute right-hand side replaces root
 
 
-def _nnunet_scan(folder: Path, file_ending: str, where: Path) -> Dict[str, Path]:
-    """``{case: image}`` of an nnU-Net images folder, whose files are ``<case>_0000<file_ending>``."""
+def _nnunet_scan(folder: Path, file_ending: str, where: Path, strict: bool = True) -> Dict[str, Path]:
+    """``{case: image}`` of an nnU-Net images folder, whose files are ``<case>_0000<file_ending>``.
+
+    A file with the ending that is not named so is refused (``strict``, ``imagesTr``), or left
+    out with one warning (``imagesTs``: nnU-Net never reads it for training, and neither does a
+    PLBOpt training)."""
     cases: Dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         name = path.name
@@ -234,13 +247,29 @@ def _nnunet_scan(folder: Path, file_ending: str, where: Path) -> Dict[str, Path]
             continue
         stem = name[: -len(file_ending)]
         match = CHANNEL_SUFFIX.search(stem)
+        problem = None
         if match is None:
-            raise DatasetError(f"{path}: not named <case>_0000{file_ending} as {where.name} (nnU-Net v2) requires")
-        if match.group(1) != "0000":
-            raise DatasetError(f"{path}: channel {int(match.group(1))} of a multi-channel case; "
-                               "PLBOpt trains on single-channel images only")
+            problem = f"not named <case>_0000{file_ending} as {where.name} (nnU-Net v2) requires"
+        elif match.group(1) != "0000":
+            problem = (f"channel {int(match.group(1))} of a multi-channel case; "
+                       "PLBOpt trains on single-channel images only")
+        if problem is not None and strict:
+            raise DatasetError(f"{path}: {problem}")
+        if problem is not None:
+            _warn_once(f"{path}: {problem}; left out of the test cases ({folder.name} is not read for training)")
+            continue
         cases[stem[: match.start()]] = path
     return cases
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning, once per process (``load_dataset`` runs more than once per command)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
 
 
 def _nnunet_v2_splits(root: Path, data: Dict[str, Any], where: Path, check_files: bool) -> Dict[str, List[Case]]:
@@ -270,7 +299,7 @@ def _nnunet_v2_splits(root: Path, data: Dict[str, Any], where: Path, check_files
         unlabeled = folder_cases(_nnunet_path(root, data["unlabeled"], where))
     test: List[Case] = []
     if (root / "imagesTs").is_dir():
-        for name, image in _nnunet_scan(root / "imagesTs", file_ending, where).items():
+        for name, image in _nnunet_scan(root / "imagesTs", file_ending, where, strict=False).items():
             label = root / "labelsTs" / f"{name}{file_ending}"
             test.append(Case(name, image, label if label.is_file() else None))
     return {"training": training, "unlabeled": unlabeled, "validation": [], "test": test}
@@ -381,6 +410,45 @@ def _check_label_values(path: Path, label: sitk.Image, labels: Mapping[int, str]
         allowed = f"0..{len(labels) - 1}" + (f", ignore {ignore}" if ignore is not None else "")
         raise DatasetError(f"{path}: label values [{shown}] are not in dataset.json labels ({allowed})")
     return any(v != 0 and v != ignore for v in values.tolist())
+
+
+# Name suffix of the unlabeled copy of a sparsely annotated training case (with_sparse_as_unlabeled):
+# its own preprocessing cache folder, never mistaken for the labeled case.
+SPARSE_UNLABELED_SUFFIX = "~unannotated"
+
+
+def sparse_training_cases(spec: DatasetSpec) -> List[Case]:
+    """The training cases whose label holds ``spec.ignore_label`` (reads every training label;
+    none without an ignore label)."""
+    if spec.ignore_label is None:
+        return []
+    sparse = []
+    for case in spec.training:
+        assert case.label is not None  # load_dataset refuses a training case without a label
+        label = sitk.GetArrayViewFromImage(read_image(case.label))
+        if (label == spec.ignore_label).any():
+            sparse.append(case)
+    return sparse
+
+
+def with_sparse_as_unlabeled(spec: DatasetSpec) -> DatasetSpec:
+    """A copy of ``spec`` whose ``unlabeled`` cases also hold the image, without its label, of each
+    sparsely annotated training case (:func:`sparse_training_cases`), named ``<case>~unannotated``;
+    the case stays in ``training`` too. Unlabeled patches of those copies are uniform crops of the
+    whole volume, the annotated slices included, whose labels are not used there (CPS, refinement,
+    triplet and mutual correction see only the network's pseudo labels).
+
+    Raises ``DatasetError`` when a copy's name is taken by another case or is no safe file name.
+    """
+    taken = {case.name for split in SPLITS for case in getattr(spec, split)}
+    copies = []
+    for case in sparse_training_cases(spec):
+        name = check_case_name(case.name + SPARSE_UNLABELED_SUFFIX, spec.json_path)
+        if name in taken:
+            raise DatasetError(f"{spec.json_path}: case name {name!r} is taken; it names the unlabeled copy of "
+                               f"the sparsely annotated case {case.name!r} (sparse_as_unlabeled)")
+        copies.append(Case(name, case.image, None))
+    return dataclasses.replace(spec, unlabeled=list(spec.unlabeled) + copies) if copies else spec
 
 
 def _check_image_values(path: Path, image: sitk.Image) -> None:
