@@ -114,11 +114,14 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        # Node additions/removals are observed only while the module is shown (enter/exit): a
-        # table refresh reads the working folder, which nobody needs while the panel is closed.
+        # Node additions/removals and scene imports are observed only while the module is shown
+        # (enter/exit); a burst of them rebuilds the table once, from the scene and from what the
+        # logic read from the working folder before (no disk access per node).
+        self.sceneWatch = panel.SceneWatch(slicer.mrmlScene, lambda: self.sceneRefreshTimer.start(),
+                                           self.onSceneImported)
 
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
-        self.ui.refreshCasesButton.connect("clicked(bool)", self.refreshCaseTable)
+        self.ui.refreshCasesButton.connect("clicked(bool)", self.onRefreshCases)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.startButton.connect("clicked(bool)", self.onStartTraining)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelTraining)
@@ -141,31 +144,20 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Module unloaded: stop polling (a running job keeps running and can be resumed)."""
         self.pollTimer.stop()
         self.sceneRefreshTimer.stop()
+        self.sceneWatch.stop()
         if self._stagedStart is not None:
             self._stagedStart.cancel()
             self._endStagedStart()
         self.removeObservers()
 
-    def onSceneNodesChanged(self, caller, event) -> None:
-        self.sceneRefreshTimer.start()  # restarts while a burst of events lasts
-
-    def _observeSceneNodes(self, observe: bool) -> None:
-        """Volumes and segmentations added or removed anywhere (Data module, DICOM, Segment Editor)
-        change the cases: while the module is shown the table follows without a Refresh click."""
-        handlers = ((slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged),
-                    (slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged),
-                    (slicer.mrmlScene.EndImportEvent, self.onSceneImported))
-        for event, handler in handlers:
-            if observe and not self.hasObserver(slicer.mrmlScene, event, handler):
-                self.addObserver(slicer.mrmlScene, event, handler)
-            elif not observe:
-                self.removeObserver(slicer.mrmlScene, event, handler)
-        if not observe:
-            self.sceneRefreshTimer.stop()
+    def onRefreshCases(self) -> None:
+        self.logic.forget_folder_facts()  # runs or exports made outside this panel show up now
+        self.refreshCaseTable()
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        self._observeSceneNodes(True)
+        self.sceneWatch.start()
+        self.logic.forget_folder_facts()
         self.refreshCaseTable()  # catches up with what changed while the module was closed
         self._reattachRunningTraining()
         self._restoreReview()
@@ -211,20 +203,23 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._predictionJob.cancel()  # nothing would load its output once Slicer is gone
 
     def exit(self) -> None:
-        self._observeSceneNodes(False)
+        self.sceneWatch.stop()
+        self.sceneRefreshTimer.stop()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            # Nothing the panel shows needs updating while it is closed (enter reconnects).
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
         self.logic.review_items.clear()
         self._declinedReviews.clear()  # another scene: its pseudo labels may be offered again
-        self.refreshCaseTable()
+        if self.parent.isEntered:  # a closed module catches up on enter
+            self.initializeParameterNode()
+            self.refreshCaseTable()
 
     def initializeParameterNode(self) -> None:
         parameterNode = self.logic.getParameterNode()
@@ -498,6 +493,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.appendLog(line)
             self.showProgress(self._trainingJob.progress)
             if self._trainingJob.finished:
+                self.logic.forget_folder_facts()  # a checkpoint may now exist for Predict/Retrain/Resume
                 self.onTrainingFinished(self._trainingJob)
                 self._trainingJob = None
         if self._predictionJob is not None:

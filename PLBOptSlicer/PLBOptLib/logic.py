@@ -109,9 +109,11 @@ class StagedStart:
     finished export. The panel calls :meth:`advance` from a timer until it returns True."""
 
     def __init__(self, export: DatasetExport, log: Callable[[str], None],
-                 start: Optional[Callable[[], TrainingJob]] = None):
+                 start: Optional[Callable[[], TrainingJob]] = None,
+                 exported_callback: Callable[[], None] = lambda: None):
         self.export = export
         self.log = log
+        self.exported_callback = exported_callback  # the logic reads the new dataset.json again
         self.start = start
         self.exported: Optional[ExportedDataset] = None
         self.job: Optional[TrainingJob] = None
@@ -130,6 +132,7 @@ class StagedStart:
         if not self.export.step():
             return False
         self.exported = self.export.result()
+        self.exported_callback()
         self.log(export_summary(self.exported))
         if self.start is not None:
             self.job = self.start()
@@ -172,6 +175,10 @@ class WorkflowLogic:
     def __init__(self, scene=None, working_dir: Optional[Path] = None, python: Optional[str] = None,
                  log_callback: Optional[Callable[[str], None]] = None, core_root: Optional[Path] = None):
         self.scene = scene if scene is not None else slicer.mrmlScene
+        # What the case table and the buttons show from the working folder, read once and kept
+        # until forget_folder_facts(): the table is rebuilt on every node added to the scene.
+        self._folder_facts: Dict[str, object] = {}
+        self._working_dir: Optional[Path] = None
         self.working_dir = Path(working_dir) if working_dir else None
         self.python = python
         self.core_root = Path(core_root) if core_root else None  # None: the PLBOptCore shipped with the module
@@ -180,6 +187,27 @@ class WorkflowLogic:
         self.confidence_threshold = review.DEFAULT_CONFIDENCE_THRESHOLD  # overlay is clear from here up
 
     # ---- folders -----------------------------------------------------------------------------
+    @property
+    def working_dir(self) -> Optional[Path]:
+        return self._working_dir
+
+    @working_dir.setter
+    def working_dir(self, folder: Optional[Path]) -> None:
+        folder = Path(folder) if folder else None
+        if folder != self._working_dir:
+            self._folder_facts.clear()
+        self._working_dir = folder
+
+    def forget_folder_facts(self) -> None:
+        """Read the working folder again for the table and buttons: after an export, a job's end,
+        on module entry and on Refresh (a run made outside Slicer shows up then)."""
+        self._folder_facts.clear()
+
+    def _folder_fact(self, key: str, read: Callable[[], object]):
+        if key not in self._folder_facts:
+            self._folder_facts[key] = read()
+        return self._folder_facts[key]
+
     @staticmethod
     def working_folder_from_text(text: str) -> Optional[Path]:
         """The folder a text field names, or None when it is empty: ``Path("")`` would be the
@@ -220,8 +248,10 @@ class WorkflowLogic:
         return None
 
     def has_trained_run(self) -> bool:
-        """Whether Resume, Retrain and Predict have a run to work on."""
-        return self.working_dir is not None and self.latest_run_with_checkpoint() is not None
+        """Whether Resume, Retrain and Predict have a run to work on (for the buttons: read once,
+        until :meth:`forget_folder_facts`; the actions themselves look again)."""
+        return self.working_dir is not None and self._folder_fact(
+            "trained run", lambda: self.latest_run_with_checkpoint() is not None)
 
     def running_trainings(self) -> List[Path]:
         """Run folders whose trainer is running now on this host, oldest first: the run lock names
@@ -291,11 +321,15 @@ class WorkflowLogic:
         return case_utils.class_names(self.used_cases(), self._previous_class_order())
 
     def _previous_class_order(self) -> List[str]:
-        previous = self.dataset_dir / "dataset.json"
-        if not previous.is_file():
-            return []
-        labels, _ = case_utils.read_class_table(previous)
-        return [labels[v] for v in sorted(labels) if v > 0]
+        """Class names of the last export, in their order (read once, until :meth:`forget_folder_facts`)."""
+        def read() -> List[str]:
+            previous = self.dataset_dir / "dataset.json"
+            if not previous.is_file():
+                return []
+            labels, _ = case_utils.read_class_table(previous)
+            return [labels[v] for v in sorted(labels) if v > 0]
+
+        return list(self._folder_fact("class order", read))
 
     def begin_export(self) -> DatasetExport:
         """An export of the scene's used cases (ticked in the case table, or used by default: see
@@ -317,12 +351,13 @@ class WorkflowLogic:
         """Write the scene's cases to ``WORK/dataset`` in the PLBOptCore dataset format and wait
         until it is written (console, tests; the panel uses :meth:`staged_export`)."""
         exported = self.begin_export().run()
+        self.forget_folder_facts()
         self.log_callback(export_summary(exported))
         return exported
 
     def staged_export(self) -> StagedStart:
         """Export the dataset step by step (the panel's Export button)."""
-        return StagedStart(self.begin_export(), self.log_callback)
+        return StagedStart(self.begin_export(), self.log_callback, exported_callback=self.forget_folder_facts)
 
     # ---- training ----------------------------------------------------------------------------
     def job_python(self) -> str:
@@ -359,7 +394,8 @@ class WorkflowLogic:
     def staged_training(self, settings: TrainSettings, init_from: Optional[Path] = None) -> StagedStart:
         """Start as the panel runs it: the export step by step, then the job (see :class:`StagedStart`)."""
         return StagedStart(self.begin_export(), self.log_callback,
-                           start=lambda: self._launch_training(settings, init_from=init_from))
+                           start=lambda: self._launch_training(settings, init_from=init_from),
+                           exported_callback=self.forget_folder_facts)
 
     def staged_retrain(self, settings: TrainSettings) -> StagedStart:
         """Retrain as the panel runs it: the export step by step, then the fine-tuning job."""

@@ -75,6 +75,35 @@ class CaseSelection:
         return case
 
 
+class SceneWatch:
+    """The scene events the panel follows, only while the module is shown (:meth:`start` on
+    enter, :meth:`stop` on exit): volumes and segmentations added or removed anywhere (Data module,
+    DICOM, Segment Editor) change the case table, and a loaded scene may bring pseudo labels back
+    for review. While the module is closed nothing is observed, so loading data elsewhere costs
+    nothing; entering refreshes the table once. The handlers take no arguments."""
+
+    def __init__(self, scene, on_nodes_changed: Callable[[], None], on_scene_imported: Callable[[], None]):
+        self.scene = scene
+        self._handlers = ((scene.NodeAddedEvent, on_nodes_changed), (scene.NodeRemovedEvent, on_nodes_changed),
+                          (scene.EndImportEvent, on_scene_imported))
+        self._tags: List[int] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._tags)
+
+    def start(self) -> None:
+        if self._tags:
+            return  # entered twice: one observer per event, never two
+        self._tags = [self.scene.AddObserver(event, lambda caller, name, handler=handler: handler())
+                      for event, handler in self._handlers]
+
+    def stop(self) -> None:
+        for tag in self._tags:
+            self.scene.RemoveObserver(tag)
+        self._tags = []
+
+
 def accept_selected(logic, selection: CaseSelection) -> Path:
     """Accept the selected case's segmentation as a label (the Accept button)."""
     return logic.accept_as_labeled(selection.require_case(logic).name)

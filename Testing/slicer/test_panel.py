@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import numpy as np
 
@@ -170,3 +171,62 @@ def test_unsaved_data_lists_visible_data_then_a_changed_scene(scene, tmp_path):
     assert panel.unsaved_data(scene) == []
     helper.SetName("renamed")  # only the scene file changed
     assert panel.unsaved_data(scene) == ["the scene (views, layout and node settings)"]
+
+
+def test_the_scene_is_watched_only_while_the_module_is_shown(scene, tmp_path):
+    changed, imported, added = [], [], []
+    scene.AddObserver(scene.NodeAddedEvent, lambda caller, event: added.append(event))  # what Slicer sends
+    watch = panel.SceneWatch(scene, lambda: changed.append("nodes"), lambda: imported.append("scene"))
+    image = np.zeros((4, 5, 6), np.float32)
+    other = add_volume(scene, "loaded while the module is closed", image)
+    assert changed == [] and not watch.active
+
+    watch.start()  # enter
+    watch.start()  # entered again without an exit: still one observer per event
+    added.clear()
+    add_volume(scene, "loaded while it is shown", image)
+    assert len(added) > 0 and changed == ["nodes"] * len(added)
+    scene.RemoveNode(other)
+    assert len(changed) == len(added) + 1
+    saved = tmp_path / "elsewhere"
+    save_to_disk(scene, saved)
+    scene.SetURL(str(saved / "scene.mrml"))
+    assert scene.Import() and imported == ["scene"]
+
+    watch.stop()  # exit
+    before = len(changed)
+    late = add_volume(scene, "loaded after the module was closed", image)
+    scene.RemoveNode(late)
+    assert scene.Import()
+    assert len(changed) == before and imported == ["scene"]
+
+
+def test_a_scene_change_reads_nothing_from_the_working_folder(scene, tmp_path, monkeypatch):
+    """The table is rebuilt after every burst of node additions; what it shows from the working
+    folder (class order of the last export, whether a trained run exists) is read once."""
+    add_phantom(scene, "labeled", seed=0, segment_order=("spleen", "liver"))
+    logic = WorkflowLogic(scene, working_dir=tmp_path, log_callback=lambda line: None)
+    logic.export_dataset()  # class order: spleen, liver
+    make_runs(tmp_path)
+    shown = (panel.case_rows(logic), logic.class_names(), logic.has_trained_run())  # on entry
+
+    reads = []
+
+    def recording(method):
+        def read(path, *args, **kwargs):
+            if str(path).startswith(str(tmp_path)):
+                reads.append((method.__name__, str(path)))
+            return method(path, *args, **kwargs)
+        return read
+
+    for name in ("stat", "open", "iterdir"):
+        monkeypatch.setattr(Path, name, recording(getattr(Path, name)))
+    add_phantom(scene, "another labeled", seed=1, segment_order=("liver", "spleen"))  # a node burst
+    rebuilt = (panel.case_rows(logic), logic.class_names(), logic.has_trained_run())
+    assert reads == []
+    assert rebuilt[1:] == (["spleen", "liver"], True) and len(rebuilt[0]) == len(shown[0]) + 1
+
+    logic.forget_folder_facts()  # Refresh, entry, a job's end: the folder is read again
+    assert logic.has_trained_run() and reads
+    logic.working_dir = tmp_path / "another folder"  # nothing there, and nothing kept from the old one
+    assert not logic.has_trained_run() and logic.class_names() == ["liver", "spleen"]
