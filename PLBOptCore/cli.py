@@ -314,20 +314,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """The message alone; a warning prefixed ``plbopt: warning:``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"plbopt: warning: {text}" if record.levelno >= logging.WARNING else text
+
+
 @contextlib.contextmanager
 def _console_logging() -> Iterator[None]:
-    """Print the library's INFO messages on stdout while a command runs (removed afterwards, so
-    repeated ``main()`` calls in one process do not print twice)."""
+    """Print the library's INFO messages on stdout and its warnings as ``plbopt: warning: ...`` on
+    stderr while a command runs (removed afterwards, so repeated ``main()`` calls in one process do
+    not print twice)."""
     package = logging.getLogger("PLBOptCore")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    info = logging.StreamHandler(sys.stdout)
+    info.addFilter(lambda record: record.levelno < logging.WARNING)
+    warning = logging.StreamHandler(sys.stderr)
+    warning.setLevel(logging.WARNING)
+    for handler in (info, warning):  # one formatter for both: logging_redirect_tqdm keeps the first's
+        handler.setFormatter(_ConsoleFormatter())
     level = package.level
-    package.addHandler(handler)
+    package.addHandler(info)
+    package.addHandler(warning)
     package.setLevel(logging.INFO)
     try:
         yield
     finally:
-        package.removeHandler(handler)
+        package.removeHandler(info)
+        package.removeHandler(warning)
         package.setLevel(level)
 
 

@@ -126,3 +126,28 @@ def test_nnunet_v2_evaluate_simple_accepts_a_predict_folder_and_agrees_on_dice(t
         assert (math.isnan(mean_theirs) and math.isnan(mean_ours)) or mean_theirs == pytest.approx(mean_ours)
     if math.isfinite(theirs["foreground_mean"]["Dice"]):
         assert theirs["foreground_mean"]["Dice"] == pytest.approx(ours["mean"]["dice"])
+
+
+def test_a_stray_file_in_imagests_is_left_out_with_one_warning_and_training_runs(trained, tmp_path, capfd):
+    """nnU-Net never reads imagesTs for training: a file there that is not ``<case>_0000<ending>``
+    (notes saved beside the scans, another channel) costs one warning line each, not the training.
+    The same file in imagesTr still refuses it (test_dataset_layouts)."""
+    root = tmp_path / "Dataset043_Phantom"
+    shutil.copytree(trained[0], root)
+    image = sorted((root / "imagesTs").iterdir())[0]
+    strays = [root / "imagesTs" / "scan notes.nii.gz", root / "imagesTs" / f"{image.name[:-len('_0000.nii.gz')]}_0001.nii.gz"]
+    for stray in strays:
+        shutil.copy(image, stray)
+    (root / "imagesTs" / "README.txt").write_text("not an image: ignored without a word\n")
+    run = tmp_path / "run"
+    capfd.readouterr()
+    assert main(["train", str(root), "-o", str(run), "--cache-dir", str(tmp_path / "cache"), *TINY_TRAIN]) == 0
+    out, err = capfd.readouterr()
+    warnings = [line for line in (out + err).splitlines() if "warning" in line]
+    assert len(warnings) == len(strays), warnings
+    for stray, line in zip(sorted(strays), warnings):
+        assert line.startswith(f"plbopt: warning: {stray}: ") and "left out of the test cases" in line
+    assert "README" not in out + err
+    spec = load_dataset(root)
+    assert sorted(c.image.name for c in spec.test) == sorted(p.name for p in (trained[0] / "imagesTs").iterdir())
+    assert (run / "checkpoints" / "best.pt").is_file()
