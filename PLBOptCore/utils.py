@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -18,6 +19,11 @@ def atomic_write(path: Path) -> Iterator[Path]:
     A crash mid-write leaves at most a ``.tmp-<pid>`` file, never a half-written file under the
     final name. The temporary keeps the final suffixes so that writers choosing a format by
     extension (SimpleITK, numpy) still work.
+
+    A write that fails (:func:`write_failure`: a full disk, a quota, an I/O error, or the
+    cryptic errors torch and ITK give for a short write) raises
+    :class:`~PLBOptCore.errors.OutputError` naming ``path``, after the temporary is removed; the
+    file under the final name, if any, is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,9 +31,49 @@ def atomic_write(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        failure = write_failure(path, exc, also=(tmp,))
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# errno values that mean the storage refused more bytes
+NO_SPACE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EIO") if hasattr(errno, name))
+# What writers raise instead of an OSError when the storage refuses bytes: torch's zip writer
+# ("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598", "PytorchStreamWriter
+# failed writing file ..."), SimpleITK's writers ("... ImageFileWriter_Execute: ... failed to write").
+WRITE_FAILURE_MARKERS = ("unexpected pos", "PytorchStreamWriter failed", "failed writing file", "ImageFileWriter",
+                         "failed to write", "file write failed")
+
+
+def write_failure(path: Path, exc: BaseException, also: tuple = ()) -> Optional[Exception]:
+    """The :class:`~PLBOptCore.errors.OutputError` to raise for ``exc``, raised while writing
+    ``path`` (or one of the files ``also``, its temporaries), or None when ``exc`` is no write
+    failure (it then propagates unchanged). The message is one line: the file, the reason, and
+    "disk full?" when the storage refused bytes."""
+    from .errors import OutputError
+
+    if isinstance(exc, OSError):
+        if exc.filename is not None and Path(exc.filename) not in (Path(path), *map(Path, also)):
+            return None  # about another file (read inside the block): not this write
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        hint = "; disk full?" if exc.errno in NO_SPACE_ERRNOS else ""
+        return OutputError(f"{path}: cannot write ({reason}){hint}")
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in WRITE_FAILURE_MARKERS):
+        return OutputError(f"{path}: the file could not be written completely ({_short(text)}); disk full?")
+    return None
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """The last non-empty line of an error message (ITK's and torch's first lines are locations), shortened."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[-1] if lines else text
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def check_output_folder(folder: Path) -> None:

@@ -405,9 +405,34 @@ def read_header(path: Path) -> Geometry:
 
 
 def write_image(image: sitk.Image, path: Path, compress: bool = True) -> None:
-    """Write ``image`` atomically; the format follows the extension of ``path``."""
-    with atomic_write(Path(path)) as tmp:
+    """Write ``image`` atomically; the format follows the extension of ``path``.
+
+    A write the storage cut short raises :class:`~PLBOptCore.errors.OutputError` naming ``path``
+    ("disk full?") and leaves ``path`` as it was: the NRRD and MetaImage writers raise
+    (:func:`~PLBOptCore.utils.atomic_write` turns that into the error), ITK's NIfTI writer does not
+    (it leaves a 0-byte or short file that reads back as zeros), so a NIfTI file is checked for
+    its full length before it is moved into place.
+    """
+    path = Path(path)
+    with atomic_write(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
+        _check_written(tmp, path)
+
+
+def _check_written(tmp: Path, path: Path) -> None:
+    """Raise ``OutputError`` for ``path`` unless the NIfTI file ``tmp`` holds its whole header and data."""
+    from ..errors import OutputError
+
+    suffix = _image_suffix(path)
+    if suffix not in (".nii", ".nii.gz"):
+        return
+    try:
+        if tmp.stat().st_size == 0:
+            raise DatasetError(f"{tmp}: 0 bytes written")
+        _check_nifti_complete(tmp, compressed=suffix == ".nii.gz")
+    except DatasetError as exc:
+        reason = str(exc).removeprefix(f"{tmp}: ")
+        raise OutputError(f"{path}: the file could not be written completely ({reason}); disk full?") from None
 
 
 def _fmt(values: Sequence[float]) -> str:

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
+from ..utils import write_failure
+
 EVENTS_FILE = "events.jsonl"
 logger = logging.getLogger(__name__)
 EventSink = Callable[[Dict[str, Any]], None]
@@ -36,10 +38,16 @@ class EventWriter:
     def write(self, record_type: str, **fields: Any) -> Dict[str, Any]:
         record = {"type": record_type, "time": round(time.time(), 3), **fields}
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, allow_nan=True) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            try:
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record, allow_nan=True) + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except OSError as exc:  # a full disk: one line naming the file (OutputError), not errno 28
+                failure = write_failure(self.path, exc)
+                if failure is None:
+                    raise
+                raise failure from exc
             logger.log(logging.INFO if record_type in INFO_EVENTS else logging.DEBUG, "%s", describe_event(record))
             for sink in self.sinks:
                 sink(record)
