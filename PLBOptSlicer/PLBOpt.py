@@ -20,8 +20,18 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
-from PLBOptLib import (DEVICES, PRESETS, JobProcess, PLBOptSlicerError, Status, TrainSettings, WorkflowLogic, bundle,
-                       dependencies, panel, selftest)
+try:  # Slicer's translation functions (lupdate finds _() and translate() calls in this file)
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # a Slicer or slicer-core without slicer.i18n: the English text
+    def _(text: str) -> str:
+        return text
+
+    def translate(context: str, text: str) -> str:
+        return text
+
+from PLBOptLib import (DEVICES, DOCUMENTATION_URL, PRESETS, JobProcess, PLBOptSlicerError, Status, TrainSettings,
+                       WorkflowLogic, bundle, dependencies, panel, selftest)
 from PLBOptLib.events import TrainingProgress
 from PLBOptLib.review import DEFAULT_CONFIDENCE_THRESHOLD, OVERLAY_OPACITY
 
@@ -34,30 +44,32 @@ MAX_LOG_CHARACTERS = 256 * 1024  # the log box gets slow beyond this; older line
 class PLBOpt(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "PLBOpt"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("PLBOpt")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["Segmentations", "SegmentEditor"]
         self.parent.contributors = ["PLBOpt contributors"]
-        self.parent.helpText = """
+        self.parent.helpText = _("""
 Semi-supervised 3D CT segmentation with pseudo-label optimisation.
 <ol>
 <li><b>Dependencies</b>: installs torch (through the PyTorch extension) and a few small packages on first use,
 after asking; PLBOptCore itself comes with the extension.</li>
-<li><b>Dataset</b>: volumes in the scene are cases; a volume with a segmentation is labeled. Segment names
+<li><b>Dataset</b>: the ticked volumes of the case table are cases (a PET, dose grid or resampled copy is
+unticked by default, with the reason shown); a volume with a segmentation is labeled. Segment names
 are the classes and must be the same in every labeled case. Export writes the working folder's dataset.</li>
 <li><b>Train</b>: choose a preset and schedule, Start; Cancel keeps a resumable checkpoint, Resume continues.</li>
 <li><b>Review</b>: predicts refined pseudo labels and confidence maps for unlabeled cases, ranked by
 uncertainty; jump to the least confident region.</li>
 <li><b>Correct</b>: edit the pseudo label in Segment Editor, Accept as labeled, then Retrain (fine-tunes).</li>
 </ol>
-Python console: <code>logic = slicer.util.getModuleLogic("PLBOpt")</code>, see the module README.
+Python console: <code>logic = slicer.util.getModuleLogic("PLBOpt")</code>.
 <br>Method: Ji, Ye, Ma, "Pseudo Label Optimization for Semi-Supervised Medical Image Segmentation".
-"""
-        self.parent.acknowledgementText = """
+""") + _('<p>See the <a href="{url}">module documentation</a> for the step-by-step workflow, supported Slicer '
+         'versions and what was tested where.</p>').format(url=DOCUMENTATION_URL)
+        self.parent.acknowledgementText = _("""
 PLBOpt builds on DHC (Wang &amp; Li, "DHC: Dual-debiased Heterogeneous Co-training Framework for
 Class-imbalanced Semi-supervised Medical Image Segmentation", MICCAI 2023). The extension layout follows
 SlicerTotalSegmentator and SlicerMONAIAuto3DSeg; torch comes from the SlicerPyTorch extension.
-"""
+""")
 
 
 @parameterNodeWrapper
@@ -171,13 +183,13 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder), shown as after a prediction in this session: ranked, most uncertain case selected."""
         self._syncLogicWithParameters()
         restored = []
-        with slicer.util.tryWithErrorDisplay("Could not load the pseudo labels.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not load the pseudo labels."), waitCursor=True):
             restored = panel.restore_review(
-                self.logic, lambda question: slicer.util.confirmYesNoDisplay(question, "PLBOpt: pseudo labels found"),
+                self.logic, lambda question: slicer.util.confirmYesNoDisplay(question, _("PLBOpt: pseudo labels found")),
                 self._declinedReviews)
         if not restored:
             return
-        self.appendLog(f"Review of {len(restored)} pseudo labels restored, most uncertain first")
+        self.appendLog(_("Review of {count} pseudo labels restored, most uncertain first").format(count=len(restored)))
         self.refreshCaseTable()
         if self.selection.volume_id is None:
             self.ui.casesTable.selectRow(0)
@@ -188,7 +200,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         runDir = panel.training_to_reattach(self.logic, self._trainingJob)
         if runDir is None:
             return
-        with slicer.util.tryWithErrorDisplay("Could not follow the running training."):
+        with slicer.util.tryWithErrorDisplay(_("Could not follow the running training.")):
             self._trainingJob = self.logic.reattach_training(runDir)
             self.showProgress(self._trainingJob.progress)
             self.pollTimer.start()
@@ -197,7 +209,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAboutToQuit(self) -> None:
         """Slicer closes: ask whether to stop a running training (it would outlive Slicer)."""
         question = panel.exit_question(self._trainingJob)
-        if question and slicer.util.confirmYesNoDisplay(question, "PLBOpt: training is running"):
+        if question and slicer.util.confirmYesNoDisplay(question, _("PLBOpt: training is running")):
             self._trainingJob.cancel()
         if self._predictionJob is not None and self._predictionJob.process.running:
             self._predictionJob.cancel()  # nothing would load its output once Slicer is gone
@@ -294,7 +306,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     if column == 0:  # the tick: whether the export uses this volume as a case
                         item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
                         item.setCheckState(qt.Qt.Checked if row.used else qt.Qt.Unchecked)
-                        item.setToolTip(row.cells[-1] or "Used for training; untick to leave it out")
+                        item.setToolTip(row.cells[-1] or _("Used for training; untick to leave it out"))
                     table.setItem(index, column, item)
             selectedRow = self.selection.row_in(rows)
             if selectedRow is None:
@@ -306,7 +318,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.resizeColumnsToContents()
         try:
             names = self.logic.class_names()
-            self.ui.classesLabel.text = "Classes: " + ", ".join(names)
+            self.ui.classesLabel.text = _("Classes: {names}").format(names=", ".join(names))
         except PLBOptSlicerError as error:
             self.ui.classesLabel.text = str(error)
         self.updateButtons()
@@ -320,30 +332,31 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- dependencies ------------------------------------------------------------------------
     def onCheckDependencies(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Dependency check failed."):
+        with slicer.util.tryWithErrorDisplay(_("Dependency check failed.")):
             self.ensureDependencies(askToInstall=True)
 
     def ensureDependencies(self, askToInstall: bool) -> bool:
         """True when jobs can start. Asks once, listing every package, before installing anything;
         offers a restart when an installed package replaced one Slicer had already loaded."""
         status = dependencies.check_dependencies()
-        self.ui.dependencyStatusLabel.text = f"{status.summary()}; PLBOptCore: bundled"
+        self.ui.dependencyStatusLabel.text = _("{summary}; PLBOptCore: bundled").format(summary=status.summary())
         if not status.ready:
             if not askToInstall:
                 return False
             coreDir = bundle.core_root() / bundle.CORE_PACKAGE
-            if not slicer.util.confirmOkCancelDisplay(status.install_description(coreDir), "PLBOpt: install packages"):
+            if not slicer.util.confirmOkCancelDisplay(status.install_description(coreDir), _("PLBOpt: install packages")):
                 return False
             restartReasons = self.logic.install_dependencies(status)
             status = dependencies.check_dependencies()
-            self.ui.dependencyStatusLabel.text = f"{status.summary()}; PLBOptCore: bundled"
+            self.ui.dependencyStatusLabel.text = _("{summary}; PLBOptCore: bundled").format(summary=status.summary())
             if restartReasons and self._restartSlicer(restartReasons):
                 return False
             if not status.ready:
-                raise PLBOptSlicerError("installation finished but packages are still missing: " + status.summary())
+                raise PLBOptSlicerError(_("installation finished but packages are still missing: {summary}").format(
+                    summary=status.summary()))
         if not self._devicePrompted and self._probeJob is None:
             # Importing torch takes seconds: ask a child in the background, the panel stays usable.
-            self.ui.deviceStatusLabel.text = "Checking which device training will use…"
+            self.ui.deviceStatusLabel.text = _("Checking which device training will use…")
             self._probeJob = JobProcess(dependencies.torch_probe_command(self.logic.job_python()),
                                         environment=self.logic.job_environment()).start()
             self.pollTimer.start()
@@ -355,7 +368,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         while True:
             question = panel.restart_question(slicer.mrmlScene, reasons)
             box = qt.QMessageBox(slicer.util.mainWindow())
-            box.setWindowTitle("PLBOpt: restart recommended")
+            box.setWindowTitle(_("PLBOpt: restart recommended"))
             box.setIcon(qt.QMessageBox.Question)
             box.setText(question.text)
             buttons = [(box.addButton(text, qt.QMessageBox.ActionRole), choice) for choice, text in question.choices]
@@ -368,7 +381,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.restart()
                 return True
             if step == panel.RestartStep.STAY:
-                self.appendLog("Slicer not restarted: the new packages are used after its next restart")
+                self.appendLog(_("Slicer not restarted: the new packages are used after its next restart"))
                 return False
 
     def _pollProbe(self) -> None:
@@ -391,7 +404,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExport(self) -> None:
         self._syncLogicWithParameters()
-        self._beginStagedStart(self._validated("Dataset export failed.", self.logic.staged_export))
+        self._beginStagedStart(self._validated(_("Dataset export failed."), self.logic.staged_export))
 
     @staticmethod
     def _validated(failure: str, makeStaged):
@@ -429,7 +442,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._endStagedStart()
             self.ui.progressLabel.text = str(error)
             if not staged.export.cancelled:
-                slicer.util.errorDisplay(f"Could not export the dataset: {error}")
+                slicer.util.errorDisplay(_("Could not export the dataset: {error}").format(error=error))
             self.refreshCaseTable()
             return
         self.ui.progressBar.setValue(int(round(1000 * staged.fraction)))
@@ -452,10 +465,10 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         StagedStart (validating the cases, which raises with the reason)."""
         self._syncLogicWithParameters()
         ready = False
-        with slicer.util.tryWithErrorDisplay("Could not start training."):
+        with slicer.util.tryWithErrorDisplay(_("Could not start training.")):
             ready = self.ensureDependencies(askToInstall=True)  # may ask: no wait cursor over its dialogs
         if ready:
-            self._beginStagedStart(self._validated("Could not start training.", staged))
+            self._beginStagedStart(self._validated(_("Could not start training."), staged))
 
     def onStartTraining(self) -> None:
         self._startTraining(lambda: self.logic.staged_training(self.trainSettings()))
@@ -465,7 +478,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onResumeTraining(self) -> None:
         self._syncLogicWithParameters()
-        with slicer.util.tryWithErrorDisplay("Could not resume training."):
+        with slicer.util.tryWithErrorDisplay(_("Could not resume training.")):
             if not self.ensureDependencies(askToInstall=True):
                 return
             self._trainingStarted(self.logic.resume_training(self.trainSettings()))
@@ -473,17 +486,17 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancelTraining(self) -> None:
         if self._stagedStart is not None:
-            self.appendLog("Cancelling the dataset export; no training is started")
+            self.appendLog(_("Cancelling the dataset export; no training is started"))
             self._stagedStart.cancel()
             self.updateButtons()
         elif self._trainingJob is not None:
-            self.appendLog("Cancelling: the trainer saves a checkpoint at the end of the current step…")
+            self.appendLog(_("Cancelling: the trainer saves a checkpoint at the end of the current step…"))
             self._trainingJob.cancel()
             self.updateButtons()
 
     def onCancelPrediction(self) -> None:
         if self._predictionJob is not None:
-            self.appendLog("Cancelling the prediction…")
+            self.appendLog(_("Cancelling the prediction…"))
             self._predictionJob.cancel()
             self.updateButtons()
 
@@ -518,25 +531,25 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---- review ------------------------------------------------------------------------------
     def onPredict(self) -> None:
         self._syncLogicWithParameters()
-        with slicer.util.tryWithErrorDisplay("Could not start prediction."):
+        with slicer.util.tryWithErrorDisplay(_("Could not start prediction.")):
             if not self.ensureDependencies(askToInstall=True):
                 return
             self._predictionJob = self.logic.start_prediction()
-            self.ui.progressLabel.text = "Predicting pseudo labels for the unlabeled cases…"
+            self.ui.progressLabel.text = _("Predicting pseudo labels for the unlabeled cases…")
             self.pollTimer.start()
         self.updateButtons()
 
     def onPredictionFinished(self, job) -> None:
         if job.process.cancel_requested:
-            self.ui.progressLabel.text = "Prediction cancelled"
+            self.ui.progressLabel.text = _("Prediction cancelled")
             return
         if job.process.returncode != 0:
-            slicer.util.errorDisplay(f"Prediction failed: {job.process.failure_message()}",
+            slicer.util.errorDisplay(_("Prediction failed: {reason}").format(reason=job.process.failure_message()),
                                      detailedText="\n".join(job.process.output))
             return
-        with slicer.util.tryWithErrorDisplay("Could not load the pseudo labels.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not load the pseudo labels."), waitCursor=True):
             ranked = self.logic.load_predictions(job.run_dir, job.out_dir)
-            self.ui.progressLabel.text = f"{len(ranked)} pseudo labels loaded, most uncertain first"
+            self.ui.progressLabel.text = _("{count} pseudo labels loaded, most uncertain first").format(count=len(ranked))
             self.refreshCaseTable()
             if ranked:
                 self.ui.casesTable.selectRow(0)
@@ -557,25 +570,25 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The user ticked or unticked a case (rebuilding the table blocks this signal)."""
         if item.column() != 0:
             return
-        with slicer.util.tryWithErrorDisplay("Could not change which cases are used."):
+        with slicer.util.tryWithErrorDisplay(_("Could not change which cases are used.")):
             self.logic.set_case_use(item.data(qt.Qt.UserRole), item.checkState() == qt.Qt.Checked)
         self.sceneRefreshTimer.start()  # the reasons and classes change; not rebuilt inside the table's own signal
 
     def onShow3D(self) -> None:
         case = self.selectedCase()
-        with slicer.util.tryWithErrorDisplay("Could not show the segmentation in 3D.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not show the segmentation in 3D."), waitCursor=True):
             self.logic.show_in_3d(case.name)
             slicer.app.layoutManager().threeDWidget(0).threeDView().resetFocalPoint()
 
     def onJumpToLeastConfident(self) -> None:
         case = self.selectedCase()
-        with slicer.util.tryWithErrorDisplay("Could not jump to the least confident region."):
+        with slicer.util.tryWithErrorDisplay(_("Could not jump to the least confident region.")):
             self.logic.jump_to_least_confident(case.name)
 
     # ---- correction --------------------------------------------------------------------------
     def onEditInSegmentEditor(self) -> None:
         case = self.selectedCase()
-        with slicer.util.tryWithErrorDisplay("Could not open Segment Editor."):
+        with slicer.util.tryWithErrorDisplay(_("Could not open Segment Editor.")):
             segmentation = self.logic.begin_correction(case.name)
             slicer.util.selectModule("SegmentEditor")
             editor = slicer.modules.SegmentEditorWidget.editor
@@ -584,7 +597,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshCaseTable()
 
     def onAcceptAsLabeled(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Could not accept the segmentation.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not accept the segmentation."), waitCursor=True):
             panel.accept_selected(self.logic, self.selection)
         self.refreshCaseTable()
 

@@ -28,6 +28,12 @@ import slicer
 from . import imageio
 from .errors import PLBOptSlicerError
 
+try:  # Slicer's translation function for what the case table shows; no Qt import
+    from slicer.i18n import tr as _
+except ImportError:  # slicer-core (headless tests) or a Slicer without slicer.i18n: the English text
+    def _(text: str) -> str:
+        return text
+
 STATUS_ATTRIBUTE = "PLBOpt.Status"
 CASE_NAME_ATTRIBUTE = "PLBOpt.CaseName"
 ROLE_ATTRIBUTE = "PLBOpt.Role"  # marks module-created volumes (confidence maps) that are not cases
@@ -37,8 +43,8 @@ USE_ATTRIBUTE = "PLBOpt.Use"  # "1"/"0": the user's tick in the case table (save
 DICOM_MODALITY_ATTRIBUTE = "DICOM.Modality"  # vtkMRMLSubjectHierarchyConstants' series modality
 DOSE_VOLUME_ATTRIBUTE = "DicomRtImport.DoseVolume"  # what SlicerRT's DICOM-RT import puts on a dose grid
 # DICOM modalities whose volumes are no images of the anatomy the model segments.
-NON_IMAGE_MODALITIES = {"RTDOSE": "a radiotherapy dose grid", "SEG": "a segmentation", "RTSTRUCT": "structure contours",
-                        "REG": "a registration", "RTIMAGE": "a portal image"}
+NON_IMAGE_MODALITIES = {"RTDOSE": _("a radiotherapy dose grid"), "SEG": _("a segmentation"),
+                        "RTSTRUCT": _("structure contours"), "REG": _("a registration"), "RTIMAGE": _("a portal image")}
 # A finest voxel spacing this many times coarser or finer than every labeled case's is another
 # kind of image (PET at 4 mm or a dose grid at 2.5-3 mm next to CTs at 0.6-1 mm), not another patient.
 SPACING_FACTOR = 2.0
@@ -188,9 +194,9 @@ def _shape_problem(volume_node) -> str:
     image = volume_node.GetImageData()
     components = image.GetNumberOfScalarComponents()
     if components != 1:
-        return f"{components} values per voxel (a colour or vector image); training reads one"
+        return _("{count} values per voxel (a colour or vector image); training reads one").format(count=components)
     if min(image.GetDimensions()) < 2:
-        return "a single slice; training needs 3D volumes"
+        return _("a single slice; training needs 3D volumes")
     return ""
 
 
@@ -202,20 +208,21 @@ def _default_exclusion(case: SceneCase, labeled: Sequence[SceneCase], modalities
     if _shape_problem(case.volume):
         return _shape_problem(case.volume)
     if case.volume.GetAttribute(DOSE_VOLUME_ATTRIBUTE) == "1":
-        return "a radiotherapy dose grid (DICOM-RT import)"
+        return _("a radiotherapy dose grid (DICOM-RT import)")
     modality = modalities[case.volume.GetID()]
     if modality in NON_IMAGE_MODALITIES:
-        return f"modality {modality}: {NON_IMAGE_MODALITIES[modality]}"
+        return _("modality {modality}: {what}").format(modality=modality, what=NON_IMAGE_MODALITIES[modality])
     labeled_modalities = sorted({modalities[c.volume.GetID()] for c in labeled} - {None})
     if modality and labeled_modalities and modality not in labeled_modalities:
-        return f"modality {modality}; the labeled cases are {', '.join(labeled_modalities)}"
+        return _("modality {modality}; the labeled cases are {labeled}").format(modality=modality,
+                                                                                 labeled=", ".join(labeled_modalities))
     if spacing_range is not None:
         finest = min(case.volume.GetSpacing())
         low, high = spacing_range
         if finest > high * SPACING_FACTOR or finest < low / SPACING_FACTOR:
             span = f"{low:.2g}" if abs(high - low) < 1e-6 else f"{low:.2g}-{high:.2g}"
-            return (f"finest voxel spacing {finest:.2g} mm, the labeled cases' {span} mm: another kind of image "
-                    "(PET, dose, a resampled copy)?")
+            return _("finest voxel spacing {spacing} mm, the labeled cases' {labeled} mm: another kind of image "
+                     "(PET, dose, a resampled copy)?").format(spacing=f"{finest:.2g}", labeled=span)
     return ""
 
 
@@ -242,10 +249,10 @@ def case_uses(cases: Sequence[SceneCase]) -> Dict[str, CaseUse]:
             reason = _default_exclusion(case, labeled, modalities, spacing_range)
         choice = case.volume.GetAttribute(USE_ATTRIBUTE)
         if choice == "1":
-            uses[case.volume.GetID()] = CaseUse(True, "ticked by you" + (f" (by default not: {reason})" if reason else ""),
-                                                True)
+            text = _("ticked by you (by default not: {reason})").format(reason=reason) if reason else _("ticked by you")
+            uses[case.volume.GetID()] = CaseUse(True, text, True)
         elif choice == "0":
-            uses[case.volume.GetID()] = CaseUse(False, "unticked by you", True)
+            uses[case.volume.GetID()] = CaseUse(False, _("unticked by you"), True)
         else:
             uses[case.volume.GetID()] = CaseUse(not reason, reason, False)
     return uses
@@ -450,7 +457,8 @@ class DatasetExport:
 
     @property
     def progress_text(self) -> str:
-        return f"Exporting the dataset: {self.written_count}/{self.total} cases written"
+        return _("Exporting the dataset: {written}/{total} cases written").format(written=self.written_count,
+                                                                                  total=self.total)
 
     @property
     def fraction(self) -> float:

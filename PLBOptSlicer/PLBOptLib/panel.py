@@ -17,6 +17,12 @@ from .cases import SceneCase
 from .errors import PLBOptSlicerError
 
 
+try:  # Slicer's translation function; its context is this file ("PLBOptLib.panel"); no Qt import
+    from slicer.i18n import tr as _
+except ImportError:  # slicer-core (headless tests) or a Slicer without slicer.i18n: the English text
+    def _(text: str) -> str:
+        return text
+
 @dataclass(frozen=True)
 class CaseRow:
     """One row of the case table."""
@@ -71,7 +77,7 @@ class CaseSelection:
     def require_case(self, logic) -> SceneCase:
         case = self.case(logic)
         if case is None:
-            raise PLBOptSlicerError("select a case in the table first")
+            raise PLBOptSlicerError(_("select a case in the table first"))
         return case
 
 
@@ -115,13 +121,14 @@ def training_finished_message(job) -> Tuple[str, str]:
     stopped before its first checkpoint leaves nothing to resume."""
     progress = job.progress
     if progress.status == "completed":
-        return "info", f"Training completed: {job.run_dir}"
+        return "info", _("Training completed: {run}").format(run=job.run_dir)
     if progress.status == "interrupted":
         if Path(job.checkpoint).is_file():
-            return "info", f"Training stopped; checkpoint kept for Resume: {job.checkpoint}"
-        return "info", (f"Training stopped before its first checkpoint; {job.run_dir.name} has nothing to resume "
-                        "(Resume, Retrain and Predict use the latest run with a checkpoint)")
-    return "error", f"Training failed: {progress.message}"
+            return "info", _("Training stopped; checkpoint kept for Resume: {checkpoint}").format(
+                checkpoint=job.checkpoint)
+        return "info", _("Training stopped before its first checkpoint; {run} has nothing to resume "
+                         "(Resume, Retrain and Predict use the latest run with a checkpoint)").format(run=job.run_dir.name)
+    return "error", _("Training failed: {reason}").format(reason=progress.message)
 
 
 def training_to_reattach(logic, current_job) -> Optional[Path]:
@@ -138,18 +145,19 @@ def exit_question(training_job) -> Optional[str]:
     Yes stops it; No leaves it running, to be found again when the module is next opened."""
     if training_job is None or not training_job.process.running or training_job.process.cancel_requested:
         return None
-    return (f"A training is running in {training_job.run_dir}.\n\n"
-            "Stop it now? It saves a checkpoint at the end of the current step, for Resume.\n\n"
-            "No: it keeps running (and keeps its GPU and run folder) after Slicer closes; open the PLBOpt "
-            "module again with the same working folder to follow or cancel it.")
+    return _("A training is running in {run}.\n\n"
+             "Stop it now? It saves a checkpoint at the end of the current step, for Resume.\n\n"
+             "No: it keeps running (and keeps its GPU and run folder) after Slicer closes; open the PLBOpt "
+             "module again with the same working folder to follow or cancel it.").format(run=training_job.run_dir)
 
 
 def pending_review_question(pending) -> str:
     """What the panel asks before loading pseudo labels that are on disk but not in the scene."""
     names = pending.case_names
-    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    return (f"{pending.out_dir} holds pseudo labels of {pending.run_dir.name} for {len(names)} case(s) of the scene "
-            f"that have none: {shown}.\n\nLoad them for review (most uncertain first)?")
+    shown = ", ".join(names[:8]) + (_(" and {count} more").format(count=len(names) - 8) if len(names) > 8 else "")
+    return _("{folder} holds pseudo labels of {run} for {count} case(s) of the scene that have none: {cases}.\n\n"
+             "Load them for review (most uncertain first)?").format(folder=pending.out_dir, run=pending.run_dir.name,
+                                                                    count=len(names), cases=shown)
 
 
 def restore_review(logic, confirm: Callable[[str], bool], declined: Set[Path]) -> list:
@@ -213,7 +221,7 @@ def unsaved_data(scene) -> List[str]:
             if not node.GetHideFromEditors():
                 names.append(node.GetName() or node.GetID())
     if not names and scene.GetModifiedSinceRead():
-        names.append("the scene (views, layout and node settings)")
+        names.append(_("the scene (views, layout and node settings)"))
     return names
 
 
@@ -221,20 +229,20 @@ def restart_question(scene, reasons: Sequence[str]) -> RestartQuestion:
     """What to ask before ``slicer.util.restart()`` after an install replaced packages Slicer had
     loaded: a restart closes the scene without Slicer's own save question, so unsaved Segment
     Editor work would be lost. With unsaved data: Save / Restart without saving / Cancel."""
-    why = ("Slicer has older versions of these packages loaded; restart to use the new ones:\n"
-           + "\n".join(reasons))
+    why = _("Slicer has older versions of these packages loaded; restart to use the new ones:\n{packages}").format(
+        packages="\n".join(reasons))
     unsaved = tuple(unsaved_data(scene))
     if not unsaved:
-        return RestartQuestion(why + "\n\nRestart Slicer now?",
-                               ((RestartChoice.RESTART, "Restart now"), (RestartChoice.CANCEL, "Not now")), ())
+        return RestartQuestion(why + "\n\n" + _("Restart Slicer now?"),
+                               ((RestartChoice.RESTART, _("Restart now")), (RestartChoice.CANCEL, _("Not now"))), ())
     listed = "\n".join(f"  - {name}" for name in unsaved[:MAX_UNSAVED_LISTED])
     if len(unsaved) > MAX_UNSAVED_LISTED:
-        listed += f"\n  and {len(unsaved) - MAX_UNSAVED_LISTED} more"
+        listed += "\n  " + _("and {count} more").format(count=len(unsaved) - MAX_UNSAVED_LISTED)
     return RestartQuestion(
-        f"{why}\n\nThese data are not saved and a restart discards them:\n{listed}\n\n"
-        "Save them first?",
-        ((RestartChoice.SAVE, "Save…"), (RestartChoice.RESTART, "Restart without saving"),
-         (RestartChoice.CANCEL, "Cancel")), unsaved)
+        why + "\n\n" + _("These data are not saved and a restart discards them:\n{names}\n\nSave them first?").format(
+            names=listed),
+        ((RestartChoice.SAVE, _("Save…")), (RestartChoice.RESTART, _("Restart without saving")),
+         (RestartChoice.CANCEL, _("Cancel"))), unsaved)
 
 
 def after_restart_choice(choice: RestartChoice, saved: Optional[bool] = None,

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import pytest
+
 from conftest import MODULE_DIR
 
 OLDEST_SUPPORTED = (5, 6)
@@ -206,3 +208,24 @@ def test_guarded_calls_pass_the_scan():
         except AttributeError:
             pass
         """) == []
+
+
+OLDEST_PYTHON = (3, 9)  # the Python of the oldest supported Slicer (5.6)
+
+
+def test_module_files_parse_with_the_oldest_supported_python_grammar():
+    """Syntax newer than Slicer 5.6's Python (``match``, parenthesised context managers, ``except*``)
+    would stop the module from loading there; the headless tests run a newer Python."""
+    problems = []
+    for path in module_files():
+        try:
+            ast.parse(path.read_text(), filename=str(path), feature_version=OLDEST_PYTHON)
+        except SyntaxError as error:
+            problems.append(f"{path.relative_to(MODULE_DIR)}:{error.lineno}: {error.msg}")
+    assert problems == []
+    try:
+        ast.parse("match x:\n    case 1:\n        pass\n", feature_version=OLDEST_PYTHON)
+    except SyntaxError:
+        pass
+    else:
+        pytest.fail("the grammar check lets a match statement through")
