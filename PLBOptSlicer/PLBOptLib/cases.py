@@ -401,7 +401,7 @@ class _CaseSnapshot:
     name: str
     folder: str  # imagesTr or imagesUn
     image: np.ndarray  # (K, J, I), a copy: the node may change or leave the scene meanwhile
-    label: Optional[np.ndarray]  # class-index label map for labelsTr, None for an unlabeled case
+    label: Optional[np.ndarray]  # class-index label map for labelsTr (ignore outside annotated slices), or None
     grid: imageio.Geometry
 
 
@@ -430,6 +430,10 @@ class DatasetExport:
         self.cases = list(cases)
         self.class_names = class_names(self.cases, preferred_order)
         self.labeled = [case for case in self.cases if case.trains_supervised]
+        from . import sparse  # (sparse imports this module)
+
+        sparse.check_class_names(self.class_names)
+        self.ignore = sparse.export_ignore_value(self.labeled, self.class_names)  # None: all fully annotated
         self.unlabeled = [case for case in self.cases if not case.trains_supervised]
         for case in self.labeled:
             check_segmentation_geometry(case)
@@ -483,7 +487,14 @@ class DatasetExport:
         grid = imageio.volume_geometry(case.volume)
         image = np.array(slicer.util.arrayFromVolume(case.volume), copy=True)
         if case.trains_supervised:
-            return _CaseSnapshot(case.name, "imagesTr", image, label_array(case, self.class_names), grid)
+            from . import sparse
+
+            marked = sparse.annotated_slices(case.volume)
+            if marked is None:
+                return _CaseSnapshot(case.name, "imagesTr", image, label_array(case, self.class_names), grid)
+            # a sparse case's image goes where Predict reads, so its pseudo label can complete it
+            label = sparse.with_ignore(label_array(case, self.class_names), marked, self.ignore)
+            return _CaseSnapshot(case.name, "imagesUn", image, label, grid)
         return _CaseSnapshot(case.name, "imagesUn", image, None, grid)
 
     def _write_all(self) -> None:
@@ -508,9 +519,11 @@ class DatasetExport:
             if self.cancelled:
                 return
             names = self.class_names
+            from . import sparse
+
             _write_json(self.out_dir / "dataset.json", {
                 "name": self.dataset_name,
-                "labels": {"0": BACKGROUND_NAME, **{str(i + 1): n for i, n in enumerate(names)}},
+                "labels": sparse.dataset_labels(names, self.ignore),
                 "colors": {str(i + 1): list(self.colors[n]) for i, n in enumerate(names)},
                 "training": training,
                 "unlabeled": unlabeled,
@@ -557,7 +570,10 @@ def export_dataset(cases: Sequence[SceneCase], out_dir: Path, preferred_order: S
     and wait until it is written (see :class:`DatasetExport`, which the panel drives step by step).
 
     Labeled cases go to imagesTr/labelsTr; unlabeled, pseudo-labeled and not yet accepted
-    corrected cases go to imagesUn (their labels are not trusted). Images keep their exact grid
+    corrected cases go to imagesUn (their labels are not trusted). A sparsely annotated case
+    (:mod:`PLBOptLib.sparse`) goes to imagesUn/labelsTr, listed under training: its label holds
+    the ``ignore`` label (after the highest class, named in dataset.json) outside its annotated
+    slices, and Predict, which reads imagesUn, completes it. Images keep their exact grid
     (origin, spacing, direction) as NIfTI. Everything is validated before anything is written, and
     the image folders are rewritten so cases removed from the scene do not linger.
     """
@@ -565,11 +581,14 @@ def export_dataset(cases: Sequence[SceneCase], out_dir: Path, preferred_order: S
 
 
 def read_class_table(dataset_json: Path) -> Tuple[Dict[int, str], Dict[int, Tuple[int, int, int]]]:
-    """Class names and 0-255 colours by label value from a dataset.json (a run folder keeps a copy)."""
+    """Class names and 0-255 colours by label value from a dataset.json (a run folder keeps a copy);
+    the ``ignore`` label of a sparse dataset is no class and left out."""
+    from . import sparse
+
     path = Path(dataset_json)
     try:
         data = json.loads(path.read_text())
-        labels = {int(k): str(v) for k, v in data["labels"].items()}
+        labels = sparse.without_ignore({int(k): str(v) for k, v in data["labels"].items()})
     except (OSError, ValueError, KeyError, AttributeError) as error:
         raise PLBOptSlicerError(f"{path}: cannot read class names ({error})") from error
     colors = {int(k): tuple(int(c) for c in v[:3]) for k, v in (data.get("colors") or {}).items()}

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 
 import slicer
 
-from . import bundle, review
+from . import bundle, review, sparse
 from . import cases as case_utils
 from .cases import DatasetExport, ExportedDataset, SceneCase, Status
 from .errors import PLBOptSlicerError
@@ -449,21 +449,35 @@ class WorkflowLogic:
         return them most uncertain first.
 
         Cases being corrected or already labeled are left alone so edits are never overwritten;
-        an earlier pseudo label of the same case is replaced.
+        an earlier pseudo label of the same case is replaced. A sparsely annotated labeled case whose
+        segmentation is still the user's is completed: its pseudo label keeps the user's annotated
+        slices (see :func:`PLBOptLib.sparse.complete_with_prediction`) and the case stays labeled.
         """
         labels, colors = case_utils.read_class_table(Path(run_dir) / "dataset.json")
+        class_order = [labels[value] for value in sorted(labels) if value > 0]
         loaded = []
         for case in self.cases():
             label_path = Path(out_dir) / f"{case.name}.nii.gz"
-            if not label_path.is_file() or case.status in (Status.LABELED, Status.CORRECTED):
+            completes = sparse.completes_with_prediction(case)
+            if not label_path.is_file() or (case.status in (Status.LABELED, Status.CORRECTED) and not completes):
                 continue
             if case_names is not None and case.name not in case_names:
                 continue
+            annotated = sparse.user_label(case, class_order) if completes else None
             previous = self._pseudo_label_nodes(case)  # replaced only once the new one has loaded
             prediction = review.load_prediction(case.volume, label_path, Path(out_dir) / "confidence" / f"{case.name}.nii.gz",
                                                 labels, colors, threshold=self.confidence_threshold)
+            if completes:
+                try:
+                    prediction = sparse.complete_with_prediction(case, annotated, prediction, class_order)
+                except BaseException:
+                    review.remove_nodes(self.scene, [prediction.segmentation, prediction.confidence])
+                    raise
+                if case.segmentation.GetDisplayNode() is not None:  # the user's own stays in the scene, hidden
+                    case.segmentation.GetDisplayNode().SetVisibility(False)
             review.remove_nodes(self.scene, previous)
-            case_utils.set_case_segmentation(case.volume, prediction.segmentation, Status.PSEUDO_LABELED)
+            case_utils.set_case_segmentation(case.volume, prediction.segmentation,
+                                             Status.LABELED if completes else Status.PSEUDO_LABELED)
             self.review_items[case.name] = ReviewItem(case.name, prediction)
             loaded.append(case.name)
         self.log_callback(f"Loaded pseudo labels of {len(loaded)} cases from {out_dir}")
@@ -477,7 +491,7 @@ class WorkflowLogic:
         restored, most uncertain first."""
         restored = []
         for case in self.cases():
-            if case.name in self.review_items or case.status not in (Status.PSEUDO_LABELED, Status.CORRECTED):
+            if case.name in self.review_items or not sparse.can_accept(case):  # (a completed sparse case too)
                 continue
             prediction = review.prediction_in_scene(case.volume, case.segmentation)
             if prediction is not None:
@@ -572,6 +586,7 @@ class WorkflowLogic:
         """Promote a (corrected) pseudo label to a training label: saved as ``WORK/corrected/<case>.seg.nrrd``.
 
         Its segment names must match the labeled cases' classes; the next export puts it in labelsTr.
+        The case is then fully annotated (a sparse case's marking of annotated slices is removed).
         """
         case = case_utils.find_case(self.scene, case_name)
         if case.segmentation is None:
@@ -590,6 +605,7 @@ class WorkflowLogic:
         if not storage.WriteData(case.segmentation):
             raise PLBOptSlicerError(f"{path}: could not write the segmentation")
         case_utils.set_case_segmentation(case.volume, case.segmentation, Status.LABELED)
+        sparse.set_fully_annotated(case.volume)
         self.review_items.pop(case.name, None)
         self.log_callback(f"{case_name}: accepted as labeled ({path})")
         return path

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 from . import cases as case_utils
+from . import sparse
 from .cases import SceneCase
 from .errors import PLBOptSlicerError
 
@@ -30,7 +31,8 @@ class CaseRow:
     volume_id: str  # MRML node ID of the case's volume: what a selected row stands for
     case_name: str
     used: bool  # the tick in the first column: whether the export writes this case
-    cells: Tuple[str, str, str, str, str]  # case, status, segmentation, uncertainty, why (not) used
+    # case, status, segmentation, uncertainty, why (not) used, how much is annotated (sparse.annotation_text)
+    cells: Tuple[str, str, str, str, str, str]
 
 
 def case_rows(logic) -> List[CaseRow]:
@@ -43,7 +45,7 @@ def case_rows(logic) -> List[CaseRow]:
     return [CaseRow(case.volume.GetID(), case.name, uses[case.volume.GetID()].used,
                     (case.name, case.status.value, case.segmentation.GetName() if case.segmentation else "",
                      f"{uncertainty[case.name]:.3f}" if case.name in uncertainty else "",
-                     uses[case.volume.GetID()].reason))
+                     uses[case.volume.GetID()].reason, sparse.annotation_text(case)))
             for case in cases]
 
 
