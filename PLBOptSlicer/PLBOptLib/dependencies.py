@@ -25,12 +25,22 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import slicer
 
 TORCH_MINIMUM = "2.2"
+# What an install asks for. torch 2.13 changed how its wheels carry their licence files, and its
+# install breaks Slicer 5.12 on Windows (Slicer/light-the-torch#176; "<2.13" installs), so none is
+# installed from here; a newer torch that is already installed (and imports) is kept.
+TORCH_INSTALL_BELOW = "2.13"
+TORCH_INSTALL_REQUIREMENT = f">={TORCH_MINIMUM},<{TORCH_INSTALL_BELOW}"
+# What the PyTorch extension installs with torch (light-the-torch picks the CUDA build for the driver).
+PYTORCH_EXTENSION_ALSO_INSTALLS = ("torchvision", "light-the-torch")
 # Provided by Slicer (SimpleITK) and the PyTorch extension (torch); pinned, never replaced.
 PROTECTED_PACKAGES = ("torch", "SimpleITK")
 # PLBOptCore's dependencies other than the protected ones (pyproject.toml [project].dependencies).
 LIGHT_REQUIREMENTS = ("numpy>=1.23", "scikit-image>=0.21", "scipy>=1.10", "tqdm>=4.60", "pyyaml>=6", "matplotlib>=3.6")
 # Distribution name -> top-level module, where they differ (to tell whether Slicer has it imported).
-IMPORT_NAMES = {"scikit-image": "skimage", "pyyaml": "yaml"}
+IMPORT_NAMES = {"scikit-image": "skimage", "pyyaml": "yaml", "pillow": "PIL", "light-the-torch": "light_the_torch"}
+# Packages an install can replace as a dependency of what it installs (scikit-image and matplotlib
+# upgrade numpy, scipy and pillow; pip upgrades packaging): Slicer has some of them imported.
+DEPENDENCIES_OFTEN_UPGRADED = ("numpy", "scipy", "pillow", "packaging")
 TORCH_PROBE_CODE = ("import json, torch; cuda = torch.cuda.is_available(); "
                     "print(json.dumps({'torch': torch.__version__, 'cuda': cuda, "
                     "'device_name': torch.cuda.get_device_name(0) if cuda else 'CPU'}))")
@@ -84,10 +94,14 @@ class DependencyStatus:
         """The one confirmation text: every package an install would add, and what it leaves alone."""
         lines = ["PLBOpt needs these Python packages from the Python Package Index:"]
         if self.torch_version is None:
-            lines.append(f"  • torch>={TORCH_MINIMUM} (through the PyTorch extension: CUDA build when a GPU is found)")
+            lines.append(f"  • torch{TORCH_INSTALL_REQUIREMENT} (through the PyTorch extension: CUDA build when a GPU is "
+                         "found)")
         elif not self.torch_ok:
-            lines.append(f"  • torch>={TORCH_MINIMUM}, replacing torch {self.torch_version} (through the PyTorch "
+            lines.append(f"  • torch{TORCH_INSTALL_REQUIREMENT}, replacing torch {self.torch_version} (through the PyTorch "
                          "extension; Slicer must be restarted afterwards if torch is already loaded)")
+        if not self.torch_ok:
+            lines.append(f"  • {' and '.join(PYTORCH_EXTENSION_ALSO_INSTALLS)}, which the PyTorch extension installs "
+                         "with torch")
         lines += [f"  • {requirement}" for requirement in self.missing_light]
         lines.append(f"PLBOptCore comes with the extension ({core_dir}) and is not downloaded.")
         lines.append("Installed SimpleITK (and torch, unless listed) are kept as they are. torch can be several GB.")
@@ -103,6 +117,17 @@ def check_dependencies(lookup: VersionLookup = installed_version) -> DependencyS
 def protected_constraints(lookup: VersionLookup = installed_version) -> List[str]:
     """``name==version`` pins for the installed protected packages (pip constraints)."""
     return [f"{name}=={version}" for name in PROTECTED_PACKAGES if (version := lookup(name))]
+
+
+def packages_an_install_may_change(status: "DependencyStatus") -> List[str]:
+    """Distributions whose version to compare before and after an install, to tell whether Slicer
+    must restart: what is installed (torch with what the PyTorch extension brings, the missing
+    light packages) and what pip may upgrade as their dependency, including light requirements
+    that are already installed."""
+    names = [requirement_name(r) for r in LIGHT_REQUIREMENTS] + list(DEPENDENCIES_OFTEN_UPGRADED)
+    if not status.torch_ok:
+        names = ["torch", *PYTORCH_EXTENSION_ALSO_INSTALLS, *names]
+    return list(dict.fromkeys(names))
 
 
 def installed_versions(requirements: Iterable[str], lookup: VersionLookup = installed_version) -> Dict[str, Optional[str]]:
@@ -128,8 +153,9 @@ def _slicer_packaging():
 
 
 def install_torch(log: Callable[[str], None]) -> None:
-    """Install (or upgrade to) torch >= TORCH_MINIMUM with the PyTorch extension, else from PyPI."""
-    requirement = f"torch>={TORCH_MINIMUM}"
+    """Install (or upgrade to) torch TORCH_INSTALL_REQUIREMENT with the PyTorch extension (which also
+    installs torchvision and light-the-torch), else from PyPI."""
+    requirement = f"torch{TORCH_INSTALL_REQUIREMENT}"
     try:
         import PyTorchUtils
     except ImportError:
@@ -139,7 +165,7 @@ def install_torch(log: Callable[[str], None]) -> None:
         return
     log("Installing torch with the PyTorch extension…")
     torch_logic = PyTorchUtils.PyTorchUtilsLogic()
-    if torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=f">={TORCH_MINIMUM}") is None:
+    if torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_INSTALL_REQUIREMENT) is None:
         raise RuntimeError("PyTorch installation failed or was cancelled")
 
 

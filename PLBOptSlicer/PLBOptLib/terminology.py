@@ -32,12 +32,15 @@ ANATOMY_CODES = {
     "colon": ("71854001", "Colon"),
     "kidney": ("64033007", "Kidney"),
     "adrenal gland": ("23451007", "Adrenal gland"),
-    "urinary bladder": ("89837001", "Urinary bladder"),
+    "urinary bladder": ("89837001", "Bladder"),  # the code meaning of Slicer's DICOM master list
     "prostate": ("41216001", "Prostate"),
     "heart": ("80891009", "Heart"),
     "lung": ("39607008", "Lung"),
     "brain": ("12738006", "Brain"),
 }
+# Organs that come in a left and a right one: only these take a laterality modifier (as in Slicer's
+# DICOM master list); "left liver" names no structure the list has, so it gets no entry at all.
+PAIRED_ORGANS = {"kidney", "adrenal gland", "lung"}
 SYNONYMS = {"gall bladder": "gallbladder", "bladder": "urinary bladder", "ivc": "inferior vena cava",
             "postcava": "inferior vena cava", "oesophagus": "esophagus", "small bowel": "small intestine"}
 
@@ -60,6 +63,8 @@ def terminology_entry(class_name: str) -> Optional[str]:
     base, side = normalise(class_name)
     code = ANATOMY_CODES.get(base)
     if code is None:
+        return None
+    if side and base not in PAIRED_ORGANS:
         return None
     value, meaning = code
     modifier = LATERALITY[side] if side else "^^"

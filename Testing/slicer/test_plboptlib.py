@@ -358,7 +358,7 @@ def test_dependency_check_lists_only_missing_packages():
     assert not status.ready and not status.torch_ok  # 2.1.2 is older than the minimum
     assert status.missing_light == ["scikit-image>=0.21", "tqdm>=4.60", "pyyaml>=6", "matplotlib>=3.6"]
     text = status.install_description(Path("/ext/PLBOptCore"))
-    assert f"torch>={dependencies.TORCH_MINIMUM}, replacing torch 2.1.2+cu121" in text
+    assert f"torch>={dependencies.TORCH_MINIMUM},<{dependencies.TORCH_INSTALL_BELOW}, replacing torch 2.1.2+cu121" in text
     assert "PLBOptCore comes with the extension (/ext/PLBOptCore) and is not downloaded" in text
     assert dependencies.protected_constraints(installed.get) == ["torch==2.1.2+cu121", "SimpleITK==2.3.1"]
     assert dependencies.check_dependencies({**installed, "torch": "2.13.0", "scikit-image": "0.22", "tqdm": "4.6",
