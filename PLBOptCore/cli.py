@@ -119,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(Path(args.output), preset=args.preset, iterations=args.iterations, device=args.device or "auto",
              overwrite=args.overwrite, n_labeled=args.labeled, n_unlabeled=args.unlabeled,
-             n_validation=args.validation, n_test=args.test)
+             n_validation=args.validation, n_test=args.test, train=args.train)
     return 0
 
 
@@ -239,8 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(MONAI's default reduction=\"mean\")")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="generate the embedded phantom dataset, train, predict, evaluate")
+    p = sub.add_parser("demo", help="generate the embedded phantom dataset, predict with the shipped checkpoint "
+                                    "(or --train), evaluate, montage")
     p.add_argument("-o", "--output", type=Path, default=Path("plbopt-demo"))
+    p.add_argument("--train", action="store_true",
+                   help="train first (1200 CPU steps, 10-20 minutes), as the shipped checkpoint was trained; "
+                        "another --preset, --iterations or split always trains")
     p.add_argument("--preset", default="plbopt", choices=sorted(PRESETS))
     p.add_argument("--iterations", type=int)
     p.add_argument("--device")
