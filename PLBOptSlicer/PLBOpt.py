@@ -30,8 +30,8 @@ except ImportError:  # a Slicer or slicer-core without slicer.i18n: the English 
     def translate(context: str, text: str) -> str:
         return text
 
-from PLBOptLib import (DEVICES, DOCUMENTATION_URL, PRESETS, JobProcess, PLBOptSlicerError, Status, TrainSettings,
-                       WorkflowLogic, bundle, dependencies, panel, selftest)
+from PLBOptLib import (DEVICES, DOCUMENTATION_URL, PRESETS, JobProcess, PLBOptSlicerError, TrainSettings,
+                       WorkflowLogic, bundle, dependencies, panel, selftest, sparse)
 from PLBOptLib.events import TrainingProgress
 from PLBOptLib.review import DEFAULT_CONFIDENCE_THRESHOLD, OVERLAY_OPACITY
 
@@ -100,6 +100,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._probeJob = None  # child interpreter telling which torch/device training gets
         self._devicePrompted = False
         self.selection = panel.CaseSelection()  # by volume node ID: rows move when the table is rebuilt
+        self.editTracker = sparse.EditTracker()  # slices edited in Segment Editor since "Track edits"
         self._declinedReviews = set()  # prediction folders the user chose not to load (asked once per scene)
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -146,6 +147,10 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpButton.connect("clicked(bool)", self.onJumpToLeastConfident)
         self.ui.editButton.connect("clicked(bool)", self.onEditInSegmentEditor)
         self.ui.acceptButton.connect("clicked(bool)", self.onAcceptAsLabeled)
+        self.ui.annotatedAxisComboBox.addItems(list(sparse.AXES))
+        for button, how in ((self.ui.markSegmentSlicesButton, "segments"), (self.ui.trackEditsButton, "track"),
+                            (self.ui.markEditedSlicesButton, "edited"), (self.ui.fullyAnnotatedButton, "all")):
+            button.connect("clicked(bool)", lambda checked=False, how=how: self.onMarkAnnotatedSlices(how))
         self.ui.retrainButton.connect("clicked(bool)", self.onRetrain)
 
         self.initializeParameterNode()
@@ -282,8 +287,10 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.retrainButton.enabled = not busy and hasRun
         self.ui.jumpButton.enabled = selected is not None and selected.name in self.logic.review_items
         self.ui.editButton.enabled = selected is not None and selected.segmentation is not None
-        self.ui.acceptButton.enabled = selected is not None and selected.status in (Status.PSEUDO_LABELED,
-                                                                                      Status.CORRECTED)
+        self.ui.acceptButton.enabled = selected is not None and sparse.can_accept(selected)
+        for button in (self.ui.markSegmentSlicesButton, self.ui.trackEditsButton, self.ui.markEditedSlicesButton,
+                       self.ui.fullyAnnotatedButton):
+            button.enabled = selected is not None
 
     def appendLog(self, text: str) -> None:
         if len(self.ui.logTextEdit.toPlainText()) > MAX_LOG_CHARACTERS:
@@ -599,6 +606,13 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAcceptAsLabeled(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not accept the segmentation."), waitCursor=True):
             panel.accept_selected(self.logic, self.selection)
+        self.refreshCaseTable()
+
+    def onMarkAnnotatedSlices(self, how: str) -> None:
+        """The annotated-slices buttons (see :func:`PLBOptLib.sparse.apply_marking`)."""
+        with slicer.util.tryWithErrorDisplay(_("Could not mark the annotated slices."), waitCursor=True):
+            case = self.selection.require_case(self.logic)
+            self.appendLog(sparse.apply_marking(case, how, self.ui.annotatedAxisComboBox.currentText, self.editTracker))
         self.refreshCaseTable()
 
 

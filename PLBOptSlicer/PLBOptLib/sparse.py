@@ -33,6 +33,12 @@ from . import imageio, review
 from .cases import SceneCase, Status
 from .errors import PLBOptSlicerError
 
+try:  # Slicer's translation function for what the panel shows; no Qt import
+    from slicer.i18n import tr as _
+except ImportError:  # slicer-core (headless tests) or a Slicer without slicer.i18n: the English text
+    def _(text: str) -> str:
+        return text
+
 ANNOTATED_SLICES_ATTRIBUTE = "PLBOpt.AnnotatedSlices"  # "<axis>:<array axis>:<ranges>", e.g. "axial:0:0-3,8"
 IGNORE_NAME = "ignore"  # nnU-Net v2's (and PLBOptCore's) name of the label of unannotated voxels
 # The world (RAS) axis normal to the slices of each anatomical orientation: R = 0, A = 1, S = 2.
@@ -63,7 +69,8 @@ class AnnotatedSlices:
 
     def describe(self) -> str:
         """What the case table shows, e.g. ``12/48 axial slices (25 %)``."""
-        return f"{len(self.indices)}/{self.count} {self.axis} slices ({100 * self.fraction:.0f} %)"
+        return _("{annotated}/{count} {axis} slices ({percent} %)").format(
+            annotated=len(self.indices), count=self.count, axis=_(self.axis), percent=f"{100 * self.fraction:.0f}")
 
 
 def array_axis(volume_node, axis: str) -> int:
@@ -176,11 +183,13 @@ def mark_slices_holding_segments(case: SceneCase, axis: str) -> AnnotatedSlices:
     """Mark every ``axis`` slice of the case that holds a segment as annotated, the rest not."""
     names = [n for n in _own_segment_names(case) if n.lower() != case_utils.BACKGROUND_NAME]
     if not names:
-        raise PLBOptSlicerError(f"{case.name}: has no segment; paint some slices first (Segment Editor)")
+        raise PLBOptSlicerError(_("{case}: has no segment; paint some slices first (Segment Editor)").format(
+            case=case.name))
     label = _segment_label(case, names)
     indices = slices_holding_segments(label, array_axis(case.volume, axis))
     if not indices:
-        raise PLBOptSlicerError(f"{case.name}: its segments are empty; paint some slices first (Segment Editor)")
+        raise PLBOptSlicerError(_("{case}: its segments are empty; paint some slices first (Segment Editor)").format(
+            case=case.name))
     return set_annotated_slices(case.volume, axis, indices)
 
 
@@ -203,14 +212,15 @@ class EditTracker:
     def mark(self, case: SceneCase, axis: str) -> AnnotatedSlices:
         """Mark the ``axis`` slices edited since :meth:`start` as annotated; tracking goes on."""
         if not self.tracking(case):
-            raise PLBOptSlicerError(f"{case.name}: edits are not tracked; press Track edits before painting")
+            raise PLBOptSlicerError(_("{case}: edits are not tracked; press Track edits before painting").format(
+                case=case.name))
         names, before = self._before[case.volume.GetID()]
         # segments added since keep the old ones' numbers and get new ones, so they count as changes
         now = names + [n for n in _own_segment_names(case) if n not in names]
         number = array_axis(case.volume, axis)
         indices = set(touched_slices(before, _segment_label(case, now), number))
         if not indices:
-            raise PLBOptSlicerError(f"{case.name}: no slice was edited since Track edits")
+            raise PLBOptSlicerError(_("{case}: no slice was edited since Track edits").format(case=case.name))
         current = annotated_slices(case.volume)
         if current is not None and current.axis == axis:
             indices |= set(current.indices)
@@ -226,7 +236,8 @@ def check_class_names(names: Sequence[str]) -> None:
     """A segment named "ignore" would be read as the ignore label by PLBOptCore and nnU-Net."""
     reserved = [n for n in names if n.strip().lower() == IGNORE_NAME]
     if reserved:
-        raise PLBOptSlicerError(f"segment name {reserved[0]!r} is reserved for unannotated voxels; rename the segment")
+        raise PLBOptSlicerError(_("segment name {name} is reserved for unannotated voxels; rename the segment").format(
+            name=repr(reserved[0])))
 
 
 def ignore_value(class_names: Sequence[str]) -> int:
@@ -329,8 +340,8 @@ def annotation_text(case: SceneCase) -> str:
         return ""
     marked = annotated_slices(case.volume)
     if marked is None:
-        return "all"
-    return marked.describe() + (" + pseudo label" if is_pseudo_label(case.segmentation) else "")
+        return _("all")
+    return marked.describe() + (_(" + pseudo label") if is_pseudo_label(case.segmentation) else "")
 
 
 # ---- the panel's buttons --------------------------------------------------------------------------
@@ -347,14 +358,15 @@ def apply_marking(case: SceneCase, how: str, axis: str, tracker: EditTracker) ->
     is fully annotated.
     """
     if how == "segments":
-        return f"{case.name}: annotated {mark_slices_holding_segments(case, axis).describe()}"
+        marked = mark_slices_holding_segments(case, axis)
+        return _("{case}: annotated {slices}").format(case=case.name, slices=marked.describe())
     if how == "track":
         tracker.start(case)
-        return f"{case.name}: tracking edits; paint in Segment Editor, then mark the edited slices"
+        return _("{case}: tracking edits; paint in Segment Editor, then mark the edited slices").format(case=case.name)
     if how == "edited":
-        return f"{case.name}: annotated {tracker.mark(case, axis).describe()}"
+        return _("{case}: annotated {slices}").format(case=case.name, slices=tracker.mark(case, axis).describe())
     if how == "all":
         set_fully_annotated(case.volume)
         tracker.stop(case)
-        return f"{case.name}: every slice annotated"
+        return _("{case}: every slice annotated").format(case=case.name)
     raise ValueError(f"unknown marking {how!r}; one of {', '.join(MARKINGS)}")

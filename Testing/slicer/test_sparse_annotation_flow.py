@@ -205,3 +205,22 @@ def test_marking_a_case_without_segments_says_what_to_do(scene):
     case = cases.find_case(scene, "empty")
     with pytest.raises(PLBOptSlicerError, match="has no segment; paint some slices first"):
         sparse.apply_marking(case, "segments", "axial", sparse.EditTracker())
+
+
+def test_the_panel_has_the_widgets_the_module_uses_and_a_column_per_cell(scene, tmp_path):
+    import re
+    import xml.etree.ElementTree as ElementTree
+
+    from conftest import MODULE_DIR
+
+    ui = ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "PLBOpt.ui")
+    widgets = {node.get("name") for node in ui.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "PLBOpt.py").read_text()))
+    assert {"annotatedAxisComboBox", "markSegmentSlicesButton", "trackEditsButton", "markEditedSlicesButton",
+            "fullyAnnotatedButton"} <= used
+    assert used <= widgets, sorted(used - widgets)
+    table = next(node for node in ui.iter("widget") if node.get("name") == "casesTable")
+    headers = [column.find("property/string").text for column in table.findall("column")]
+    add_phantom(scene, "full", seed=0)
+    row = panel.case_rows(WorkflowLogic(scene, working_dir=tmp_path))[0]
+    assert len(headers) == len(row.cells) and headers[4] == "Why (not) used" and headers[5] == "Annotated"
