@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(or --train), evaluate, montage")
     p.add_argument("-o", "--output", type=Path, default=Path("plbopt-demo"))
     p.add_argument("--train", action="store_true",
-                   help="train first (1200 CPU steps, 10-20 minutes), as the shipped checkpoint was trained; "
+                   help="train first (1200 CPU steps, about 10 minutes on 2 cores), as the shipped checkpoint was trained; "
                         "another --preset, --iterations or split always trains")
     p.add_argument("--preset", default="plbopt", choices=sorted(PRESETS))
     p.add_argument("--iterations", type=int)

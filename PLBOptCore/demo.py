@@ -4,9 +4,9 @@ Generates the synthetic abdominal CT set (no download), predicts the held-out te
 per-class Dice, ASD, ASSD and HD95 and writes a PNG montage of image / ground truth / prediction.
 The weights come from the checkpoint shipped in ``Resources/demo/`` (:data:`SHIPPED_CHECKPOINT`:
 PLBOpt trained by ``plbopt demo --train`` itself, default split, seed 0, one thread; its weights
-stored as float16, see :func:`ship_checkpoint`), so the first command takes about a minute;
+stored as float16, see :func:`ship_checkpoint`), so the first command takes under a minute;
 ``train=True`` (``--train``) trains the preset with the CPU schedule first, as the shipped
-checkpoint was trained (10-20 minutes). Another preset, split, seed or ``iterations`` trains, since
+checkpoint was trained (about 10 minutes on a 2-core CPU). Another preset, split, seed or ``iterations`` trains, since
 the shipped checkpoint is none of those.
 """
 
@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 # (Resources/ is no package data): the demo then trains.
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "Resources" / "demo" / "plbopt-demo.pt"
 SHIPPED_PRESET, SHIPPED_SEED = "plbopt", 0
-# Seconds per training step of the CPU schedule on the 2-core development machine (plbopt bench
-# step, and the demo run that made the shipped checkpoint), by thread count: for the time printed.
-SECONDS_PER_STEP = {1: 1.0, 2: 0.4}
+# Seconds per training step of the demo on the 2-core development machine, by thread count, for
+# the time printed: 1 thread 0.48 s (the run that made the shipped checkpoint, 1200 steps in 575 s
+# while two benchmarks ran), 2 threads 0.41 s (plbopt bench step, idle machine).
+SECONDS_PER_STEP = {1: 0.5, 2: 0.4}
 
 
 def expected_training_minutes(iterations: int, threads: int) -> str:
@@ -125,14 +126,14 @@ def run_demo(out_dir: Path, preset: str = "plbopt", iterations: Optional[int] = 
             raise ConfigError(f"{out_dir}: demo folder is not empty; use --overwrite or another -o")
         shutil.rmtree(out_dir)
     if reason is None:
-        logger.info(f"expected time: about 1 minute (phantom data, then the 4 test volumes predicted with the "
+        logger.info(f"expected time: under 1 minute (phantom data, then the 4 test volumes predicted with the "
                     f"shipped checkpoint {SHIPPED_CHECKPOINT.name}: PLBOpt trained {steps} steps by "
                     f"'plbopt demo --train'; that command trains it again, "
                     f"{expected_training_minutes(steps, torch.get_num_threads())} here)")
     else:
         logger.info(f"expected time: {expected_training_minutes(steps, torch.get_num_threads())} to train {preset} "
                     f"for {steps} steps with {torch.get_num_threads()} thread(s) ({reason}); plain 'plbopt demo' "
-                    f"predicts with the shipped checkpoint in about 1 minute")
+                    f"predicts with the shipped checkpoint in under 1 minute")
     started = time.perf_counter()
     data_dir = make_phantom_dataset(out_dir / "data", n_labeled=n_labeled, n_unlabeled=n_unlabeled,
                                     n_validation=n_validation, n_test=n_test, seed=seed)
