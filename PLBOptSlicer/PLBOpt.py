@@ -30,8 +30,8 @@ except ImportError:  # a Slicer or slicer-core without slicer.i18n: the English 
     def translate(context: str, text: str) -> str:
         return text
 
-from PLBOptLib import (DEVICES, DOCUMENTATION_URL, PRESETS, JobProcess, PLBOptSlicerError, TrainSettings,
-                       WorkflowLogic, bundle, dependencies, panel, selftest, sparse)
+from PLBOptLib import (DEVICES, DOCUMENTATION_URL, PRESETS, TUTORIAL_URL, JobProcess, PLBOptSlicerError,
+                       TrainSettings, WorkflowLogic, bundle, dependencies, panel, selftest, sparse)
 from PLBOptLib.events import TrainingProgress
 from PLBOptLib.review import DEFAULT_CONFIDENCE_THRESHOLD, OVERLAY_OPACITY
 
@@ -64,7 +64,9 @@ uncertainty; jump to the least confident region.</li>
 Python console: <code>logic = slicer.util.getModuleLogic("PLBOpt")</code>.
 <br>Method: Ji, Ye, Ma, "Pseudo Label Optimization for Semi-Supervised Medical Image Segmentation".
 """) + _('<p>See the <a href="{url}">module documentation</a> for the step-by-step workflow, supported Slicer '
-         'versions and what was tested where.</p>').format(url=DOCUMENTATION_URL)
+         'versions and what was tested where.</p>').format(url=DOCUMENTATION_URL) + _(
+            '<p>New to PLBOpt? The <a href="{url}">tutorial</a> goes through every step with a synthetic CT '
+            'phantom you can load.</p>').format(url=TUTORIAL_URL)
         self.parent.acknowledgementText = _("""
 PLBOpt builds on DHC (Wang &amp; Li, "DHC: Dual-debiased Heterogeneous Co-training Framework for
 Class-imbalanced Semi-supervised Medical Image Segmentation", MICCAI 2023). The extension layout follows
