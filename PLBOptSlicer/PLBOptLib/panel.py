@@ -17,12 +17,12 @@ from . import sparse
 from .cases import SceneCase
 from .errors import PLBOptSlicerError
 
-
 try:  # Slicer's translation function; its context is this file ("PLBOptLib.panel"); no Qt import
     from slicer.i18n import tr as _
 except ImportError:  # slicer-core (headless tests) or a Slicer without slicer.i18n: the English text
     def _(text: str) -> str:
         return text
+
 
 @dataclass(frozen=True)
 class CaseRow:
