@@ -1,4 +1,4 @@
-"""``plbopt`` command line: train / predict / refine / evaluate / demo / convert / split / bench / export / plot.
+"""``plbopt`` command line: train / predict / refine / evaluate / demo / convert / split / sparsify / bench / export / plot.
 
 User errors print one line ``plbopt: error: <file>: <problem>`` and exit 2; an interrupted training
 exits 130 after writing a resumable checkpoint. The library's INFO log messages are printed on stdout.
@@ -18,6 +18,7 @@ from . import __version__
 from .config import (CHECKPOINT_NAMES, CPU_SCHEDULE, PATCH_BUDGET, PRESETS, SUBNETS, inert_settings, load_config_file,
                      make_config, parse_override)
 from .convert import add_convert_arguments
+from .convert.sparsify import add_sparsify_arguments
 from .data.io import CONFIDENCE_FOLDER
 from .errors import ConfigError, PLBOptError, TrainingInterrupted
 from .export import add_export_arguments
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     add_convert_arguments(sub)
+    add_sparsify_arguments(sub)
     add_export_arguments(sub)
     return parser
 

@@ -40,6 +40,7 @@ import SimpleITK as sitk
 import torch
 
 from ..api import evaluate, predict, train
+from ..convert.sparsify import effort_line, labeled_effort
 from ..config import CHECKPOINT_NAMES, CPU_SCHEDULE, PLANNED_KEYS, Config, inert_settings, load_config_file, make_config
 from ..data.dataset import DatasetSpec, load_dataset
 from ..data.io import array_to_image, case_name, read_image, write_image
@@ -519,6 +520,8 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
     for table, rows in results["tables"].items():
         lines += [f"## {TABLE_TITLES.get(table, table)}", "",
                   markdown_table(rows, results["aggregates"], class_names), ""]
+        if results.get("annotation"):
+            lines += [effort_line(results["annotation"]), ""]
         if table == "noise":
             lines += ["Noise: additive Gaussian noise on the HU test images, seeded; the paper's weak noise is a "
                       "hue/saturation/contrast jitter that has no CT equivalent.", ""]
@@ -792,7 +795,9 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
             links) and benchmarked, and the split is stated in the report.
 
     The returned dict has ``command``, ``argv``, ``settings``, ``dataset``, ``hardware``,
-    ``total_seconds``, ``runs`` (one record per finished unit), ``aggregates`` (per group, mean/std/n
+    ``total_seconds``, ``annotation`` (the labeled set's annotated slices and voxels,
+    :func:`~PLBOptCore.convert.sparsify.labeled_effort`, plus the split's ``sparse`` spec if any),
+    ``runs`` (one record per finished unit), ``aggregates`` (per group, mean/std/n
     over seeds of ``mean_dice``, ``mean_asd`` and per class ``dice``/``asd``), ``tables`` (table →
     rows ``{"group", "label"}``), ``this_call`` (outcome → unit names, including ``skipped``), ``failures``,
     ``plots`` and ``report_dir`` (relative to ``out_dir``).
@@ -821,6 +826,9 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
         check_same_config(ctx.run_dir(unit), unit.preset, ctx.overrides(unit))
     prepare_ground_truth(spec, ctx.gt_dir)
     class_names = [name for label, name in sorted(spec.labels.items()) if label > 0]
+    annotation = labeled_effort(spec)  # the labeled set's annotated slices: equal-effort comparisons
+    if split_file is not None:
+        annotation["sparse"] = json.loads((dataset_dir / "splits.json").read_text()).get("sparse")
     results: Dict[str, Any] = {
         "command": cli_command(source_dir, out_dir, presets, seeds, iterations, variants, small, device, settings,
                                checkpoint, split_file, config_file),
@@ -834,6 +842,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
                                ("training", "unlabeled", "validation", "test")} if split_file else None),
                     "n_labeled": len(spec.training), "n_unlabeled": len(spec.unlabeled),
                     "n_validation": len(spec.validation), "n_test": len(spec.test), "classes": class_names},
+        "annotation": annotation,
         "hardware": hardware_note(device),
         "tables": tables,
         "this_call": {outcome: [] for outcome in ("trained", "resumed", "evaluated", "skipped", "missing", "failed")},

@@ -21,7 +21,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -207,6 +207,7 @@ def write_dataset_folder(
     link: bool = False,
     colors: Optional[Mapping[str, Any]] = None,
     modality: str = "",
+    label_writers: Optional[Mapping[str, Callable[[Path, Path], None]]] = None,
 ) -> Path:
     """Materialise ``plan`` as a PLBOptCore dataset folder and return ``out_dir``.
 
@@ -216,6 +217,8 @@ def write_dataset_folder(
     ``split_info`` (seed, fold, ratio...) is stored in splits.json with the case lists;
     ``colors`` (dataset.json's optional display colours) is copied into dataset.json when given,
     ``modality`` as MSD's ``{"modality": {"0": ...}}`` (the preprocessing plan normalises by it).
+    ``label_writers`` maps a case name to ``write(src, dst)``, which writes that case's label
+    instead of a copy (a split file's ``"sparse"`` labels).
     """
     out_dir = Path(out_dir).absolute()
     _check_output_dir(out_dir)
@@ -249,7 +252,10 @@ def write_dataset_folder(
                 for src, rel in ((case.image, image), (case.label, label)):
                     if src is not None:
                         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                        _place(Path(src), tmp / rel, link)
+                        if rel == label and case.name in (label_writers or {}):
+                            label_writers[case.name](Path(src), tmp / rel)
+                        else:
+                            _place(Path(src), tmp / rel, link)
                 if role == "unlabeled":
                     if label is not None:
                         unlabeled_with_labels.append(_entry(image, label))
@@ -376,8 +382,14 @@ def apply_split_file(split_file: Path, source_dir: Path, out_dir: Path) -> Path:
     ``test`` (every case of the source at most once); unlabeled cases keep their labels aside in
     labelsUn/ as the converters do. An ``out_dir`` already made from the same split and source is
     reused as it is, so a benchmark can be resumed; any other non-empty ``out_dir`` is refused.
+
+    An optional ``"sparse": {"every": 4, "axis": "z", "offset": 0}`` makes the ``labeled`` cases'
+    labels sparse (:mod:`PLBOptCore.convert.sparsify`): only those slices stay annotated, the rest
+    become the ``ignore`` label (the source's, or one above its highest class); the other roles'
+    labels stay whole. So one split file states an equal-effort arm completely.
     """
     from ..data.dataset import IGNORE_NAME, load_dataset
+    from .sparsify import parse_sparse, sparsify_label_file
 
     split_file, source_dir, out_dir = Path(split_file), Path(source_dir), Path(out_dir)
     split = read_json(split_file)
@@ -397,15 +409,25 @@ def apply_split_file(split_file: Path, source_dir: Path, out_dir: Path) -> Path:
     missing_labels = [c.name for role in ("training", "validation", "test") for c in plan.role(role) if c.label is None]
     if missing_labels:
         raise DatasetError(f"{split_file}: case {missing_labels[0]!r} has no label in {source.json_path}")
-    info = {"split_file": split_file.name, "source": str(source_dir.resolve())}
+    info: Dict[str, Any] = {"split_file": split_file.name, "source": str(source_dir.resolve())}
+    ignore = source.ignore_label
+    writers: Dict[str, Callable[[Path, Path], None]] = {}
+    if "sparse" in split:
+        sparse = parse_sparse(split["sparse"], str(split_file))
+        if ignore is None:
+            ignore = max(source.labels) + 1
+        info["sparse"] = {**sparse.to_dict(), "ignore": ignore}
+        writers = {c.name: (lambda src, dst, s=sparse, i=ignore: sparsify_label_file(src, dst, i, s))
+                   for c in plan.training}
     if (out_dir / "splits.json").is_file():
         made = read_json(out_dir / "splits.json")
-        if made.get("split_file") == info["split_file"] and made.get("source") == info["source"] and all(
+        if made.get("split_file") == info["split_file"] and made.get("source") == info["source"] \
+                and made.get("sparse") == info.get("sparse") and all(
                 made.get(role) == sorted(c.name for c in plan.role(role)) for role in ROLES):
             return out_dir
     colors = {str(k): list(v) for k, v in source.colors.items()}
     labels = dict(source.labels)
-    if source.ignore_label is not None:  # the linked label files still hold it
-        labels[source.ignore_label] = IGNORE_NAME
+    if ignore is not None:  # the linked label files still hold it, or the sparse labels do
+        labels[ignore] = IGNORE_NAME
     return write_dataset_folder(out_dir, source_dir.name, labels, plan, info, link=True, colors=colors,
-                                modality=source.modality)
+                                modality=source.modality, label_writers=writers)
