@@ -142,8 +142,8 @@ def labeled_effort(spec: DatasetSpec) -> Dict[str, Any]:
     """
     per_case = {}
     for case in spec.training:
-        array = sitk.GetArrayViewFromImage(read_image(case.label))
-        per_case[case.name] = annotation_effort(np.asarray(array), spec.ignore_label)
+        array = sitk.GetArrayFromImage(read_image(case.label))  # a copy: a view dies with its image
+        per_case[case.name] = annotation_effort(array, spec.ignore_label)
     totals = {key: sum(e[key] for e in per_case.values())
               for key in ("slices", "slices_total", "foreground_slices", "voxels", "voxels_total")}
     axes = {e["axis"] for e in per_case.values()}
