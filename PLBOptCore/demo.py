@@ -69,13 +69,16 @@ def ship_checkpoint(run_dir: Path, path: Path = SHIPPED_CHECKPOINT, test_dice: O
 def _materialise_shipped_run(run_dir: Path, data_dir: Path) -> Path:
     """``run_dir`` as training would leave it for prediction: ``checkpoints/best.pt`` (the shipped
     weights back in float32), ``config.json`` and ``dataset.json``; ``plbopt predict``, ``refine``
-    and ``export`` then work on it (``--resume`` does not: no optimiser state is shipped)."""
+    and ``export`` then work on it (``--resume`` does not: no optimiser state is shipped). The class
+    colours are those of ``data_dir``'s dataset.json: the phantom's may be newer than the shipped file's."""
     from .engine.checkpoint import load_checkpoint, save_checkpoint
     from .utils import atomic_write
 
     state = load_checkpoint(SHIPPED_CHECKPOINT)
     state["models"] = [{name: value.float() if value.is_floating_point() else value for name, value in model.items()}
                        for model in state["models"]]
+    colors = json.loads((Path(data_dir) / "dataset.json").read_text()).get("colors", {})
+    state["colors"] = dict(state.get("colors", {}), **{str(k): list(v) for k, v in colors.items()})
     save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
     with atomic_write(run_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(state["config"], indent=2))
@@ -183,8 +186,23 @@ def load_shipped_info() -> Dict[str, Any]:
     return info
 
 
+MONTAGE_OPACITY = 0.55  # of the class colours over the CT slice
+
+
+def montage_colors(spec) -> np.ndarray:
+    """RGBA in 0..1 per class of ``spec`` as the montage draws its overlays: the dataset's class colours
+    (the phantom's: :data:`~PLBOptCore.data.phantom.COLORS`) at :data:`MONTAGE_OPACITY`; background
+    fully transparent, so the CT shows through it."""
+    colors = np.zeros((spec.num_classes, 4))
+    for c in range(1, spec.num_classes):
+        rgb = spec.colors.get(c, (255, 0, 0))
+        colors[c] = [rgb[0] / 255, rgb[1] / 255, rgb[2] / 255, MONTAGE_OPACITY]
+    return colors
+
+
 def write_montage(spec, predictions_dir: Path, path: Path, max_cases: int = 4) -> Path:
-    """Rows = test cases; columns = image, ground truth overlay, prediction overlay (middle slice)."""
+    """Rows = test cases; columns = image, ground truth overlay, prediction overlay (on the slice
+    with the most labelled voxels), colours from :func:`montage_colors`."""
     from matplotlib.colors import ListedColormap
 
     from .bench.plots import pyplot_agg, save_png
@@ -192,10 +210,7 @@ def write_montage(spec, predictions_dir: Path, path: Path, max_cases: int = 4) -
     import SimpleITK as sitk
 
     cases = spec.test[:max_cases]
-    colors = np.zeros((spec.num_classes, 4))
-    for c in range(1, spec.num_classes):
-        rgb = spec.colors.get(c, (255, 0, 0))
-        colors[c] = [rgb[0] / 255, rgb[1] / 255, rgb[2] / 255, 0.55]
+    colors = montage_colors(spec)
     cmap = ListedColormap(colors)
     from matplotlib.patches import Patch
 
