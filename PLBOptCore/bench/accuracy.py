@@ -827,8 +827,9 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     prepare_ground_truth(spec, ctx.gt_dir)
     class_names = [name for label, name in sorted(spec.labels.items()) if label > 0]
     annotation = labeled_effort(spec)  # the labeled set's annotated slices: equal-effort comparisons
-    if split_file is not None:
-        annotation["sparse"] = json.loads((dataset_dir / "splits.json").read_text()).get("sparse")
+    # the sparse rule of the split file, or of a `plbopt sparsify` folder's dataset.json
+    made_by = dataset_dir / "splits.json" if split_file is not None else spec.json_path
+    annotation["sparse"] = json.loads(made_by.read_text()).get("sparse")
     results: Dict[str, Any] = {
         "command": cli_command(source_dir, out_dir, presets, seeds, iterations, variants, small, device, settings,
                                checkpoint, split_file, config_file),

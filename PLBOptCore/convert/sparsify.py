@@ -35,7 +35,6 @@ import SimpleITK as sitk
 from ..data.dataset import IGNORE_NAME, DatasetSpec, load_dataset
 from ..data.io import read_image, write_image
 from ..errors import ConfigError, DatasetError
-from ..utils import atomic_write
 
 AXES = {"x": 2, "y": 1, "z": 0}  # image index axis -> axis of the numpy array SimpleITK returns
 SPARSE_KEYS = ("every", "axis", "offset")
@@ -75,7 +74,8 @@ def parse_sparse(raw: Any, where: str) -> SparseSpec:
         raise ConfigError(f"{where}: 'sparse' must be an object like {{\"every\": 4, \"axis\": \"z\"}}")
     unknown = sorted(set(raw) - set(SPARSE_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) in 'sparse': {', '.join(unknown)} (allowed: {', '.join(SPARSE_KEYS)})")
+        raise ConfigError(f"{where}: unknown key(s) in 'sparse': {', '.join(unknown)} "
+                          f"(allowed: {', '.join(SPARSE_KEYS)})")
     return SparseSpec(raw["every"], raw.get("axis", "z"), raw.get("offset", 0)).check(where)
 
 
@@ -206,7 +206,8 @@ def sparsify_dataset(source_dir: Path, out_dir: Path, spec: SparseSpec, cases: O
     source = load_dataset(source_dir)
     src_real, out_real = source_dir.resolve(), out_dir.resolve()
     if out_real == src_real or src_real in out_real.parents or out_real in src_real.parents:
-        raise DatasetError(f"{out_dir}: the output folder must lie outside the source dataset {source_dir} and not contain it")
+        raise DatasetError(f"{out_dir}: the output folder must lie outside the source dataset {source_dir} "
+                           "and not contain it")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise DatasetError(f"{out_dir}: output folder exists and is not empty; use --overwrite to replace it")
     labelled = source.training + [c for c in source.validation if c.label is not None]
@@ -223,9 +224,7 @@ def sparsify_dataset(source_dir: Path, out_dir: Path, spec: SparseSpec, cases: O
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
+    _remove(tmp, old)
     try:
         for case in sorted(labelled, key=lambda c: c.name):
             (tmp / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -259,10 +258,17 @@ def sparsify_dataset(source_dir: Path, out_dir: Path, spec: SparseSpec, cases: O
             os.replace(out_dir, old)  # --overwrite: the old folder goes only once the new one is complete
         os.replace(tmp, out_dir)
     finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
+        _remove(tmp, old)
     return out_dir
+
+
+def _remove(*paths: Path) -> None:
+    """Delete each of ``paths`` that exists, folder or file."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 # ------------------------------------------------------------------------------------- CLI
