@@ -706,7 +706,10 @@ class Trainer:
         except TrainingInterrupted:
             raise
         except Exception as exc:
-            self.events.write("end", step=self.step, status="failed", message=f"{type(exc).__name__}: {exc}")
+            try:
+                self.events.write("end", step=self.step, status="failed", message=f"{type(exc).__name__}: {exc}")
+            except Exception as log_error:  # e.g. the same full disk: keep the error that names the checkpoint
+                logger.debug(f"could not record the failure in events.jsonl: {log_error}")
             raise
         finally:
             if bar is not None:

@@ -107,6 +107,33 @@ def test_train_on_a_full_disk_keeps_the_last_good_checkpoint(dataset, tmp_path, 
     assert not [p for p in run.rglob("*") if p.name.startswith(".tmp-")]
 
 
+def test_a_full_disk_that_also_refuses_the_failure_event_still_names_the_checkpoint(dataset, tmp_path, monkeypatch,
+                                                                                     capfd):
+    """The trainer records a failure in events.jsonl; on the same full disk that write fails too,
+    and the line must still name the checkpoint that could not be written, not events.jsonl."""
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise RuntimeError(TORCH_SHORT_WRITE)
+        return real_save(obj, f, *args, **kwargs)
+
+    real_write = events.EventWriter.write
+
+    def write_unless_full(self, record_type, **fields):
+        if calls and len(calls) >= 2:
+            raise OutputError(f"{self.path}: cannot write (No space left on device); disk full?")
+        return real_write(self, record_type, **fields)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(events.EventWriter, "write", write_unless_full)
+    run = tmp_path / "run"
+    capfd.readouterr()
+    assert main(["train", str(dataset), "-o", str(run), "--cache-dir", str(tmp_path / "cache"), *TINY_TRAIN]) == 2
+    _one_line(capfd, run / "checkpoints" / "last.pt")
+
+
 @pytest.mark.parametrize("cut", [0, 0.5], ids=["0-bytes", "truncated"])
 def test_predict_notices_the_short_file_itks_nifti_writer_leaves_without_an_error(cut, dataset, tmp_path, monkeypatch,
                                                                                   capfd):
