@@ -226,6 +226,17 @@ def _default_exclusion(case: SceneCase, labeled: Sequence[SceneCase], modalities
     return ""
 
 
+def dataset_modality(labeled: Sequence[SceneCase]) -> Optional[str]:
+    """The ``channel_names`` entry of an exported dataset: the DICOM modality all labeled cases
+    share (CT, MR, ...), or None when one is unknown or they differ.
+
+    PLBOptCore plans its preprocessing from it, as nnU-Net does: "CT" gets the HU-based body crop
+    and the dataset's foreground statistics, anything else a per-case z-score.
+    """
+    modalities = {volume_modality(case.volume) for case in labeled}
+    return modalities.pop() if len(modalities) == 1 and None not in modalities else None
+
+
 def case_uses(cases: Sequence[SceneCase]) -> Dict[str, CaseUse]:
     """Which cases the export uses, by volume node ID.
 
@@ -440,6 +451,7 @@ class DatasetExport:
         for case in self.unlabeled:
             imageio.check_not_transformed(case.volume)
         self.colors = class_colors(self.labeled[0], self.class_names)
+        self.modality = dataset_modality(self.labeled)
         self.dataset_name = name
         self.max_pending = max(1, int(max_pending))
         self._to_read: List[SceneCase] = self.labeled + self.unlabeled
@@ -523,6 +535,7 @@ class DatasetExport:
 
             _write_json(self.out_dir / "dataset.json", {
                 "name": self.dataset_name,
+                **({"channel_names": {"0": self.modality}} if self.modality else {}),
                 "labels": sparse.dataset_labels(names, self.ignore),
                 "colors": {str(i + 1): list(self.colors[n]) for i, n in enumerate(names)},
                 "training": training,

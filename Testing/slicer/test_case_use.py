@@ -113,3 +113,27 @@ def test_without_labeled_cases_or_modalities_every_readable_volume_is_a_case(sce
         add_volume(scene, f"scan {seed}", image, spacing=spacing)
     uses = cases.case_uses(cases.find_cases(scene))
     assert all(use.used and use.reason == "" for use in uses.values())
+
+
+def test_the_export_names_the_labeled_cases_modality_so_the_core_plans_ct_or_mri(scene, tmp_path):
+    """dataset.json's channel_names carries the labeled cases' DICOM modality: PLBOptCore then
+    plans CT normalisation (HU body crop) for CT and a per-case z-score otherwise; without a known
+    modality there is no channel_names, which the core treats as not CT."""
+    from PLBOptCore.data.dataset import load_dataset
+    from PLBOptCore.data.plan import is_ct
+
+    labeled, _, _ = add_phantom(scene, "CT labeled", seed=0)
+    tag_modality(labeled, "CT")
+    WorkflowLogic(scene, working_dir=tmp_path).export_dataset()
+    dataset_json = tmp_path / "dataset" / "dataset.json"
+    assert json.loads(dataset_json.read_text())["channel_names"] == {"0": "CT"}
+    assert is_ct(load_dataset(tmp_path / "dataset").modality)
+
+    tag_modality(labeled, "MR")
+    WorkflowLogic(scene, working_dir=tmp_path).export_dataset()
+    assert json.loads(dataset_json.read_text())["channel_names"] == {"0": "MR"}
+    assert not is_ct(load_dataset(tmp_path / "dataset").modality)
+
+    second, _, _ = add_phantom(scene, "second labeled", seed=1)  # no modality known: none written
+    WorkflowLogic(scene, working_dir=tmp_path).export_dataset()
+    assert "channel_names" not in json.loads(dataset_json.read_text())
