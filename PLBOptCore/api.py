@@ -37,7 +37,7 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: Optional[str] = None
     anything in the run folder or the cache changes.
     With ``sparse_as_unlabeled`` (and a preset that uses unlabeled data) every training case whose
     label holds the dataset's ignore label also joins the unlabeled cases
-    (:func:`~PLBOptCore.data.dataset.with_sparse_as_unlabeled`).
+    (:func:`~PLBOptCore.engine.trainer.dataset_for_training`, applied by the trainer).
     ``unlabeled_dir`` adds the images of a folder to the unlabeled cases; ``cache_dir`` holds the
     preprocessing cache (default ``<dataset_dir>/.plbopt_cache``; give another folder when the
     dataset is read-only).
@@ -47,7 +47,7 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: Optional[str] = None
     normalisation by modality. Values in ``config_file`` and ``overrides`` win over the plan; a
     resumed run keeps its stored plan.
     """
-    from .data.dataset import load_dataset, validate_dataset, with_sparse_as_unlabeled
+    from .data.dataset import load_dataset, validate_dataset
     from .data.plan import plan_config
     from .engine.trainer import Trainer, check_training_inputs
 
@@ -70,9 +70,6 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: Optional[str] = None
         config = make_config(preset or "plbopt", Path(config_file) if config_file else None, overrides, small=small)
     dataset = load_dataset(Path(dataset_dir), unlabeled_dir=Path(unlabeled_dir) if unlabeled_dir else None)
     validate_dataset(dataset, deep=True)
-    if config.sparse_as_unlabeled and config.uses_unlabeled:
-        # sparsely annotated training cases also serve as unlabeled ones (their images, labels unused)
-        dataset = with_sparse_as_unlabeled(dataset)
     cache_dir = Path(cache_dir) if cache_dir else Path(dataset.root) / ".plbopt_cache"
     if not cache_dir.is_dir():  # an existing one may be a complete, read-only shared cache
         check_output_folder(cache_dir)

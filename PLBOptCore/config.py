@@ -53,8 +53,8 @@ class Config:
     foreground_oversample: float = 0.67  # share of patches centred on a foreground class
     # Sparse annotation (an "ignore" label): each training case with ignore voxels also joins the
     # unlabeled cases (its image; its label unused there), so CPS, refinement, triplet and mutual
-    # correction learn from its unannotated voxels (data.dataset.with_sparse_as_unlabeled, applied
-    # by api.train). Only where the preset uses unlabeled data.
+    # correction learn from its unannotated voxels (engine.trainer.dataset_for_training, applied
+    # by the trainer). Only where the preset uses unlabeled data.
     sparse_as_unlabeled: bool = False
     augment: bool = True  # random intensity scale/shift, plus the geometric options below
     # Mirroring X swaps patient left and right, so left/right organs (kidneys, adrenals) become

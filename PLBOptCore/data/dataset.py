@@ -31,7 +31,7 @@ nnU-Net v2 requires, it must be the highest label value (``{"background": 0, "sp
 ``DatasetSpec.ignore_label`` holds its value.
 
 A sparsely annotated training case's unannotated voxels are exactly what semi-supervision is
-for: :func:`with_sparse_as_unlabeled` (``Config.sparse_as_unlabeled``, applied by ``api.train``)
+for: :func:`with_sparse_as_unlabeled` (``Config.sparse_as_unlabeled``, applied by the trainer)
 also lists the image of every training case whose label holds the ignore label among the
 unlabeled cases, as ``<case>~unannotated`` without its label.
 
@@ -441,9 +441,12 @@ def with_sparse_as_unlabeled(spec: DatasetSpec) -> DatasetSpec:
     Raises ``DatasetError`` when a copy's name is taken by another case or is no safe file name.
     """
     taken = {case.name for split in SPLITS for case in getattr(spec, split)}
+    joined = {case.name: case.image for case in spec.unlabeled}
     copies = []
     for case in sparse_training_cases(spec):
         name = check_case_name(case.name + SPARSE_UNLABELED_SUFFIX, spec.json_path)
+        if joined.get(name) == case.image:  # joined already: applying this twice changes nothing
+            continue
         if name in taken:
             raise DatasetError(f"{spec.json_path}: case name {name!r} is taken; it names the unlabeled copy of "
                                f"the sparsely annotated case {case.name!r} (sparse_as_unlabeled)")

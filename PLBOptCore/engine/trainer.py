@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..data.dataset import Case, DatasetSpec
+from ..data.dataset import Case, DatasetSpec, with_sparse_as_unlabeled
 from ..data.loader import StepLoader
 from ..data.plan import format_plan
 from ..data.preprocess import UNANNOTATED, Preprocessed, PreprocessParams, preprocess_case
@@ -62,6 +62,16 @@ from .tensorboard import TENSORBOARD_DIR, TensorBoardSink, require_tensorboard
 logger = logging.getLogger(__name__)
 
 
+def dataset_for_training(config: Config, dataset: DatasetSpec) -> DatasetSpec:
+    """The cases training under ``config`` reads from ``dataset``: with ``sparse_as_unlabeled`` and a
+    preset that uses unlabeled data, the sparsely annotated training cases also join the unlabeled
+    ones (:func:`~PLBOptCore.data.dataset.with_sparse_as_unlabeled`, which reads the training
+    labels; a spec that holds the copies already is returned as it is)."""
+    if config.sparse_as_unlabeled and config.uses_unlabeled:
+        return with_sparse_as_unlabeled(dataset)
+    return dataset
+
+
 def check_training_inputs(config: Config, dataset: DatasetSpec, run_dir: Path,
                           init_from: Optional[Path]) -> Optional[Dict[str, Any]]:
     """Refuse, before anything is written (the plan's fingerprint, the run folder, the
@@ -69,9 +79,11 @@ def check_training_inputs(config: Config, dataset: DatasetSpec, run_dir: Path,
     configuration of the ``init_from`` checkpoint (None without one), so it is read once."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: exists and is not a folder; choose another run folder")
-    if config.uses_unlabeled and not dataset.unlabeled:
+    if config.uses_unlabeled and not dataset_for_training(config, dataset).unlabeled:
         raise ConfigError(f"{dataset.root}: preset {config.preset!r} needs unlabeled cases; "
-                          "dataset.json has none (use --preset supervised)")
+                          "dataset.json has none" + (" and no training label holds the ignore label"
+                                                     if config.sparse_as_unlabeled else "")
+                          + " (use --preset supervised)")
     if config.tensorboard:
         require_tensorboard()
     if init_from is not None:
@@ -124,7 +136,8 @@ class Trainer:
                  plan: Optional[Dict[str, Any]] = None) -> None:
         self.config = config
         self.plan = plan
-        self.dataset = dataset
+        # here, not in api.train, so that every way of building a trainer honours the setting
+        self.dataset = dataset = dataset_for_training(config, dataset)
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.init_from = Path(init_from) if init_from else None
@@ -277,12 +290,12 @@ class Trainer:
         feature_dim = cfg.projection_dim or cfg.base_filters
         # banks receive every rank's candidates, so they hold the same entries on every rank
         share = self.dist.gather_rows if self.dist.enabled else None
-        banks = [ConfidenceTripletLoss(cfg.triplet_levels, cfg.triplet_capacity, feature_dim,
-                                       cfg.triplet_margin, cfg.triplet_max_anchors,
-                                       cfg.triplet_max_candidates, mining=cfg.triplet_mining, share=share)
-                 for _ in range(1 if cfg.triplet_banks == "shared" else len(self.models))]
+        self.triplet_banks = [ConfidenceTripletLoss(cfg.triplet_levels, cfg.triplet_capacity, feature_dim,
+                                                    cfg.triplet_margin, cfg.triplet_max_anchors,
+                                                    cfg.triplet_max_candidates, mining=cfg.triplet_mining, share=share)
+                              for _ in range(1 if cfg.triplet_banks == "shared" else len(self.models))]
         # with shared banks both subnets use the one instance: each mines what both pushed
-        self.triplet_losses = [banks[i % len(banks)] for i in range(len(self.models))]
+        self.triplet_losses = [self.triplet_banks[i % len(self.triplet_banks)] for i in range(len(self.models))]
         # running mean of refinement's per-class Dice gain on labeled patches (the self-check), and
         # its gain on the validation cases at the latest validation (None until measured)
         self.refine_gain = torch.zeros(self.num_classes)
@@ -312,7 +325,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "diffdw": self.diffdw.state_dict(),
             "distdw": self.distdw.state_dict(),
-            "triplet": [t.state_dict() for t in self.triplet_losses],
+            "triplet": [bank.state_dict() for bank in self.triplet_banks],  # a shared bank once
             "refine_gain": self.refine_gain.clone(),
             **({} if self.refine_gain_validation is None
                else {"refine_gain_validation": self.refine_gain_validation.clone()}),
@@ -327,8 +340,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.diffdw.load_state_dict(state["diffdw"])
         self.distdw.load_state_dict(state["distdw"])
-        for triplet, triplet_state in zip(self.triplet_losses, state["triplet"]):
-            triplet.load_state_dict(triplet_state)
+        # zip: a shared bank saved once per subnet (before it was saved once) loads from its first copy
+        for bank, bank_state in zip(self.triplet_banks, state["triplet"]):
+            bank.load_state_dict(bank_state)
         if "refine_gain" in state:  # absent from checkpoints of earlier versions
             self.refine_gain = state["refine_gain"].float().cpu()
         if "refine_gain_validation" in state:

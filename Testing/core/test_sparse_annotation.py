@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from PLBOptCore.config import make_config
+from PLBOptCore.convert.sparsify import SparseSpec, sparsify_label_file
 from PLBOptCore.data.dataset import Case, load_dataset, validate_dataset
 from PLBOptCore.data.phantom import LABELS as PHANTOM_LABELS
 from PLBOptCore.data.phantom import make_phantom_dataset
@@ -266,12 +267,7 @@ def sparse_phantom(tmp_path_factory) -> Path:
                                 n_validation=1, shape=(24, 48, 48), seed=3)
     spec = load_dataset(root)
     for case in spec.training + spec.validation:
-        image = sitk.ReadImage(str(case.label))
-        label = sitk.GetArrayFromImage(image)
-        label[np.arange(label.shape[0]) % 4 != 0] = PHANTOM_IGNORE
-        sparse = sitk.GetImageFromArray(label)
-        sparse.CopyInformation(image)
-        sitk.WriteImage(sparse, str(case.label))
+        sparsify_label_file(case.label, case.label, PHANTOM_IGNORE, SparseSpec(every=4))
     data = json.loads((root / "dataset.json").read_text())
     data["labels"][str(PHANTOM_IGNORE)] = "ignore"
     (root / "dataset.json").write_text(json.dumps(data))

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from PLBOptCore.api import predict, train
 from PLBOptCore.config import CPU_DEMO_OVERRIDES, inert_settings, make_config
+from PLBOptCore.convert.sparsify import SparseSpec, sparsify_label_file
 from PLBOptCore.data.dataset import (SPARSE_UNLABELED_SUFFIX, Case, load_dataset, sparse_training_cases,
                                      with_sparse_as_unlabeled)
 from PLBOptCore.data.io import case_name
@@ -37,12 +38,7 @@ def _sparse_phantom(root: Path, n_labeled: int, n_unlabeled: int, sparse: int, s
                                 shape=shape, seed=seed)
     spec = load_dataset(root)
     for case in spec.training[:sparse]:
-        image = sitk.ReadImage(str(case.label))
-        label = sitk.GetArrayFromImage(image)
-        label[np.arange(label.shape[0]) % 4 != 0] = IGNORE
-        written = sitk.GetImageFromArray(label)
-        written.CopyInformation(image)
-        sitk.WriteImage(written, str(case.label))
+        sparsify_label_file(case.label, case.label, IGNORE, SparseSpec(every=4))
     data = json.loads((root / "dataset.json").read_text())
     data["labels"][str(IGNORE)] = "ignore"
     (root / "dataset.json").write_text(json.dumps(data))
@@ -58,6 +54,7 @@ def test_only_sparse_training_cases_join_the_unlabeled_cases_without_their_label
     assert joined.unlabeled[1:] == [Case(case.name + SPARSE_UNLABELED_SUFFIX, case.image, None)
                                     for case in spec.training[:2]]
     assert len(spec.unlabeled) == 1  # the loaded spec is left as it was
+    assert with_sparse_as_unlabeled(joined) == joined  # applying it twice changes nothing
     # a fully annotated dataset (no ignore label) is unchanged
     full = dataclasses.replace(spec, ignore_label=None)
     assert sparse_training_cases(full) == [] and with_sparse_as_unlabeled(full) is full
@@ -86,10 +83,10 @@ def _crop_of(patch: np.ndarray, volume: np.ndarray) -> bool:
 
 def test_the_unlabeled_sampler_draws_from_the_sparse_cases_without_labels(tmp_path):
     data = _sparse_phantom(tmp_path / "data", n_labeled=2, n_unlabeled=0, sparse=2)
-    spec = with_sparse_as_unlabeled(load_dataset(data))
     config = make_config("plbopt", overrides=dict(CPU_DEMO_OVERRIDES, patch_size=(16, 32, 32), augment=False,
-                                                  device="cpu", unlabeled_batch_size=3))
-    trainer = Trainer(config, spec, tmp_path / "run")
+                                                  device="cpu", unlabeled_batch_size=3, sparse_as_unlabeled=True))
+    # a trainer built directly (not through api.train) honours the setting too
+    trainer = Trainer(config, load_dataset(data), tmp_path / "run")
     trainer.setup()
     sampler = trainer.unlabeled_sampler
     labeled_images = [np.asarray(image) for image in trainer.labeled_sampler._images]

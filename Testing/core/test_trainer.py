@@ -91,6 +91,16 @@ def test_triplet_and_mutual_correction_variants_train(overrides, tiny_dataset, t
     if overrides.get("triplet_banks") == "shared":  # both subnets' candidates went to the one bank
         bank = trainer.triplet_losses[0].positive[0]
         assert len(bank) > 0
+        # the checkpoint holds the one bank once, and a resumed trainer gets it back for both subnets
+        state = trainer.state_dict()
+        assert len(state["triplet"]) == 1
+        resumed = Trainer(trainer.config, load_dataset(tiny_dataset), tmp_path / "resumed")
+        resumed.setup()
+        resumed.load_state_dict(state)
+        assert resumed.triplet_losses[0] is resumed.triplet_losses[1]
+        assert torch.equal(resumed.triplet_losses[1].positive[0].features(), bank.features())
+    else:
+        assert len(trainer.state_dict()["triplet"]) == len(trainer.models)
 
 
 def test_mc_target_refined_needs_the_teacher_mode():
