@@ -151,6 +151,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print((Path(args.output) / "ERRORS.md").read_text(), end="")
         print(f"wrote {Path(args.output) / 'errors.json'} ({len(results['runs'])} runs)")
         return 0
+    if args.bench == "compare":
+        from .bench.compare import write_comparison
+
+        names = args.names.split(",")
+        if len(names) != 2 or not all(names) or names[0] == names[1]:
+            raise ConfigError(f"--names: two different comma-separated names, got {args.names!r}")
+        _, markdown = write_comparison(args.first, args.second, args.output, names[0], names[1], args.overwrite)
+        print(markdown, end="")
+        print(f"wrote {Path(args.output) / 'COMPARE.md'}, compare.json and compare.png")
+        return 0
     if args.bench == "refine":
         from .bench.refine import run_refine_bench
 
@@ -287,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", type=Path, required=True)
     b.add_argument("--checkpoint", choices=CHECKPOINT_NAMES, default="best")
     b.add_argument("--device")
+    b.set_defaults(func=cmd_bench)
+    b = bench.add_parser("compare", help="two accuracy-benchmark folders (e.g. two splits of one dataset) paired by "
+                                         "preset and seed: compare.json, COMPARE.md, compare.png")
+    b.add_argument("first", type=Path, metavar="BENCH_A", help="folder written by plbopt bench accuracy (the reference)")
+    b.add_argument("second", type=Path, metavar="BENCH_B", help="folder written by plbopt bench accuracy")
+    b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("--names", default="A,B", help="names of the two arms in the report, e.g. whole2,sparse8x4")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing compare.json / COMPARE.md / compare.png")
     b.set_defaults(func=cmd_bench)
     b = bench.add_parser("refine", help="vectorised vs reference refinement, and the step-time share of PLBOpt's extras")
     b.add_argument("-o", "--output", type=Path, default=Path("bench-refine"))
