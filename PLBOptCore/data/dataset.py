@@ -61,11 +61,12 @@ from .io import (CHANNEL_SUFFIX, IMAGE_SUFFIXES, case_name, check_case_name, che
 Color = Tuple[int, int, int]
 logger = logging.getLogger(__name__)
 
-# Slicer-like organ colours for the first classes; further classes get evenly spread hues.
+# Colours of classes that dataset.json gives none: Okabe and Ito's palette for the first seven, whose
+# colours stay apart with protan, deutan and tritan colour vision (about 1 in 12 men sees red and green
+# alike; Testing/core/test_class_colors.py simulates it), then evenly spread hues.
 _PALETTE: Tuple[Color, ...] = (
-    (0, 0, 0), (157, 108, 162), (185, 102, 83), (221, 130, 101), (111, 184, 210), (144, 238, 144),
-    (216, 101, 79), (241, 214, 145), (183, 156, 220), (230, 220, 70), (250, 128, 114), (0, 151, 206),
-    (128, 174, 128), (255, 250, 220),
+    (0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
+    (204, 121, 167),
 )
 
 

@@ -31,13 +31,15 @@ LABELS: Dict[int, str] = {0: "background", 1: "liver", 2: "spleen", 3: "kidney_r
 # in SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json). Both kidneys share one colour there.
 TERMINOLOGY_COLORS: Dict[int, Tuple[int, int, int]] = {1: (221, 130, 101), 2: (157, 108, 162), 3: (185, 102, 83),
                                                        4: (185, 102, 83), 5: (224, 97, 76), 6: (139, 150, 98)}
-# The classes' colours: the terminology's where they are distinct (liver, spleen, gallbladder). Its kidney
-# and aorta are reddish browns close to its liver (CIE76 delta E 12.5 and 18; the right kidney and the aorta
-# border the liver or lie next to it) and the two kidneys would be one colour, so: aorta arterial red, right
-# kidney yellow, left kidney blue (both from the default palette, data/dataset.py). Every pair is now at
-# least delta E 45 apart, and 23 when drawn at the montage's opacity over CT (Testing/core/test_class_colors.py).
+# The classes' colours: the terminology's where they are distinct (liver, spleen). Its kidney and aorta
+# are reddish browns close to its liver (CIE76 delta E 12.5 and 18; the right kidney and the aorta border the
+# liver or lie next to it), the two kidneys would be one colour, and its olive gallbladder, set into the
+# liver, looks like the liver with protan colour vision (delta E 3.7). So: aorta arterial red, right kidney
+# yellow, left kidney magenta, gallbladder aqua. Every pair is at least delta E 48 apart, 27 with simulated
+# protan, deutan or tritan vision, and 20 when drawn at the montage's opacity over CT
+# (Testing/core/test_class_colors.py).
 COLORS: Dict[int, Tuple[int, int, int]] = {1: TERMINOLOGY_COLORS[1], 2: TERMINOLOGY_COLORS[2], 3: (230, 220, 70),
-                                           4: (0, 151, 206), 5: (200, 0, 0), 6: TERMINOLOGY_COLORS[6]}
+                                           4: (240, 32, 240), 5: (200, 0, 0), 6: (0, 248, 224)}
 SPACING_ZYX = (2.5, 1.5, 1.5)  # mm
 ORIGIN_XYZ = (-71.25, -95.5, -412.5)  # mm, deliberately not zero
 

@@ -1,6 +1,7 @@
-"""The phantom's class colours and the demo montage's overlays: every two classes are far apart in
-CIE Lab (CIE76 delta E), also as the montage draws them over CT; background stays dark; the colours
-are Slicer's terminology recommendations wherever those are distinct."""
+"""The phantom's class colours, the default palette and the demo montage's overlays: every two classes
+are far apart in CIE Lab (CIE76 delta E), also with simulated colour-vision deficiency (protan, deutan,
+tritan) and as the montage draws them over CT; background stays dark; the colours are Slicer's
+terminology recommendations wherever those are distinct."""
 
 from __future__ import annotations
 
@@ -11,13 +12,21 @@ import numpy as np
 import pytest
 
 from PLBOptCore import demo
-from PLBOptCore.data.dataset import load_dataset
+from PLBOptCore.data.dataset import default_color, load_dataset
 from PLBOptCore.data.phantom import COLORS, LABELS, TERMINOLOGY_COLORS, make_phantom_dataset
 
 MIN_DELTA_E = 40.0  # class colours (the terminology's liver / right kidney was 12.5)
 MIN_DELTA_E_OVERLAY = 20.0  # after blending at the montage's opacity (the old colours: 7)
 MIN_DELTA_E_FROM_CT = 15.0  # an overlay from the bare CT under it (the terminology's muted gallbladder: 16.8)
 CT_GREYS = (0.0, 0.25, 0.5, 0.8)  # under the overlay: air/fat, soft tissue, contrast, bone (0..1)
+MIN_DELTA_E_CVD = 25.0  # phantom classes seen with protan, deutan or tritan vision (terminology: 3.7)
+MIN_DELTA_E_CVD_PALETTE = 15.0  # the default palette's first seven classes, likewise (the former one: 4.9)
+# Machado, Oliveira and Fernandes (2009), severity 1.0: linear-RGB matrices simulating dichromacy
+CVD_MATRICES = {
+    "protan": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+    "deutan": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]],
+    "tritan": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]],
+}
 
 
 def lab(rgb) -> np.ndarray:
@@ -39,6 +48,21 @@ def rgb01(rgb) -> np.ndarray:
     return np.asarray(rgb, dtype=float) / 255
 
 
+def simulate(rgb, deficiency: str) -> np.ndarray:
+    """An sRGB colour in 0..1 as seen with ``deficiency`` (a key of CVD_MATRICES)."""
+    c = np.asarray(rgb, dtype=float)
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    seen = np.clip(np.asarray(CVD_MATRICES[deficiency]) @ linear, 0, 1)
+    return np.where(seen <= 0.0031308, 12.92 * seen, 1.055 * seen ** (1 / 2.4) - 0.055)
+
+
+def closest_pair_any_vision(colors):
+    """(delta E, class, class, vision) of the closest pair over normal and simulated deficient vision."""
+    return min([(*closest_pair(colors), "normal")]
+               + [(*closest_pair({c: simulate(rgb, kind) for c, rgb in colors.items()}), kind)
+                  for kind in CVD_MATRICES])
+
+
 def closest_pair(colors):
     """(delta E, class, class) of the two closest colours of ``{class: rgb01}``."""
     return min((delta_e(colors[a], colors[b]), a, b) for a, b in itertools.combinations(sorted(colors), 2))
@@ -58,13 +82,40 @@ def test_phantom_class_colours_are_pairwise_distinct():
     assert closest_pair({c: rgb01(rgb) for c, rgb in TERMINOLOGY_COLORS.items()})[0] < MIN_DELTA_E
 
 
+def test_simulation_matches_reference_values():
+    # Machado's matrices keep grey grey (rows sum to 1) and make red and green alike for protan/deutan
+    assert np.allclose(simulate([0.5, 0.5, 0.5], "deutan"), 0.5, atol=2e-3)
+    assert delta_e(simulate([1, 0, 0], "protan"), simulate([0, 0.5, 0], "protan")) < 30 < delta_e([1, 0, 0], [0, 0.5, 0])
+
+
+def test_phantom_class_colours_stay_distinct_with_colour_vision_deficiency():
+    distance, a, b, vision = closest_pair_any_vision({c: rgb01(rgb) for c, rgb in COLORS.items()})
+    assert distance > MIN_DELTA_E_CVD, f"{LABELS[a]}/{LABELS[b]} only delta E {distance:.1f} apart ({vision})"
+    # the test can fail: with the terminology's gallbladder, liver and gallbladder are 3.7 apart (protan)
+    with_terminology_gallbladder = {c: rgb01(rgb) for c, rgb in {**COLORS, 6: TERMINOLOGY_COLORS[6]}.items()}
+    distance, a, b, vision = closest_pair_any_vision(with_terminology_gallbladder)
+    assert distance < 5 and {LABELS[a], LABELS[b]} == {"liver", "gallbladder"} and vision == "protan"
+
+
+def test_default_palette_stays_distinct_with_colour_vision_deficiency():
+    colors = {c: rgb01(default_color(c)) for c in range(1, 8)}
+    distance, a, b, vision = closest_pair_any_vision(colors)
+    assert distance > MIN_DELTA_E_CVD_PALETTE, f"classes {a}/{b} only delta E {distance:.1f} apart ({vision})"
+    assert lab(rgb01(default_color(0)))[0] < 10  # background dark
+    assert len({default_color(c) for c in range(40)}) == 40  # beyond the palette: still one colour per class
+
+
 def test_terminology_colours_are_kept_where_distinct():
-    """A class leaves Slicer's recommended colour only when that is too close to another class's."""
+    """A class leaves Slicer's recommended colour only when that is too close to another class's, with
+    normal or with simulated deficient colour vision."""
     for c, recommended in TERMINOLOGY_COLORS.items():
-        others = [rgb01(COLORS[o]) for o in COLORS if o != c]
         if COLORS[c] != recommended:
-            assert min(delta_e(rgb01(recommended), o) for o in others) < MIN_DELTA_E, LABELS[c]
-    assert [LABELS[c] for c in COLORS if COLORS[c] == TERMINOLOGY_COLORS[c]] == ["liver", "spleen", "gallbladder"]
+            others = [rgb01(COLORS[o]) for o in COLORS if o != c]
+            closest = min([delta_e(rgb01(recommended), o) for o in others]
+                          + [delta_e(simulate(rgb01(recommended), kind), simulate(o, kind))
+                             for kind in CVD_MATRICES for o in others])
+            assert closest < MIN_DELTA_E_CVD, LABELS[c]
+    assert [LABELS[c] for c in COLORS if COLORS[c] == TERMINOLOGY_COLORS[c]] == ["liver", "spleen"]
 
 
 @pytest.fixture(scope="module")
