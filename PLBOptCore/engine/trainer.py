@@ -79,7 +79,8 @@ def check_training_inputs(config: Config, dataset: DatasetSpec, run_dir: Path,
     configuration of the ``init_from`` checkpoint (None without one), so it is read once."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: exists and is not a folder; choose another run folder")
-    if config.uses_unlabeled and not dataset_for_training(config, dataset).unlabeled:
+    # (the sparse cases' labels are read only where no unlabeled case is listed)
+    if config.uses_unlabeled and not dataset.unlabeled and not dataset_for_training(config, dataset).unlabeled:
         raise ConfigError(f"{dataset.root}: preset {config.preset!r} needs unlabeled cases; "
                           "dataset.json has none" + (" and no training label holds the ignore label"
                                                      if config.sparse_as_unlabeled else "")
