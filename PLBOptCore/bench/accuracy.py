@@ -454,10 +454,11 @@ def method_label(unit: RunSpec) -> str:
     return label
 
 
-def _cell(stats: Dict[str, Any], scale: float, digits: int, bold: bool = False) -> str:
+def _cell(stats: Dict[str, Any], scale: float, digits: int, bold: bool = False, signed: bool = False) -> str:
+    """``mean ± std`` of ``stats`` times ``scale`` (``n/a`` without a mean; a sign with ``signed``)."""
     if stats["mean"] is None:
         return "n/a"
-    text = f"{scale * stats['mean']:.{digits}f}"
+    text = f"{scale * stats['mean']:{'+' if signed else ''}.{digits}f}"
     if stats["std"] is not None:
         text += f" ± {scale * stats['std']:.{digits}f}"
     return f"**{text}**" if bold else text

@@ -25,6 +25,7 @@ from ..convert.sparsify import effort_line
 from ..convert.splits import read_json, write_json
 from ..errors import DatasetError
 from ..utils import atomic_write, check_output_file, check_output_folder
+from .accuracy import _cell as accuracy_cell
 from .accuracy import _stats, aggregate
 from .plots import plot_dice_bars
 
@@ -129,10 +130,7 @@ def compare_benches(dir_a: Path, dir_b: Path, name_a: str = "A", name_b: str = "
 
 
 def _cell(stats: Dict[str, Any], signed: bool = False) -> str:
-    if stats.get("mean") is None:
-        return "–"
-    text = f"{100 * stats['mean']:+.1f}" if signed else f"{100 * stats['mean']:.1f}"
-    return text + (f" ± {100 * stats['std']:.1f}" if stats.get("std") is not None else "")
+    return accuracy_cell(stats, 100, 1, signed=signed)
 
 
 def render_comparison(comparison: Dict[str, Any]) -> str:

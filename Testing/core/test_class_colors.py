@@ -29,10 +29,15 @@ CVD_MATRICES = {
 }
 
 
+def linear_rgb(rgb) -> np.ndarray:
+    """Linear-light RGB of an sRGB colour in 0..1."""
+    c = np.asarray(rgb, dtype=float)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
 def lab(rgb) -> np.ndarray:
     """CIE L*a*b* (D65) of an sRGB colour in 0..1."""
-    c = np.asarray(rgb, dtype=float)
-    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    c = linear_rgb(rgb)
     xyz = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
                     [0.0193339, 0.1191920, 0.9503041]]) @ c / np.array([0.95047, 1.0, 1.08883])
     f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
@@ -50,9 +55,7 @@ def rgb01(rgb) -> np.ndarray:
 
 def simulate(rgb, deficiency: str) -> np.ndarray:
     """An sRGB colour in 0..1 as seen with ``deficiency`` (a key of CVD_MATRICES)."""
-    c = np.asarray(rgb, dtype=float)
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    seen = np.clip(np.asarray(CVD_MATRICES[deficiency]) @ linear, 0, 1)
+    seen = np.clip(np.asarray(CVD_MATRICES[deficiency]) @ linear_rgb(rgb), 0, 1)
     return np.where(seen <= 0.0031308, 12.92 * seen, 1.055 * seen ** (1 / 2.4) - 0.055)
 
 
