@@ -174,7 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = run_accuracy_bench(Path(args.dataset), Path(args.output), presets=args.presets.split(","),
                                  seeds=args.seeds, iterations=args.iterations,
                                  variants=args.variants.split(",") if args.variants else [],
-                                 small=not args.full_size, device=args.device or "auto",
+                                 small=not args.full_size, device=args.device,
                                  settings=[dict(parse_override(text) for text in group) for group in args.set],
                                  checkpoint=args.checkpoint, split_file=args.split, config_file=args.config)
     report = Path(args.output) / results["report_dir"] / "RESULTS.md"
@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", type=Path, required=True)
     b.add_argument("--presets", default="supervised,dhc,plbopt,refine-only,triplet-only,mc-only")
     b.add_argument("--seeds", type=int, default=3)
-    b.add_argument("--iterations", type=int, default=300)
+    b.add_argument("--iterations", type=int,
+                   help="training steps of every run (default: the --config file's, else 300)")
     b.add_argument("--variants", default="", help="comma list: superpixel-methods, superpixel-number, noise")
     b.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a variant of every preset, trained beside its own runs and compared with them seed by "
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "labeled, unlabeled, validation, test; the split's folder is built in OUTPUT/dataset")
     b.add_argument("--checkpoint", choices=CHECKPOINT_NAMES, default="best",
                    help="score best.pt (chosen on the validation cases, default) or last.pt (the final weights)")
-    b.add_argument("--device")
+    b.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the --config file's, else auto)")
     b.set_defaults(func=cmd_bench)
 
     add_convert_arguments(sub)

@@ -142,12 +142,16 @@ class BenchContext:
 
 
 # ---------------------------------------------------------------------------------------- planning
+DEFAULT_ITERATIONS = 300  # each run's budget when neither --iterations nor --config names one
+
+
 def base_overrides(iterations: int, small: bool, device: str, extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The schedule shared by every run: the CPU schedule (if ``small``), the budget, then ``extra``.
-    Preprocessing is each run's plan (``api.train``), the same for every run of one dataset."""
+    """The schedule shared by every run: the CPU schedule (if ``small``), ``extra`` (the config file's
+    settings and the caller's), then the bench's budget and device, which the report states as every
+    run's. Preprocessing is each run's plan (``api.train``), the same for every run of one dataset."""
     overrides = dict(CPU_SCHEDULE) if small else {}
-    overrides.update(iterations=int(iterations), device=device)
     overrides.update(extra or {})
+    overrides.update(iterations=int(iterations), device=device)
     return overrides
 
 
@@ -766,8 +770,8 @@ def _progress_line(index: int, total: int, unit: RunSpec, outcome: str, record: 
 
 # ---------------------------------------------------------------------------------------- entry point
 def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str], seeds: int = 3,
-                       iterations: int = 300, variants: Sequence[str] = (), small: bool = True,
-                       device: str = "auto", extra_overrides: Optional[Dict[str, Any]] = None,
+                       iterations: Optional[int] = None, variants: Sequence[str] = (), small: bool = True,
+                       device: Optional[str] = None, extra_overrides: Optional[Dict[str, Any]] = None,
                        settings: Sequence[Dict[str, Any]] = (), checkpoint: str = "best",
                        split_file: Optional[Path] = None, config_file: Optional[Path] = None) -> Dict[str, Any]:
     """Run the benchmark (resumable) and return the ``results.json`` content.
@@ -778,10 +782,11 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
             index RESULTS.md, bench.log).
         presets: rows of the main table, e.g. ``["supervised", "dhc", "plbopt"]``.
         seeds: seeds ``0..seeds-1`` per preset.
-        iterations: training steps of every run.
+        iterations: training steps of every run; ``None``: the config file's ``iterations``, else
+            ``DEFAULT_ITERATIONS``.
         variants: any of ``superpixel-methods``, ``superpixel-number``, ``noise``.
         small: use ``CPU_SCHEDULE`` (8 filters, AdamW) and patches planned within the CPU budget.
-        device: ``auto``, ``cpu``, ``cuda``...
+        device: ``auto``, ``cpu``, ``cuda``...; ``None``: the config file's ``device``, else ``auto``.
         extra_overrides: config overrides applied to every run after the schedule (variant
             settings still win); recorded in results.json but not expressible on the CLI.
         settings: variants (``--set KEY=VALUE ...``, one dict each) of every preset, trained with
@@ -814,8 +819,12 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     spec = load_dataset(dataset_dir)
     if not spec.test or any(case.label is None for case in spec.test):
         raise DatasetError(f"{spec.json_path}: the accuracy benchmark needs 'test' cases that all have a label")
-    if config_file is not None:
-        extra_overrides = {**load_config_file(Path(config_file)), **(extra_overrides or {})}
+    file_settings = load_config_file(Path(config_file)) if config_file is not None else {}
+    # the bench's own flags win over the file (as the file wins over a preset); without them the
+    # file's budget and device apply, so the report states the budget every run trained with
+    iterations = int(iterations if iterations is not None else file_settings.get("iterations", DEFAULT_ITERATIONS))
+    device = str(device or file_settings.get("device", "auto"))
+    extra_overrides = {**file_settings, **(extra_overrides or {})}
     base = base_overrides(iterations, small, device, extra_overrides)
     settings = [dict(setting) for setting in settings]
     units, tables = plan_runs(presets, seeds, variants, base, settings)

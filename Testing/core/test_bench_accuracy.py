@@ -114,6 +114,23 @@ def test_partial_training_is_resumed(bench, tmp_path):
     assert starts == [0, 1]
 
 
+def test_a_config_file_sets_the_budget_and_explicit_flags_win_over_it(bench, tmp_path):
+    dataset, _, _ = bench
+    config_file = tmp_path / "recipe.yaml"
+    config_file.write_text("iterations: 2\ndevice: cpu\nbase_filters: 4\n")
+    out = tmp_path / "out"
+    results = run_accuracy_bench(dataset, out, presets=["supervised"], seeds=1, small=True,
+                                 extra_overrides=TINY, config_file=config_file)
+    assert (results["settings"]["iterations"], results["settings"]["device"]) == (2, "cpu")
+    assert "--iterations 2" in results["command"]
+    trained = json.loads((out / "runs" / "supervised-seed0" / "config.json").read_text())
+    assert trained["iterations"] == 2
+    # --iterations 3 beside the file's 2: the flag wins, so the 2-step run is other settings
+    with pytest.raises(ConfigError, match="other settings"):
+        run_accuracy_bench(dataset, out, presets=["supervised"], seeds=1, iterations=3, small=True,
+                           extra_overrides=TINY, config_file=config_file)
+
+
 def test_other_settings_in_same_folder_are_refused(bench):
     dataset, out, _ = bench
     with pytest.raises(ConfigError, match="other settings"):
