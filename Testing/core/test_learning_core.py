@@ -183,7 +183,7 @@ def small_dataset(tmp_path_factory) -> Path:
 
 
 def test_class_weight_floor_is_applied_to_both_subnets_weights(small_dataset, tmp_path):
-    assert make_config("dhc").class_weight_floor == 0.0  # DHC's weights as they are, by default
+    assert make_config("dhc").class_weight_floor == 1.0  # DistDW's zero background weight lifted, by default
     with pytest.raises(ConfigError):
         make_config("dhc", overrides=dict(class_weight_floor=-1.0))
     trainer = Trainer(make_config("dhc", overrides=dict(TINY, class_weight_floor=2.5)), load_dataset(small_dataset),

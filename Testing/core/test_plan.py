@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from PLBOptCore.api import predict, train
-from PLBOptCore.config import PATCH_BUDGET, make_config
+from PLBOptCore.config import CPU_DEMO_OVERRIDES, PATCH_BUDGET, make_config
 from PLBOptCore.convert.splits import apply_split_file
 from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.plan import (compute_fingerprint, plan_config, plan_patch_size, plan_preprocessing,
@@ -264,8 +264,11 @@ def test_repository_split_files_are_disjoint_and_state_their_counts(name):
                          ids=lambda path: path.name)
 def test_repository_configs_load(config_file):
     config = make_config("plbopt", config_file)
-    if "synapse" in config_file.name or "amos" in config_file.name:  # the paper's setting stays DHC's window
+    if "synapse" in config_file.name or "amos" in config_file.name:  # the paper's setting stays DHC's
         assert config.normalization == "minmax" and config.clip_window == (-75.0, 275.0)
+        assert config.class_weight_floor == 0.0
+    if "phantom" in config_file.name:  # the phantom tables were measured with DHC's class weights
+        assert config.class_weight_floor == 0.0 == make_config("plbopt", overrides=CPU_DEMO_OVERRIDES).class_weight_floor
 
 
 def test_phantom_config_is_the_demo_preprocessing():
