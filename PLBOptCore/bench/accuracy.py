@@ -811,6 +811,12 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     started = time.perf_counter()
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     presets, variants = list(presets), list(variants)
+    file_settings = load_config_file(Path(config_file)) if config_file is not None else {}
+    # the bench's own flags win over the file (as the file wins over a preset); without them the
+    # file's budget and device apply, so the report states the budget every run trained with
+    iterations = int(iterations if iterations is not None else file_settings.get("iterations", DEFAULT_ITERATIONS))
+    device = str(device or file_settings.get("device", "auto"))
+    resolve_device(device)  # a GPU recipe on a machine without CUDA: refused before anything is written
     source_dir = dataset_dir
     if split_file is not None:
         from ..convert.splits import apply_split_file
@@ -819,11 +825,6 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     spec = load_dataset(dataset_dir)
     if not spec.test or any(case.label is None for case in spec.test):
         raise DatasetError(f"{spec.json_path}: the accuracy benchmark needs 'test' cases that all have a label")
-    file_settings = load_config_file(Path(config_file)) if config_file is not None else {}
-    # the bench's own flags win over the file (as the file wins over a preset); without them the
-    # file's budget and device apply, so the report states the budget every run trained with
-    iterations = int(iterations if iterations is not None else file_settings.get("iterations", DEFAULT_ITERATIONS))
-    device = str(device or file_settings.get("device", "auto"))
     extra_overrides = {**file_settings, **(extra_overrides or {})}
     base = base_overrides(iterations, small, device, extra_overrides)
     settings = [dict(setting) for setting in settings]

@@ -7,6 +7,7 @@ import logging
 import shutil
 
 import pytest
+import torch
 
 from PLBOptCore.api import train
 from PLBOptCore.bench.accuracy import (METRICS_FILE, REPORT_NAME_MAX, RunSpec, aggregate, base_overrides, plan_runs,
@@ -129,6 +130,11 @@ def test_a_config_file_sets_the_budget_and_explicit_flags_win_over_it(bench, tmp
     with pytest.raises(ConfigError, match="other settings"):
         run_accuracy_bench(dataset, out, presets=["supervised"], seeds=1, iterations=3, small=True,
                            extra_overrides=TINY, config_file=config_file)
+    if not torch.cuda.is_available():  # a GPU recipe here: refused before the bench folder exists
+        config_file.write_text("device: cuda\n")
+        with pytest.raises(ConfigError, match="cuda"):
+            run_accuracy_bench(dataset, tmp_path / "gpu", presets=["supervised"], seeds=1, config_file=config_file)
+        assert not (tmp_path / "gpu").exists()
 
 
 def test_other_settings_in_same_folder_are_refused(bench):
