@@ -167,16 +167,16 @@ def test_plan_variants_reuse_the_main_run():
 def test_plan_settings_variants_of_every_preset():
     base = base_overrides(300, True, "cpu", None)
     units, tables = plan_runs(["dhc", "plbopt"], 2, [], base,
-                              [{"lambda_mc": 0.3}, {"triplet_mining": "paper"}, {"class_weight_floor": 1.0}])
+                              [{"lambda_mc": 0.3}, {"triplet_mining": "paper"}, {"class_weight_floor": 0.0}])
     names = [u.name for u in units]
     # trainings seed-major: the presets' own runs, then the variants
     assert names[:2] == ["dhc-seed0", "plbopt-seed0"] and "plbopt[lambda_mc=0.3]-seed1" in names
     # a setting equal to the preset's own value (both mine as eq. 5-6) is that preset's run
     assert not any("triplet_mining" in name for name in names)
     # a setting the preset switches off (dhc has no mutual correction) trains nothing
-    assert "dhc[lambda_mc=0.3]-seed0" not in names and "dhc[class_weight_floor=1.0]-seed1" in names
-    assert [r["group"] for r in tables["settings"]] == ["dhc", "dhc[class_weight_floor=1.0]", "plbopt",
-                                                        "plbopt[lambda_mc=0.3]", "plbopt[class_weight_floor=1.0]"]
+    assert "dhc[lambda_mc=0.3]-seed0" not in names and "dhc[class_weight_floor=0.0]-seed1" in names
+    assert [r["group"] for r in tables["settings"]] == ["dhc", "dhc[class_weight_floor=0.0]", "plbopt",
+                                                        "plbopt[lambda_mc=0.3]", "plbopt[class_weight_floor=0.0]"]
     assert tables["settings"][3]["label"] == "Full (PLBOpt) (lambda_mc=0.3)"
     with pytest.raises(ConfigError):
         plan_runs(["dhc"], 1, [], base, [{"lambda_mc": -1.0}])
