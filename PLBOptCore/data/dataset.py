@@ -426,8 +426,8 @@ def sparse_training_cases(spec: DatasetSpec) -> List[Case]:
     sparse = []
     for case in spec.training:
         assert case.label is not None  # load_dataset refuses a training case without a label
-        label = sitk.GetArrayViewFromImage(read_image(case.label))
-        if (label == spec.ignore_label).any():
+        image = read_image(case.label)  # held: the array view reads the image's own buffer
+        if (sitk.GetArrayViewFromImage(image) == spec.ignore_label).any():
             sparse.append(case)
     return sparse
 
