@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import (CPU_SCHEDULE, PLANNED_KEYS, RESUME_SAFE_KEYS, Config, load_config_file, make_config,
-                     resume_config)
+                     resume_config, stored_config)
 from .errors import ConfigError, DatasetError
 from .utils import check_output_folder
 
@@ -61,7 +61,7 @@ def train(dataset_dir: PathLike, run_dir: PathLike, preset: Optional[str] = None
                               f"continues the weights of {run_dir}; use one or the other")
         if not (run_dir / "config.json").is_file():
             raise ConfigError(f"{run_dir}: nothing to resume (no config.json)")
-        stored = Config.from_dict(load_config_file(run_dir / "config.json"))
+        stored = stored_config(load_config_file(run_dir / "config.json"), run_dir / "config.json")
         # --small and a preset become requested values below the explicit ones, as in make_config
         schedule = {key: value for key, value in CPU_SCHEDULE.items() if key not in RESUME_SAFE_KEYS} if small else {}
         config = resume_config(stored, {**schedule, **({"preset": preset} if preset else {}), **requested},

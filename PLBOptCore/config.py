@@ -358,6 +358,24 @@ RESUME_SAFE_KEYS = ("iterations", "device", "num_workers", "deterministic", "log
                     "checkpoint_every", "tensorboard", "sw_overlap", "sw_batch_size")
 
 
+def stored_config(data: Dict[str, Any], source: Path) -> Config:
+    """The configuration a run folder stored (``config.json``, read from ``source``).
+
+    A key that changes what a run learns and is missing was added to :class:`Config` after the run
+    was made: its default today need not be what the run was trained with (``class_weight_floor``
+    was 0 before the key existed and is 1 now), so the run is refused rather than silently continued,
+    or reused by a benchmark, as another experiment. Keys a resume may change anyway
+    (:data:`RESUME_SAFE_KEYS`) take their defaults.
+    """
+    missing = sorted(f.name for f in fields(Config) if f.name not in data and f.name not in RESUME_SAFE_KEYS)
+    if missing:
+        raise ConfigError(f"{source}: written by an older PLBOpt, it lacks {', '.join(missing)}, whose defaults may "
+                          f"differ from what this run was trained with; start a new run folder (--init-from "
+                          f"{source.parent / 'checkpoints' / 'last.pt'} keeps its weights), or add the values the "
+                          f"run used to {source.name}")
+    return Config.from_dict(data)
+
+
 def resume_config(stored: Config, overrides: Optional[Dict[str, Any]], source: Path) -> Config:
     """The configuration ``stored`` in a run folder (read from ``source``) with ``overrides`` applied.
 

@@ -41,7 +41,8 @@ import torch
 
 from ..api import evaluate, predict, train
 from ..convert.sparsify import effort_line, labeled_effort
-from ..config import CHECKPOINT_NAMES, CPU_SCHEDULE, PLANNED_KEYS, Config, inert_settings, load_config_file, make_config
+from ..config import (CHECKPOINT_NAMES, CPU_SCHEDULE, PLANNED_KEYS, inert_settings, load_config_file, make_config,
+                      stored_config)
 from ..data.dataset import DatasetSpec, load_dataset
 from ..data.io import array_to_image, case_name, read_image, write_image
 from ..engine.events import read_events
@@ -245,8 +246,7 @@ def check_same_config(run_dir: Path, preset: str, overrides: Dict[str, Any]) -> 
     stored_path = run_dir / "config.json"
     if not stored_path.is_file():
         return
-    # through Config as a resume would: keys added to Config since then take their defaults
-    stored = Config.from_dict(load_config_file(stored_path)).to_dict()
+    stored = stored_config(load_config_file(stored_path), stored_path).to_dict()  # as a resume reads it
     expected = make_config(preset, overrides=overrides).to_dict()
     ignored = set(IGNORED_KEYS) | (set(PLANNED_KEYS) - set(overrides))
     differing = sorted(k for k in expected if k not in ignored and stored.get(k) != expected[k])

@@ -144,6 +144,22 @@ def test_other_settings_in_same_folder_are_refused(bench):
                            extra_overrides=TINY)
 
 
+def test_a_run_older_than_a_learning_key_is_not_reused_as_todays_settings(bench):
+    """Its config.json lacks class_weight_floor: it trained with 0, while the key's default is 1 now."""
+    dataset, out, _ = bench
+    stored = out / "runs" / "dhc-seed0" / "config.json"
+    settings = json.loads(stored.read_text())
+    original = stored.read_text()
+    stored.write_text(json.dumps({k: v for k, v in settings.items() if k != "class_weight_floor"}))
+    try:
+        with pytest.raises(ConfigError, match="dhc-seed0/config.json: written by an older PLBOpt, it lacks "
+                                              "class_weight_floor,"):
+            run_accuracy_bench(dataset, out, presets=["dhc"], seeds=1, iterations=2, small=True, device="cpu",
+                               extra_overrides=TINY)
+    finally:  # the other tests share this bench folder
+        stored.write_text(original)
+
+
 def test_plan_variants_reuse_the_main_run():
     base = base_overrides(300, True, "cpu", None)
     units, tables = plan_runs(["dhc", "plbopt"], 2, ["superpixel-methods", "superpixel-number", "noise"], base)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from PLBOptCore.cli import main
-from PLBOptCore.config import CPU_DEMO_OVERRIDES, RESUME_SAFE_KEYS, Config, inert_settings, make_config, resume_config
+from PLBOptCore.config import (CPU_DEMO_OVERRIDES, RESUME_SAFE_KEYS, Config, inert_settings, make_config, resume_config,
+                               stored_config)
 from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.phantom import make_phantom_dataset
 from PLBOptCore.engine.inference import build_models
@@ -179,6 +180,33 @@ def test_cli_resume_refuses_a_changed_learning_setting(tiny_dataset, tmp_path, c
     assert main(["train", str(tiny_dataset), "-o", str(run), "--resume", "-q", "--iterations", "3",
                  "--set", "log_every=3"]) == 0
     assert json.loads((run / "config.json").read_text())["log_every"] == 3
+
+    # a config.json written before class_weight_floor existed (it was 0 then; the default is 1 now)
+    stored = json.loads((run / "config.json").read_text())
+    del stored["class_weight_floor"], stored["sw_batch_size"]
+    (run / "config.json").write_text(json.dumps(stored))
+    events_before = (run / "events.jsonl").read_text()
+    capfd.readouterr()
+    assert main(["train", str(tiny_dataset), "-o", str(run), "--resume", "-q", "--iterations", "4"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(run / "config.json") in err
+    assert "lacks class_weight_floor," in err and "sw_batch_size" not in err
+    assert (run / "events.jsonl").read_text() == events_before
+    (run / "config.json").write_text(json.dumps({**stored, "class_weight_floor": 0}))  # the value the run used
+    assert main(["train", str(tiny_dataset), "-o", str(run), "--resume", "-q", "--iterations", "4"]) == 0
+    assert json.loads((run / "config.json").read_text())["class_weight_floor"] == 0
+
+
+def test_a_stored_config_lacking_a_learning_key_is_refused_and_a_resume_safe_one_takes_its_default(tmp_path):
+    source = tmp_path / "run" / "config.json"
+    full = make_config("dhc").to_dict()
+    assert stored_config(full, source) == make_config("dhc")
+    without_safe = {k: v for k, v in full.items() if k != "sw_batch_size"}
+    assert stored_config(without_safe, source).sw_batch_size == Config().sw_batch_size
+    without_learning = {k: v for k, v in full.items() if k not in ("class_weight_floor", "lr")}
+    with pytest.raises(ConfigError, match=r"config.json: written by an older PLBOpt, it lacks class_weight_floor, lr, "
+                                          r".*--init-from .*last.pt keeps its weights"):
+        stored_config(without_learning, source)
 
 
 def test_inert_settings_name_the_switch_that_is_off():
