@@ -99,6 +99,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._trainingJob = None
         self._predictionJob = None
         self._stagedStart = None  # Export/Start/Retrain while the dataset is being exported (PLBOptLib.logic.StagedStart)
+        self._stagedLoad = None  # pseudo labels being loaded, one case per tick (PLBOptLib.logic.StagedLoad)
         self._probeJob = None  # child interpreter telling which torch/device training gets
         self._devicePrompted = False
         self.selection = panel.CaseSelection()  # by volume node ID: rows move when the table is rebuilt
@@ -121,6 +122,9 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.exportTimer = qt.QTimer()
         self.exportTimer.setInterval(EXPORT_STEP_INTERVAL_MS)
         self.exportTimer.connect("timeout()", self.onExportTimer)
+        self.loadTimer = qt.QTimer()
+        self.loadTimer.setInterval(EXPORT_STEP_INTERVAL_MS)
+        self.loadTimer.connect("timeout()", self.onLoadTimer)
         self.sceneRefreshTimer = qt.QTimer()
         self.sceneRefreshTimer.setSingleShot(True)
         self.sceneRefreshTimer.setInterval(SCENE_REFRESH_DELAY_MS)
@@ -167,6 +171,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._stagedStart is not None:
             self._stagedStart.cancel()
             self._endStagedStart()
+        self._stopStagedLoad()
         self.removeObservers()
 
     def onRefreshCases(self) -> None:
@@ -193,7 +198,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not load the pseudo labels."), waitCursor=True):
             restored = panel.restore_review(
                 self.logic, lambda question: slicer.util.confirmYesNoDisplay(question, _("PLBOpt: pseudo labels found")),
-                self._declinedReviews)
+                self._declinedReviews, load=self._loadPredictionsInSteps)
         if not restored:
             return
         self.appendLog(_("Review of {count} pseudo labels restored, most uncertain first").format(count=len(restored)))
@@ -231,6 +236,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._stopStagedLoad()  # its cases are about to go
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -265,7 +271,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.working_dir = WorkflowLogic.working_folder_from_text(str(self._parameterNode.workingFolder))
 
     def _busy(self) -> bool:
-        return self._stagedStart is not None or any(
+        return self._stagedStart is not None or self._stagedLoad is not None or any(
             job is not None and job.process.running for job in (self._trainingJob, self._predictionJob))
 
     def updateButtons(self, caller=None, event=None) -> None:
@@ -282,7 +288,8 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.enabled = not busy
         self.ui.cancelButton.enabled = (exporting and not self._stagedStart.export.cancelled) or (
             training and not self._trainingJob.process.cancel_requested)
-        self.ui.cancelPredictionButton.enabled = predicting and not self._predictionJob.process.cancel_requested
+        loading = self._stagedLoad is not None and not self._stagedLoad.cancelled
+        self.ui.cancelPredictionButton.enabled = loading or (predicting and not self._predictionJob.process.cancel_requested)
         self.ui.show3DButton.enabled = selected is not None and selected.segmentation is not None
         self.ui.resumeButton.enabled = not busy and hasRun
         self.ui.predictButton.enabled = not busy and hasRun
@@ -504,7 +511,11 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
 
     def onCancelPrediction(self) -> None:
-        if self._predictionJob is not None:
+        if self._stagedLoad is not None:
+            self.appendLog(_("Cancelling the loading of pseudo labels; those loaded stay for review"))
+            self._stagedLoad.cancel()
+            self.updateButtons()
+        elif self._predictionJob is not None:
             self.appendLog(_("Cancelling the prediction…"))
             self._predictionJob.cancel()
             self.updateButtons()
@@ -556,12 +567,57 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Prediction failed: {reason}").format(reason=job.process.failure_message()),
                                      detailedText="\n".join(job.process.output))
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not load the pseudo labels."), waitCursor=True):
-            ranked = self.logic.load_predictions(job.run_dir, job.out_dir)
-            self.ui.progressLabel.text = _("{count} pseudo labels loaded, most uncertain first").format(count=len(ranked))
+        with slicer.util.tryWithErrorDisplay(_("Could not load the pseudo labels.")):
+            self._beginStagedLoad(self.logic.staged_load_predictions(job.run_dir, job.out_dir))
+
+    def _loadPredictionsInSteps(self, pending) -> list:
+        """panel.restore_review's loader: the offered predictions load from the timer; none yet."""
+        self._beginStagedLoad(self.logic.staged_load_predictions(pending.run_dir, pending.out_dir, pending.case_names))
+        return []
+
+    def _beginStagedLoad(self, staged) -> None:
+        """Load the pseudo labels one case per tick (the files are read on a worker thread); the
+        busy cursor says Slicer is working, and it stays usable meanwhile."""
+        self._stopStagedLoad()
+        self._stagedLoad = staged
+        qt.QApplication.setOverrideCursor(qt.Qt.BusyCursor)
+        self.ui.progressBar.setValue(0)
+        self.ui.progressLabel.text = staged.progress_text
+        self.loadTimer.start()
+        self.updateButtons()
+
+    def _stopStagedLoad(self) -> None:
+        if self._stagedLoad is None:
+            return
+        self._stagedLoad.cancel()
+        self.loadTimer.stop()
+        self._stagedLoad = None
+        qt.QApplication.restoreOverrideCursor()
+
+    def onLoadTimer(self) -> None:
+        staged = self._stagedLoad
+        if staged is None:
+            self.loadTimer.stop()
+            return
+        try:
+            over = staged.advance()
+        except Exception as error:  # noqa: BLE001 - shown to the user; the cases loaded before it stay
+            self._stopStagedLoad()
+            self.ui.progressLabel.text = str(error)
+            slicer.util.errorDisplay(_("Could not load the pseudo labels: {error}").format(error=error))
             self.refreshCaseTable()
-            if ranked:
-                self.ui.casesTable.selectRow(0)
+            return
+        self.ui.progressBar.setValue(int(round(1000 * staged.fraction)))
+        self.ui.progressLabel.text = staged.progress_text
+        if not over:
+            return
+        self._stopStagedLoad()
+        ranked = staged.ranked
+        self.ui.progressLabel.text = _("{count} pseudo labels loaded, most uncertain first").format(count=len(ranked))
+        self.refreshCaseTable()
+        if ranked and self.selection.volume_id is None:
+            self.ui.casesTable.selectRow(0)
+        self.updateButtons()
 
     def onCaseSelected(self) -> None:
         items = self.ui.casesTable.selectedItems()

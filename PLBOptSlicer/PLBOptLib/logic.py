@@ -15,13 +15,14 @@ import json
 import os
 import re
 import socket
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import slicer
 
-from . import bundle, review, sparse
+from . import bundle, imageio, review, sparse
 from . import cases as case_utils
 from .cases import DatasetExport, ExportedDataset, SceneCase, Status
 from .errors import PLBOptSlicerError
@@ -141,6 +142,103 @@ class StagedStart:
     def cancel(self) -> None:
         """Stop the export after the file being written; no job is started."""
         self.export.cancel()
+
+
+class StagedLoad:
+    """Loading a prediction's pseudo labels without freezing Slicer: a worker thread reads and
+    checks the next case's files (:func:`review.read_prediction`, no scene access) while the GUI
+    thread adds the current case's nodes, one case per :meth:`advance`. A case that left the scene,
+    or that the user labeled or began correcting meanwhile, is skipped, so no edit is overwritten."""
+
+    def __init__(self, logic: "WorkflowLogic", out_dir: Path, targets: List[Tuple[str, str]], labels: Dict[int, str],
+                 colors: Dict[int, tuple]):
+        """``targets``: (volume node ID, case name) of each case to load, in order."""
+        self.logic = logic
+        self.out_dir = out_dir
+        self.labels, self.colors = labels, colors
+        self._pending = list(targets)
+        self.total = len(targets)
+        self.loaded: List[str] = []
+        self.skipped: List[str] = []
+        self.cancelled = False
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="PLBOpt pseudo labels")
+        self._reading: Optional[Tuple[str, str, Future]] = None  # (volume ID, case name, read)
+        self._read_next()
+
+    @property
+    def done_count(self) -> int:
+        return len(self.loaded) + len(self.skipped)
+
+    @property
+    def fraction(self) -> float:
+        return self.done_count / self.total if self.total else 1.0
+
+    @property
+    def progress_text(self) -> str:
+        return f"Loading pseudo labels: {self.done_count}/{self.total} cases"
+
+    @property
+    def ranked(self) -> List["ReviewItem"]:
+        """The cases loaded so far, most uncertain first."""
+        return [item for item in self.logic.ranked_review() if item.case_name in self.loaded]
+
+    def _read_next(self) -> None:
+        """Hand the next case's files to the reader (its grid is read from the node here, on the GUI thread)."""
+        self._reading = None
+        while self._pending and not self.cancelled:
+            volume_id, name = self._pending.pop(0)
+            case = self.logic.case_of_volume(volume_id)
+            if case is None or case.name != name:
+                self._skip(name)
+                continue
+            grid = imageio.volume_geometry(case.volume)
+            read = self._reader.submit(review.read_prediction, self.out_dir / f"{case.name}.nii.gz",
+                                       self.out_dir / "confidence" / f"{case.name}.nii.gz", grid,
+                                       case.volume.GetName(), self.labels)
+            self._reading = (case.volume.GetID(), case.name, read)
+            return
+        self._reader.shutdown(wait=False)
+        stopped = " (loading cancelled)" if self.cancelled else ""
+        self.logic.log_callback(f"Loaded pseudo labels of {len(self.loaded)} cases from {self.out_dir}{stopped}")
+
+    def advance(self, wait: bool = False) -> bool:
+        """Add the case whose files are read, if they are (``wait``: wait for them); True when
+        every case is done or the load was cancelled. Raises what reading or adding a case raised
+        (the cases added before it stay loaded)."""
+        if self._reading is None:
+            return True
+        volume_id, name, read = self._reading
+        if not wait and not read.done():
+            return False
+        try:
+            files = read.result()
+        except BaseException:
+            self._reader.shutdown(wait=False)
+            self._reading = None
+            raise
+        case = self.logic.case_of_volume(volume_id)  # as the scene is now, not as it was when queued
+        if case is None or case.name != name or not WorkflowLogic._takes_prediction(case, self.out_dir, None):
+            self._skip(name)
+        else:
+            try:
+                self.logic._add_prediction(case, files, self.out_dir, self.labels, self.colors)
+            except BaseException:
+                self._reader.shutdown(wait=False)
+                self._reading = None
+                raise
+            self.loaded.append(name)
+        self._read_next()
+        return self._reading is None
+
+    def _skip(self, name: str) -> None:
+        self.skipped.append(name)
+        self.logic.log_callback(f"Skipped the pseudo label of {name}: since the prediction, the case was removed, "
+                                f"renamed, labeled or is being corrected")
+
+    def cancel(self) -> None:
+        """Stop after the case being read; the cases loaded so far stay for review."""
+        self.cancelled = True
+        self._pending.clear()
 
 
 def export_summary(exported: ExportedDataset) -> str:
@@ -444,6 +542,15 @@ class WorkflowLogic:
         process = self._start_job(command, kill_after_seconds=PREDICTION_KILL_AFTER_SECONDS)
         return PredictionJob(run_dir=run_dir, out_dir=out_dir, process=process)
 
+    def staged_load_predictions(self, run_dir: Path, out_dir: Path,
+                                case_names: Optional[List[str]] = None) -> "StagedLoad":
+        """The loading of :meth:`load_predictions`, one case per :meth:`StagedLoad.advance`, as the
+        panel runs it from a timer so that Slicer stays usable while many cases load."""
+        labels, colors = case_utils.read_class_table(Path(run_dir) / "dataset.json")
+        targets = [(case.volume.GetID(), case.name) for case in self.cases()
+                   if self._takes_prediction(case, Path(out_dir), case_names)]
+        return StagedLoad(self, Path(out_dir), targets, labels, colors)
+
     def load_predictions(self, run_dir: Path, out_dir: Path, case_names: Optional[List[str]] = None) -> List[ReviewItem]:
         """Load every predicted case (or those of ``case_names``) as pseudo label + confidence map;
         return them most uncertain first.
@@ -453,35 +560,42 @@ class WorkflowLogic:
         segmentation is still the user's is completed: its pseudo label keeps the user's annotated
         slices (see :func:`PLBOptLib.sparse.complete_with_prediction`) and the case stays labeled.
         """
-        labels, colors = case_utils.read_class_table(Path(run_dir) / "dataset.json")
+        staged = self.staged_load_predictions(run_dir, out_dir, case_names)
+        while not staged.advance(wait=True):
+            pass
+        return staged.ranked
+
+    @staticmethod
+    def _takes_prediction(case: SceneCase, out_dir: Path, case_names: Optional[List[str]]) -> bool:
+        """Whether a prediction in ``out_dir`` is loaded into ``case``: never over a label or a
+        correction of the user's, except to complete a sparse annotation."""
+        if case_names is not None and case.name not in case_names:
+            return False
+        if not (out_dir / f"{case.name}.nii.gz").is_file():
+            return False
+        return case.status not in (Status.LABELED, Status.CORRECTED) or sparse.completes_with_prediction(case)
+
+    def _add_prediction(self, case: SceneCase, files: review.PredictionFiles, out_dir: Path,
+                        labels: Dict[int, str], colors: Dict[int, tuple]) -> None:
+        """The scene part of loading one case's prediction (GUI thread)."""
         class_order = [labels[value] for value in sorted(labels) if value > 0]
-        loaded = []
-        for case in self.cases():
-            label_path = Path(out_dir) / f"{case.name}.nii.gz"
-            completes = sparse.completes_with_prediction(case)
-            if not label_path.is_file() or (case.status in (Status.LABELED, Status.CORRECTED) and not completes):
-                continue
-            if case_names is not None and case.name not in case_names:
-                continue
-            annotated = sparse.user_label(case, class_order) if completes else None
-            previous = self._pseudo_label_nodes(case)  # replaced only once the new one has loaded
-            prediction = review.load_prediction(case.volume, label_path, Path(out_dir) / "confidence" / f"{case.name}.nii.gz",
-                                                labels, colors, threshold=self.confidence_threshold)
-            if completes:
-                try:
-                    prediction = sparse.complete_with_prediction(case, annotated, prediction, class_order)
-                except BaseException:
-                    review.remove_nodes(self.scene, [prediction.segmentation, prediction.confidence])
-                    raise
-                if case.segmentation.GetDisplayNode() is not None:  # the user's own stays in the scene, hidden
-                    case.segmentation.GetDisplayNode().SetVisibility(False)
-            review.remove_nodes(self.scene, previous)
-            case_utils.set_case_segmentation(case.volume, prediction.segmentation,
-                                             Status.LABELED if completes else Status.PSEUDO_LABELED)
-            self.review_items[case.name] = ReviewItem(case.name, prediction)
-            loaded.append(case.name)
-        self.log_callback(f"Loaded pseudo labels of {len(loaded)} cases from {out_dir}")
-        return [item for item in self.ranked_review() if item.case_name in loaded]
+        completes = sparse.completes_with_prediction(case)
+        annotated = sparse.user_label(case, class_order) if completes else None
+        previous = self._pseudo_label_nodes(case)  # replaced only once the new one has loaded
+        prediction = review.load_prediction(case.volume, files.label_path, out_dir / "confidence" / f"{case.name}.nii.gz",
+                                            labels, colors, threshold=self.confidence_threshold, files=files)
+        if completes:
+            try:
+                prediction = sparse.complete_with_prediction(case, annotated, prediction, class_order)
+            except BaseException:
+                review.remove_nodes(self.scene, [prediction.segmentation, prediction.confidence])
+                raise
+            if case.segmentation.GetDisplayNode() is not None:  # the user's own stays in the scene, hidden
+                case.segmentation.GetDisplayNode().SetVisibility(False)
+        review.remove_nodes(self.scene, previous)
+        case_utils.set_case_segmentation(case.volume, prediction.segmentation,
+                                         Status.LABELED if completes else Status.PSEUDO_LABELED)
+        self.review_items[case.name] = ReviewItem(case.name, prediction)
 
     def restore_review_from_scene(self) -> List[ReviewItem]:
         """The review as it was before the module was reloaded or Slicer reopened with the saved

@@ -16,6 +16,7 @@ from . import cases as case_utils
 from . import sparse
 from .cases import SceneCase
 from .errors import PLBOptSlicerError
+from .logic import PendingPredictions
 
 try:  # Slicer's translation function; its context is this file ("PLBOptLib.panel"); no Qt import
     from slicer.i18n import tr as _
@@ -162,7 +163,8 @@ def pending_review_question(pending) -> str:
                                                                     count=len(names), cases=shown)
 
 
-def restore_review(logic, confirm: Callable[[str], bool], declined: Set[Path]) -> list:
+def restore_review(logic, confirm: Callable[[str], bool], declined: Set[Path],
+                   load: Optional[Callable[[PendingPredictions], list]] = None) -> list:
     """When the module is entered (Slicer reopened, a training found again) or a scene is loaded:
     bring the review back as a prediction in this session would have left it.
 
@@ -170,7 +172,9 @@ def restore_review(logic, confirm: Callable[[str], bool], declined: Set[Path]) -
       jump targets come back from their nodes, without a question and without touching them.
     - Predictions on disk for unlabeled cases that have no segmentation are offered (``confirm``
       asks the user); a folder the user declined (``declined``, kept by the panel) is not
-      offered again.
+      offered again. ``load`` loads an accepted offer and returns the review items it loaded
+      (default: :meth:`WorkflowLogic.load_predictions`, all at once; the panel loads them from a
+      timer instead, and they come back from there).
 
     Returns the review items that came back, most uncertain first (empty: nothing changed, the
     panel keeps its selection)."""
@@ -178,8 +182,9 @@ def restore_review(logic, confirm: Callable[[str], bool], declined: Set[Path]) -
     pending = logic.unloaded_predictions()
     if pending is not None and pending.out_dir not in declined:
         if confirm(pending_review_question(pending)):
-            restored |= {item.case_name for item in logic.load_predictions(pending.run_dir, pending.out_dir,
-                                                                           pending.case_names)}
+            loaded = (load(pending) if load is not None
+                      else logic.load_predictions(pending.run_dir, pending.out_dir, pending.case_names))
+            restored |= {item.case_name for item in loaded}
         else:
             declined.add(pending.out_dir)
     return [item for item in logic.ranked_review() if item.case_name in restored]

@@ -197,14 +197,42 @@ def remove_nodes(scene, nodes: Sequence) -> None:
         scene.RemoveNode(node)
 
 
-def _read_on_grid(path: Path, volume_node, what: str) -> np.ndarray:
+def _read_on_grid(path: Path, grid: "imageio.Geometry", volume_name: str, what: str) -> np.ndarray:
     image = imageio.read_image(path)
-    problems = imageio.sitk_geometry(image).differences(imageio.volume_geometry(volume_node))
+    problems = imageio.sitk_geometry(image).differences(grid)
     if problems:
-        raise PLBOptSlicerError(f"{path}: {what} grid differs from volume {volume_node.GetName()}: {'; '.join(problems)}")
+        raise PLBOptSlicerError(f"{path}: {what} grid differs from volume {volume_name}: {'; '.join(problems)}")
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(image)
+
+
+@dataclass(frozen=True)
+class PredictionFiles:
+    """A case's prediction files read and checked, with its review numbers: everything of
+    :func:`load_prediction` that needs no scene, so it may run on a worker thread while the GUI
+    thread adds the previous case's nodes."""
+
+    label_path: Path
+    label: np.ndarray  # (K, J, I) class indices on the volume's grid
+    confidence: np.ndarray  # (K, J, I) float32
+    uncertainty: float
+    least_confident_voxel: Tuple[int, int, int]  # (k, j, i)
+
+
+def read_prediction(label_path: Path, confidence_path: Path, grid: "imageio.Geometry", volume_name: str,
+                    labels: Dict[int, str]) -> PredictionFiles:
+    """Read a case's pseudo label and confidence, check them against the volume's ``grid`` (read
+    from its node on the GUI thread) and the run's class list, and compute the review numbers.
+    Touches no MRML node."""
+    label = _read_on_grid(label_path, grid, volume_name, "label")
+    confidence = _read_on_grid(confidence_path, grid, volume_name, "confidence").astype(np.float32)
+    unknown = sorted(set(np.unique(label).tolist()) - set(labels))
+    if unknown:
+        raise PLBOptSlicerError(f"{label_path}: label values {unknown} are not in the run's class list {labels}")
+    return PredictionFiles(label_path=label_path, label=label, confidence=confidence,
+                           uncertainty=uncertainty_score(label, confidence),
+                           least_confident_voxel=least_confident_voxel(label, confidence))
 
 
 def _add_prediction_nodes(volume_node, label: np.ndarray, confidence: np.ndarray, grid, label_path: Path,
@@ -258,31 +286,30 @@ def _add_prediction_nodes(volume_node, label: np.ndarray, confidence: np.ndarray
 
 def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels: Dict[int, str],
                     colors: Dict[int, Tuple[int, int, int]],
-                    threshold: float = DEFAULT_CONFIDENCE_THRESHOLD) -> LoadedPrediction:
+                    threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
+                    files: Optional[PredictionFiles] = None) -> LoadedPrediction:
     """Add a case's pseudo label (one named, coloured segment per class) and confidence map to the scene.
 
     Both files must lie on the volume's grid; the segmentation takes the volume as its reference
-    geometry so Segment Editor edits it voxel for voxel.
+    geometry so Segment Editor edits it voxel for voxel. ``files``: what :func:`read_prediction`
+    already read of ``label_path`` and ``confidence_path`` (None: they are read here).
     """
     scene = volume_node.GetScene()
     grid = imageio.volume_geometry(volume_node)
-    label = _read_on_grid(label_path, volume_node, "label")
-    confidence = _read_on_grid(confidence_path, volume_node, "confidence").astype(np.float32)
-    unknown = sorted(set(np.unique(label).tolist()) - set(labels))
-    if unknown:
-        raise PLBOptSlicerError(f"{label_path}: label values {unknown} are not in the run's class list {labels}")
+    if files is None:
+        files = read_prediction(label_path, confidence_path, grid, volume_node.GetName(), labels)
 
     added = []  # removed again if anything below fails: no half-built pseudo label stays in the scene
     try:
-        segmentation_node, confidence_node = _add_prediction_nodes(volume_node, label, confidence, grid, label_path,
-                                                                   labels, colors, threshold, added)
+        segmentation_node, confidence_node = _add_prediction_nodes(volume_node, files.label, files.confidence, grid,
+                                                                   label_path, labels, colors, threshold, added)
     except BaseException:
         remove_nodes(scene, reversed(added))
         raise
 
     loaded = LoadedPrediction(segmentation=segmentation_node, confidence=confidence_node,
-                              uncertainty=uncertainty_score(label, confidence),
-                              least_confident_ras=voxel_to_ras(volume_node, least_confident_voxel(label, confidence)))
+                              uncertainty=files.uncertainty,
+                              least_confident_ras=voxel_to_ras(volume_node, files.least_confident_voxel))
     segmentation_node.SetAttribute(UNCERTAINTY_ATTRIBUTE, repr(loaded.uncertainty))
     segmentation_node.SetAttribute(LEAST_CONFIDENT_ATTRIBUTE, " ".join(repr(v) for v in loaded.least_confident_ras))
     segmentation_node.SetAttribute(PREDICTION_FILE_ATTRIBUTE, str(label_path))
