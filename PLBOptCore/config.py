@@ -116,8 +116,9 @@ class Config:
     refine_start: float = 0.0  # fraction of the run before refinement starts (0 = Algorithm 1); docs/METHOD.md
     refine_mode: str = "safe"  # "safe" (never hands voxels to another organ) or "paper" (Algorithm 1 as published)
     # Refinement acts only in superpixels whose intensity std is at most this many times the
-    # volume's noise level (0 = in every superpixel, as the paper).
-    refine_homogeneity: float = 1.5
+    # volume's noise level (0 = in every superpixel, as the paper). None: from the dataset's
+    # modality when the run starts (data/plan.py: refine_homogeneity_for; 1.5 on CT, 0 otherwise).
+    refine_homogeneity: Optional[float] = None
     # Each step, refine the labeled patches' predictions too, score the change per class against
     # their labels, and refine a class only while the running mean of that gain is >= 0.
     refine_self_check: bool = True
@@ -450,7 +451,7 @@ def _one_line(exc: Exception) -> str:
 
 
 OPTIONAL_FIELDS = ("unlabeled_batch_size", "target_spacing", "clip_window", "rampup_iterations", "superpixel_area_mm2",
-                   "intensity_mean_std", "body_threshold")
+                   "intensity_mean_std", "body_threshold", "refine_homogeneity")
 
 
 def _is_int(value: Any) -> bool:

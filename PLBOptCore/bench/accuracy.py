@@ -44,6 +44,7 @@ from ..convert.sparsify import effort_line, labeled_effort
 from ..config import (CHECKPOINT_NAMES, CPU_SCHEDULE, PLANNED_KEYS, inert_settings, load_config_file, make_config,
                       stored_config)
 from ..data.dataset import DatasetSpec, load_dataset
+from ..data.plan import with_modality_defaults
 from ..data.io import array_to_image, case_name, read_image, write_image
 from ..engine.events import read_events
 from ..errors import ConfigError, DatasetError, TrainingInterrupted
@@ -240,16 +241,21 @@ def training_state(run_dir: Path) -> str:
     return "fresh"
 
 
-def check_same_config(run_dir: Path, preset: str, overrides: Dict[str, Any]) -> None:
+def check_same_config(run_dir: Path, preset: str, overrides: Dict[str, Any], modality: str) -> None:
     """Refuse to reuse a run folder trained with other settings than this bench asks for (planned
-    preprocessing aside: the plan is the dataset's, stored in the run)."""
+    preprocessing aside: the plan is the dataset's, stored in the run; and settings that a switch
+    left off, such as refinement's in a DHC run); settings left to the dataset's ``modality`` are
+    compared as a run on it decides them."""
     stored_path = run_dir / "config.json"
     if not stored_path.is_file():
         return
     stored = stored_config(load_config_file(stored_path), stored_path).to_dict()  # as a resume reads it
-    expected = make_config(preset, overrides=overrides).to_dict()
+    wanted = with_modality_defaults(make_config(preset, overrides=overrides), modality)
+    expected = wanted.to_dict()
     ignored = set(IGNORED_KEYS) | (set(PLANNED_KEYS) - set(overrides))
-    differing = sorted(k for k in expected if k not in ignored and stored.get(k) != expected[k])
+    differing = [k for k in expected if k not in ignored and stored.get(k) != expected[k]]
+    inert = inert_settings(wanted, differing)  # a switch differing itself is not inert: it is in differing
+    differing = sorted(k for k in differing if k not in inert)
     if differing:
         details = ", ".join(f"{k}: {stored.get(k)!r} there, {expected[k]!r} now" for k in differing)
         raise ConfigError(f"{stored_path}: run was trained with other settings ({details}); "
@@ -834,7 +840,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
         raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, got {checkpoint!r}")
     ctx = BenchContext(dataset_dir, out_dir, spec, base, device, out_dir / "test_labels", checkpoint, small)
     for unit in units:  # before any training: a folder from other settings would mix budgets
-        check_same_config(ctx.run_dir(unit), unit.preset, ctx.overrides(unit))
+        check_same_config(ctx.run_dir(unit), unit.preset, ctx.overrides(unit), spec.modality)
     prepare_ground_truth(spec, ctx.gt_dir)
     class_names = [name for label, name in sorted(spec.labels.items()) if label > 0]
     annotation = labeled_effort(spec)  # the labeled set's annotated slices: equal-effort comparisons

@@ -24,6 +24,7 @@ it from there unchanged. Values given explicitly (``--set``, ``--config``) win o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -51,11 +52,28 @@ ANISOTROPY_RATIO = 3.0
 # OpenKBP 233×211×181 mm (native kept), CHAOS 243×187×278 mm (in-plane 1.25 mm coarsened).
 CPU_PATCHES_PER_CASE = 8
 PATCH_MULTIPLE = 16  # 4 VNet poolings
+# Refinement's homogeneity test (superpixel std <= factor x the volume's noise) on CT. On other
+# modalities the factor is 0 (refine in every superpixel): MRI texture and bias fields make the
+# noise-scaled test reject nearly every superpixel, so refinement did nothing there; measured in
+# docs/RESULTS.md ("With the floor"), on the validation cases as well as on the test cases.
+CT_REFINE_HOMOGENEITY = 1.5
 
 
 def is_ct(modality: str) -> bool:
     """Whether ``modality`` (a ``channel_names`` value) is CT, as nnU-Net decides: the name "CT"."""
     return modality.strip().upper() == "CT"
+
+
+def refine_homogeneity_for(modality: str) -> float:
+    """``refine_homogeneity`` of a run that does not set it: :data:`CT_REFINE_HOMOGENEITY` on CT, 0 otherwise."""
+    return CT_REFINE_HOMOGENEITY if is_ct(modality) else 0.0
+
+
+def with_modality_defaults(config: Any, modality: str) -> Any:
+    """``config`` with the settings left to the modality (None) decided: ``refine_homogeneity``."""
+    if config.refine_homogeneity is not None:
+        return config
+    return dataclasses.replace(config, refine_homogeneity=refine_homogeneity_for(modality))
 
 
 def body_threshold_for(modality: str) -> Optional[float]:

@@ -230,7 +230,7 @@ class Predictor:
         only the classes the run's checks left on."""
         from ..method.superpixels import noise_sigma
 
-        sigma = noise_sigma(volume_zyx) if self.config.refine_homogeneity > 0 else 0.0
+        sigma = noise_sigma(volume_zyx) if (self.config.refine_homogeneity or 0) > 0 else 0.0
         return refine_prediction(self.config, volume_zyx, probs, superpixels, sigma, self.refine_allowed)
 
     def predict_image(self, image: sitk.Image, refine: bool = False, should_stop=None) -> Prediction:
@@ -264,6 +264,9 @@ def refine_prediction(config: Config, volume_zyx: np.ndarray, probs: torch.Tenso
     from ..method.refine import homogeneous_superpixels, refine_pseudo_labels
 
     superpixels = superpixels.to(probs.device)[None]
+    if config.refine_homogeneity is None:
+        raise ConfigError("refine_homogeneity is not decided: a run decides it from its dataset's modality "
+                          "(data/plan.py: with_modality_defaults) and stores it with its checkpoints")
     if config.refine_homogeneity > 0:
         # a copy: cached volumes are read-only memory maps
         image = torch.from_numpy(np.array(volume_zyx, dtype=np.float32))[None].to(probs.device)

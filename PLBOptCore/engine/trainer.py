@@ -40,7 +40,7 @@ import torch
 from ..config import Config
 from ..data.dataset import Case, DatasetSpec, with_sparse_as_unlabeled
 from ..data.loader import StepLoader
-from ..data.plan import format_plan
+from ..data.plan import format_plan, with_modality_defaults
 from ..data.preprocess import UNANNOTATED, Preprocessed, PreprocessParams, preprocess_case
 from ..data.sampling import PatchSampler
 from ..errors import CheckpointError, ConfigError, TrainingInterrupted
@@ -100,6 +100,9 @@ INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step
 # EMA momentum of the refinement self-check: a gain must stay negative over ~20 steps to switch a
 # class off, so a single unlucky patch does not.
 SELF_CHECK_MOMENTUM = 0.95
+# Why refine_homogeneity has the value the modality gave it (data/plan.py: refine_homogeneity_for), by "> 0".
+HOMOGENEITY_REASONS = {True: "CT: refine only in superpixels whose std is within that many times the noise",
+                       False: "not CT: refine in every superpixel, the noise-scaled test rejects MRI texture"}
 
 
 def _is_run_output(path: Path) -> bool:
@@ -135,10 +138,12 @@ class Trainer:
                  progress: Optional[ProgressCallback] = None, should_stop: Optional[Callable[[], bool]] = None,
                  cache_dir: Optional[Path] = None, show_progress_bar: bool = False,
                  plan: Optional[Dict[str, Any]] = None) -> None:
-        self.config = config
         self.plan = plan
         # here, not in api.train, so that every way of building a trainer honours the setting
         self.dataset = dataset = dataset_for_training(config, dataset)
+        # settings left to the modality are decided before config.json is written: every consumer reads them there
+        self.modality_decided = config.refine_homogeneity is None
+        self.config = config = with_modality_defaults(config, dataset.modality)
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.init_from = Path(init_from) if init_from else None
@@ -218,6 +223,9 @@ class Trainer:
                 tmp.write_text(json.dumps(self.plan, indent=2))
             for line in format_plan(self.plan, self.config):
                 logger.info(line)
+        if self.modality_decided and self.config.refine:
+            logger.info(f"refine_homogeneity = {self.config.refine_homogeneity:g}  "
+                        f"({self.dataset.modality or 'modality not given'}: {HOMOGENEITY_REASONS[self.config.refine_homogeneity > 0]})")
 
     def _preprocess(self, jobs: List[Tuple[Case, bool]]) -> List[Preprocessed]:
         """Preprocess (or read from the cache) each ``(case, with_superpixels)``; every case is

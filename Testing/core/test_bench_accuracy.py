@@ -160,6 +160,26 @@ def test_a_run_older_than_a_learning_key_is_not_reused_as_todays_settings(bench)
         stored.write_text(original)
 
 
+def test_a_setting_that_a_switch_left_off_does_not_stop_reuse(bench):
+    """refine_homogeneity changes nothing in a DHC run (refine off): a run that stored another value
+    is the same experiment; a switch that differs is not."""
+    dataset, out, _ = bench
+    stored = out / "runs" / "dhc-seed0" / "config.json"
+    original = stored.read_text()
+    settings = json.loads(original)
+    try:
+        stored.write_text(json.dumps({**settings, "refine_homogeneity": 0.7}))
+        results = run_accuracy_bench(dataset, out, presets=["dhc"], seeds=1, iterations=2, small=True, device="cpu",
+                                     extra_overrides=TINY)
+        assert results["this_call"]["skipped"] == ["dhc-seed0"]
+        stored.write_text(json.dumps({**settings, "refine": True}))
+        with pytest.raises(ConfigError, match=r"other settings \(refine: True there, False now\)"):
+            run_accuracy_bench(dataset, out, presets=["dhc"], seeds=1, iterations=2, small=True, device="cpu",
+                               extra_overrides=TINY)
+    finally:  # the other tests share this bench folder
+        stored.write_text(original)
+
+
 def test_plan_variants_reuse_the_main_run():
     base = base_overrides(300, True, "cpu", None)
     units, tables = plan_runs(["dhc", "plbopt"], 2, ["superpixel-methods", "superpixel-number", "noise"], base)

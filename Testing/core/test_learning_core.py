@@ -111,9 +111,12 @@ def _uncertain_edge_case(step: float):
 
 
 def test_inference_refinement_applies_the_homogeneity_test_and_the_self_check():
-    config = make_config("plbopt", overrides=dict(TINY))
-    states = [m.state_dict() for m in build_models(config, 3)]
+    undecided = make_config("plbopt", overrides=dict(TINY))  # as no run stores it: decided when a run starts
+    states = [m.state_dict() for m in build_models(undecided, 3)]
     labels = {0: "background", 1: "a", 2: "b"}
+    with pytest.raises(ConfigError, match="refine_homogeneity is not decided"):
+        Predictor(undecided, labels, {}, states, device="cpu").refine(*_uncertain_edge_case(step=0.0))
+    config = make_config("plbopt", overrides=dict(TINY, refine_homogeneity=1.5))  # a CT run's
     predictor = Predictor(config, labels, {}, states, device="cpu")
     volume, probs, superpixels = _uncertain_edge_case(step=0.0)
     refined, changed = predictor.refine(volume, probs, superpixels)
@@ -145,7 +148,7 @@ def test_validation_refine_gain_is_the_dice_change_refinement_makes():
     label = np.zeros(volume.shape, np.int16)
     label[:, :, :8] = 1  # truth: class 1 up to the superpixel edge, where refinement expands it to
     case = Preprocessed("val", volume, label, superpixels.numpy().astype(np.int32), None, noise_sigma(volume))
-    trainer = type("TrainerView", (), {"config": make_config("plbopt", overrides=dict(TINY)), "num_classes": 3})()
+    trainer = type("TrainerView", (), {"config": make_config("plbopt", overrides=dict(TINY, refine_homogeneity=1.5)), "num_classes": 3})()
     unrefined = [dice(probs.argmax(0).numpy() == c, label == c) for c in (1, 2)]  # as _validate scores it
     gain = Trainer._validation_refine_gain(trainer, case, probs, unrefined)
     # before: class 1 on x < 6, Dice 2·192 / (192 + 256) = 6/7; after: exact; class 2 absent everywhere

@@ -15,7 +15,7 @@ from PLBOptCore.config import CPU_DEMO_OVERRIDES, PATCH_BUDGET, make_config
 from PLBOptCore.convert.splits import apply_split_file
 from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.plan import (compute_fingerprint, plan_config, plan_patch_size, plan_preprocessing,
-                                  plan_spacing)
+                                  plan_spacing, refine_homogeneity_for, with_modality_defaults)
 from PLBOptCore.data.preprocess import PreprocessParams, body_mask, preprocess_image
 from PLBOptCore.engine.inference import Predictor
 from PLBOptCore.errors import ConfigError, DatasetError
@@ -191,6 +191,23 @@ def test_train_plans_prints_and_stores_the_plan_and_predict_uses_it(mri_dataset,
     written = predict(run, mri_dataset / "imagesTr" / "case_0_0000.nii.gz", tmp_path / "pred", checkpoint="last",
                       device="cpu")
     assert sitk.ReadImage(str(written[0])).GetSize() == (40, 40, 16)
+
+
+def test_refinement_homogeneity_is_decided_by_the_modality_unless_given(mri_dataset, tmp_path, caplog):
+    assert [refine_homogeneity_for(m) for m in ("CT", "ct ", "MRI", "T2", "")] == [1.5, 1.5, 0.0, 0.0, 0.0]
+    assert make_config("plbopt").refine_homogeneity is None
+    assert with_modality_defaults(make_config("plbopt"), "CT").refine_homogeneity == 1.5
+    assert with_modality_defaults(make_config("plbopt"), "MRI").refine_homogeneity == 0.0
+    given = make_config("plbopt", overrides={"refine_homogeneity": 2.0})
+    assert with_modality_defaults(given, "MRI").refine_homogeneity == 2.0
+    assert with_modality_defaults(make_config("plbopt-paper"), "CT").refine_homogeneity == 0.0  # the paper's rule
+    run = tmp_path / "run"
+    with caplog.at_level("INFO", logger="PLBOptCore"):
+        train(mri_dataset, run, preset="plbopt", overrides=dict(TINY), small=True, cache_dir=tmp_path / "cache")
+    printed = "\n".join(r.getMessage() for r in caplog.records)
+    assert "refine_homogeneity = 0  (MRI: not CT: refine in every superpixel" in printed
+    assert json.loads((run / "config.json").read_text())["refine_homogeneity"] == 0.0  # stored, read by predict
+    assert Predictor.from_run(run, "last", "cpu").config.refine_homogeneity == 0.0
 
 
 def test_explicit_values_win_over_the_plan_and_a_config_file_over_small(mri_dataset, tmp_path):
