@@ -87,6 +87,58 @@ class PLBOptParameterNode:
     confidenceThreshold: Annotated[float, WithinRange(0.5, 1.0)] = DEFAULT_CONFIDENCE_THRESHOLD
 
 
+class TimerSteps:
+    """Runs staged work (PLBOptLib.logic.StagedStart or StagedLoad: ``advance()`` → over,
+    ``fraction``, ``progress_text``, ``cancel()``) one step per timer tick under a busy cursor, so
+    that Slicer stays usable, and shows its progress; then calls ``finished(work)``, or
+    ``failed(work, error)`` when a step raised."""
+
+    def __init__(self, progressBar, progressLabel, finished, failed, changed) -> None:
+        self.work = None
+        self._progressBar, self._progressLabel = progressBar, progressLabel
+        self._finished, self._failed, self._changed = finished, failed, changed
+        self._timer = qt.QTimer()
+        self._timer.setInterval(EXPORT_STEP_INTERVAL_MS)
+        self._timer.connect("timeout()", self._step)
+
+    def start(self, work) -> None:
+        self.stop()
+        self.work = work
+        qt.QApplication.setOverrideCursor(qt.Qt.BusyCursor)
+        self._progressBar.setValue(0)
+        self._progressLabel.text = work.progress_text
+        self._timer.start()
+        self._changed()
+
+    def stop(self, cancel: bool = True) -> None:
+        """Stop stepping (and cancel the work unless it is over)."""
+        if self.work is None:
+            return
+        if cancel:
+            self.work.cancel()
+        self._timer.stop()
+        self.work = None
+        qt.QApplication.restoreOverrideCursor()
+
+    def _step(self) -> None:
+        work = self.work
+        if work is None:
+            self._timer.stop()
+            return
+        try:
+            over = work.advance()
+        except Exception as error:  # noqa: BLE001 - shown to the user by failed()
+            self.stop(cancel=False)
+            self._progressLabel.text = str(error)
+            self._failed(work, error)
+            return
+        self._progressBar.setValue(int(round(1000 * work.fraction)))
+        self._progressLabel.text = work.progress_text
+        if over:
+            self.stop(cancel=False)
+            self._finished(work)
+
+
 class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Panel: dependency check, case table, training with progress, review and correction."""
 
@@ -98,8 +150,8 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._trainingJob = None
         self._predictionJob = None
-        self._stagedStart = None  # Export/Start/Retrain while the dataset is being exported (PLBOptLib.logic.StagedStart)
-        self._stagedLoad = None  # pseudo labels being loaded, one case per tick (PLBOptLib.logic.StagedLoad)
+        self.exportSteps = None  # Export/Start/Retrain while the dataset is exported (TimerSteps of a StagedStart)
+        self.loadSteps = None  # pseudo labels being loaded, one case per tick (TimerSteps of a StagedLoad)
         self._probeJob = None  # child interpreter telling which torch/device training gets
         self._devicePrompted = False
         self.selection = panel.CaseSelection()  # by volume node ID: rows move when the table is rebuilt
@@ -119,12 +171,10 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollTimer)
-        self.exportTimer = qt.QTimer()
-        self.exportTimer.setInterval(EXPORT_STEP_INTERVAL_MS)
-        self.exportTimer.connect("timeout()", self.onExportTimer)
-        self.loadTimer = qt.QTimer()
-        self.loadTimer.setInterval(EXPORT_STEP_INTERVAL_MS)
-        self.loadTimer.connect("timeout()", self.onLoadTimer)
+        self.exportSteps = TimerSteps(self.ui.progressBar, self.ui.progressLabel, self.onStagedStartFinished,
+                                      self.onStagedStartFailed, self.updateButtons)
+        self.loadSteps = TimerSteps(self.ui.progressBar, self.ui.progressLabel, self.onPseudoLabelsLoaded,
+                                    self.onPseudoLabelsLoadFailed, self.updateButtons)
         self.sceneRefreshTimer = qt.QTimer()
         self.sceneRefreshTimer.setSingleShot(True)
         self.sceneRefreshTimer.setInterval(SCENE_REFRESH_DELAY_MS)
@@ -168,10 +218,8 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.stop()
         self.sceneRefreshTimer.stop()
         self.sceneWatch.stop()
-        if self._stagedStart is not None:
-            self._stagedStart.cancel()
-            self._endStagedStart()
-        self._stopStagedLoad()
+        self.exportSteps.stop()
+        self.loadSteps.stop()
         self.removeObservers()
 
     def onRefreshCases(self) -> None:
@@ -236,7 +284,7 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._stopStagedLoad()  # its cases are about to go
+        self.loadSteps.stop()  # its cases are about to go
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -271,13 +319,13 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.working_dir = WorkflowLogic.working_folder_from_text(str(self._parameterNode.workingFolder))
 
     def _busy(self) -> bool:
-        return self._stagedStart is not None or self._stagedLoad is not None or any(
+        return self.exportSteps.work is not None or self.loadSteps.work is not None or any(
             job is not None and job.process.running for job in (self._trainingJob, self._predictionJob))
 
     def updateButtons(self, caller=None, event=None) -> None:
         busy = self._busy()
         training = self._trainingJob is not None and self._trainingJob.process.running
-        exporting = self._stagedStart is not None
+        exporting = self.exportSteps.work
         predicting = self._predictionJob is not None and self._predictionJob.process.running
         hasRun = False
         if self._parameterNode:
@@ -286,9 +334,9 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         selected = self.selectedCase()
         for button in (self.ui.exportButton, self.ui.startButton):
             button.enabled = not busy
-        self.ui.cancelButton.enabled = (exporting and not self._stagedStart.export.cancelled) or (
+        self.ui.cancelButton.enabled = (exporting is not None and not exporting.export.cancelled) or (
             training and not self._trainingJob.process.cancel_requested)
-        loading = self._stagedLoad is not None and not self._stagedLoad.cancelled
+        loading = self.loadSteps.work is not None and not self.loadSteps.work.cancelled
         self.ui.cancelPredictionButton.enabled = loading or (predicting and not self._predictionJob.process.cancel_requested)
         self.ui.show3DButton.enabled = selected is not None and selected.segmentation is not None
         self.ui.resumeButton.enabled = not busy and hasRun
@@ -432,40 +480,16 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _beginStagedStart(self, staged) -> None:
         """Export step by step from a timer (the files are written on a worker thread), then start
-        the job, if any. The busy cursor says Slicer is working; it stays usable meanwhile."""
-        if staged is None:
-            return
-        self._stagedStart = staged
-        qt.QApplication.setOverrideCursor(qt.Qt.BusyCursor)
-        self.ui.progressBar.setValue(0)
-        self.ui.progressLabel.text = staged.progress_text
-        self.exportTimer.start()
-        self.updateButtons()
+        the job, if any."""
+        if staged is not None:
+            self.exportSteps.start(staged)
 
-    def _endStagedStart(self) -> None:
-        self.exportTimer.stop()
-        self._stagedStart = None
-        qt.QApplication.restoreOverrideCursor()
+    def onStagedStartFailed(self, staged, error) -> None:
+        if not staged.export.cancelled:
+            slicer.util.errorDisplay(_("Could not export the dataset: {error}").format(error=error))
+        self.refreshCaseTable()
 
-    def onExportTimer(self) -> None:
-        staged = self._stagedStart
-        if staged is None:
-            self.exportTimer.stop()
-            return
-        try:
-            over = staged.advance()
-        except Exception as error:  # noqa: BLE001 - shown to the user like any failed start
-            self._endStagedStart()
-            self.ui.progressLabel.text = str(error)
-            if not staged.export.cancelled:
-                slicer.util.errorDisplay(_("Could not export the dataset: {error}").format(error=error))
-            self.refreshCaseTable()
-            return
-        self.ui.progressBar.setValue(int(round(1000 * staged.fraction)))
-        self.ui.progressLabel.text = staged.progress_text
-        if not over:
-            return
-        self._endStagedStart()
+    def onStagedStartFinished(self, staged) -> None:
         if staged.job is not None:
             self._trainingStarted(staged.job)
         self.refreshCaseTable()
@@ -501,9 +525,9 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshCaseTable()
 
     def onCancelTraining(self) -> None:
-        if self._stagedStart is not None:
+        if self.exportSteps.work is not None:
             self.appendLog(_("Cancelling the dataset export; no training is started"))
-            self._stagedStart.cancel()
+            self.exportSteps.work.cancel()  # the export stops after the file being written, then fails
             self.updateButtons()
         elif self._trainingJob is not None:
             self.appendLog(_("Cancelling: the trainer saves a checkpoint at the end of the current step…"))
@@ -511,9 +535,9 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
 
     def onCancelPrediction(self) -> None:
-        if self._stagedLoad is not None:
+        if self.loadSteps.work is not None:
             self.appendLog(_("Cancelling the loading of pseudo labels; those loaded stay for review"))
-            self._stagedLoad.cancel()
+            self.loadSteps.work.cancel()  # stops after the case being read
             self.updateButtons()
         elif self._predictionJob is not None:
             self.appendLog(_("Cancelling the prediction…"))
@@ -568,50 +592,18 @@ class PLBOptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      detailedText="\n".join(job.process.output))
             return
         with slicer.util.tryWithErrorDisplay(_("Could not load the pseudo labels.")):
-            self._beginStagedLoad(self.logic.staged_load_predictions(job.run_dir, job.out_dir))
+            self.loadSteps.start(self.logic.staged_load_predictions(job.run_dir, job.out_dir))
 
     def _loadPredictionsInSteps(self, pending) -> list:
         """panel.restore_review's loader: the offered predictions load from the timer; none yet."""
-        self._beginStagedLoad(self.logic.staged_load_predictions(pending.run_dir, pending.out_dir, pending.case_names))
+        self.loadSteps.start(self.logic.staged_load_predictions(pending.run_dir, pending.out_dir, pending.case_names))
         return []
 
-    def _beginStagedLoad(self, staged) -> None:
-        """Load the pseudo labels one case per tick (the files are read on a worker thread); the
-        busy cursor says Slicer is working, and it stays usable meanwhile."""
-        self._stopStagedLoad()
-        self._stagedLoad = staged
-        qt.QApplication.setOverrideCursor(qt.Qt.BusyCursor)
-        self.ui.progressBar.setValue(0)
-        self.ui.progressLabel.text = staged.progress_text
-        self.loadTimer.start()
-        self.updateButtons()
+    def onPseudoLabelsLoadFailed(self, staged, error) -> None:
+        slicer.util.errorDisplay(_("Could not load the pseudo labels: {error}").format(error=error))
+        self.refreshCaseTable()
 
-    def _stopStagedLoad(self) -> None:
-        if self._stagedLoad is None:
-            return
-        self._stagedLoad.cancel()
-        self.loadTimer.stop()
-        self._stagedLoad = None
-        qt.QApplication.restoreOverrideCursor()
-
-    def onLoadTimer(self) -> None:
-        staged = self._stagedLoad
-        if staged is None:
-            self.loadTimer.stop()
-            return
-        try:
-            over = staged.advance()
-        except Exception as error:  # noqa: BLE001 - shown to the user; the cases loaded before it stay
-            self._stopStagedLoad()
-            self.ui.progressLabel.text = str(error)
-            slicer.util.errorDisplay(_("Could not load the pseudo labels: {error}").format(error=error))
-            self.refreshCaseTable()
-            return
-        self.ui.progressBar.setValue(int(round(1000 * staged.fraction)))
-        self.ui.progressLabel.text = staged.progress_text
-        if not over:
-            return
-        self._stopStagedLoad()
+    def onPseudoLabelsLoaded(self, staged) -> None:
         ranked = staged.ranked
         self.ui.progressLabel.text = _("{count} pseudo labels loaded, most uncertain first").format(count=len(ranked))
         self.refreshCaseTable()
