@@ -69,6 +69,13 @@ def refine_homogeneity_for(modality: str) -> float:
     return CT_REFINE_HOMOGENEITY if is_ct(modality) else 0.0
 
 
+def refine_homogeneity_reason(modality: str) -> str:
+    """Why :func:`refine_homogeneity_for` gives ``modality`` its value (logged when a run starts)."""
+    rule = ("CT: refine only in superpixels whose std is within that many times the noise" if is_ct(modality)
+            else "not CT: refine in every superpixel, the noise-scaled test rejects MRI texture")
+    return f"{modality or 'modality not given'}: {rule}"
+
+
 def with_modality_defaults(config: Any, modality: str) -> Any:
     """``config`` with the settings left to the modality (None) decided: ``refine_homogeneity``."""
     if config.refine_homogeneity is not None:

@@ -230,7 +230,7 @@ class Predictor:
         only the classes the run's checks left on."""
         from ..method.superpixels import noise_sigma
 
-        sigma = noise_sigma(volume_zyx) if (self.config.refine_homogeneity or 0) > 0 else 0.0
+        sigma = noise_sigma(volume_zyx) if self.config.refine_homogeneity else 0.0  # None: refused below
         return refine_prediction(self.config, volume_zyx, probs, superpixels, sigma, self.refine_allowed)
 
     def predict_image(self, image: sitk.Image, refine: bool = False, should_stop=None) -> Prediction:

@@ -40,7 +40,7 @@ import torch
 from ..config import Config
 from ..data.dataset import Case, DatasetSpec, with_sparse_as_unlabeled
 from ..data.loader import StepLoader
-from ..data.plan import format_plan, with_modality_defaults
+from ..data.plan import format_plan, refine_homogeneity_reason, with_modality_defaults
 from ..data.preprocess import UNANNOTATED, Preprocessed, PreprocessParams, preprocess_case
 from ..data.sampling import PatchSampler
 from ..errors import CheckpointError, ConfigError, TrainingInterrupted
@@ -100,9 +100,6 @@ INIT_STREAM = 2**40  # seed stream of the weight initialisation, beyond any step
 # EMA momentum of the refinement self-check: a gain must stay negative over ~20 steps to switch a
 # class off, so a single unlucky patch does not.
 SELF_CHECK_MOMENTUM = 0.95
-# Why refine_homogeneity has the value the modality gave it (data/plan.py: refine_homogeneity_for), by "> 0".
-HOMOGENEITY_REASONS = {True: "CT: refine only in superpixels whose std is within that many times the noise",
-                       False: "not CT: refine in every superpixel, the noise-scaled test rejects MRI texture"}
 
 
 def _is_run_output(path: Path) -> bool:
@@ -225,7 +222,7 @@ class Trainer:
                 logger.info(line)
         if self.modality_decided and self.config.refine:
             logger.info(f"refine_homogeneity = {self.config.refine_homogeneity:g}  "
-                        f"({self.dataset.modality or 'modality not given'}: {HOMOGENEITY_REASONS[self.config.refine_homogeneity > 0]})")
+                        f"({refine_homogeneity_reason(self.dataset.modality)})")
 
     def _preprocess(self, jobs: List[Tuple[Case, bool]]) -> List[Preprocessed]:
         """Preprocess (or read from the cache) each ``(case, with_superpixels)``; every case is

@@ -212,21 +212,16 @@ class StagedLoad:
             return False
         try:
             files = read.result()
+            case = self.logic.case_of_volume(volume_id)  # as the scene is now, not as it was when queued
+            if case is None or case.name != name or not WorkflowLogic._takes_prediction(case, self.out_dir, None):
+                self._skip(name)
+            else:
+                self.logic._add_prediction(case, files, self.labels, self.colors)
+                self.loaded.append(name)
         except BaseException:
             self._reader.shutdown(wait=False)
             self._reading = None
             raise
-        case = self.logic.case_of_volume(volume_id)  # as the scene is now, not as it was when queued
-        if case is None or case.name != name or not WorkflowLogic._takes_prediction(case, self.out_dir, None):
-            self._skip(name)
-        else:
-            try:
-                self.logic._add_prediction(case, files, self.out_dir, self.labels, self.colors)
-            except BaseException:
-                self._reader.shutdown(wait=False)
-                self._reading = None
-                raise
-            self.loaded.append(name)
         self._read_next()
         return self._reading is None
 
@@ -575,15 +570,14 @@ class WorkflowLogic:
             return False
         return case.status not in (Status.LABELED, Status.CORRECTED) or sparse.completes_with_prediction(case)
 
-    def _add_prediction(self, case: SceneCase, files: review.PredictionFiles, out_dir: Path,
-                        labels: Dict[int, str], colors: Dict[int, tuple]) -> None:
+    def _add_prediction(self, case: SceneCase, files: review.PredictionFiles, labels: Dict[int, str],
+                        colors: Dict[int, tuple]) -> None:
         """The scene part of loading one case's prediction (GUI thread)."""
         class_order = [labels[value] for value in sorted(labels) if value > 0]
         completes = sparse.completes_with_prediction(case)
         annotated = sparse.user_label(case, class_order) if completes else None
         previous = self._pseudo_label_nodes(case)  # replaced only once the new one has loaded
-        prediction = review.load_prediction(case.volume, files.label_path, out_dir / "confidence" / f"{case.name}.nii.gz",
-                                            labels, colors, threshold=self.confidence_threshold, files=files)
+        prediction = review.add_prediction(case.volume, files, labels, colors, threshold=self.confidence_threshold)
         if completes:
             try:
                 prediction = sparse.complete_with_prediction(case, annotated, prediction, class_order)

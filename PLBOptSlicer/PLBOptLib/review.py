@@ -210,7 +210,7 @@ def _read_on_grid(path: Path, grid: "imageio.Geometry", volume_name: str, what: 
 @dataclass(frozen=True)
 class PredictionFiles:
     """A case's prediction files read and checked, with its review numbers: everything of
-    :func:`load_prediction` that needs no scene, so it may run on a worker thread while the GUI
+    loading a prediction that needs no scene, so it may run on a worker thread while the GUI
     thread adds the previous case's nodes."""
 
     label_path: Path
@@ -238,7 +238,7 @@ def read_prediction(label_path: Path, confidence_path: Path, grid: "imageio.Geom
 def _add_prediction_nodes(volume_node, label: np.ndarray, confidence: np.ndarray, grid, label_path: Path,
                           labels: Dict[int, str], colors: Dict[int, Tuple[int, int, int]], threshold: float,
                           added: list):
-    """The scene part of :func:`load_prediction`; every node it adds goes into ``added`` first."""
+    """The scene part of :func:`add_prediction`; every node it adds goes into ``added`` first."""
     scene = volume_node.GetScene()
     segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} pseudo label")
     added.append(segmentation_node)
@@ -284,25 +284,21 @@ def _add_prediction_nodes(volume_node, label: np.ndarray, confidence: np.ndarray
     return segmentation_node, confidence_node
 
 
-def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels: Dict[int, str],
-                    colors: Dict[int, Tuple[int, int, int]],
-                    threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
-                    files: Optional[PredictionFiles] = None) -> LoadedPrediction:
-    """Add a case's pseudo label (one named, coloured segment per class) and confidence map to the scene.
+def add_prediction(volume_node, files: PredictionFiles, labels: Dict[int, str],
+                   colors: Dict[int, Tuple[int, int, int]],
+                   threshold: float = DEFAULT_CONFIDENCE_THRESHOLD) -> LoadedPrediction:
+    """Add a case's pseudo label (one named, coloured segment per class) and confidence map, as
+    :func:`read_prediction` read them, to the scene.
 
-    Both files must lie on the volume's grid; the segmentation takes the volume as its reference
-    geometry so Segment Editor edits it voxel for voxel. ``files``: what :func:`read_prediction`
-    already read of ``label_path`` and ``confidence_path`` (None: they are read here).
+    The segmentation takes the volume as its reference geometry so Segment Editor edits it voxel
+    for voxel.
     """
     scene = volume_node.GetScene()
     grid = imageio.volume_geometry(volume_node)
-    if files is None:
-        files = read_prediction(label_path, confidence_path, grid, volume_node.GetName(), labels)
-
     added = []  # removed again if anything below fails: no half-built pseudo label stays in the scene
     try:
         segmentation_node, confidence_node = _add_prediction_nodes(volume_node, files.label, files.confidence, grid,
-                                                                   label_path, labels, colors, threshold, added)
+                                                                   files.label_path, labels, colors, threshold, added)
     except BaseException:
         remove_nodes(scene, reversed(added))
         raise
@@ -312,12 +308,12 @@ def load_prediction(volume_node, label_path: Path, confidence_path: Path, labels
                               least_confident_ras=voxel_to_ras(volume_node, files.least_confident_voxel))
     segmentation_node.SetAttribute(UNCERTAINTY_ATTRIBUTE, repr(loaded.uncertainty))
     segmentation_node.SetAttribute(LEAST_CONFIDENT_ATTRIBUTE, " ".join(repr(v) for v in loaded.least_confident_ras))
-    segmentation_node.SetAttribute(PREDICTION_FILE_ATTRIBUTE, str(label_path))
+    segmentation_node.SetAttribute(PREDICTION_FILE_ATTRIBUTE, str(files.label_path))
     return loaded
 
 
 def prediction_in_scene(volume_node, segmentation_node) -> Optional[LoadedPrediction]:
-    """The review of a pseudo label already in the scene, from the numbers :func:`load_prediction`
+    """The review of a pseudo label already in the scene, from the numbers :func:`add_prediction`
     stored on its node (None for a segmentation the module did not load, or one without them).
     Reads nothing from disk and changes nothing in the scene, so edits in progress are kept."""
     if segmentation_node is None:
