@@ -154,13 +154,15 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
 def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_dir: PathLike,
             checkpoint: str = "best", device: str = "auto", refine: bool = False, overlap: Optional[float] = None,
             progress: Optional[Callable[[dict], None]] = None, should_stop: Optional[Callable[[], bool]] = None,
-            subnet: str = "both", overwrite: bool = False) -> List[Path]:
+            subnet: str = "both", overwrite: bool = False, postprocess: bool = True) -> List[Path]:
     """Write the label map ``out_dir/<case><ending>`` and the confidence map (max softmax)
     ``out_dir/confidence/<case><ending>`` of every input image; returns the label maps.
 
     ``out_dir`` holds label maps only, the layout nnU-Net's evaluation reads; ``<ending>`` is the
     input's format (:func:`~PLBOptCore.data.io.prediction_suffix`). Outputs are in each input's
     original geometry. ``subnet`` is ``"a"``, ``"b"`` or ``"both"`` (DHC's ensemble, the default).
+    ``postprocess``: keep the largest component of the classes the run's validation chose
+    (:mod:`PLBOptCore.postprocess`); False writes the network's labels as they are.
 
     Everything is checked before the first byte is written: ``overlap`` (in [0, 1)), the inputs
     and their case names, the output folder, and every output file: one that exists is refused
@@ -192,24 +194,28 @@ def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_
         predictor.config.sw_overlap = overlap
     written: List[Path] = []
     for index, (image_path, name, label_path, confidence_path) in enumerate(jobs):
-        prediction = predictor.predict_image(read_image(image_path), refine=refine, should_stop=should_stop)
+        prediction = predictor.predict_image(read_image(image_path), refine=refine, should_stop=should_stop,
+                                             postprocess=postprocess)
         write_image(prediction.label, label_path)
         write_image(prediction.confidence, confidence_path)
         written.append(label_path)
         if progress:
             progress({"type": "predict", "case": name, "index": index + 1, "total": len(images),
-                      "refine_changed_fraction": prediction.refine_changed_fraction, "path": str(label_path)})
+                      "refine_changed_fraction": prediction.refine_changed_fraction,
+                      "postprocess_removed_voxels": prediction.postprocess_removed_voxels, "path": str(label_path)})
     return written
 
 
 def predict_array(run_dir: PathLike, volume_zyx: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0), checkpoint: str = "best",
-                  device: str = "auto", refine: bool = False):
-    """Predict a numpy volume (Z, Y, X) in HU; returns ``(labels, confidence)`` arrays of the same shape."""
+                  device: str = "auto", refine: bool = False, postprocess: bool = True):
+    """Predict a numpy volume (Z, Y, X) in HU; returns ``(labels, confidence)`` arrays of the same shape
+    (``postprocess`` as in :func:`predict`)."""
     from .engine.inference import Predictor
 
     image = sitk.GetImageFromArray(np.asarray(volume_zyx, dtype=np.float32))
     image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
-    prediction = Predictor.from_run(Path(run_dir), checkpoint, device).predict_image(image, refine=refine)
+    prediction = Predictor.from_run(Path(run_dir), checkpoint, device).predict_image(image, refine=refine,
+                                                                                   postprocess=postprocess)
     return sitk.GetArrayFromImage(prediction.label), sitk.GetArrayFromImage(prediction.confidence)
 
 

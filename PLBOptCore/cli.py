@@ -83,11 +83,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     def report(event: dict) -> None:
         if not args.quiet:
             extra = f", refinement changed {100 * event['refine_changed_fraction']:.2f}% of voxels" if args.refine else ""
+            if event["postprocess_removed_voxels"]:
+                extra += f", {event['postprocess_removed_voxels']} voxels outside their class's largest component removed"
             print(f"[{event['index']}/{event['total']}] {event['case']} -> {event['path']}{extra}", flush=True)
 
     written = predict(args.run_dir, args.input, args.output, checkpoint=args.checkpoint, device=args.device or "auto",
                       refine=args.refine, overlap=args.overlap, subnet=args.subnet, progress=report,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, postprocess=not args.no_postprocessing)
     print(f"wrote {len(written)} label maps to {args.output} and their confidence maps to "
           f"{Path(args.output) / CONFIDENCE_FOLDER}")
     return 0
@@ -219,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="predict with subnet a, b, or both averaged (default; a supervised run has only a)")
         p.add_argument("--device")
         p.add_argument("--overwrite", action="store_true", help="replace prediction files that already exist")
+        p.add_argument("--no-postprocessing", action="store_true",
+                       help="keep every component: do not remove the islands of the classes whose largest "
+                            "component alone scored better on the run's validation cases")
         p.add_argument("-q", "--quiet", action="store_true")
         if refine:
             p.set_defaults(refine=True)

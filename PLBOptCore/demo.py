@@ -57,7 +57,8 @@ def ship_checkpoint(run_dir: Path, path: Path = SHIPPED_CHECKPOINT, test_dice: O
     state = load_checkpoint(Path(run_dir) / "checkpoints" / "best.pt")
     config = state["config"]
     kept: Dict[str, Any] = {key: state[key] for key in ("step", "best_metric", "config", "labels", "colors",
-                                                        "refine_gain", "refine_gain_validation") if key in state}
+                                                        "refine_gain", "refine_gain_validation",
+                                                        "largest_component_gain_validation") if key in state}
     kept["models"] = [{name: value.half() if value.is_floating_point() else value for name, value in model.items()}
                       for model in state["models"]]
     kept["demo"] = {"preset": config["preset"], "seed": config["seed"], "iterations": config["iterations"],

@@ -159,6 +159,8 @@ def export_metadata(predictor: Predictor, checkpoint: Path) -> Dict[str, Any]:
         "sw_batch_size": int(config.sw_batch_size),
         "preprocessing": {**json.loads(json.dumps(dataclasses.asdict(params))), "key": params.key(),
                           "body_margin": BODY_MARGIN},
+        # after restoring: keep only the largest component of these classes (PLBOptCore.postprocess)
+        "postprocessing": {"largest_component": list(predictor.largest_component_classes)},
         "checkpoint": str(checkpoint),
         "torch_version": torch.__version__,
     }
@@ -350,15 +352,28 @@ def preprocess_params(metadata: Dict[str, Any]) -> PreprocessParams:
         body_threshold=raw.get("body_threshold", raw.get("body_threshold_hu", -500.0)))
 
 
+def postprocessed_classes(path: Path, metadata: Dict[str, Any]) -> List[int]:
+    """The classes whose largest component alone an export keeps (none in exports that predate it);
+    :class:`CheckpointError` naming ``path`` for anything but a list of foreground class ids."""
+    section = metadata.get("postprocessing", {})
+    classes = section.get("largest_component", []) if isinstance(section, dict) else None
+    num_classes = metadata["num_classes"]
+    if not isinstance(classes, list) or not all(type(c) is int and 0 < c < num_classes for c in classes):
+        raise CheckpointError(f"{path}: postprocessing.largest_component must list class ids 1..{num_classes - 1}, "
+                              f"got {classes!r}")
+    return classes
+
+
 def predict_with_export(path: Path, image: sitk.Image, device: str = "cpu",
                         overlap: Optional[float] = None) -> Tuple[sitk.Image, sitk.Image]:
     """Label and confidence maps of ``image`` in its own geometry, from an exported model.
 
-    Same preprocessing, sliding window and restoring as ``Predictor.predict_image`` (without
-    superpixel refinement), so the labels equal those of the checkpoint the model came from.
+    Same preprocessing, sliding window, restoring and postprocessing as ``Predictor.predict_image``
+    (without superpixel refinement), so the labels equal those of the checkpoint the model came
+    from. Exports written before postprocessing existed name no classes and remove nothing.
     """
     from .data.preprocess import preprocess_image
-    from .engine.inference import check_overlap, restore_prediction, sliding_window_probabilities
+    from .engine.inference import check_overlap, postprocess_images, restore_prediction, sliding_window_probabilities
     from .utils import resolve_device
 
     overlap = check_overlap(overlap) if overlap is not None else None
@@ -368,7 +383,9 @@ def predict_with_export(path: Path, image: sitk.Image, device: str = "cpu",
         [_LogitsAdapter(module)], torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)),
         metadata["patch_size"], metadata["num_classes"], metadata["overlap"] if overlap is None else overlap,
         metadata["sw_batch_size"], resolve_device(device))
-    return restore_prediction(probs, info, metadata["num_classes"])
+    label, confidence = restore_prediction(probs, info, metadata["num_classes"])
+    label, confidence, _ = postprocess_images(label, confidence, postprocessed_classes(path, metadata))
+    return label, confidence
 
 
 def cmd_export(args: argparse.Namespace) -> int:

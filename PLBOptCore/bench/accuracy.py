@@ -317,18 +317,46 @@ def noisy_test_images(spec: DatasetSpec, out_dir: Path, level: str) -> List[Path
 def _predict_and_score(ctx: BenchContext, run_dir: Path, images: Sequence[Path], work_dir: Path,
                        subnet: str = "both", refine: bool = False) -> Dict[str, Any]:
     """Predict ``images`` with the run's ``ctx.checkpoint`` (``subnet`` a, b or both; refined as
-    ``plbopt refine`` does) into ``work_dir/predictions[-a|-b|-refined]`` and score them."""
+    ``plbopt refine`` does) into ``work_dir/predictions[-a|-b|-refined]`` and score them: the
+    network's labels, without postprocessing (:func:`_postprocess_and_score` adds it)."""
     suffix = "-refined" if refine else "" if subnet == "both" else f"-{subnet}"
     started = time.perf_counter()
     predict(run_dir, list(images), work_dir / f"predictions{suffix}", checkpoint=ctx.checkpoint, device=ctx.device,
-            subnet=subnet, refine=refine, overwrite=True)  # a unit interrupted before its metrics predicts again
+            subnet=subnet, refine=refine, overwrite=True,  # a unit interrupted before its metrics predicts again
+            postprocess=False)
     predicted = time.perf_counter()
+    return {**_score(ctx, work_dir, suffix), "seconds": {"predict": predicted - started,
+                                                         "evaluate": time.perf_counter() - predicted}}
+
+
+def _score(ctx: BenchContext, work_dir: Path, suffix: str) -> Dict[str, Any]:
+    """Score ``work_dir/predictions<suffix>`` into ``work_dir/evaluation<suffix>``."""
     # The conventions of the tables in docs/RESULTS.md (made before --empty/--missing existed), so
     # that a rerun reproduces them: absent-from-both counts as perfect, a missing organ's ASD is
     # left out and counted in n_missing.
     results = evaluate(work_dir / f"predictions{suffix}", ctx.gt_dir, labels=ctx.spec.json_path,
                        out_dir=work_dir / f"evaluation{suffix}", empty="perfect", missing="skip")
-    return {**_summarise(results), "seconds": {"predict": predicted - started, "evaluate": time.perf_counter() - predicted}}
+    return _summarise(results)
+
+
+def _postprocess_and_score(ctx: BenchContext, run_dir: Path, work_dir: Path) -> Dict[str, Any]:
+    """The ensemble's test predictions (``work_dir/predictions``) postprocessed as ``plbopt predict``
+    does by default (:mod:`PLBOptCore.postprocess`, the classes the checkpoint's validation chose),
+    into ``work_dir/predictions-postprocessed``, scored; ``classes`` names the classes chosen."""
+    from ..engine.inference import Predictor
+    from ..postprocess import keep_largest_component
+
+    predictor = Predictor.from_run(run_dir, ctx.checkpoint, "cpu")
+    classes = predictor.largest_component_classes
+    source, target = work_dir / "predictions", work_dir / "predictions-postprocessed"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in source.iterdir() if p.is_file()):
+        image = read_image(path)
+        kept = keep_largest_component(sitk.GetArrayFromImage(image), classes)
+        write_image(array_to_image(kept, image), target / path.name)
+    scores = _score(ctx, work_dir, "-postprocessed")
+    return {"classes": [predictor.labels[c] for c in classes], "mean_dice": scores["mean_dice"],
+            "dice": scores["dice"], "mean_asd": scores["mean_asd"]}
 
 
 def mean_refine_gain(run_dir: Path) -> Optional[Dict[str, float]]:
@@ -379,12 +407,14 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
     if config.refine and not unit.noise:
         refined = {key: value for key, value in _predict_and_score(ctx, run_dir, images, work_dir, refine=True).items()
                    if key in ("mean_dice", "dice")}
+    postprocessed = None if unit.noise else _postprocess_and_score(ctx, run_dir, work_dir)
     seconds["total"] = sum(seconds.values())
     record = {"name": unit.name, "group": unit.group, "preset": unit.preset, "seed": unit.seed,
               "variant": dict(unit.variant), "noise": ({"level": unit.noise, "sigma_hu": NOISE_LEVELS[unit.noise]}
                                                        if unit.noise else None),
               "run_dir": os.path.relpath(run_dir, ctx.out_dir), "checkpoint": ctx.checkpoint, "overrides": overrides,
               "trained_as": outcome, "seconds": seconds, "subnets": subnets, "refined": refined,
+              "postprocessed": postprocessed,
               "refine_gain": None if unit.noise else mean_refine_gain(run_dir), **scores}
     _write_json(metrics_path, record)
     return outcome, _nan_to_none(record)
@@ -539,7 +569,7 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
         if table in plots:
             lines += [f"![Dice per organ, {table}]({plots[table]})", ""]
     lines += subnet_section(results) + paired_section(results) + self_check_section(results, plots)
-    lines += refined_section(results)
+    lines += refined_section(results) + postprocessed_section(results)
     if "training_curves" in plots:
         lines += ["## Training curves", "", f"![training curves]({plots['training_curves']})", ""]
     lines += ["## Runs", "", "| Run | This call | Train (s) | Predict (s) | Avg. Dice | Avg. ASD (mm) |",
@@ -653,6 +683,45 @@ def refined_section(results: Dict[str, Any]) -> List[str]:
         per_class = [cell([r["refined"]["dice"][name] - r["dice"][name] for r in runs]) for name in class_names]
         lines.append(f"| {group} | {cell(mean_change)} | {sum(d > 0 for d in mean_change)}/{len(runs)} | "
                      + " | ".join(per_class) + " |")
+    return lines + [""]
+
+
+def postprocessed_section(results: Dict[str, Any]) -> List[str]:
+    """The ensemble with and without postprocessing (``plbopt predict`` against ``--no-postprocessing``),
+    and the preset pairs compared after it."""
+    class_names = results["dataset"]["classes"]
+    runs = [r for r in results["runs"] if r.get("postprocessed") and not r["noise"]]
+    if not runs:
+        return []
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for record in runs:
+        groups.setdefault(record["group"], []).append(record)
+
+    def cell(values: Sequence[float], signed: bool = True) -> str:
+        stats = _stats([100 * v for v in values])
+        return f"{stats['mean']:{'+' if signed else ''}.1f}" + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "")
+
+    lines = ["## Postprocessed predictions (largest component)", "",
+             "What `plbopt predict` writes by default: each class the checkpoint's validation cases chose keeps "
+             "only its largest connected component. Dice ×100 postprocessed, its change against the tables above "
+             "(the network's labels, `--no-postprocessing`), on how many seeds it was better, and how many runs "
+             "chose each class.", "",
+             "| Method | Avg. Dice | Change | Better on | " + " | ".join(class_names) + " |",
+             "|" + "---|" * (len(class_names) + 4)]
+    for group, members in groups.items():
+        change = [r["postprocessed"]["mean_dice"] - r["mean_dice"] for r in members]
+        per_class = [f"{cell([r['postprocessed']['dice'][n] - r['dice'][n] for r in members])} "
+                     f"({sum(n in r['postprocessed']['classes'] for r in members)}/{len(members)})" for n in class_names]
+        lines.append(f"| {group} | {cell([r['postprocessed']['mean_dice'] for r in members], signed=False)} | "
+                     f"{cell(change)} | {sum(d > 0 for d in change)}/{len(members)} | " + " | ".join(per_class) + " |")
+    rows = paired_differences([{**r, "mean_dice": r["postprocessed"]["mean_dice"]} for r in runs])
+    if rows:
+        lines += ["", "Paired differences of the postprocessed predictions, as in \"Paired differences\":", "",
+                  "| Comparison | Per seed | Mean ± std | Worst | Better on |", "|---|---|---|---|---|"]
+        for row in rows:
+            per_seed = ", ".join(f"{100 * d:+.1f}" for d in row["differences"])
+            lines.append(f"| {row['better']} − {row['reference']} | {per_seed} | {cell(row['differences'])} | "
+                         f"{100 * row['min']:+.1f} | {row['wins']}/{len(row['seeds'])} |")
     return lines + [""]
 
 

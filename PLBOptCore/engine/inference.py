@@ -172,6 +172,7 @@ class Prediction:
     label: sitk.Image  # uint8/uint16 label map in the input's geometry
     confidence: sitk.Image  # float32 max softmax in the input's geometry
     refine_changed_fraction: float = 0.0
+    postprocess_removed_voxels: int = 0  # voxels outside their class's largest component (postprocess.py)
 
 
 class Predictor:
@@ -180,13 +181,21 @@ class Predictor:
     def __init__(self, config: Config, labels: Dict[int, str], colors: Dict[int, Tuple[int, int, int]],
                  model_states: List[Dict[str, torch.Tensor]], device: str = "auto", source: Path = Path("checkpoint"),
                  subnet: str = "both", refine_gain: Optional[torch.Tensor] = None,
-                 refine_gain_validation: Optional[torch.Tensor] = None) -> None:
+                 refine_gain_validation: Optional[torch.Tensor] = None,
+                 largest_component_gain_validation: Optional[torch.Tensor] = None) -> None:
+        from ..postprocess import class_ids, largest_component_classes
+
         self.config = config
         # classes whose refinement the run's checks (labeled patches, validation cases) left on (None: all)
         self.refine_allowed = refine_allowed_classes(config, refine_gain, refine_gain_validation)
+        # classes whose largest component alone scored better on the validation cases
+        self.largest_component_classes = class_ids(largest_component_classes(largest_component_gain_validation))
         self.labels = labels
         self.colors = colors
         self.num_classes = len(labels)
+        if self.largest_component_classes:
+            logger.info("postprocessing (chosen on the validation cases): largest component only of %s",
+                        ", ".join(labels.get(c, str(c)) for c in self.largest_component_classes))
         self.device = resolve_device(device)
         self.models = build_models(config, self.num_classes)
         load_subnet_weights(self.models, model_states, source)
@@ -206,12 +215,13 @@ class Predictor:
             models = state["models"]
             refine_gain = state.get("refine_gain")
             refine_gain_validation = state.get("refine_gain_validation")  # absent without validation cases
+            component_gain = state.get("largest_component_gain_validation")  # and from earlier checkpoints
         except KeyError as exc:
             raise CheckpointError(f"{path}: checkpoint lacks {exc}") from None
         except (PLBOptError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{path}: malformed checkpoint metadata ({exc})") from None
         return cls(config, labels, colors, models, device, source=path, subnet=subnet, refine_gain=refine_gain,
-                   refine_gain_validation=refine_gain_validation)
+                   refine_gain_validation=refine_gain_validation, largest_component_gain_validation=component_gain)
 
     @classmethod
     def from_run(cls, run_dir: Path, checkpoint: str = "best", device: str = "auto", subnet: str = "both") -> "Predictor":
@@ -233,8 +243,11 @@ class Predictor:
         sigma = noise_sigma(volume_zyx) if self.config.refine_homogeneity else 0.0  # None: refused below
         return refine_prediction(self.config, volume_zyx, probs, superpixels, sigma, self.refine_allowed)
 
-    def predict_image(self, image: sitk.Image, refine: bool = False, should_stop=None) -> Prediction:
-        """Preprocess like training, predict, optionally refine with superpixels, restore geometry."""
+    def predict_image(self, image: sitk.Image, refine: bool = False, should_stop=None,
+                      postprocess: bool = True) -> Prediction:
+        """Preprocess like training, predict, optionally refine with superpixels, restore geometry,
+        then (``postprocess``) keep the largest component of the classes the run's validation chose
+        (:attr:`largest_component_classes`, see :mod:`PLBOptCore.postprocess`)."""
         from ..data.preprocess import PreprocessParams, preprocess_image, superpixels_for
 
         params = PreprocessParams.from_config(self.config)
@@ -245,7 +258,29 @@ class Predictor:
             superpixels = torch.from_numpy(superpixels_for(volume, params, info).astype(np.int64))
             refined, changed = self.refine(volume, probs, superpixels)
         label_image, confidence_image = restore_prediction(probs, info, self.num_classes, refined)
-        return Prediction(label_image, confidence_image, float(changed))
+        removed = 0
+        if postprocess:
+            label_image, confidence_image, removed = postprocess_images(label_image, confidence_image,
+                                                                        self.largest_component_classes)
+        return Prediction(label_image, confidence_image, float(changed), removed)
+
+
+def postprocess_images(label: sitk.Image, confidence: sitk.Image,
+                       classes: Sequence[int]) -> Tuple[sitk.Image, sitk.Image, int]:
+    """:func:`PLBOptCore.postprocess.postprocess_maps` on a label and confidence image pair (same
+    geometry kept); returns the images and the number of voxels removed."""
+    from ..postprocess import postprocess_maps
+
+    labels, confidences, removed = postprocess_maps(sitk.GetArrayViewFromImage(label),
+                                                    sitk.GetArrayViewFromImage(confidence), classes)
+    if not removed:
+        return label, confidence, 0
+    images = []
+    for array, reference in ((labels, label), (confidences, confidence)):
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(reference)
+        images.append(image)
+    return images[0], images[1], removed
 
 
 def refine_prediction(config: Config, volume_zyx: np.ndarray, probs: torch.Tensor, superpixels: torch.Tensor,

@@ -64,6 +64,8 @@ class TensorBoardSink:
                 self._writer.add_scalar(f"validation/mean_dice_subnet_{subnet}", scores["mean_dice"], record["step"])
             for name, gain in (record.get("refine_gain") or {}).items():  # refinement checked on validation
                 self._writer.add_scalar(f"validation/refine_gain_{name}", gain, record["step"])
+            for name, gain in (record.get("largest_component_gain") or {}).items():  # postprocessing's measure
+                self._writer.add_scalar(f"validation/largest_component_gain_{name}", gain, record["step"])
         elif kind == "end":
             self.close()
 

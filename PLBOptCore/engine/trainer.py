@@ -50,6 +50,7 @@ from ..method.rampup import sigmoid_rampup
 from ..method.refine import homogeneous_superpixels, refine_pseudo_labels, refinement_gain
 from ..method.triplet import ConfidenceTripletLoss
 from ..metrics import annotated_only, dice
+from ..postprocess import largest_component_gain
 from ..utils import resolve_device, seed_everything, step_seed, torch_backend_flags
 from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
@@ -306,6 +307,8 @@ class Trainer:
         # its gain on the validation cases at the latest validation (None until measured)
         self.refine_gain = torch.zeros(self.num_classes)
         self.refine_gain_validation: Optional[torch.Tensor] = None
+        # per class, the validation Dice gain of keeping only its largest component (postprocess.py)
+        self.largest_component_gain_validation: Optional[torch.Tensor] = None
         self.step = 0
         self.best_metric = -math.inf
         if self.init_from is not None:
@@ -335,6 +338,8 @@ class Trainer:
             "refine_gain": self.refine_gain.clone(),
             **({} if self.refine_gain_validation is None
                else {"refine_gain_validation": self.refine_gain_validation.clone()}),
+            **({} if self.largest_component_gain_validation is None
+               else {"largest_component_gain_validation": self.largest_component_gain_validation.clone()}),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -353,6 +358,8 @@ class Trainer:
             self.refine_gain = state["refine_gain"].float().cpu()
         if "refine_gain_validation" in state:
             self.refine_gain_validation = state["refine_gain_validation"].float().cpu()
+        if "largest_component_gain_validation" in state:
+            self.largest_component_gain_validation = state["largest_component_gain_validation"].float().cpu()
         self.step = int(state["step"])
         self.best_metric = float(state["best_metric"])
 
@@ -628,17 +635,21 @@ class Trainer:
         if len(self.models) == 2:
             members.update(a=self.models[:1], b=self.models[1:])
         per_class = {member: {name: [] for c, name in self.dataset.labels.items() if c > 0} for member in members}
-        refine_gains = []
+        refine_gains, component_gains = [], []
         for case in self.validation_cases:
             volume = torch.from_numpy(np.array(case.image))  # a copy: cached volumes are read-only memory maps
             for member, models in members.items():
                 probs = sliding_window_probabilities(models, volume, self.config.patch_size, self.num_classes,
                                                      self.config.sw_overlap, self.config.sw_batch_size, self.device,
                                                      amp=self.config.amp)
-                prediction, label = annotated_only(probs.argmax(0).numpy(), case.label, UNANNOTATED)
+                full_prediction = probs.argmax(0).numpy()
+                prediction, label = annotated_only(full_prediction, case.label, UNANNOTATED)
                 case_dice = [dice(prediction == c, label == c) for c in range(1, self.num_classes)]
                 for name, value in zip(per_class[member], case_dice):
                     per_class[member][name].append(value)
+                if member == "both":
+                    component_gains.append(largest_component_gain(full_prediction, case.label, self.num_classes,
+                                                                  UNANNOTATED))
                 if member == "both" and self.config.refine and self.config.refine_self_check:
                     refine_gains.append(self._validation_refine_gain(case, probs, case_dice))
         scores = {member: {name: float(np.mean(values)) for name, values in classes.items()}
@@ -652,6 +663,10 @@ class Trainer:
             gain = np.mean(refine_gains, axis=0)
             self.refine_gain_validation = torch.from_numpy(np.concatenate([[0.0], gain])).float()
             extra["refine_gain"] = {self.dataset.labels[c]: float(g) for c, g in enumerate(gain, 1)}
+        # saved with best.pt below: the predictor postprocesses as this checkpoint's validation says
+        gain = np.mean(component_gains, axis=0)
+        self.largest_component_gain_validation = torch.from_numpy(np.concatenate([[0.0], gain])).float()
+        extra["largest_component_gain"] = {self.dataset.labels[c]: float(g) for c, g in enumerate(gain, 1)}
         record = self.events.write("validation", step=self.step, dice=scores["both"], mean_dice=mean_dice, **extra)
         if self.progress:
             self.progress(record)

@@ -11,7 +11,7 @@ import torch
 
 from PLBOptCore.api import train
 from PLBOptCore.bench.accuracy import (METRICS_FILE, REPORT_NAME_MAX, RunSpec, aggregate, base_overrides, plan_runs,
-                                       refined_section, report_name, run_accuracy_bench)
+                                       postprocessed_section, refined_section, report_name, run_accuracy_bench)
 from PLBOptCore.data.phantom import LABELS, make_phantom_dataset
 from PLBOptCore.engine.events import read_events
 from PLBOptCore.errors import ConfigError, TrainingInterrupted
@@ -280,6 +280,33 @@ def test_refined_section_pairs_each_run_with_itself():
     row = [line for line in refined_section(results) if line.startswith("| plbopt |")]
     # +1, -1, +3 points: mean +1.00, sample std 2.00, better on 2 of 3
     assert row == ["| plbopt | +1.00 ± 2.00 | 2/3 | +1.00 ± 2.00 |"]
+
+
+def test_every_run_is_also_scored_postprocessed_as_predict_writes_by_default(bench):
+    _, out, results = bench
+    for record in results["runs"]:
+        # no validation cases here: nothing measured, nothing chosen, the same labels scored again
+        assert record["postprocessed"]["classes"] == []
+        assert record["postprocessed"]["mean_dice"] == pytest.approx(record["mean_dice"])
+        assert set(record["postprocessed"]["dice"]) == set(CLASSES)
+        assert len(list((out / record["run_dir"] / "predictions-postprocessed").glob("*[0-9].nii.gz"))) == 1
+    assert "## Postprocessed predictions (largest component)" in (out / results["report_dir"] / "RESULTS.md").read_text()
+
+
+def test_postprocessed_section_pairs_each_run_with_itself_and_compares_presets_after_it():
+    def run(group, seed, dice, post, chosen):
+        return {"group": group, "preset": group, "variant": {}, "seed": seed, "noise": None, "mean_dice": dice,
+                "dice": {"liver": dice}, "postprocessed": {"mean_dice": post, "dice": {"liver": post},
+                                                           "classes": ["liver"] if chosen else []}}
+    results = {"dataset": {"classes": ["liver"]},
+               "runs": [run("dhc", 0, 0.80, 0.84, True), run("dhc", 1, 0.70, 0.70, False),
+                        run("plbopt", 0, 0.82, 0.83, True), run("plbopt", 1, 0.71, 0.74, True)]}
+    lines = postprocessed_section(results)
+    # dhc: +4, 0 -> +2.0 ± 2.8, better on 1 of 2, liver chosen by 1 of 2 runs
+    assert "| dhc | 77.0 ± 9.9 | +2.0 ± 2.8 | 1/2 | +2.0 ± 2.8 (1/2) |" in lines
+    assert "| plbopt | 78.5 ± 6.4 | +2.0 ± 1.4 | 2/2 | +2.0 ± 1.4 (2/2) |" in lines
+    # after postprocessing plbopt − dhc is -1 and +4 points
+    assert "| plbopt − dhc | -1.0, +4.0 | +1.5 ± 3.5 | -1.0 | 1/2 |" in lines
 
 
 def test_report_name_says_what_a_call_compares():

@@ -45,7 +45,7 @@ def test_ship_checkpoint_keeps_what_prediction_needs_in_half_the_size(tiny_run, 
     shipped = demo.ship_checkpoint(tiny_run, tmp_path / "shipped.pt", test_dice={"mean": 0.5})
     full, small = load_checkpoint(tiny_run / "checkpoints" / "best.pt"), load_checkpoint(shipped)
     assert set(small) == {"format", "version", "step", "best_metric", "config", "labels", "colors", "refine_gain",
-                          "models", "demo"} | ({"refine_gain_validation"} & set(full))
+                          "models", "demo"} | ({"refine_gain_validation", "largest_component_gain_validation"} & set(full))
     assert small["config"] == full["config"] and small["labels"] == full["labels"]
     for ours, theirs in zip(small["models"], full["models"]):
         assert ours.keys() == theirs.keys()

@@ -178,3 +178,28 @@ def test_export_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no best checkpoint" in err and str(tmp_path / "run") in err
     assert not (tmp_path / "model.pt2").exists() and not (tmp_path / "model.json").exists()
+
+
+def test_an_export_postprocesses_as_its_checkpoint_does(exported, dataset, tmp_path):
+    from PLBOptCore.engine.checkpoint import load_checkpoint, save_checkpoint
+    from PLBOptCore.export import postprocessed_classes
+
+    assert load_exported(exported["pt"])[1]["postprocessing"] == {"largest_component": []}  # nothing measured
+    state = load_checkpoint(exported["run"] / "checkpoints" / "best.pt")
+    classes = len(state["labels"])
+    chosen = tmp_path / "chosen.pt"
+    save_checkpoint(chosen, {**state, "largest_component_gain_validation": torch.tensor([0.0, 0.2] + [-0.1] * (classes - 2))})
+    assert main(["export", str(exported["run"]), "-o", str(tmp_path / "model.pt2"), "--checkpoint", str(chosen)]) == 0
+    metadata = load_exported(tmp_path / "model.pt2")[1]
+    assert metadata["postprocessing"] == {"largest_component": [1]}
+    image = _test_image(dataset)
+    expected = Predictor.from_checkpoint(chosen, device="cpu").predict_image(image)
+    label, confidence = predict_with_export(tmp_path / "model.pt2", image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(expected.label))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(confidence), sitk.GetArrayFromImage(expected.confidence),
+                               rtol=0, atol=1e-6)
+    assert postprocessed_classes(Path("old.pt2"), {"num_classes": 3}) == []  # exports before postprocessing
+    for bad in ({"largest_component": [0]}, {"largest_component": [3]}, {"largest_component": "1"},
+                {"largest_component": [True]}, ["largest_component"]):
+        with pytest.raises(CheckpointError, match=r"^bad\.pt2: postprocessing\.largest_component"):
+            postprocessed_classes(Path("bad.pt2"), {"num_classes": 3, "postprocessing": bad})

@@ -72,6 +72,9 @@ def test_tensorboard_logs_the_refinement_self_check(dataset, tmp_path):
         assert [(step, pytest.approx(gains[step][name])) for step in sorted(gains)] == scalars[f"train/refine_gain_{name}"]
         assert [(step, pytest.approx(checked[step][name])) for step in sorted(checked)] == (
             scalars[f"validation/refine_gain_{name}"])
+        kept = {r["step"]: r["largest_component_gain"] for r in read_events(run) if r["type"] == "validation"}
+        assert [(step, pytest.approx(kept[step][name])) for step in sorted(kept)] == (
+            scalars[f"validation/largest_component_gain_{name}"])
 
 
 def test_missing_tensorboard_is_one_line_before_anything_is_written(dataset, tmp_path, capfd, monkeypatch):
