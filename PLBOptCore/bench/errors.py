@@ -11,7 +11,10 @@ inside a homogeneous superpixel. Everything is measured on the preprocessed grid
 * ``refinable``: both;
 * ``confusion``: a voxel of one organ predicted as another organ (refinement in ``safe`` mode never
   hands voxels between organs), ``false_positive`` (background predicted as organ) and
-  ``false_negative`` (organ predicted as background).
+  ``false_negative`` (organ predicted as background);
+* ``island``: in a predicted component that is not its class's largest (26-connected), what the
+  largest-component postprocessing (:mod:`PLBOptCore.postprocess`) turns into background when it
+  chooses the class; it fixes such an error where the truth is background.
 
 Each share is of all wrongly labelled voxels, pooled over the cases.
 
@@ -36,9 +39,10 @@ from ..data.preprocess import PreprocessParams, preprocess_case
 from ..engine.inference import Predictor
 from ..errors import DatasetError
 from ..method.refine import homogeneous_superpixels
+from ..postprocess import smaller_components
 from ..utils import atomic_write
 
-SHARES = ("near_boundary", "homogeneous", "refinable", "confusion", "false_positive", "false_negative")
+SHARES = ("near_boundary", "homogeneous", "refinable", "confusion", "false_positive", "false_negative", "island")
 
 
 def boundary_band(label: np.ndarray) -> np.ndarray:
@@ -70,12 +74,14 @@ def case_error_counts(predicted: np.ndarray, truth: np.ndarray, homogeneous: np.
     annotated = truth >= 0
     wrong = (predicted != truth) & annotated
     near = boundary_band(truth)
+    island = smaller_components(predicted, range(1, int(predicted.max(initial=0)) + 1))
     counts = {
         "errors": int(wrong.sum()), "voxels": int(annotated.sum()),
         "near_boundary": int((wrong & near).sum()), "homogeneous": int((wrong & homogeneous).sum()),
         "refinable": int((wrong & near & homogeneous).sum()),
         "confusion": int((wrong & (predicted > 0) & (truth > 0)).sum()),
         "false_positive": int((wrong & (truth == 0)).sum()), "false_negative": int((wrong & (predicted == 0)).sum()),
+        "island": int((wrong & island).sum()),
     }
     return counts
 
@@ -126,11 +132,12 @@ def run_error_bench(run_dirs: Sequence[Path], dataset_dir: Path, out_dir: Path, 
     lines = [f"# Where the test errors lie ({dataset_dir}, {len(spec.test)} test cases, `{checkpoint}.pt`)", "",
              "Shares of wrongly labelled voxels on the preprocessed grid (pooled over cases). *Refinable*: within "
              "one voxel of a true boundary and inside a homogeneous superpixel, what superpixel refinement can "
-             "change; *confusion*: one organ predicted as another."
+             "change; *confusion*: one organ predicted as another; *island*: in a predicted component that is "
+             "not its class's largest, what the largest-component postprocessing removes."
              + (f" Ground-truth voxels labelled ignore ({spec.ignore_label}) are left out, as `plbopt evaluate` "
                 "leaves them out." if spec.ignore_label is not None else ""), "",
-             "| Run | error rate | near boundary | homogeneous | refinable | confusion | false pos. | false neg. |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| Run | error rate | near boundary | homogeneous | refinable | confusion | false pos. | false neg. | island |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
         s = run["shares"]
         lines.append(f"| {Path(run['run_dir']).name} | {100 * run['error_rate']:.2f} % | "

@@ -27,6 +27,16 @@ def test_error_counts_by_kind():
     # near a boundary: voxel 3 (0|1 at 2-3) and voxel 5 (1|2 at 5-6), not voxel 0
     assert counts["near_boundary"] == 2
     assert counts["homogeneous"] == 2 and counts["refinable"] == 1  # voxels 0 and 3; only 3 is both
+    # class 1's two one-voxel components tie: voxel 0 (the first) is kept, so its error is no island
+    assert counts["island"] == 0
+
+
+def test_an_error_in_an_island_is_what_the_largest_component_removes():
+    truth = np.array([[[0, 1, 1, 1, 0, 0, 0, 0]]])
+    predicted = np.array([[[0, 1, 1, 1, 1, 0, 1, 1]]])  # the organ, a voxel too far, and a 2-voxel island
+    counts = case_error_counts(predicted, truth, np.zeros(truth.shape, bool))
+    assert counts["errors"] == 3 and counts["false_positive"] == 3
+    assert counts["island"] == 2  # voxels 6, 7; voxel 4 is attached to the organ and stays
 
 
 def test_error_bench_writes_json_and_markdown(tmp_path):
@@ -36,7 +46,8 @@ def test_error_bench_writes_json_and_markdown(tmp_path):
           overrides=dict(iterations=2, base_filters=4, batch_size=2, device="cpu", validate_every=1000))
     results = run_error_bench([run], data, tmp_path / "errors", checkpoint="last")
     shares = results["runs"][0]["shares"]
-    assert set(shares) == {"near_boundary", "homogeneous", "refinable", "confusion", "false_positive", "false_negative"}
+    assert set(shares) == {"near_boundary", "homogeneous", "refinable", "confusion", "false_positive", "false_negative",
+                           "island"}
     assert all(0.0 <= value <= 1.0 for value in shares.values())
     assert shares["refinable"] <= min(shares["near_boundary"], shares["homogeneous"])
     stored = json.loads((tmp_path / "errors" / "errors.json").read_text())
