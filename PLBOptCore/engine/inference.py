@@ -216,6 +216,11 @@ class Predictor:
             refine_gain = state.get("refine_gain")
             refine_gain_validation = state.get("refine_gain_validation")  # absent without validation cases
             component_gain = state.get("largest_component_gain_validation")  # and from earlier checkpoints
+            if component_gain is not None:
+                component_gain = torch.as_tensor(component_gain, dtype=torch.float32)
+                if component_gain.shape != (len(labels),):
+                    raise ValueError(f"largest_component_gain_validation has shape {tuple(component_gain.shape)} "
+                                     f"for {len(labels)} classes")
         except KeyError as exc:
             raise CheckpointError(f"{path}: checkpoint lacks {exc}") from None
         except (PLBOptError, TypeError, ValueError, AttributeError) as exc:

@@ -145,3 +145,14 @@ def test_predict_postprocesses_the_chosen_classes_unless_told_not_to(trained, tm
     older = tmp_path / "older.pt"
     save_checkpoint(older, {k: v for k, v in state.items() if k != "largest_component_gain_validation"})
     assert Predictor.from_checkpoint(older, device="cpu").largest_component_classes == ()
+
+
+def test_a_malformed_measurement_in_a_checkpoint_is_a_checkpoint_error(trained, tmp_path):
+    from PLBOptCore.errors import CheckpointError
+
+    state = load_checkpoint(trained["run"] / "checkpoints" / "best.pt")
+    for bad in (torch.ones(2), "liver"):
+        path = tmp_path / "bad.pt"
+        save_checkpoint(path, {**state, "largest_component_gain_validation": bad})
+        with pytest.raises(CheckpointError, match=r"bad\.pt: malformed checkpoint metadata"):
+            Predictor.from_checkpoint(path, device="cpu")
