@@ -623,16 +623,20 @@ def paired_section(results: Dict[str, Any]) -> List[str]:
     rows = paired_differences(results["runs"])
     if not rows:
         return []
-    lines = ["## Paired differences", "",
-             "Mean Dice difference ×100 on each seed both presets ran; mean ± sample std, the worst seed, and on "
-             "how many seeds the first preset was better.", "",
-             "| Comparison | Per seed | Mean ± std | Worst | Better on |", "|---|---|---|---|---|"]
+    return ["## Paired differences", "",
+            "Mean Dice difference ×100 on each seed both presets ran; mean ± sample std, the worst seed, and on "
+            "how many seeds the first preset was better.", ""] + paired_table(rows) + [""]
+
+
+def paired_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The Markdown table of :func:`paired_differences` rows: per seed, mean ± std, worst, better on."""
+    lines = ["| Comparison | Per seed | Mean ± std | Worst | Better on |", "|---|---|---|---|---|"]
     for row in rows:
         per_seed = ", ".join(f"{100 * d:+.1f}" for d in row["differences"])
         spread = f"{100 * row['mean']:+.1f}" + (f" ± {100 * row['std']:.1f}" if row["std"] is not None else "")
         lines.append(f"| {row['better']} − {row['reference']} | {per_seed} | {spread} | {100 * row['min']:+.1f} | "
                      f"{row['wins']}/{len(row['seeds'])} |")
-    return lines + [""]
+    return lines
 
 
 def self_check_section(results: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
@@ -716,12 +720,8 @@ def postprocessed_section(results: Dict[str, Any]) -> List[str]:
                      f"{cell(change)} | {sum(d > 0 for d in change)}/{len(members)} | " + " | ".join(per_class) + " |")
     rows = paired_differences([{**r, "mean_dice": r["postprocessed"]["mean_dice"]} for r in runs])
     if rows:
-        lines += ["", "Paired differences of the postprocessed predictions, as in \"Paired differences\":", "",
-                  "| Comparison | Per seed | Mean ± std | Worst | Better on |", "|---|---|---|---|---|"]
-        for row in rows:
-            per_seed = ", ".join(f"{100 * d:+.1f}" for d in row["differences"])
-            lines.append(f"| {row['better']} − {row['reference']} | {per_seed} | {cell(row['differences'])} | "
-                         f"{100 * row['min']:+.1f} | {row['wins']}/{len(row['seeds'])} |")
+        lines += ["", "Paired differences of the postprocessed predictions, as in \"Paired differences\":", ""]
+        lines += paired_table(rows)
     return lines + [""]
 
 

@@ -650,8 +650,8 @@ class Trainer:
                 if member == "both":
                     component_gains.append(largest_component_gain(full_prediction, case.label, self.num_classes,
                                                                   UNANNOTATED))
-                if member == "both" and self.config.refine and self.config.refine_self_check:
-                    refine_gains.append(self._validation_refine_gain(case, probs, case_dice))
+                    if self.config.refine and self.config.refine_self_check:
+                        refine_gains.append(self._validation_refine_gain(case, probs, case_dice))
         scores = {member: {name: float(np.mean(values)) for name, values in classes.items()}
                   for member, classes in per_class.items()}
         means = {member: float(np.mean(list(s.values()))) if s else 0.0 for member, s in scores.items()}
