@@ -4,7 +4,9 @@
 and split, predicts the dataset's ``test`` cases, scores them (Dice, ASD in mm) and writes:
 
 - ``OUT/runs/<preset>[<key>=<value>]-seed<N>/`` one run folder per training (``api.train`` layout)
-  plus ``predictions/``, ``evaluation/metrics.{csv,json}`` and ``bench_metrics.json``;
+  plus ``predictions/``, ``evaluation/metrics.{csv,json}`` and ``bench_metrics.json``; when the
+  split keeps the labels of the unlabeled cases aside (``splits.json``), their pseudo labels are
+  predicted and scored too (``predictions-unlabeled/``, ``predictions-pseudo-labels/``);
 - ``OUT/reports/<call>/`` the report of one call, named after what it compares (presets,
   variants, ``--set`` settings, checkpoint; :func:`report_name`), so calls with other settings
   keep their reports apart and a repeated call updates its own:
@@ -41,6 +43,7 @@ import torch
 
 from ..api import evaluate, predict, train
 from ..convert.sparsify import effort_line, labeled_effort
+from ..convert.splits import unlabeled_with_labels
 from ..config import (CHECKPOINT_NAMES, CPU_SCHEDULE, PLANNED_KEYS, inert_settings, load_config_file, make_config,
                       stored_config)
 from ..data.dataset import DatasetSpec, load_dataset
@@ -127,6 +130,9 @@ class BenchContext:
     gt_dir: Path
     checkpoint: str = "best"  # which checkpoint of each run is scored: "best" (validation) or "last"
     small: bool = True  # CPU schedule: patches planned within the CPU budget
+    # the unlabeled cases whose labels the split keeps aside: their pseudo labels are scored too
+    unlabeled_images: Tuple[Path, ...] = ()
+    unlabeled_gt_dir: Optional[Path] = None
 
     def overrides(self, unit: RunSpec) -> Dict[str, Any]:
         return dict(self.base_overrides, seed=unit.seed, **dict(unit.variant))
@@ -287,14 +293,14 @@ def _summarise(results: Dict[str, Any]) -> Dict[str, Any]:
             "n_missing": {name: stats["n_missing"] for name, stats in classes.items()}}
 
 
-def prepare_ground_truth(spec: DatasetSpec, gt_dir: Path) -> None:
-    """Copy the test labels into one folder named by case, the layout ``evaluate`` pairs by."""
+def prepare_ground_truth(labels: Sequence[Path], gt_dir: Path) -> None:
+    """Copy ``labels`` into one folder named by case, the layout ``evaluate`` pairs by."""
     gt_dir.mkdir(parents=True, exist_ok=True)
-    for case in spec.test:
-        suffix = case.label.name[len(case_name(case.label)):]
-        target = gt_dir / f"{case.name}{suffix}"
+    for label in labels:
+        suffix = label.name[len(case_name(label)):]
+        target = gt_dir / f"{case_name(label)}{suffix}"
         if not target.exists():
-            shutil.copy2(case.label, target)
+            shutil.copy2(label, target)
 
 
 def noisy_test_images(spec: DatasetSpec, out_dir: Path, level: str) -> List[Path]:
@@ -329,12 +335,13 @@ def _predict_and_score(ctx: BenchContext, run_dir: Path, images: Sequence[Path],
                                                          "evaluate": time.perf_counter() - predicted}}
 
 
-def _score(ctx: BenchContext, work_dir: Path, suffix: str) -> Dict[str, Any]:
-    """Score ``work_dir/predictions<suffix>`` into ``work_dir/evaluation<suffix>``."""
+def _score(ctx: BenchContext, work_dir: Path, suffix: str, gt_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """Score ``work_dir/predictions<suffix>`` against ``gt_dir`` (default: the test labels) into
+    ``work_dir/evaluation<suffix>``."""
     # The conventions of the tables in docs/RESULTS.md (made before --empty/--missing existed), so
     # that a rerun reproduces them: absent-from-both counts as perfect, a missing organ's ASD is
     # left out and counted in n_missing.
-    results = evaluate(work_dir / f"predictions{suffix}", ctx.gt_dir, labels=ctx.spec.json_path,
+    results = evaluate(work_dir / f"predictions{suffix}", gt_dir or ctx.gt_dir, labels=ctx.spec.json_path,
                        out_dir=work_dir / f"evaluation{suffix}", empty="perfect", missing="skip")
     return _summarise(results)
 
@@ -359,6 +366,22 @@ def _postprocess_and_score(ctx: BenchContext, run_dir: Path, work_dir: Path) -> 
             "dice": scores["dice"], "mean_asd": scores["mean_asd"]}
 
 
+def _score_pseudo_labels(ctx: BenchContext, run_dir: Path, work_dir: Path) -> Optional[Dict[str, Any]]:
+    """The unlabeled cases' pseudo labels scored against the labels the split keeps aside: the
+    network's labels (``plbopt predict --no-postprocessing``, into ``predictions-unlabeled``) and
+    what the Slicer panel hands back for review (``plbopt refine``: refined and postprocessed, into
+    ``predictions-pseudo-labels``). None when the split keeps no such labels."""
+    if not ctx.unlabeled_images:
+        return None
+    scores = {}
+    for key, suffix, refine in (("network", "-unlabeled", False), ("handed_back", "-pseudo-labels", True)):
+        predict(run_dir, list(ctx.unlabeled_images), work_dir / f"predictions{suffix}", checkpoint=ctx.checkpoint,
+                device=ctx.device, refine=refine, overwrite=True, postprocess=refine)
+        summary = _score(ctx, work_dir, suffix, ctx.unlabeled_gt_dir)
+        scores[key] = {"mean_dice": summary["mean_dice"], "dice": summary["dice"]}
+    return {"cases": len(ctx.unlabeled_images), **scores}
+
+
 def mean_refine_gain(run_dir: Path) -> Optional[Dict[str, float]]:
     """Per class, refinement's self-check gain averaged over the logged steps of a run (None if not logged)."""
     logged = [r["refine_gain"] for r in read_events(run_dir) if r.get("type") == "train" and r.get("refine_gain")]
@@ -371,14 +394,21 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
     """Train (or resume), predict and score one unit; returns ``(outcome, record)``.
 
     ``outcome`` is ``skipped`` (metrics already there), ``trained``, ``resumed``, ``evaluated``
-    (training was complete, or a noise unit), or ``missing`` (a noise unit whose run is not trained).
+    (training was complete, a noise unit, or a record from before the unlabeled cases were scored),
+    or ``missing`` (a noise unit whose run is not trained).
     """
     run_dir = ctx.run_dir(unit)
     overrides = ctx.overrides(unit)
     work_dir = ctx.work_dir(unit)
     metrics_path = work_dir / METRICS_FILE
     if metrics_path.is_file():
-        return "skipped", json.loads(metrics_path.read_text())
+        record = json.loads(metrics_path.read_text())
+        if unit.noise or "pseudo_labels" in record or not ctx.unlabeled_images:
+            return "skipped", record
+        # a record from before the unlabeled cases were scored: its run only predicts them
+        record["pseudo_labels"] = _score_pseudo_labels(ctx, run_dir, work_dir)
+        _write_json(metrics_path, record)
+        return "evaluated", _nan_to_none(record)
 
     state = training_state(run_dir)
     seconds: Dict[str, float] = {"train": 0.0}
@@ -408,13 +438,14 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
         refined = {key: value for key, value in _predict_and_score(ctx, run_dir, images, work_dir, refine=True).items()
                    if key in ("mean_dice", "dice")}
     postprocessed = None if unit.noise else _postprocess_and_score(ctx, run_dir, work_dir)
+    pseudo_labels = None if unit.noise else _score_pseudo_labels(ctx, run_dir, work_dir)
     seconds["total"] = sum(seconds.values())
     record = {"name": unit.name, "group": unit.group, "preset": unit.preset, "seed": unit.seed,
               "variant": dict(unit.variant), "noise": ({"level": unit.noise, "sigma_hu": NOISE_LEVELS[unit.noise]}
                                                        if unit.noise else None),
               "run_dir": os.path.relpath(run_dir, ctx.out_dir), "checkpoint": ctx.checkpoint, "overrides": overrides,
               "trained_as": outcome, "seconds": seconds, "subnets": subnets, "refined": refined,
-              "postprocessed": postprocessed,
+              "postprocessed": postprocessed, "pseudo_labels": pseudo_labels,
               "refine_gain": None if unit.noise else mean_refine_gain(run_dir), **scores}
     _write_json(metrics_path, record)
     return outcome, _nan_to_none(record)
@@ -569,7 +600,7 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
         if table in plots:
             lines += [f"![Dice per organ, {table}]({plots[table]})", ""]
     lines += subnet_section(results) + paired_section(results) + self_check_section(results, plots)
-    lines += refined_section(results) + postprocessed_section(results)
+    lines += refined_section(results) + postprocessed_section(results) + pseudo_labels_section(results)
     if "training_curves" in plots:
         lines += ["## Training curves", "", f"![training curves]({plots['training_curves']})", ""]
     lines += ["## Runs", "", "| Run | This call | Train (s) | Predict (s) | Avg. Dice | Avg. ASD (mm) |",
@@ -722,6 +753,43 @@ def postprocessed_section(results: Dict[str, Any]) -> List[str]:
     if rows:
         lines += ["", "Paired differences of the postprocessed predictions, as in \"Paired differences\":", ""]
         lines += paired_table(rows)
+    return lines + [""]
+
+
+def pseudo_labels_section(results: Dict[str, Any]) -> List[str]:
+    """The unlabeled cases' pseudo labels (what a user reviews in Slicer) against the labels the split
+    keeps aside, per group, and the preset pairs compared on them."""
+    class_names = results["dataset"]["classes"]
+    runs = [r for r in results["runs"] if r.get("pseudo_labels") and not r["noise"]]
+    if not runs:
+        return []
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for record in runs:
+        groups.setdefault(record["group"], []).append(record)
+
+    def cell(values: Sequence[float], signed: bool = False) -> str:
+        stats = _stats([100 * v for v in values])
+        return f"{stats['mean']:{'+' if signed else ''}.1f}" + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "")
+
+    lines = ["## Pseudo labels of the unlabeled cases", "",
+             f"The {runs[0]['pseudo_labels']['cases']} unlabeled training cases scored against their labels, which "
+             "the split keeps aside and no run trains on: what semi-supervision hands back. The semi-supervised runs "
+             "trained on these images without their labels; the supervised ones never saw them. Dice ×100 of the "
+             "network's labels (`plbopt predict --no-postprocessing`) and of what the Slicer panel hands back for "
+             "review (`plbopt refine`: refined, then postprocessed), mean ± sample std over seeds; per class, what is "
+             "handed back.", "",
+             "| Method | Network | Handed back | Change | " + " | ".join(class_names) + " |",
+             "|" + "---|" * (len(class_names) + 4)]
+    for group, members in groups.items():
+        network = [r["pseudo_labels"]["network"]["mean_dice"] for r in members]
+        handed_back = [r["pseudo_labels"]["handed_back"]["mean_dice"] for r in members]
+        per_class = [cell([r["pseudo_labels"]["handed_back"]["dice"][n] for r in members]) for n in class_names]
+        lines.append(f"| {group} | {cell(network)} | {cell(handed_back)} | "
+                     f"{cell([b - a for a, b in zip(network, handed_back)], signed=True)} | " + " | ".join(per_class) + " |")
+    for key, what in (("handed_back", "handed back"), ("network", "the network's labels")):
+        rows = paired_differences([{**r, "mean_dice": r["pseudo_labels"][key]["mean_dice"]} for r in runs])
+        if rows:
+            lines += ["", f"Paired differences on the unlabeled cases, {what}:", ""] + paired_table(rows)
     return lines + [""]
 
 
@@ -907,10 +975,14 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     out_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint not in CHECKPOINT_NAMES:
         raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, got {checkpoint!r}")
-    ctx = BenchContext(dataset_dir, out_dir, spec, base, device, out_dir / "test_labels", checkpoint, small)
+    unlabeled = unlabeled_with_labels(dataset_dir)
+    ctx = BenchContext(dataset_dir, out_dir, spec, base, device, out_dir / "test_labels", checkpoint, small,
+                       tuple(case.image for case in unlabeled), out_dir / "unlabeled_labels" if unlabeled else None)
     for unit in units:  # before any training: a folder from other settings would mix budgets
         check_same_config(ctx.run_dir(unit), unit.preset, ctx.overrides(unit), spec.modality)
-    prepare_ground_truth(spec, ctx.gt_dir)
+    prepare_ground_truth([case.label for case in spec.test], ctx.gt_dir)
+    if ctx.unlabeled_gt_dir is not None:
+        prepare_ground_truth([case.label for case in unlabeled], ctx.unlabeled_gt_dir)
     class_names = [name for label, name in sorted(spec.labels.items()) if label > 0]
     annotation = labeled_effort(spec)  # the labeled set's annotated slices: equal-effort comparisons
     # the sparse rule of the split file, or of a `plbopt sparsify` folder's dataset.json

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .amos import convert_amos
-from .splits import apply_labeled_ratio, parse_labeled, select_labeled
+from .splits import apply_labeled_ratio, parse_labeled, select_labeled, unlabeled_with_labels
 from .synapse import convert_synapse, split_synapse_cases
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "parse_labeled",
     "select_labeled",
     "split_synapse_cases",
+    "unlabeled_with_labels",
 ]
 
 

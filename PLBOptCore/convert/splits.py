@@ -305,6 +305,22 @@ def _cases(root: Path, data: Mapping[str, Any], role: str, source: Path) -> List
     return cases
 
 
+def unlabeled_with_labels(dataset_dir: Path) -> List[SourceCase]:
+    """The unlabeled cases of ``dataset_dir`` whose labels splits.json keeps aside (written by the
+    converters, ``plbopt split`` and fixed split files), in dataset.json's order; empty without
+    splits.json. A remembered label only counts while dataset.json still lists its image as
+    unlabeled. Training never reads these labels: they let a benchmark score the pseudo labels of
+    the unlabeled cases and ``plbopt split`` give the cases back to "training"."""
+    root = Path(os.path.abspath(dataset_dir))
+    dataset_path, splits_path = root / "dataset.json", root / "splits.json"
+    if not splits_path.exists():
+        return []
+    remembered = {c.image: c for c in _cases(root, read_json(splits_path), "unlabeled_with_labels", splits_path)
+                  if c.label}
+    return [remembered[c.image] for c in _cases(root, read_json(dataset_path), "unlabeled", dataset_path)
+            if c.image in remembered]
+
+
 def apply_labeled_ratio(
     dataset_dir: Path, labeled: Labeled, seed: int = 0, out_dir: Optional[Path] = None
 ) -> Path:
@@ -331,10 +347,9 @@ def apply_labeled_ratio(
     unlabeled_missing = [c.image for c in training if c.label is None]
     if unlabeled_missing:
         raise DatasetError(f"{dataset_path}: training case {unlabeled_missing[0]} has no 'label'")
-    remembered = {c.image: c for c in _cases(root, splits, "unlabeled_with_labels", splits_path) if c.label}
+    remembered = {c.image: c for c in unlabeled_with_labels(root)}
     unlabeled = _cases(root, dataset, "unlabeled", dataset_path)
-    # A remembered label only counts while dataset.json still lists its image as unlabeled.
-    pool = training + [remembered[c.image] for c in unlabeled if c.image in remembered]
+    pool = training + list(remembered.values())
     plan = partition_labeled(pool, labeled, seed)
     plan.unlabeled += [c for c in unlabeled if c.image not in remembered]
     plan.validation = _cases(root, dataset, "validation", dataset_path)

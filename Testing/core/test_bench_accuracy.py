@@ -6,14 +6,19 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from PLBOptCore.api import train
 from PLBOptCore.bench.accuracy import (METRICS_FILE, REPORT_NAME_MAX, RunSpec, aggregate, base_overrides, plan_runs,
-                                       postprocessed_section, refined_section, report_name, run_accuracy_bench)
+                                       postprocessed_section, pseudo_labels_section, refined_section, report_name,
+                                       run_accuracy_bench)
+from PLBOptCore.convert import apply_labeled_ratio, unlabeled_with_labels
 from PLBOptCore.data.phantom import LABELS, make_phantom_dataset
 from PLBOptCore.engine.events import read_events
+from PLBOptCore.metrics import dice
 from PLBOptCore.errors import ConfigError, TrainingInterrupted
 
 # Smallest network and patch the VNet accepts, so two trainings + predictions take seconds on CPU.
@@ -333,3 +338,84 @@ def test_aggregate_mean_and_sample_std():
     assert entry["subnets"]["b"]["mean"] == pytest.approx(0.59) and entry["collapsed"] == 2  # B < 0.60 twice
     assert RunSpec("plbopt", 1, (("superpixel_method", "quickshift"),), "weak").name == \
         "plbopt[superpixel_method=quickshift][noise=weak]-seed1"
+
+
+@pytest.fixture(scope="module")
+def bench_with_labels_aside(bench, tmp_path_factory):
+    """The bench's phantom re-split with one of its two labeled cases unlabeled, its label kept aside
+    (splits.json), benchmarked with supervised + dhc, 1 seed, 2 steps."""
+    dataset, _, _ = bench
+    root = tmp_path_factory.mktemp("aside")
+    resplit = apply_labeled_ratio(dataset, 1, seed=0, out_dir=root / "data")
+    results = run_accuracy_bench(resplit, root / "out", presets=["supervised", "dhc"], seeds=1, iterations=2,
+                                 small=True, device="cpu", extra_overrides=TINY)
+    return resplit, root / "out", results
+
+
+def _class_mean_dice(prediction: Path, label: Path) -> float:
+    """Mean Dice over the phantom's classes of one case, both-empty counting as 1 (the bench's convention)."""
+    pred, gt = (sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for path in (prediction, label))
+    return float(np.mean([dice(pred == c, gt == c) for c in range(1, len(CLASSES) + 1)]))
+
+
+def test_the_pseudo_labels_of_the_unlabeled_cases_are_scored_against_the_labels_kept_aside(bench_with_labels_aside):
+    dataset, out, results = bench_with_labels_aside
+    (kept,) = unlabeled_with_labels(dataset)
+    for record in results["runs"]:
+        scores = record["pseudo_labels"]
+        assert scores["cases"] == 1 and set(scores) == {"cases", "network", "handed_back"}
+        run_dir = out / record["run_dir"]
+        for key, folder in (("network", "predictions-unlabeled"), ("handed_back", "predictions-pseudo-labels")):
+            predicted = run_dir / folder / f"{kept.name}.nii.gz"
+            assert sorted(p.name for p in (run_dir / folder).glob("*[0-9].nii.gz")) == [predicted.name]
+            assert scores[key]["mean_dice"] == pytest.approx(_class_mean_dice(predicted, kept.label))
+            assert set(scores[key]["dice"]) == set(CLASSES)
+        # what is handed back comes with the confidence map the Slicer review shows
+        assert (run_dir / "predictions-pseudo-labels" / "confidence" / f"{kept.name}.nii.gz").is_file()
+    markdown = (out / results["report_dir"] / "RESULTS.md").read_text()
+    assert "## Pseudo labels of the unlabeled cases" in markdown and "The 1 unlabeled training cases" in markdown
+
+
+def test_a_dataset_without_labels_aside_scores_no_pseudo_labels(bench):
+    _, out, results = bench
+    assert all(record["pseudo_labels"] is None for record in results["runs"])
+    assert not (out / "runs" / "dhc-seed0" / "predictions-unlabeled").exists()
+    assert "## Pseudo labels" not in (out / results["report_dir"] / "RESULTS.md").read_text()
+
+
+def test_a_record_from_before_the_pseudo_labels_were_scored_gets_them_without_training(bench_with_labels_aside, tmp_path):
+    dataset, out, first = bench_with_labels_aside
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    metrics = copy / "runs" / "dhc-seed0" / METRICS_FILE
+    older = json.loads(metrics.read_text())
+    del older["pseudo_labels"]
+    metrics.write_text(json.dumps(older))
+    checkpoint = copy / "runs" / "dhc-seed0" / "checkpoints" / "last.pt"
+    trained_at = checkpoint.stat().st_mtime_ns
+    results = run_accuracy_bench(dataset, copy, presets=["supervised", "dhc"], seeds=1, iterations=2, small=True,
+                                 device="cpu", extra_overrides=TINY)
+    assert results["this_call"]["evaluated"] == ["dhc-seed0"] and results["this_call"]["skipped"] == ["supervised-seed0"]
+    assert checkpoint.stat().st_mtime_ns == trained_at
+    again = json.loads(metrics.read_text())["pseudo_labels"]
+    assert again["network"]["mean_dice"] == pytest.approx(first["runs"][1]["pseudo_labels"]["network"]["mean_dice"])
+
+
+def test_pseudo_labels_section_per_method_and_paired_by_seed():
+    def run(group, seed, network, handed_back):
+        return {"group": group, "preset": group, "variant": {}, "seed": seed, "noise": None,
+                "pseudo_labels": {"cases": 6, "network": {"mean_dice": network, "dice": {"liver": network}},
+                                  "handed_back": {"mean_dice": handed_back, "dice": {"liver": handed_back}}}}
+    results = {"dataset": {"classes": ["liver"]},
+               "runs": [run("supervised", 0, 0.60, 0.62), run("supervised", 1, 0.70, 0.70),
+                        run("dhc", 0, 0.66, 0.70), run("dhc", 1, 0.72, 0.71)]}
+    lines = pseudo_labels_section(results)
+    assert "The 6 unlabeled training cases" in lines[2]
+    # supervised: network 60, 70 -> 65.0 ± 7.1; handed back 62, 70 -> 66.0 ± 5.7; change +2, 0 -> +1.0 ± 1.4
+    assert "| supervised | 65.0 ± 7.1 | 66.0 ± 5.7 | +1.0 ± 1.4 | 66.0 ± 5.7 |" in lines
+    assert "| dhc | 69.0 ± 4.2 | 70.5 ± 0.7 | +1.5 ± 3.5 | 70.5 ± 0.7 |" in lines
+    # dhc − supervised: handed back +8, +1; the network's labels +6, +2
+    handed_back, network = (lines.index(title) for title in (
+        "Paired differences on the unlabeled cases, handed back:", "Paired differences on the unlabeled cases, the network's labels:"))
+    assert lines[handed_back + 4] == "| dhc − supervised | +8.0, +1.0 | +4.5 ± 4.9 | +1.0 | 2/2 |"
+    assert lines[network + 4] == "| dhc − supervised | +6.0, +2.0 | +4.0 ± 2.8 | +2.0 | 2/2 |"

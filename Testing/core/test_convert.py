@@ -22,6 +22,7 @@ from PLBOptCore.convert import (
     parse_labeled,
     select_labeled,
     split_synapse_cases,
+    unlabeled_with_labels,
 )
 from PLBOptCore.convert.synapse import DHC_TEST_IDS
 from PLBOptCore.errors import ConfigError, DatasetError
@@ -270,6 +271,18 @@ def test_apply_labeled_ratio_in_place_is_reversible(synapse_raw, tmp_path):
     apply_labeled_ratio(out, "10%", seed=0)  # back down: the original partition again
     assert _names(_json(out)["training"]) == _names(original["training"])
     assert _names(_json(out)["unlabeled"]) == _names(original["unlabeled"])
+
+
+def test_the_labels_kept_aside_are_those_of_cases_still_unlabeled(synapse_raw, tmp_path):
+    out = convert_synapse(synapse_raw, tmp_path / "ds", labeled="10%", link=True)
+    kept = unlabeled_with_labels(out)
+    assert sorted(c.name for c in kept) == _names(_json(out)["unlabeled"]) and len(kept) == 18
+    assert all(c.label.parent.name == "labelsUn" and c.label.is_file() for c in kept)
+    apply_labeled_ratio(out, "40%", seed=0)  # six of them are labeled now: their labels are no longer aside
+    assert sorted(c.name for c in unlabeled_with_labels(out)) == _names(_json(out)["unlabeled"])
+    assert len(unlabeled_with_labels(out)) == 12
+    (out / "splits.json").unlink()
+    assert unlabeled_with_labels(out) == []
 
 
 def test_apply_labeled_ratio_to_new_folder(synapse_raw, tmp_path):
