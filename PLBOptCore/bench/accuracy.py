@@ -346,30 +346,33 @@ def _score(ctx: BenchContext, work_dir: Path, suffix: str, gt_dir: Optional[Path
     return _summarise(results)
 
 
-def _postprocess_and_score(ctx: BenchContext, run_dir: Path, work_dir: Path) -> Dict[str, Any]:
-    """The ensemble's test predictions (``work_dir/predictions``) postprocessed as ``plbopt predict``
-    does by default (:mod:`PLBOptCore.postprocess`, the classes the checkpoint's validation chose),
-    into ``work_dir/predictions-postprocessed``, scored; ``classes`` names the classes chosen."""
+def _postprocess_and_score(ctx: BenchContext, run_dir: Path, work_dir: Path, suffix: str = "",
+                           gt_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """The ensemble's predictions ``work_dir/predictions<suffix>`` (default: of the test cases)
+    postprocessed as ``plbopt predict`` does by default (:mod:`PLBOptCore.postprocess`, the classes
+    the checkpoint's validation chose), into ``work_dir/predictions<suffix>-postprocessed``, scored
+    against ``gt_dir`` (default: the test labels); ``classes`` names the classes chosen."""
     from ..engine.inference import Predictor
     from ..postprocess import keep_largest_component
 
     predictor = Predictor.from_run(run_dir, ctx.checkpoint, "cpu")
     classes = predictor.largest_component_classes
-    source, target = work_dir / "predictions", work_dir / "predictions-postprocessed"
+    source, target = work_dir / f"predictions{suffix}", work_dir / f"predictions{suffix}-postprocessed"
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(p for p in source.iterdir() if p.is_file()):
         image = read_image(path)
         kept = keep_largest_component(sitk.GetArrayFromImage(image), classes)
         write_image(array_to_image(kept, image), target / path.name)
-    scores = _score(ctx, work_dir, "-postprocessed")
+    scores = _score(ctx, work_dir, f"{suffix}-postprocessed", gt_dir)
     return {"classes": [predictor.labels[c] for c in classes], "mean_dice": scores["mean_dice"],
             "dice": scores["dice"], "mean_asd": scores["mean_asd"]}
 
 
 def _score_pseudo_labels(ctx: BenchContext, run_dir: Path, work_dir: Path) -> Optional[Dict[str, Any]]:
     """The unlabeled cases' pseudo labels scored against the labels the split keeps aside: the
-    network's labels (``plbopt predict --no-postprocessing``, into ``predictions-unlabeled``) and
-    what the Slicer panel hands back for review (``plbopt refine``: refined and postprocessed, into
+    network's labels (``plbopt predict --no-postprocessing``, into ``predictions-unlabeled``), those
+    postprocessed (``plbopt predict``, ``predictions-unlabeled-postprocessed``) and what the Slicer
+    panel hands back for review (``plbopt refine``: refined, then postprocessed, into
     ``predictions-pseudo-labels``). None when the split keeps no such labels."""
     if not ctx.unlabeled_images:
         return None
@@ -379,6 +382,8 @@ def _score_pseudo_labels(ctx: BenchContext, run_dir: Path, work_dir: Path) -> Op
                 device=ctx.device, refine=refine, overwrite=True, postprocess=refine)
         summary = _score(ctx, work_dir, suffix, ctx.unlabeled_gt_dir)
         scores[key] = {"mean_dice": summary["mean_dice"], "dice": summary["dice"]}
+    postprocessed = _postprocess_and_score(ctx, run_dir, work_dir, "-unlabeled", ctx.unlabeled_gt_dir)
+    scores["postprocessed"] = {key: postprocessed[key] for key in ("mean_dice", "dice")}
     return {"cases": len(ctx.unlabeled_images), **scores}
 
 
@@ -767,26 +772,26 @@ def pseudo_labels_section(results: Dict[str, Any]) -> List[str]:
     for record in runs:
         groups.setdefault(record["group"], []).append(record)
 
-    def cell(values: Sequence[float], signed: bool = False) -> str:
+    def cell(values: Sequence[float]) -> str:
         stats = _stats([100 * v for v in values])
-        return f"{stats['mean']:{'+' if signed else ''}.1f}" + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "")
+        return f"{stats['mean']:.1f}" + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "")
 
     lines = ["## Pseudo labels of the unlabeled cases", "",
              f"The {runs[0]['pseudo_labels']['cases']} unlabeled training cases scored against their labels, which "
              "the split keeps aside and no run trains on: what semi-supervision hands back. The semi-supervised runs "
              "trained on these images without their labels; the supervised ones never saw them. Dice ×100 of the "
-             "network's labels (`plbopt predict --no-postprocessing`) and of what the Slicer panel hands back for "
-             "review (`plbopt refine`: refined, then postprocessed), mean ± sample std over seeds; per class, what is "
-             "handed back.", "",
-             "| Method | Network | Handed back | Change | " + " | ".join(class_names) + " |",
+             "network's labels (`plbopt predict --no-postprocessing`), of those postprocessed (`plbopt predict`) and "
+             "of what the Slicer panel hands back for review (`plbopt refine`: refined, then postprocessed), mean ± "
+             "sample std over seeds; per class, what is handed back.", "",
+             "| Method | Network | Postprocessed | Handed back | " + " | ".join(class_names) + " |",
              "|" + "---|" * (len(class_names) + 4)]
     for group, members in groups.items():
-        network = [r["pseudo_labels"]["network"]["mean_dice"] for r in members]
-        handed_back = [r["pseudo_labels"]["handed_back"]["mean_dice"] for r in members]
+        columns = [cell([r["pseudo_labels"][key]["mean_dice"] for r in members])
+                   for key in ("network", "postprocessed", "handed_back")]
         per_class = [cell([r["pseudo_labels"]["handed_back"]["dice"][n] for r in members]) for n in class_names]
-        lines.append(f"| {group} | {cell(network)} | {cell(handed_back)} | "
-                     f"{cell([b - a for a, b in zip(network, handed_back)], signed=True)} | " + " | ".join(per_class) + " |")
-    for key, what in (("handed_back", "handed back"), ("network", "the network's labels")):
+        lines.append(f"| {group} | " + " | ".join(columns + per_class) + " |")
+    for key, what in (("handed_back", "handed back"), ("postprocessed", "postprocessed"),
+                      ("network", "the network's labels")):
         rows = paired_differences([{**r, "mean_dice": r["pseudo_labels"][key]["mean_dice"]} for r in runs])
         if rows:
             lines += ["", f"Paired differences on the unlabeled cases, {what}:", ""] + paired_table(rows)

@@ -363,9 +363,10 @@ def test_the_pseudo_labels_of_the_unlabeled_cases_are_scored_against_the_labels_
     (kept,) = unlabeled_with_labels(dataset)
     for record in results["runs"]:
         scores = record["pseudo_labels"]
-        assert scores["cases"] == 1 and set(scores) == {"cases", "network", "handed_back"}
+        assert scores["cases"] == 1 and set(scores) == {"cases", "network", "postprocessed", "handed_back"}
         run_dir = out / record["run_dir"]
-        for key, folder in (("network", "predictions-unlabeled"), ("handed_back", "predictions-pseudo-labels")):
+        for key, folder in (("network", "predictions-unlabeled"), ("postprocessed", "predictions-unlabeled-postprocessed"),
+                            ("handed_back", "predictions-pseudo-labels")):
             predicted = run_dir / folder / f"{kept.name}.nii.gz"
             assert sorted(p.name for p in (run_dir / folder).glob("*[0-9].nii.gz")) == [predicted.name]
             assert scores[key]["mean_dice"] == pytest.approx(_class_mean_dice(predicted, kept.label))
@@ -402,20 +403,22 @@ def test_a_record_from_before_the_pseudo_labels_were_scored_gets_them_without_tr
 
 
 def test_pseudo_labels_section_per_method_and_paired_by_seed():
-    def run(group, seed, network, handed_back):
+    def run(group, seed, network, postprocessed, handed_back):
+        scores = {"network": network, "postprocessed": postprocessed, "handed_back": handed_back}
         return {"group": group, "preset": group, "variant": {}, "seed": seed, "noise": None,
-                "pseudo_labels": {"cases": 6, "network": {"mean_dice": network, "dice": {"liver": network}},
-                                  "handed_back": {"mean_dice": handed_back, "dice": {"liver": handed_back}}}}
+                "pseudo_labels": {"cases": 6, **{key: {"mean_dice": value, "dice": {"liver": value}}
+                                                 for key, value in scores.items()}}}
     results = {"dataset": {"classes": ["liver"]},
-               "runs": [run("supervised", 0, 0.60, 0.62), run("supervised", 1, 0.70, 0.70),
-                        run("dhc", 0, 0.66, 0.70), run("dhc", 1, 0.72, 0.71)]}
+               "runs": [run("supervised", 0, 0.60, 0.61, 0.62), run("supervised", 1, 0.70, 0.70, 0.70),
+                        run("dhc", 0, 0.66, 0.68, 0.70), run("dhc", 1, 0.72, 0.72, 0.71)]}
     lines = pseudo_labels_section(results)
     assert "The 6 unlabeled training cases" in lines[2]
-    # supervised: network 60, 70 -> 65.0 ± 7.1; handed back 62, 70 -> 66.0 ± 5.7; change +2, 0 -> +1.0 ± 1.4
-    assert "| supervised | 65.0 ± 7.1 | 66.0 ± 5.7 | +1.0 ± 1.4 | 66.0 ± 5.7 |" in lines
-    assert "| dhc | 69.0 ± 4.2 | 70.5 ± 0.7 | +1.5 ± 3.5 | 70.5 ± 0.7 |" in lines
-    # dhc − supervised: handed back +8, +1; the network's labels +6, +2
-    handed_back, network = (lines.index(title) for title in (
-        "Paired differences on the unlabeled cases, handed back:", "Paired differences on the unlabeled cases, the network's labels:"))
+    # supervised: network 60, 70 -> 65.0 ± 7.1; postprocessed 61, 70 -> 65.5 ± 6.4; handed back 62, 70 -> 66.0 ± 5.7
+    assert "| supervised | 65.0 ± 7.1 | 65.5 ± 6.4 | 66.0 ± 5.7 | 66.0 ± 5.7 |" in lines
+    assert "| dhc | 69.0 ± 4.2 | 70.0 ± 2.8 | 70.5 ± 0.7 | 70.5 ± 0.7 |" in lines
+    # dhc − supervised: handed back +8, +1; postprocessed +7, +2; the network's labels +6, +2
+    handed_back, postprocessed, network = (lines.index(f"Paired differences on the unlabeled cases, {what}:")
+                                           for what in ("handed back", "postprocessed", "the network's labels"))
     assert lines[handed_back + 4] == "| dhc − supervised | +8.0, +1.0 | +4.5 ± 4.9 | +1.0 | 2/2 |"
+    assert lines[postprocessed + 4] == "| dhc − supervised | +7.0, +2.0 | +4.5 ± 3.5 | +2.0 | 2/2 |"
     assert lines[network + 4] == "| dhc − supervised | +6.0, +2.0 | +4.0 ± 2.8 | +2.0 | 2/2 |"
