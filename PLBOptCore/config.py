@@ -313,7 +313,7 @@ PLANNED_KEYS = ("target_spacing", "patch_size", "normalization", "clip_window", 
                 "body_threshold")
 
 
-# The settings each method switch gates: while the switch is off, they change nothing in a run.
+# The settings each method switch gates: while the switch is off, they change nothing a run learns.
 GATED_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "class_weighting": ("distdw_momentum", "diffdw_momentum", "class_weight_floor", "weighted_cps"),
     "refine": ("superpixel_method", "superpixel_divisor", "superpixel_area_mm2", "superpixel_compactness",

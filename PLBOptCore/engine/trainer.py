@@ -257,8 +257,10 @@ class Trainer:
         validation = [case for case in self.dataset.validation if case.label is not None]
         unlabeled_cases = self.dataset.unlabeled if cfg.uses_unlabeled else []
         self_check = cfg.refine and cfg.refine_self_check  # refinement is also tried where labels are known
+        # every run checks on its validation cases what `plbopt refine` would do to its predictions,
+        # also a run that never refines in training (DHC, supervised): the gate of its pseudo labels
         prepared = self._preprocess([(case, self_check) for case in self.dataset.training]
-                                    + [(case, self_check) for case in validation]
+                                    + [(case, cfg.refine_self_check) for case in validation]
                                     + [(case, cfg.refine) for case in unlabeled_cases])
         n_labeled, n_validation = len(self.dataset.training), len(validation)
         labeled = prepared[:n_labeled]
@@ -650,7 +652,7 @@ class Trainer:
                 if member == "both":
                     component_gains.append(largest_component_gain(full_prediction, case.label, self.num_classes,
                                                                   UNANNOTATED))
-                    if self.config.refine and self.config.refine_self_check:
+                    if self.config.refine_self_check:
                         refine_gains.append(self._validation_refine_gain(case, probs, case_dice))
         scores = {member: {name: float(np.mean(values)) for name, values in classes.items()}
                   for member, classes in per_class.items()}

@@ -227,6 +227,28 @@ def test_plbopt_run_logs_self_check_and_per_subnet_validation(small_dataset, tmp
     assert len(Predictor.from_run(run, subnet="both", device="cpu").models) == 2
 
 
+@pytest.mark.parametrize("preset", ["dhc", "supervised"])
+def test_a_run_that_never_refines_checks_on_validation_what_refine_would_do(small_dataset, preset, tmp_path):
+    # `plbopt refine` and the Slicer panel refine the pseudo labels of any run: a DHC or supervised run
+    # must gate them by its validation cases as a PLBOpt run does, not refine every class unchecked
+    run = tmp_path / preset
+    trainer = Trainer(make_config(preset, overrides=TINY), load_dataset(small_dataset), run)
+    trainer.fit()
+    assert not trainer.config.refine and not [e for e in read_events(run) if e["type"] == "train" and "refine_gain" in e]
+    validation = [e for e in read_events(run) if e["type"] == "validation"]
+    assert validation and all(set(e["refine_gain"]) == set(e["dice"]) for e in validation)
+    stored = load_checkpoint(run / "checkpoints" / "last.pt")["refine_gain_validation"]
+    assert stored.tolist() == pytest.approx([0.0, *validation[-1]["refine_gain"].values()])
+    predictor = Predictor.from_run(run, "last", "cpu")
+    assert predictor.refine_allowed.tolist() == stored.ge(0).tolist()
+    # the paper's rules refine unchecked: nothing is measured for them
+    unchecked = tmp_path / f"{preset}-unchecked"
+    Trainer(make_config(preset, overrides=dict(TINY, refine_self_check=False)), load_dataset(small_dataset),
+            unchecked).fit()
+    assert "refine_gain_validation" not in load_checkpoint(unchecked / "checkpoints" / "last.pt")
+    assert Predictor.from_run(unchecked, "last", "cpu").refine_allowed is None
+
+
 def test_subnet_b_of_a_supervised_run_is_a_one_line_error(small_dataset, tmp_path):
     run = tmp_path / "sup"
     Trainer(make_config("supervised", overrides=dict(TINY, iterations=1)), load_dataset(small_dataset), run).fit()
