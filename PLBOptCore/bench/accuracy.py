@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -699,29 +699,52 @@ def self_check_section(results: Dict[str, Any], plots: Dict[str, str]) -> List[s
     return lines
 
 
+def _groups_of_runs_with(results: Dict[str, Any], key: str) -> Dict[str, List[Dict[str, Any]]]:
+    """The records (no noise evaluations) that carry ``key``, by group in the order of the runs."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for record in results["runs"]:
+        if record.get(key) and not record["noise"]:
+            groups.setdefault(record["group"], []).append(record)
+    return groups
+
+
+def _section_head(title: str, text: str, columns: Sequence[str]) -> List[str]:
+    """A report section's title, its text and the head of its table."""
+    return [f"## {title}", "", text, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def _paired_lines(groups: Dict[str, List[Dict[str, Any]]], score: Callable[[Dict[str, Any]], float],
+                  title: str) -> List[str]:
+    """``title`` over the :func:`paired_table` of the runs of ``groups`` scored by ``score`` (nothing
+    when no preset pair ran)."""
+    rows = paired_differences([{**record, "mean_dice": score(record)}
+                               for members in groups.values() for record in members])
+    return ["", title, ""] + paired_table(rows) if rows else []
+
+
+def _spread(values: Sequence[float], digits: int = 1, signed: bool = False) -> str:
+    """``mean ± sample std`` of ``values`` ×100 (no ± for one value)."""
+    stats = _stats([100 * v for v in values])
+    text = f"{stats['mean']:{'+' if signed else ''}.{digits}f}"
+    return text + (f" ± {stats['std']:.{digits}f}" if stats["std"] is not None else "")
+
+
 def refined_section(results: Dict[str, Any]) -> List[str]:
     """Refined against unrefined predictions of the same runs (``plbopt refine`` vs ``plbopt predict``)."""
     class_names = results["dataset"]["classes"]
-    groups: Dict[str, List[Dict[str, Any]]] = {}
-    for record in results["runs"]:
-        if record.get("refined") and not record["noise"]:
-            groups.setdefault(record["group"], []).append(record)
+    groups = _groups_of_runs_with(results, "refined")
     if not groups:
         return []
-    lines = ["## Refined predictions (`plbopt refine`)", "",
-             "Dice ×100 of each run's refined test predictions minus its unrefined ones (what `plbopt refine` and "
-             "the Slicer panel's pseudo labels add to `plbopt predict`): mean ± sample std over seeds, and on how "
-             "many seeds refinement raised the mean Dice.", "",
-             "| Method | Avg. Dice | Better on | " + " | ".join(class_names) + " |",
-             "|" + "---|" * (len(class_names) + 3)]
-    def cell(values: Sequence[float]) -> str:
-        stats = _stats([100 * v for v in values])
-        return f"{stats['mean']:+.2f}" + (f" ± {stats['std']:.2f}" if stats["std"] is not None else "")
-
+    lines = _section_head(
+        "Refined predictions (`plbopt refine`)",
+        "Dice ×100 of each run's refined test predictions minus its unrefined ones (what `plbopt refine` and "
+        "the Slicer panel's pseudo labels add to `plbopt predict`): mean ± sample std over seeds, and on how "
+        "many seeds refinement raised the mean Dice.", ["Method", "Avg. Dice", "Better on", *class_names])
     for group, runs in groups.items():
         mean_change = [r["refined"]["mean_dice"] - r["mean_dice"] for r in runs]
-        per_class = [cell([r["refined"]["dice"][name] - r["dice"][name] for r in runs]) for name in class_names]
-        lines.append(f"| {group} | {cell(mean_change)} | {sum(d > 0 for d in mean_change)}/{len(runs)} | "
+        per_class = [_spread([r["refined"]["dice"][name] - r["dice"][name] for r in runs], 2, signed=True)
+                     for name in class_names]
+        lines.append(f"| {group} | {_spread(mean_change, 2, signed=True)} | {sum(d > 0 for d in mean_change)}/{len(runs)} | "
                      + " | ".join(per_class) + " |")
     return lines + [""]
 
@@ -730,34 +753,24 @@ def postprocessed_section(results: Dict[str, Any]) -> List[str]:
     """The ensemble with and without postprocessing (``plbopt predict`` against ``--no-postprocessing``),
     and the preset pairs compared after it."""
     class_names = results["dataset"]["classes"]
-    runs = [r for r in results["runs"] if r.get("postprocessed") and not r["noise"]]
-    if not runs:
+    groups = _groups_of_runs_with(results, "postprocessed")
+    if not groups:
         return []
-    groups: Dict[str, List[Dict[str, Any]]] = {}
-    for record in runs:
-        groups.setdefault(record["group"], []).append(record)
-
-    def cell(values: Sequence[float], signed: bool = True) -> str:
-        stats = _stats([100 * v for v in values])
-        return f"{stats['mean']:{'+' if signed else ''}.1f}" + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "")
-
-    lines = ["## Postprocessed predictions (largest component)", "",
-             "What `plbopt predict` writes by default: each class the checkpoint's validation cases chose keeps "
-             "only its largest connected component. Dice ×100 postprocessed, its change against the tables above "
-             "(the network's labels, `--no-postprocessing`), on how many seeds it was better, and how many runs "
-             "chose each class.", "",
-             "| Method | Avg. Dice | Change | Better on | " + " | ".join(class_names) + " |",
-             "|" + "---|" * (len(class_names) + 4)]
+    lines = _section_head(
+        "Postprocessed predictions (largest component)",
+        "What `plbopt predict` writes by default: each class the checkpoint's validation cases chose keeps "
+        "only its largest connected component. Dice ×100 postprocessed, its change against the tables above "
+        "(the network's labels, `--no-postprocessing`), on how many seeds it was better, and how many runs "
+        "chose each class.", ["Method", "Avg. Dice", "Change", "Better on", *class_names])
     for group, members in groups.items():
         change = [r["postprocessed"]["mean_dice"] - r["mean_dice"] for r in members]
-        per_class = [f"{cell([r['postprocessed']['dice'][n] - r['dice'][n] for r in members])} "
+        per_class = [f"{_spread([r['postprocessed']['dice'][n] - r['dice'][n] for r in members], signed=True)} "
                      f"({sum(n in r['postprocessed']['classes'] for r in members)}/{len(members)})" for n in class_names]
-        lines.append(f"| {group} | {cell([r['postprocessed']['mean_dice'] for r in members], signed=False)} | "
-                     f"{cell(change)} | {sum(d > 0 for d in change)}/{len(members)} | " + " | ".join(per_class) + " |")
-    rows = paired_differences([{**r, "mean_dice": r["postprocessed"]["mean_dice"]} for r in runs])
-    if rows:
-        lines += ["", "Paired differences of the postprocessed predictions, as in \"Paired differences\":", ""]
-        lines += paired_table(rows)
+        lines.append(f"| {group} | {_spread([r['postprocessed']['mean_dice'] for r in members])} | "
+                     f"{_spread(change, signed=True)} | {sum(d > 0 for d in change)}/{len(members)} | "
+                     + " | ".join(per_class) + " |")
+    lines += _paired_lines(groups, lambda r: r["postprocessed"]["mean_dice"],
+                           "Paired differences of the postprocessed predictions, as in \"Paired differences\":")
     return lines + [""]
 
 
@@ -765,36 +778,27 @@ def pseudo_labels_section(results: Dict[str, Any]) -> List[str]:
     """The unlabeled cases' pseudo labels (what a user reviews in Slicer) against the labels the split
     keeps aside, per group, and the preset pairs compared on them."""
     class_names = results["dataset"]["classes"]
-    runs = [r for r in results["runs"] if r.get("pseudo_labels") and not r["noise"]]
-    if not runs:
+    groups = _groups_of_runs_with(results, "pseudo_labels")
+    if not groups:
         return []
-    groups: Dict[str, List[Dict[str, Any]]] = {}
-    for record in runs:
-        groups.setdefault(record["group"], []).append(record)
-
-    def cell(values: Sequence[float]) -> str:
-        stats = _stats([100 * v for v in values])
-        return f"{stats['mean']:.1f}" + (f" ± {stats['std']:.1f}" if stats["std"] is not None else "")
-
-    lines = ["## Pseudo labels of the unlabeled cases", "",
-             f"The {runs[0]['pseudo_labels']['cases']} unlabeled training cases scored against their labels, which "
-             "the split keeps aside and no run trains on: what semi-supervision hands back. The semi-supervised runs "
-             "trained on these images without their labels; the supervised ones never saw them. Dice ×100 of the "
-             "network's labels (`plbopt predict --no-postprocessing`), of those postprocessed (`plbopt predict`) and "
-             "of what the Slicer panel hands back for review (`plbopt refine`: refined, then postprocessed), mean ± "
-             "sample std over seeds; per class, what is handed back.", "",
-             "| Method | Network | Postprocessed | Handed back | " + " | ".join(class_names) + " |",
-             "|" + "---|" * (len(class_names) + 4)]
+    cases = next(iter(groups.values()))[0]["pseudo_labels"]["cases"]
+    lines = _section_head(
+        "Pseudo labels of the unlabeled cases",
+        f"The {cases} unlabeled training cases scored against their labels, which the split keeps aside and no "
+        "run trains on: what semi-supervision hands back. The semi-supervised runs trained on these images "
+        "without their labels; the supervised ones never saw them. Dice ×100 of the network's labels (`plbopt "
+        "predict --no-postprocessing`), of those postprocessed (`plbopt predict`) and of what the Slicer panel "
+        "hands back for review (`plbopt refine`: refined, then postprocessed), mean ± sample std over seeds; "
+        "per class, what is handed back.", ["Method", "Network", "Postprocessed", "Handed back", *class_names])
     for group, members in groups.items():
-        columns = [cell([r["pseudo_labels"][key]["mean_dice"] for r in members])
+        columns = [_spread([r["pseudo_labels"][key]["mean_dice"] for r in members])
                    for key in ("network", "postprocessed", "handed_back")]
-        per_class = [cell([r["pseudo_labels"]["handed_back"]["dice"][n] for r in members]) for n in class_names]
+        per_class = [_spread([r["pseudo_labels"]["handed_back"]["dice"][n] for r in members]) for n in class_names]
         lines.append(f"| {group} | " + " | ".join(columns + per_class) + " |")
     for key, what in (("handed_back", "handed back"), ("postprocessed", "postprocessed"),
                       ("network", "the network's labels")):
-        rows = paired_differences([{**r, "mean_dice": r["pseudo_labels"][key]["mean_dice"]} for r in runs])
-        if rows:
-            lines += ["", f"Paired differences on the unlabeled cases, {what}:", ""] + paired_table(rows)
+        lines += _paired_lines(groups, lambda r: r["pseudo_labels"][key]["mean_dice"],
+                               f"Paired differences on the unlabeled cases, {what}:")
     return lines + [""]
 
 
