@@ -64,7 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = make_config(args.preset or "plbopt", args.config, overrides, small=args.small)
         chosen = {**(load_config_file(args.config) if args.config else {}), **chosen}
         for key, switch in inert_settings(config, chosen).items():
-            print(f"plbopt: warning: {key} has no effect: {switch} is off in preset {config.preset}", file=sys.stderr)
+            print(f"plbopt: warning: {key} has no effect on training: {switch} is off in preset {config.preset}",
+                  file=sys.stderr)
     # log lines go above the progress bar instead of through it
     from tqdm.contrib.logging import logging_redirect_tqdm
 

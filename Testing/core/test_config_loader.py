@@ -230,7 +230,7 @@ def test_cli_warns_once_per_setting_the_preset_switches_off(tiny_dataset, tmp_pa
     assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "run"), "--preset", "dhc", "-q",
                  "--set", *overrides, "class_weight_floor=1"]) == 0
     warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
-    assert "plbopt: warning: mc_tau has no effect: mutual_correction is off in preset dhc" in warnings
+    assert "plbopt: warning: mc_tau has no effect on training: mutual_correction is off in preset dhc" in warnings
     warned = {line.split()[2] for line in warnings}
     assert warned == {"triplet_max_anchors", "triplet_max_candidates", "triplet_capacity", "superpixel_divisor", "mc_tau"}
 
