@@ -6,7 +6,7 @@ and split, predicts the dataset's ``test`` cases, scores them (Dice, ASD in mm) 
 - ``OUT/runs/<preset>[<key>=<value>]-seed<N>/`` one run folder per training (``api.train`` layout)
   plus ``predictions/``, ``evaluation/metrics.{csv,json}`` and ``bench_metrics.json``; when the
   split keeps the labels of the unlabeled cases aside (``splits.json``), their pseudo labels are
-  predicted and scored too (``predictions-unlabeled/``, ``predictions-pseudo-labels/``);
+  predicted and scored too (``predictions-unlabeled[-postprocessed]/``, ``predictions-pseudo-labels/``);
 - ``OUT/reports/<call>/`` the report of one call, named after what it compares (presets,
   variants, ``--set`` settings, checkpoint; :func:`report_name`), so calls with other settings
   keep their reports apart and a repeated call updates its own:
@@ -132,10 +132,14 @@ class BenchContext:
     small: bool = True  # CPU schedule: patches planned within the CPU budget
     # the unlabeled cases whose labels the split keeps aside: their pseudo labels are scored too
     unlabeled_images: Tuple[Path, ...] = ()
-    unlabeled_gt_dir: Optional[Path] = None
 
     def overrides(self, unit: RunSpec) -> Dict[str, Any]:
         return dict(self.base_overrides, seed=unit.seed, **dict(unit.variant))
+
+    @property
+    def unlabeled_gt_dir(self) -> Path:
+        """The labels of :attr:`unlabeled_images`, named by case (the layout ``evaluate`` pairs by)."""
+        return self.out_dir / "unlabeled_labels"
 
     def run_dir(self, unit: RunSpec) -> Path:
         return self.out_dir / "runs" / unit.run_name
@@ -986,11 +990,11 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
         raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, got {checkpoint!r}")
     unlabeled = unlabeled_with_labels(dataset_dir)
     ctx = BenchContext(dataset_dir, out_dir, spec, base, device, out_dir / "test_labels", checkpoint, small,
-                       tuple(case.image for case in unlabeled), out_dir / "unlabeled_labels" if unlabeled else None)
+                       tuple(case.image for case in unlabeled))
     for unit in units:  # before any training: a folder from other settings would mix budgets
         check_same_config(ctx.run_dir(unit), unit.preset, ctx.overrides(unit), spec.modality)
     prepare_ground_truth([case.label for case in spec.test], ctx.gt_dir)
-    if ctx.unlabeled_gt_dir is not None:
+    if unlabeled:
         prepare_ground_truth([case.label for case in unlabeled], ctx.unlabeled_gt_dir)
     class_names = [name for label, name in sorted(spec.labels.items()) if label > 0]
     annotation = labeled_effort(spec)  # the labeled set's annotated slices: equal-effort comparisons
