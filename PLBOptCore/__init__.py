@@ -4,6 +4,7 @@ Public API (imported on first use, so ``import PLBOptCore`` stays light for Slic
 
     PLBOptCore.train(dataset_dir, run_dir, preset="plbopt", ...)
     PLBOptCore.predict(run_dir, inputs, out_dir, refine=False, ...)
+    PLBOptCore.predict_readings(run_dir, inputs, {out_dir: PLBOptCore.Reading(subnet="a", refine=True)}, ...)
     PLBOptCore.predict_array(run_dir, volume_zyx, spacing_zyx)
     PLBOptCore.evaluate(pred_dir, gt_dir, labels=None)
     PLBOptCore.refine_pseudo_labels(probs, pseudo, superpixels, tau)
@@ -23,6 +24,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _LAZY = {
     "train": "PLBOptCore.api",
     "predict": "PLBOptCore.api",
+    "predict_readings": "PLBOptCore.api",
+    "Reading": "PLBOptCore.engine.inference",
     "predict_array": "PLBOptCore.api",
     "evaluate": "PLBOptCore.api",
     "refine_pseudo_labels": "PLBOptCore.method.refine",

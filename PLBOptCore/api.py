@@ -168,41 +168,63 @@ def predict(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], out_
     and their case names, the output folder, and every output file: one that exists is refused
     unless ``overwrite``, an input image always (even when ``out_dir`` is the input folder).
     """
+    from .engine.inference import Reading
+
+    reading = Reading(subnet=None if subnet == "both" else subnet, refine=refine, postprocess=postprocess)
+    return predict_readings(run_dir, inputs, {out_dir: reading}, checkpoint, device, overlap, progress, should_stop,
+                            overwrite)[Path(out_dir)]
+
+
+def predict_readings(run_dir: PathLike, inputs: Union[PathLike, Sequence[PathLike]], outputs: Dict[PathLike, Any],
+                     checkpoint: str = "best", device: str = "auto", overlap: Optional[float] = None,
+                     progress: Optional[Callable[[dict], None]] = None,
+                     should_stop: Optional[Callable[[], bool]] = None,
+                     overwrite: bool = False) -> Dict[Path, List[Path]]:
+    """:func:`predict` of several readings at once: ``outputs`` maps each output folder to a
+    :class:`~PLBOptCore.engine.inference.Reading` (the ensemble or one subnet, refined or not,
+    postprocessed or not). Each image is preprocessed once and each subnet slides over it once,
+    and each folder gets what :func:`predict` with that reading writes there, bit for bit.
+    Everything is checked first, as :func:`predict` does. Returns folder -> label maps written.
+    """
     from .data.io import CONFIDENCE_FOLDER, image_case_name, prediction_suffix, read_header, read_image, write_image
     from .engine.inference import Predictor, check_overlap
     from .utils import check_output_file, check_output_folder
 
     overlap = check_overlap(overlap) if overlap is not None else None
     images = list_images(inputs)
-    out_dir = Path(out_dir)  # created by the first write, so a failed read leaves nothing behind
-    confidence_dir = out_dir / CONFIDENCE_FOLDER
-    for folder in (out_dir, confidence_dir):
-        check_output_folder(folder)
+    outputs = {Path(folder): reading for folder, reading in outputs.items()}  # created by the first write
+    for out_dir in outputs:
+        for folder in (out_dir, out_dir / CONFIDENCE_FOLDER):
+            check_output_folder(folder)
     input_set = {p.resolve() for p in images}
     jobs = []
     for image_path in images:
         name, ending = image_case_name(image_path), prediction_suffix(image_path)
-        label_path, confidence_path = out_dir / f"{name}{ending}", confidence_dir / f"{name}{ending}"
-        for target in (label_path, confidence_path):
+        targets = [(out_dir / f"{name}{ending}", out_dir / CONFIDENCE_FOLDER / f"{name}{ending}") for out_dir in outputs]
+        for target in (path for pair in targets for path in pair):
             if target.resolve() in input_set:
                 raise DatasetError(f"{target}: refusing to overwrite an input image; choose another output folder")
             check_output_file(target, overwrite)
         read_header(image_path)  # a broken input is refused before the first case is written
-        jobs.append((image_path, name, label_path, confidence_path))
-    predictor = Predictor.from_run(Path(run_dir), checkpoint, device, subnet)
+        jobs.append((image_path, name, targets))
+    predictor = Predictor.from_run(Path(run_dir), checkpoint, device)
     if overlap is not None:
         predictor.config.sw_overlap = overlap
-    written: List[Path] = []
-    for index, (image_path, name, label_path, confidence_path) in enumerate(jobs):
-        prediction = predictor.predict_image(read_image(image_path), refine=refine, should_stop=should_stop,
-                                             postprocess=postprocess)
-        write_image(prediction.label, label_path)
-        write_image(prediction.confidence, confidence_path)
-        written.append(label_path)
+    readings = list(outputs.values())
+    for reading in readings:  # a subnet the run lacks is refused before the first case is written
+        predictor.check_reading(reading)
+    written: Dict[Path, List[Path]] = {out_dir: [] for out_dir in outputs}
+    for index, (image_path, name, targets) in enumerate(jobs):
+        predictions = predictor.predict_image_readings(read_image(image_path), readings, should_stop=should_stop)
+        for out_dir, prediction, (label_path, confidence_path) in zip(outputs, predictions, targets):
+            write_image(prediction.label, label_path)
+            write_image(prediction.confidence, confidence_path)
+            written[out_dir].append(label_path)
         if progress:
+            first = predictions[0]
             progress({"type": "predict", "case": name, "index": index + 1, "total": len(images),
-                      "refine_changed_fraction": prediction.refine_changed_fraction,
-                      "postprocess_removed_voxels": prediction.postprocess_removed_voxels, "path": str(label_path)})
+                      "refine_changed_fraction": first.refine_changed_fraction,
+                      "postprocess_removed_voxels": first.postprocess_removed_voxels, "path": str(targets[0][0])})
     return written
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..api import evaluate, predict, train
+from ..api import evaluate, predict_readings, train
 from ..convert.sparsify import effort_line, labeled_effort
 from ..convert.splits import unlabeled_with_labels
 from ..config import (CHECKPOINT_NAMES, CPU_SCHEDULE, PLANNED_KEYS, inert_settings, load_config_file, make_config,
@@ -50,6 +50,7 @@ from ..data.dataset import DatasetSpec, load_dataset
 from ..data.plan import with_modality_defaults
 from ..data.io import array_to_image, case_name, read_image, write_image
 from ..engine.events import read_events
+from ..engine.inference import Reading
 from ..errors import ConfigError, DatasetError, TrainingInterrupted
 from ..utils import atomic_write, resolve_device
 from .plots import plot_dice_bars, plot_refine_gain, plot_training_curves
@@ -325,18 +326,21 @@ def noisy_test_images(spec: DatasetSpec, out_dir: Path, level: str) -> List[Path
 
 
 def _predict_and_score(ctx: BenchContext, run_dir: Path, images: Sequence[Path], work_dir: Path,
-                       subnet: str = "both", refine: bool = False) -> Dict[str, Any]:
-    """Predict ``images`` with the run's ``ctx.checkpoint`` (``subnet`` a, b or both; refined as
-    ``plbopt refine`` does) into ``work_dir/predictions[-a|-b|-refined]`` and score them: the
-    network's labels, without postprocessing (:func:`_postprocess_and_score` adds it)."""
-    suffix = "-refined" if refine else "" if subnet == "both" else f"-{subnet}"
+                       readings: Dict[str, Reading], gt_dir: Optional[Path] = None
+                       ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, float]]:
+    """Predict ``images`` with the run's ``ctx.checkpoint`` as each reading (suffix -> what
+    ``plbopt predict`` with that subnet, refinement and postprocessing writes) into
+    ``work_dir/predictions<suffix>``, one pass of each subnet for all of them, and score each
+    against ``gt_dir`` (default: the test labels). Returns (suffix -> scores, seconds of
+    ``predict`` and ``evaluate``)."""
     started = time.perf_counter()
-    predict(run_dir, list(images), work_dir / f"predictions{suffix}", checkpoint=ctx.checkpoint, device=ctx.device,
-            subnet=subnet, refine=refine, overwrite=True,  # a unit interrupted before its metrics predicts again
-            postprocess=False)
+    predict_readings(run_dir, list(images), {work_dir / f"predictions{suffix}": reading
+                                             for suffix, reading in readings.items()},
+                     checkpoint=ctx.checkpoint, device=ctx.device,
+                     overwrite=True)  # a unit interrupted before its metrics predicts again
     predicted = time.perf_counter()
-    return {**_score(ctx, work_dir, suffix), "seconds": {"predict": predicted - started,
-                                                         "evaluate": time.perf_counter() - predicted}}
+    scores = {suffix: _score(ctx, work_dir, suffix, gt_dir) for suffix in readings}
+    return scores, {"predict": predicted - started, "evaluate": time.perf_counter() - predicted}
 
 
 def _score(ctx: BenchContext, work_dir: Path, suffix: str, gt_dir: Optional[Path] = None) -> Dict[str, Any]:
@@ -380,15 +384,14 @@ def _score_pseudo_labels(ctx: BenchContext, run_dir: Path, work_dir: Path) -> Op
     ``predictions-pseudo-labels``). None when the split keeps no such labels."""
     if not ctx.unlabeled_images:
         return None
-    scores = {}
-    for key, suffix, refine in (("network", "-unlabeled", False), ("handed_back", "-pseudo-labels", True)):
-        predict(run_dir, list(ctx.unlabeled_images), work_dir / f"predictions{suffix}", checkpoint=ctx.checkpoint,
-                device=ctx.device, refine=refine, overwrite=True, postprocess=refine)
-        summary = _score(ctx, work_dir, suffix, ctx.unlabeled_gt_dir)
-        scores[key] = {"mean_dice": summary["mean_dice"], "dice": summary["dice"]}
+    summaries, seconds = _predict_and_score(
+        ctx, run_dir, ctx.unlabeled_images, work_dir,
+        {"-unlabeled": Reading(postprocess=False), "-pseudo-labels": Reading(refine=True)}, ctx.unlabeled_gt_dir)
+    scores = {key: {name: summaries[suffix][name] for name in ("mean_dice", "dice")}
+              for key, suffix in (("network", "-unlabeled"), ("handed_back", "-pseudo-labels"))}
     postprocessed = _postprocess_and_score(ctx, run_dir, work_dir, "-unlabeled", ctx.unlabeled_gt_dir)
     scores["postprocessed"] = {key: postprocessed[key] for key in ("mean_dice", "dice")}
-    return {"cases": len(ctx.unlabeled_images), **scores}
+    return {"cases": len(ctx.unlabeled_images), **scores, "seconds": seconds}
 
 
 def mean_refine_gain(run_dir: Path) -> Optional[Dict[str, float]]:
@@ -435,17 +438,20 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
             train(ctx.dataset_dir, run_dir, preset=unit.preset, overrides=overrides, resume=state == "partial",
                   overwrite=state == "fresh", small=ctx.small)
             seconds["train"] = time.perf_counter() - started
-    scores = _predict_and_score(ctx, run_dir, images, work_dir)
-    seconds.update(scores.pop("seconds"))
-    # each subnet alone: a dual run whose ensemble looks fine can hide one failing subnet
-    subnets = {"a": scores["mean_dice"]}
     config = make_config(unit.preset, overrides=overrides)
+    readings = {"": Reading(postprocess=False)}  # the network's labels; _postprocess_and_score adds postprocessing
     if config.dual_subnets and not unit.noise:
-        subnets = {name: _predict_and_score(ctx, run_dir, images, work_dir, name)["mean_dice"] for name in ("a", "b")}
-    refined = None  # what a user of `plbopt refine` (and the Slicer panel's pseudo labels) gets
-    if config.refine and not unit.noise:
-        refined = {key: value for key, value in _predict_and_score(ctx, run_dir, images, work_dir, refine=True).items()
-                   if key in ("mean_dice", "dice")}
+        # each subnet alone: a dual run whose ensemble looks fine can hide one failing subnet
+        readings.update({f"-{name}": Reading(subnet=name, postprocess=False) for name in ("a", "b")})
+    if config.refine and not unit.noise:  # what a user of `plbopt refine` (and the Slicer panel's pseudo labels) gets
+        readings["-refined"] = Reading(refine=True, postprocess=False)
+    summaries, predict_seconds = _predict_and_score(ctx, run_dir, images, work_dir, readings)
+    seconds.update(predict_seconds)
+    scores = summaries[""]
+    subnets = ({name: summaries[f"-{name}"]["mean_dice"] for name in ("a", "b")} if "-a" in summaries
+               else {"a": scores["mean_dice"]})
+    refined = ({key: summaries["-refined"][key] for key in ("mean_dice", "dice")} if "-refined" in summaries
+               else None)
     postprocessed = None if unit.noise else _postprocess_and_score(ctx, run_dir, work_dir)
     pseudo_labels = None if unit.noise else _score_pseudo_labels(ctx, run_dir, work_dir)
     seconds["total"] = sum(seconds.values())
@@ -589,7 +595,7 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
         "- Scored checkpoint: " + ("`last.pt`, the final weights of each run" if settings.get("checkpoint") == "last"
                                    else "`best.pt`, chosen on the validation cases (what `plbopt predict` uses)"),
         f"- Hardware: {hardware['cpu_count']} CPUs (torch threads {hardware['torch_threads']}), device "
-        f"{hardware['device']}, {hardware['platform']}",
+        f"{hardware['device']}, {hardware['platform']}{cpu_text(hardware)}",
         f"- Wall time of this call: {results['total_seconds'] / 60:.1f} min; trained {len(calls['trained'])}, "
         f"resumed {len(calls['resumed'])}, evaluated only {len(calls['evaluated'])}, skipped (already done) "
         f"{len(calls['skipped'])}, failed {len(calls['failed'])}", "",
@@ -612,7 +618,7 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
     lines += refined_section(results) + postprocessed_section(results) + pseudo_labels_section(results)
     if "training_curves" in plots:
         lines += ["## Training curves", "", f"![training curves]({plots['training_curves']})", ""]
-    lines += ["## Runs", "", "| Run | This call | Train (s) | Predict (s) | Avg. Dice | Avg. ASD (mm) |",
+    lines += ["## Runs", "", "| Run | This call | Train (s) | Predict test cases (s) | Avg. Dice | Avg. ASD (mm) |",
               "|---|---|---|---|---|---|"]
     outcome_of = {name: outcome for outcome, names in calls.items() for name in names}
     for record in results["runs"]:
@@ -623,6 +629,15 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
     if calls["failed"]:
         lines += ["", "## Failed runs", ""] + [f"- {name}: {message}" for name, message in results["failures"].items()]
     return "\n".join(lines) + "\n"
+
+
+def cpu_text(hardware: Dict[str, Any]) -> str:
+    """``", CPU AMD EPYC (AVX512, flags 0123456789ab)"``; empty for records older than the CPU fields."""
+    if not hardware.get("cpu_model"):
+        return ""
+    details = [hardware.get("cpu_capability")] + ([f"flags {hardware['cpu_flags_digest']}"]
+                                                 if hardware.get("cpu_flags_digest") else [])
+    return f", CPU {hardware['cpu_model']} ({', '.join(d for d in details if d)})"
 
 
 def labeled_ratio(data: Dict[str, Any]) -> str:
@@ -901,11 +916,34 @@ def _override_text(value: Any) -> str:
 
 
 def hardware_note(device: str) -> Dict[str, Any]:
-    """CPU count, torch threads and device for the report: CPU timings depend on them."""
+    """CPU count, torch threads and device for the report: CPU timings depend on them. The CPU's
+    model, torch's kernel level (``cpu_capability``) and a digest of the CPU's feature flags tell
+    whether two records ran on the same kind of processor: the same code, seed and thread count
+    give other numbers on another one (the kernels oneDNN picks differ)."""
     resolved = resolve_device(device)
     name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else platform.processor() or "cpu"
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": f"{resolved} ({name})",
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            **cpu_identity()}
+
+
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> Dict[str, Optional[str]]:
+    """``cpu_model`` (the first ``model name`` of ``cpuinfo``, else the platform's processor),
+    ``cpu_capability`` (torch's, e.g. ``AVX512``) and ``cpu_flags_digest`` (12 hex digits of the
+    sorted feature flags; None where ``cpuinfo`` is unreadable, as on macOS and Windows)."""
+    model, flags = None, None
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and flags is None:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12] if flags else None
+    return {"cpu_model": model or platform.processor() or platform.machine() or None,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags_digest": digest}
 
 
 def _log(out_dir: Path, message: str) -> None:

@@ -20,7 +20,7 @@ import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -76,7 +76,6 @@ def window_starts(length: int, patch: int, overlap: float) -> List[int]:
     return starts
 
 
-@torch.no_grad()
 def sliding_window_probabilities(
     models: Sequence[torch.nn.Module],
     volume: torch.Tensor,
@@ -96,7 +95,40 @@ def sliding_window_probabilities(
     Returns:
         (C, Z, Y, X) float32 probabilities on the CPU, summing to 1 over C.
     """
+    return sliding_window_member_probabilities(models, {"all": range(len(models))}, volume, patch_size, num_classes,
+                                               overlap, batch_size, device, should_stop, amp)["all"]
+
+
+@torch.no_grad()
+def sliding_window_member_probabilities(
+    models: Sequence[torch.nn.Module],
+    members: Mapping[str, Sequence[int]],
+    volume: torch.Tensor,
+    patch_size: Sequence[int],
+    num_classes: int,
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    device: Optional[torch.device] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    amp: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """:func:`sliding_window_probabilities` of several ensembles of ``models`` from one pass of each.
+
+    Each window goes through every model once; each member (a name and the indices of the models it
+    averages: DHC's ensemble ``(0, 1)`` and each subnet alone ``(0,)``, ``(1,)``) gets the softmax of
+    the mean of its models' logits, blended over windows. A member's probabilities are bit for bit
+    those of :func:`sliding_window_probabilities` with its models alone: a window's logits do not
+    depend on what else is computed.
+
+    Args:
+        members: member name -> indices into ``models`` (each non-empty).
+        volume: (Z, Y, X) float tensor, already preprocessed.
+    Returns:
+        member name -> (C, Z, Y, X) float32 probabilities on the CPU.
+    """
     device = torch.device(device) if device is not None else next(models[0].parameters()).device
+    members = {name: [int(i) for i in indices] for name, indices in members.items()}
+    used = sorted({i for indices in members.values() for i in indices})
     patch = [int(p) for p in patch_size]
     shape = list(volume.shape)
     padding = centred_padding(shape, patch)
@@ -104,13 +136,17 @@ def sliding_window_probabilities(
         # the layout training crops include: centred, padded with the volume's minimum (air)
         volume = torch.from_numpy(pad_to_patch(volume.numpy(), patch, float(volume.min())))
     padded = list(volume.shape)
+    accumulator_device = device
+    probs: Dict[str, torch.Tensor] = {}
     try:  # on the device: no copy of every window's probabilities back to the host
-        probs = torch.zeros([num_classes] + padded, dtype=torch.float32, device=device)
+        for name in members:
+            probs[name] = torch.zeros([num_classes] + padded, dtype=torch.float32, device=device)
     except torch.cuda.OutOfMemoryError:
         logger.warning("probabilities of a %s volume do not fit in %s memory; accumulating on the CPU", padded, device)
-        probs = torch.zeros([num_classes] + padded, dtype=torch.float32)
-    weight_sum = torch.zeros(padded, dtype=torch.float32, device=probs.device)
-    importance = gaussian_importance_map(patch).to(probs.device)
+        accumulator_device = torch.device("cpu")
+        probs = {name: torch.zeros([num_classes] + padded, dtype=torch.float32) for name in members}
+    weight_sum = torch.zeros(padded, dtype=torch.float32, device=accumulator_device)
+    importance = gaussian_importance_map(patch).to(accumulator_device)
     volume = volume.to(device)
     autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
     corners = list(itertools.product(*(window_starts(padded[d], patch[d], overlap) for d in range(3))))
@@ -123,15 +159,17 @@ def sliding_window_probabilities(
         windows = torch.stack([volume[z:z + patch[0], y:y + patch[1], x:x + patch[2]] for z, y, x in chunk])
         windows = windows[:, None].to(device=device, dtype=torch.float32)
         with autocast:
-            outputs = [model(windows)[0] for model in models]
-        logits = sum(output.float() for output in outputs) / len(models)
-        window_probs = torch.softmax(logits, dim=1).to(probs.device)
-        for (z, y, x), window_prob in zip(chunk, window_probs):
-            probs[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]] += window_prob * importance
+            outputs = {i: models[i](windows)[0] for i in used}
+        for name, indices in members.items():
+            logits = sum(outputs[i].float() for i in indices) / len(indices)
+            window_probs = torch.softmax(logits, dim=1).to(accumulator_device)
+            for (z, y, x), window_prob in zip(chunk, window_probs):
+                probs[name][:, z:z + patch[0], y:y + patch[1], x:x + patch[2]] += window_prob * importance
+        for z, y, x in chunk:
             weight_sum[z:z + patch[0], y:y + patch[1], x:x + patch[2]] += importance
-    probs /= weight_sum
     (z0, _), (y0, _), (x0, _) = padding
-    return probs[:, z0:z0 + shape[0], y0:y0 + shape[1], x0:x0 + shape[2]].contiguous().cpu()
+    return {name: member.div_(weight_sum)[:, z0:z0 + shape[0], y0:y0 + shape[1], x0:x0 + shape[2]].contiguous().cpu()
+            for name, member in probs.items()}
 
 
 def build_models(config: Config, num_classes: int) -> List[VNet]:
@@ -175,6 +213,20 @@ class Prediction:
     postprocess_removed_voxels: int = 0  # voxels outside their class's largest component (postprocess.py)
 
 
+@dataclass(frozen=True)
+class Reading:
+    """One prediction of an image (:meth:`Predictor.predict_image_readings`).
+
+    ``subnet``: ``"a"`` or ``"b"`` alone, or None for the predictor's own models (DHC's ensemble
+    unless it was built for one subnet); ``refine`` and ``postprocess`` as in
+    :meth:`Predictor.predict_image`.
+    """
+
+    subnet: Optional[str] = None
+    refine: bool = False
+    postprocess: bool = True
+
+
 class Predictor:
     """Loads a trained run and predicts label + confidence maps in the input image's geometry."""
 
@@ -200,6 +252,9 @@ class Predictor:
         self.models = build_models(config, self.num_classes)
         load_subnet_weights(self.models, model_states, source)
         self.models = select_subnets(self.models, subnet, source)
+        # the subnet each of self.models is, so that a Reading can ask for one of them alone
+        self.subnet_names = list("ab"[:len(self.models)]) if subnet == "both" else [subnet]
+        self.source = source
         for model in self.models:
             model.to(self.device).eval()
         if self.device.type == "cuda":
@@ -253,21 +308,49 @@ class Predictor:
         """Preprocess like training, predict, optionally refine with superpixels, restore geometry,
         then (``postprocess``) keep the largest component of the classes the run's validation chose
         (:attr:`largest_component_classes`, see :mod:`PLBOptCore.postprocess`)."""
+        return self.predict_image_readings(image, [Reading(refine=refine, postprocess=postprocess)], should_stop)[0]
+
+    def predict_image_readings(self, image: sitk.Image, readings: Sequence[Reading],
+                               should_stop=None) -> List[Prediction]:
+        """Several predictions of one image (:meth:`predict_image` for each reading) from one
+        preprocessing and one sliding-window pass of each subnet: the ensemble, each subnet alone,
+        refined or not, postprocessed or not. Each equals what :meth:`predict_image` of a predictor
+        built for that subnet writes, bit for bit."""
         from ..data.preprocess import PreprocessParams, preprocess_image, superpixels_for
 
+        members = {reading.subnet: self.check_reading(reading) for reading in readings}
         params = PreprocessParams.from_config(self.config)
         volume, info = preprocess_image(image, params)
-        probs = self.predict_probabilities(volume, should_stop)
-        refined, changed = None, 0.0
-        if refine:
+        probabilities = sliding_window_member_probabilities(
+            self.models, members, torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)),
+            self.config.patch_size, self.num_classes, self.config.sw_overlap, self.config.sw_batch_size,
+            self.device, should_stop, amp=self.config.amp)
+        superpixels = None
+        if any(reading.refine for reading in readings):
             superpixels = torch.from_numpy(superpixels_for(volume, params, info).astype(np.int64))
-            refined, changed = self.refine(volume, probs, superpixels)
-        label_image, confidence_image = restore_prediction(probs, info, self.num_classes, refined)
-        removed = 0
-        if postprocess:
-            label_image, confidence_image, removed = postprocess_images(label_image, confidence_image,
-                                                                        self.largest_component_classes)
-        return Prediction(label_image, confidence_image, float(changed), removed)
+        predictions = []
+        for reading in readings:
+            probs = probabilities[reading.subnet]
+            refined, changed = self.refine(volume, probs, superpixels) if reading.refine else (None, 0.0)
+            label_image, confidence_image = restore_prediction(probs, info, self.num_classes, refined)
+            removed = 0
+            if reading.postprocess:
+                label_image, confidence_image, removed = postprocess_images(label_image, confidence_image,
+                                                                            self.largest_component_classes)
+            predictions.append(Prediction(label_image, confidence_image, float(changed), removed))
+        return predictions
+
+    def check_reading(self, reading: Reading) -> List[int]:
+        """Indices into :attr:`models` of ``reading``'s subnet (None: all of them); a subnet this
+        predictor lacks is a :class:`ConfigError`."""
+        if reading.subnet is None:
+            return list(range(len(self.models)))
+        if reading.subnet not in ("a", "b"):
+            raise ConfigError(f"subnet must be one of {', '.join(SUBNETS)}, got {reading.subnet!r}")
+        if reading.subnet not in self.subnet_names:
+            raise ConfigError(f"{self.source}: has no subnet {reading.subnet!r} "
+                              f"(this predictor has {', '.join(self.subnet_names)}; a supervised run has subnet a only)")
+        return [self.subnet_names.index(reading.subnet)]
 
 
 def postprocess_images(label: sitk.Image, confidence: sitk.Image,

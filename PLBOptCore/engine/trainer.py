@@ -56,7 +56,7 @@ from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
 from .inference import (build_models, load_subnet_weights, refine_allowed_classes, refine_prediction,
-                        sliding_window_probabilities)
+                        sliding_window_member_probabilities)
 from .runcontrol import RUN_LOCK_NAME, STOP_FILE_NAME, RunLock, stop_requested
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink, require_tensorboard
 
@@ -633,17 +633,19 @@ class Trainer:
         for model in self.models:
             model.eval()
         # the ensemble decides best.pt; each subnet alone shows whether one of them is failing
-        members = {"both": self.models}
+        members = {"both": range(len(self.models))}
         if len(self.models) == 2:
-            members.update(a=self.models[:1], b=self.models[1:])
+            members.update(a=[0], b=[1])
         per_class = {member: {name: [] for c, name in self.dataset.labels.items() if c > 0} for member in members}
         refine_gains, component_gains = [], []
         for case in self.validation_cases:
             volume = torch.from_numpy(np.array(case.image))  # a copy: cached volumes are read-only memory maps
-            for member, models in members.items():
-                probs = sliding_window_probabilities(models, volume, self.config.patch_size, self.num_classes,
-                                                     self.config.sw_overlap, self.config.sw_batch_size, self.device,
-                                                     amp=self.config.amp)
+            # one pass of each subnet gives the ensemble's and each subnet's probabilities
+            member_probs = sliding_window_member_probabilities(self.models, members, volume, self.config.patch_size,
+                                                               self.num_classes, self.config.sw_overlap,
+                                                               self.config.sw_batch_size, self.device,
+                                                               amp=self.config.amp)
+            for member, probs in member_probs.items():
                 full_prediction = probs.argmax(0).numpy()
                 prediction, label = annotated_only(full_prediction, case.label, UNANNOTATED)
                 case_dice = [dice(prediction == c, label == c) for c in range(1, self.num_classes)]

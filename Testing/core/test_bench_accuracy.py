@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -363,7 +364,8 @@ def test_the_pseudo_labels_of_the_unlabeled_cases_are_scored_against_the_labels_
     (kept,) = unlabeled_with_labels(dataset)
     for record in results["runs"]:
         scores = record["pseudo_labels"]
-        assert scores["cases"] == 1 and set(scores) == {"cases", "network", "postprocessed", "handed_back"}
+        assert scores["cases"] == 1 and set(scores) == {"cases", "network", "postprocessed", "handed_back", "seconds"}
+        assert scores["seconds"]["predict"] > 0  # both readings from one pass of each subnet
         run_dir = out / record["run_dir"]
         for key, folder in (("network", "predictions-unlabeled"), ("postprocessed", "predictions-unlabeled-postprocessed"),
                             ("handed_back", "predictions-pseudo-labels")):
@@ -422,3 +424,19 @@ def test_pseudo_labels_section_per_method_and_paired_by_seed():
     assert lines[handed_back + 4] == "| dhc − supervised | +8.0, +1.0 | +4.5 ± 4.9 | +1.0 | 2/2 |"
     assert lines[postprocessed + 4] == "| dhc − supervised | +7.0, +2.0 | +4.5 ± 3.5 | +2.0 | 2/2 |"
     assert lines[network + 4] == "| dhc − supervised | +6.0, +2.0 | +4.0 ± 2.8 | +2.0 | 2/2 |"
+
+
+def test_the_record_names_the_kind_of_processor(tmp_path):
+    # same code, seed and threads give other numbers on another processor: the record must say which
+    from PLBOptCore.bench.accuracy import cpu_identity, cpu_text
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: sse2 avx2 fma\n\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: sse2 avx2 fma\n")
+    identity = cpu_identity(cpuinfo)
+    assert identity["cpu_model"] == "AMD EPYC 9R14"
+    assert identity["cpu_flags_digest"] == hashlib.sha256(b"avx2 fma sse2").hexdigest()[:12]  # sorted flags
+    assert identity["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert cpu_text(identity) == f", CPU AMD EPYC 9R14 ({identity['cpu_capability']}, flags {identity['cpu_flags_digest']})"
+    assert cpu_identity(tmp_path / "absent")["cpu_flags_digest"] is None
+    assert cpu_text({"cpu_count": 2}) == ""  # a record from before these fields

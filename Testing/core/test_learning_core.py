@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from PLBOptCore.config import make_config
@@ -19,8 +20,9 @@ from PLBOptCore.data.preprocess import Preprocessed
 from PLBOptCore.data.sampling import PatchSampler, centred_padding, pad_to_patch
 from PLBOptCore.engine.events import read_events
 from PLBOptCore.engine.checkpoint import load_checkpoint
-from PLBOptCore.engine.inference import (Predictor, build_models, refine_allowed_classes,
-                                        sliding_window_probabilities)
+from PLBOptCore.api import predict, predict_readings
+from PLBOptCore.engine.inference import (Predictor, Reading, build_models, refine_allowed_classes,
+                                        sliding_window_member_probabilities, sliding_window_probabilities)
 from PLBOptCore.engine.trainer import Trainer
 from PLBOptCore.errors import ConfigError
 from PLBOptCore.method.mutual import mutual_correction_loss
@@ -84,6 +86,45 @@ def test_homogeneous_superpixels_drop_those_that_straddle_an_edge():
     # the threshold scales with each item's own noise level
     out = homogeneous_superpixels(superpixels, image, torch.tensor([0.25]), factor=1.5)
     assert out.flatten().tolist() == [0, 0, 0, 0, 1, 1, 1, -1]
+
+
+class _CountingModel(_PositionSensitive):
+    """:class:`_PositionSensitive` with its own weights that counts the windows it sees."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv.reset_parameters()
+        self.windows = 0
+
+    def forward(self, x):
+        self.windows += x.shape[0]
+        return super().forward(x)
+
+
+def test_one_pass_of_each_model_gives_the_ensemble_and_each_model_alone():
+    volume = torch.from_numpy(np.random.default_rng(1).random((12, 40, 45)).astype(np.float32))
+    patch = (8, 16, 16)
+    a, b = _CountingModel(1).eval(), _CountingModel(2).eval()
+    with torch.no_grad():
+        alone = {name: sliding_window_probabilities(models, volume, patch, 3, overlap=0.5, device=torch.device("cpu"))
+                 for name, models in (("both", [a, b]), ("a", [a]), ("b", [b]))}
+        windows_of_one_pass = b.windows  # b slid over the volume twice above: ensemble and alone
+        assert windows_of_one_pass % 2 == 0
+        windows_of_one_pass //= 2
+        a.windows = b.windows = 0
+        members = sliding_window_member_probabilities([a, b], {"both": (0, 1), "a": (0,), "b": (1,)}, volume,
+                                                      patch, 3, overlap=0.5, device=torch.device("cpu"))
+    assert a.windows == b.windows == windows_of_one_pass  # once over the volume each, not twice
+    for name in ("both", "a", "b"):
+        assert torch.equal(members[name], alone[name])  # bit for bit
+    # by hand at one voxel seen by a single window: the ensemble is softmax of the mean logit
+    with torch.no_grad():
+        corner = volume[None, None, :8, :16, :16]
+        logits = (a.conv(corner) + b.conv(corner)) / 2
+    expected = torch.softmax(logits[0, :, 0, 0, 0], 0)
+    torch.testing.assert_close(members["both"][:, 0, 0, 0], expected)
+
 
 
 def test_noise_sigma_recovers_known_noise_on_a_ramp_with_edges_and_clipping():
@@ -225,6 +266,40 @@ def test_plbopt_run_logs_self_check_and_per_subnet_validation(small_dataset, tmp
         out[subnet] = next((tmp_path / subnet).glob("*[0-9].nii.gz"))
     assert len(Predictor.from_run(run, subnet="a", device="cpu").models) == 1
     assert len(Predictor.from_run(run, subnet="both", device="cpu").models) == 2
+
+
+def test_several_readings_at_once_write_what_predict_writes_for_each(small_dataset, tmp_path):
+    # refinement unchecked, so that the refined readings differ from the network's
+    run = tmp_path / "run"
+    Trainer(make_config("plbopt", overrides={**TINY, "refine_self_check": False}), load_dataset(small_dataset),
+            run).fit()
+    images = sorted((small_dataset / "imagesTs").glob("*.nii.gz"))
+    asked = {"ensemble": dict(postprocess=False), "a": dict(subnet="a", postprocess=False),
+             "b": dict(subnet="b", refine=True), "refined": dict(refine=True, postprocess=False),
+             "handed-back": dict(refine=True), "postprocessed": dict()}
+    written = predict_readings(run, images, {tmp_path / "all" / name: Reading(**kwargs)
+                                             for name, kwargs in asked.items()}, device="cpu")
+    assert {folder.name for folder in written} == set(asked)
+    arrays = {}
+    for name, kwargs in asked.items():
+        subnet = kwargs.pop("subnet", "both")
+        [alone] = predict(run, images, tmp_path / "alone" / name, device="cpu", subnet=subnet, **kwargs)
+        [together] = written[tmp_path / "all" / name]
+        for file in (Path("."), Path("confidence")):
+            first = sitk.ReadImage(str(alone.parent / file / alone.name))
+            second = sitk.ReadImage(str(together.parent / file / together.name))
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(first), sitk.GetArrayFromImage(second))
+            assert first.GetSpacing() == second.GetSpacing() and first.GetOrigin() == second.GetOrigin()
+        arrays[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(together)))
+    assert (arrays["refined"] != arrays["ensemble"]).any()  # the readings differ: each went its own way
+    assert (arrays["a"] != arrays["ensemble"]).any()
+    # a subnet the run lacks is refused before anything is written
+    supervised = tmp_path / "supervised"
+    Trainer(make_config("supervised", overrides=TINY), load_dataset(small_dataset), supervised).fit()
+    with pytest.raises(ConfigError, match="has no subnet 'b'"):
+        predict_readings(supervised, images, {tmp_path / "s-a": Reading(subnet="a"),
+                                              tmp_path / "s-b": Reading(subnet="b")}, device="cpu")
+    assert not (tmp_path / "s-a").exists()
 
 
 @pytest.mark.parametrize("preset", ["dhc", "supervised"])
