@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import platform
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -157,3 +159,32 @@ def torch_backend_flags(deterministic: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+
+
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> Dict[str, Optional[str]]:
+    """``cpu_model`` (the first ``model name`` of ``cpuinfo``, else the platform's processor),
+    ``cpu_capability`` (torch's, e.g. ``AVX512``) and ``cpu_flags_digest`` (12 hex digits of the
+    sorted feature flags; None where ``cpuinfo`` is unreadable, as on macOS and Windows)."""
+    model, flags = None, None
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and flags is None:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12] if flags else None
+    return {"cpu_model": model or platform.processor() or platform.machine() or None,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags_digest": digest}
+
+
+def compute_setup(device: torch.device) -> Dict[str, Any]:
+    """What decides a CPU run's floating-point results besides code, data and seed: torch's thread
+    count and the processor (:func:`cpu_identity`); the device's name on CUDA. The same KBP run gave
+    0.6594 Dice with one thread and 0.6536 with two (docs/RESULTS.md)."""
+    if device.type == "cuda":
+        return {"torch_threads": torch.get_num_threads(), "device_name": torch.cuda.get_device_name(device),
+                "torch": torch.__version__}
+    return {"torch_threads": torch.get_num_threads(), **cpu_identity(), "torch": torch.__version__}

@@ -52,7 +52,7 @@ from ..data.io import array_to_image, case_name, read_image, write_image
 from ..engine.events import read_events
 from ..engine.inference import Reading
 from ..errors import ConfigError, DatasetError, TrainingInterrupted
-from ..utils import atomic_write, resolve_device
+from ..utils import atomic_write, cpu_identity, resolve_device
 from .plots import plot_dice_bars, plot_refine_gain, plot_training_curves
 
 logger = logging.getLogger(__name__)
@@ -252,6 +252,17 @@ def training_state(run_dir: Path) -> str:
     return "fresh"
 
 
+def training_setups(run_dir: Path) -> List[Dict[str, Any]]:
+    """The distinct compute set-ups (threads, processor: ``utils.compute_setup``) the run trained
+    on, from its start events, in order; a resumed run may have several; empty for runs from
+    before the trainer recorded them."""
+    setups: List[Dict[str, Any]] = []
+    for event in read_events(run_dir):
+        if event.get("type") == "start" and event.get("setup") and event["setup"] not in setups:
+            setups.append(event["setup"])
+    return setups
+
+
 def check_same_config(run_dir: Path, preset: str, overrides: Dict[str, Any], modality: str) -> None:
     """Refuse to reuse a run folder trained with other settings than this bench asks for (planned
     preprocessing aside: the plan is the dataset's, stored in the run; and settings that a switch
@@ -415,6 +426,7 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
     metrics_path = work_dir / METRICS_FILE
     if metrics_path.is_file():
         record = json.loads(metrics_path.read_text())
+        record.setdefault("trained_on", training_setups(run_dir))  # records from before the field
         if unit.noise or "pseudo_labels" in record or not ctx.unlabeled_images:
             return "skipped", record
         # a record from before the unlabeled cases were scored: its run only predicts them
@@ -460,7 +472,7 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
                                                        if unit.noise else None),
               "run_dir": os.path.relpath(run_dir, ctx.out_dir), "checkpoint": ctx.checkpoint, "overrides": overrides,
               "trained_as": outcome, "seconds": seconds, "subnets": subnets, "refined": refined,
-              "postprocessed": postprocessed, "pseudo_labels": pseudo_labels,
+              "postprocessed": postprocessed, "pseudo_labels": pseudo_labels, "trained_on": training_setups(run_dir),
               "refine_gain": None if unit.noise else mean_refine_gain(run_dir), **scores}
     _write_json(metrics_path, record)
     return outcome, _nan_to_none(record)
@@ -596,6 +608,7 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
                                    else "`best.pt`, chosen on the validation cases (what `plbopt predict` uses)"),
         f"- Hardware: {hardware['cpu_count']} CPUs (torch threads {hardware['torch_threads']}), device "
         f"{hardware['device']}, {hardware['platform']}{cpu_text(hardware)}",
+        setup_line(results["runs"]),
         f"- Wall time of this call: {results['total_seconds'] / 60:.1f} min; trained {len(calls['trained'])}, "
         f"resumed {len(calls['resumed'])}, evaluated only {len(calls['evaluated'])}, skipped (already done) "
         f"{len(calls['skipped'])}, failed {len(calls['failed'])}", "",
@@ -638,6 +651,33 @@ def cpu_text(hardware: Dict[str, Any]) -> str:
     details = [hardware.get("cpu_capability")] + ([f"flags {hardware['cpu_flags_digest']}"]
                                                  if hardware.get("cpu_flags_digest") else [])
     return f", CPU {hardware['cpu_model']} ({', '.join(d for d in details if d)})"
+
+
+def setup_text(setup: Dict[str, Any]) -> str:
+    """``"1 torch thread, CPU AMD EPYC (AVX512, flags 0123456789ab), torch 2.13.0+cpu"``."""
+    threads = setup.get("torch_threads")
+    where = f", {setup['device_name']}" if setup.get("device_name") else cpu_text(setup)
+    return f"{threads} torch thread{'s' if threads != 1 else ''}{where}, torch {setup.get('torch')}"
+
+
+def setup_line(runs: Sequence[Dict[str, Any]]) -> str:
+    """What the runs were trained on: one set-up, or a warning naming each set-up's runs (the same
+    code and seed give other numbers on another, so their paired differences mix two sources)."""
+    by_setup: Dict[str, List[str]] = {}
+    unknown = []
+    for record in runs:
+        setups = record.get("trained_on") or []
+        if not setups:
+            unknown.append(record["name"])
+        for setup in setups:
+            by_setup.setdefault(setup_text(setup), []).append(record["name"])
+    older = (f"; {len(unknown)} run{' predates' if len(unknown) == 1 else 's predate'} this record "
+             f"({', '.join(unknown)})" if unknown else "")
+    if len(by_setup) <= 1:
+        return f"- Trained with: {next(iter(by_setup), 'not recorded')}{older}"
+    parts = "; ".join(f"{text}: {', '.join(names)}" for text, names in by_setup.items())
+    return (f"- **Trained on {len(by_setup)} set-ups** (the same code and seed give other numbers with another "
+            f"thread count or processor, so differences between these runs mix both): {parts}{older}")
 
 
 def labeled_ratio(data: Dict[str, Any]) -> str:
@@ -925,25 +965,6 @@ def hardware_note(device: str) -> Dict[str, Any]:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": f"{resolved} ({name})",
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             **cpu_identity()}
-
-
-def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> Dict[str, Optional[str]]:
-    """``cpu_model`` (the first ``model name`` of ``cpuinfo``, else the platform's processor),
-    ``cpu_capability`` (torch's, e.g. ``AVX512``) and ``cpu_flags_digest`` (12 hex digits of the
-    sorted feature flags; None where ``cpuinfo`` is unreadable, as on macOS and Windows)."""
-    model, flags = None, None
-    try:
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model is None:
-                model = value.strip()
-            elif key.strip() == "flags" and flags is None:
-                flags = " ".join(sorted(value.split()))
-    except OSError:
-        pass
-    digest = hashlib.sha256(flags.encode()).hexdigest()[:12] if flags else None
-    return {"cpu_model": model or platform.processor() or platform.machine() or None,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags_digest": digest}
 
 
 def _log(out_dir: Path, message: str) -> None:

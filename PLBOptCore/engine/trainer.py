@@ -51,7 +51,7 @@ from ..method.refine import homogeneous_superpixels, refine_pseudo_labels, refin
 from ..method.triplet import ConfidenceTripletLoss
 from ..metrics import annotated_only, dice
 from ..postprocess import largest_component_gain
-from ..utils import resolve_device, seed_everything, step_seed, torch_backend_flags
+from ..utils import compute_setup, resolve_device, seed_everything, step_seed, torch_backend_flags
 from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
@@ -707,7 +707,8 @@ class Trainer:
         self.events.write("start", total_steps=cfg.iterations, start_step=self.step, preset=cfg.preset,
                           device=str(self.device), num_classes=self.num_classes,
                           labeled=len(self.dataset.training), unlabeled=len(self.dataset.unlabeled),
-                          world_size=self.dist.world_size)
+                          world_size=self.dist.world_size,
+                          setup=compute_setup(self.device))  # same code and seed, other threads: other numbers
         restore_handlers = self._install_signal_handlers()
         bar = self._progress_bar()
         window_start, window_steps = time.perf_counter(), 0

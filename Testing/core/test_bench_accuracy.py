@@ -428,7 +428,8 @@ def test_pseudo_labels_section_per_method_and_paired_by_seed():
 
 def test_the_record_names_the_kind_of_processor(tmp_path):
     # same code, seed and threads give other numbers on another processor: the record must say which
-    from PLBOptCore.bench.accuracy import cpu_identity, cpu_text
+    from PLBOptCore.bench.accuracy import cpu_text
+    from PLBOptCore.utils import cpu_identity
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: sse2 avx2 fma\n\n"
@@ -440,3 +441,38 @@ def test_the_record_names_the_kind_of_processor(tmp_path):
     assert cpu_text(identity) == f", CPU AMD EPYC 9R14 ({identity['cpu_capability']}, flags {identity['cpu_flags_digest']})"
     assert cpu_identity(tmp_path / "absent")["cpu_flags_digest"] is None
     assert cpu_text({"cpu_count": 2}) == ""  # a record from before these fields
+
+
+def test_each_run_records_the_threads_and_processor_it_trained_on(bench):
+    _, out, results = bench
+    for record in results["runs"]:
+        (setup,) = record["trained_on"]
+        assert setup["torch_threads"] == torch.get_num_threads() and setup["torch"] == torch.__version__
+        assert setup["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        start = next(e for e in read_events(out / record["run_dir"]) if e["type"] == "start")
+        assert start["setup"] == setup  # the trainer's own record, not the scoring call's
+    markdown = (out / results["report_dir"] / "RESULTS.md").read_text()
+    assert f"- Trained with: {torch.get_num_threads()} torch thread" in markdown
+
+
+def test_runs_trained_on_different_setups_are_named_in_the_report(tmp_path):
+    from PLBOptCore.bench.accuracy import setup_line, training_setups
+
+    one = {"torch_threads": 1, "cpu_model": "AMD EPYC", "cpu_capability": "AVX512", "cpu_flags_digest": "0a1b",
+           "torch": "2.13.0+cpu"}
+    two = {**one, "torch_threads": 2}
+    run = tmp_path / "run"
+    run.mkdir()
+    # a run resumed with another thread count trained on both
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (
+        {"type": "start", "time": 1.0, "setup": one}, {"type": "train", "time": 2.0, "step": 1},
+        {"type": "start", "time": 3.0, "setup": two}, {"type": "start", "time": 4.0, "setup": one})))
+    assert training_setups(run) == [one, two]
+    line = setup_line([{"name": "dhc-seed0", "trained_on": [one]}, {"name": "dhc-seed1", "trained_on": [two]},
+                       {"name": "old-seed0"}])
+    assert line == ("- **Trained on 2 set-ups** (the same code and seed give other numbers with another thread count "
+                    "or processor, so differences between these runs mix both): 1 torch thread, CPU AMD EPYC (AVX512, "
+                    "flags 0a1b), torch 2.13.0+cpu: dhc-seed0; 2 torch threads, CPU AMD EPYC (AVX512, flags 0a1b), "
+                    "torch 2.13.0+cpu: dhc-seed1; 1 run predates this record (old-seed0)")
+    assert setup_line([{"name": "a", "trained_on": [one]}, {"name": "b", "trained_on": [one]}]) == (
+        "- Trained with: 1 torch thread, CPU AMD EPYC (AVX512, flags 0a1b), torch 2.13.0+cpu")
