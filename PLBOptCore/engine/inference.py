@@ -5,7 +5,7 @@ The ensemble is DHC's: softmax of the mean of subnet A's and B's logits. Windows
 sigma = patch/8) so window borders, where a VNet sees least context, count least.
 
 Memory: the probability volume is accumulated in float32 on the inference device, ``C × Z × Y × X × 4``
-bytes plus one volume for the weights, after preprocessing (body crop, optional resampling); a
+bytes (per reading of :func:`sliding_window_member_probabilities`) plus one volume for the weights, after preprocessing (body crop, optional resampling); a
 volume whose accumulator does not fit in GPU memory is accumulated on the CPU instead. On CUDA the
 subnets run under autocast (float16) and cuDNN autotunes its kernels for the fixed patch size.
 Restoring a resampled prediction to the input grid adds about 14 bytes per input voxel (see
@@ -116,9 +116,9 @@ def sliding_window_member_probabilities(
 
     Each window goes through every model once; each member (a name and the indices of the models it
     averages: DHC's ensemble ``(0, 1)`` and each subnet alone ``(0,)``, ``(1,)``) gets the softmax of
-    the mean of its models' logits, blended over windows. A member's probabilities are bit for bit
-    those of :func:`sliding_window_probabilities` with its models alone: a window's logits do not
-    depend on what else is computed.
+    the mean of its models' logits, blended over windows. A member's probabilities are those of
+    :func:`sliding_window_probabilities` with its models alone (bit for bit on the CPU, tested): a
+    window's logits do not depend on what else is computed. Memory: one accumulator per member.
 
     Args:
         members: member name -> indices into ``models`` (each non-empty).
