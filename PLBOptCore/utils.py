@@ -181,10 +181,8 @@ def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> Dict[str, Optional[st
 
 
 def compute_setup(device: torch.device) -> Dict[str, Any]:
-    """What decides a CPU run's floating-point results besides code, data and seed: torch's thread
-    count and the processor (:func:`cpu_identity`); the device's name on CUDA. The same KBP run gave
-    0.6594 Dice with one thread and 0.6536 with two (docs/RESULTS.md)."""
-    if device.type == "cuda":
-        return {"torch_threads": torch.get_num_threads(), "device_name": torch.cuda.get_device_name(device),
-                "torch": torch.__version__}
-    return {"torch_threads": torch.get_num_threads(), **cpu_identity(), "torch": torch.__version__}
+    """What decides a run's floating-point results besides code, data and seed: torch's thread
+    count and the processor (:func:`cpu_identity`), and the device's name on CUDA. The same KBP run
+    gave 0.6594 Dice with one thread and 0.6536 with two (docs/RESULTS.md)."""
+    gpu = {"device_name": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
+    return {"torch_threads": torch.get_num_threads(), **cpu_identity(), **gpu, "torch": torch.__version__}

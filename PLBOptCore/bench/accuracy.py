@@ -52,7 +52,7 @@ from ..data.io import array_to_image, case_name, read_image, write_image
 from ..engine.events import read_events
 from ..engine.inference import Reading
 from ..errors import ConfigError, DatasetError, TrainingInterrupted
-from ..utils import atomic_write, cpu_identity, resolve_device
+from ..utils import atomic_write, compute_setup, resolve_device
 from .plots import plot_dice_bars, plot_refine_gain, plot_training_curves
 
 logger = logging.getLogger(__name__)
@@ -962,9 +962,8 @@ def hardware_note(device: str) -> Dict[str, Any]:
     give other numbers on another one (the kernels oneDNN picks differ)."""
     resolved = resolve_device(device)
     name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else platform.processor() or "cpu"
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": f"{resolved} ({name})",
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            **cpu_identity()}
+    return {"cpu_count": os.cpu_count(), "device": f"{resolved} ({name})", "platform": platform.platform(),
+            "python": platform.python_version(), **compute_setup(resolved)}
 
 
 def _log(out_dir: Path, message: str) -> None:
