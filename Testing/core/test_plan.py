@@ -277,6 +277,16 @@ def test_repository_split_files_are_disjoint_and_state_their_counts(name):
     assert {"Dataset103_LA": 8, "Dataset101_OpenKBP": 6, "Dataset102_CHAOST2": 2}[name] == len(split["labeled"])
 
 
+@pytest.mark.parametrize("name", ["Dataset101_OpenKBP", "Dataset102_CHAOST2", "Dataset103_LA"])
+def test_fully_labeled_ceiling_labels_the_unlabeled_cases_of_its_split_and_nothing_else(name):
+    splits = Path(__file__).parents[2] / "Resources" / "splits"
+    split = json.loads((splits / f"{name}.json").read_text())
+    ceiling = json.loads((splits / f"{name}-all-labeled.json").read_text())
+    assert ceiling["labeled"] == split["labeled"] + split["unlabeled"] and ceiling["unlabeled"] == []
+    assert ceiling["validation"] == split["validation"] and ceiling["test"] == split["test"]
+    assert ceiling["counts"] == {role: len(ceiling[role]) for role in ("labeled", "unlabeled", "validation", "test")}
+
+
 @pytest.mark.parametrize("config_file", sorted((Path(__file__).parents[2] / "Resources" / "configs").glob("*.yaml")),
                          ids=lambda path: path.name)
 def test_repository_configs_load(config_file):
