@@ -252,12 +252,12 @@ def training_state(run_dir: Path) -> str:
     return "fresh"
 
 
-def training_setups(run_dir: Path) -> List[Dict[str, Any]]:
-    """The distinct compute set-ups (threads, processor: ``utils.compute_setup``) the run trained
-    on, from its start events, in order; a resumed run may have several; empty for runs from
-    before the trainer recorded them."""
+def training_setups(events: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The distinct compute set-ups (threads, processor: ``utils.compute_setup``) a run trained
+    on, from the start events of its ``events.jsonl`` (``read_events``), in order; a resumed run
+    may have several; empty for runs from before the trainer recorded them."""
     setups: List[Dict[str, Any]] = []
-    for event in read_events(run_dir):
+    for event in events:
         if event.get("type") == "start" and event.get("setup") and event["setup"] not in setups:
             setups.append(event["setup"])
     return setups
@@ -405,9 +405,10 @@ def _score_pseudo_labels(ctx: BenchContext, run_dir: Path, work_dir: Path) -> Op
     return {"cases": len(ctx.unlabeled_images), **scores, "seconds": seconds}
 
 
-def mean_refine_gain(run_dir: Path) -> Optional[Dict[str, float]]:
-    """Per class, refinement's self-check gain averaged over the logged steps of a run (None if not logged)."""
-    logged = [r["refine_gain"] for r in read_events(run_dir) if r.get("type") == "train" and r.get("refine_gain")]
+def mean_refine_gain(events: Sequence[Dict[str, Any]]) -> Optional[Dict[str, float]]:
+    """Per class, refinement's self-check gain averaged over the logged steps of a run's
+    ``events.jsonl`` (``read_events``); None if not logged."""
+    logged = [r["refine_gain"] for r in events if r.get("type") == "train" and r.get("refine_gain")]
     if not logged:
         return None
     return {name: float(np.mean([gains[name] for gains in logged])) for name in logged[0]}
@@ -426,7 +427,7 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
     metrics_path = work_dir / METRICS_FILE
     if metrics_path.is_file():
         record = json.loads(metrics_path.read_text())
-        record.setdefault("trained_on", training_setups(run_dir))  # records from before the field
+        record.setdefault("trained_on", training_setups(read_events(run_dir)))  # records from before the field
         if unit.noise or "pseudo_labels" in record or not ctx.unlabeled_images:
             return "skipped", record
         # a record from before the unlabeled cases were scored: its run only predicts them
@@ -467,13 +468,14 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
     postprocessed = None if unit.noise else _postprocess_and_score(ctx, run_dir, work_dir)
     pseudo_labels = None if unit.noise else _score_pseudo_labels(ctx, run_dir, work_dir)
     seconds["total"] = sum(seconds.values())
+    events = read_events(run_dir)
     record = {"name": unit.name, "group": unit.group, "preset": unit.preset, "seed": unit.seed,
               "variant": dict(unit.variant), "noise": ({"level": unit.noise, "sigma_hu": NOISE_LEVELS[unit.noise]}
                                                        if unit.noise else None),
               "run_dir": os.path.relpath(run_dir, ctx.out_dir), "checkpoint": ctx.checkpoint, "overrides": overrides,
               "trained_as": outcome, "seconds": seconds, "subnets": subnets, "refined": refined,
-              "postprocessed": postprocessed, "pseudo_labels": pseudo_labels, "trained_on": training_setups(run_dir),
-              "refine_gain": None if unit.noise else mean_refine_gain(run_dir), **scores}
+              "postprocessed": postprocessed, "pseudo_labels": pseudo_labels, "trained_on": training_setups(events),
+              "refine_gain": None if unit.noise else mean_refine_gain(events), **scores}
     _write_json(metrics_path, record)
     return outcome, _nan_to_none(record)
 

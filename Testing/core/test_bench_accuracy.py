@@ -467,7 +467,7 @@ def test_runs_trained_on_different_setups_are_named_in_the_report(tmp_path):
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (
         {"type": "start", "time": 1.0, "setup": one}, {"type": "train", "time": 2.0, "step": 1},
         {"type": "start", "time": 3.0, "setup": two}, {"type": "start", "time": 4.0, "setup": one})))
-    assert training_setups(run) == [one, two]
+    assert training_setups(read_events(run)) == [one, two]
     line = setup_line([{"name": "dhc-seed0", "trained_on": [one]}, {"name": "dhc-seed1", "trained_on": [two]},
                        {"name": "old-seed0"}])
     assert line == ("- **Trained on 2 set-ups** (the same code and seed give other numbers with another thread count "

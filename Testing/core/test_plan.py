@@ -278,13 +278,16 @@ def test_repository_split_files_are_disjoint_and_state_their_counts(name):
 
 
 @pytest.mark.parametrize("name", ["Dataset101_OpenKBP", "Dataset102_CHAOST2", "Dataset103_LA"])
-def test_fully_labeled_ceiling_labels_the_unlabeled_cases_of_its_split_and_nothing_else(name):
+def test_floor_and_ceiling_splits_differ_from_their_split_only_in_the_unlabeled_cases(name):
     splits = Path(__file__).parents[2] / "Resources" / "splits"
     split = json.loads((splits / f"{name}.json").read_text())
+    floor = json.loads((splits / f"{name}-labeled-only.json").read_text())
     ceiling = json.loads((splits / f"{name}-all-labeled.json").read_text())
+    assert floor["labeled"] == split["labeled"] and floor["unlabeled"] == []
     assert ceiling["labeled"] == split["labeled"] + split["unlabeled"] and ceiling["unlabeled"] == []
-    assert ceiling["validation"] == split["validation"] and ceiling["test"] == split["test"]
-    assert ceiling["counts"] == {role: len(ceiling[role]) for role in ("labeled", "unlabeled", "validation", "test")}
+    for derived in (floor, ceiling):
+        assert derived["validation"] == split["validation"] and derived["test"] == split["test"]
+        assert derived["counts"] == {role: len(derived[role]) for role in ("labeled", "unlabeled", "validation", "test")}
 
 
 @pytest.mark.parametrize("config_file", sorted((Path(__file__).parents[2] / "Resources" / "configs").glob("*.yaml")),
