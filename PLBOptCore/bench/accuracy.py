@@ -238,6 +238,27 @@ def plan_runs(presets: Sequence[str], seeds: int, variants: Sequence[str],
     return units, tables
 
 
+def without_runs_lacking_unlabeled_cases(units: Sequence[RunSpec], base: Dict[str, Any], spec: DatasetSpec
+                                         ) -> Tuple[List[RunSpec], Dict[str, str]]:
+    """``units`` less the trainings that need unlabeled cases where ``spec`` has none, and why each
+    such group is not run. A floor or ceiling split (``Resources/splits/*-labeled-only.json``,
+    ``*-all-labeled.json``) trains DHC's losses on labeled cases alone (``--set cps_weight=0``);
+    DHC's own runs there are left out and named in the report, not failed one by one. A call that
+    leaves nothing to train is a ``ConfigError``, before any run folder is written."""
+    from ..engine.trainer import lacks_unlabeled_cases
+
+    lacking = {unit.training_group for unit in units
+               if lacks_unlabeled_cases(make_config(unit.preset, overrides={**base, **dict(unit.variant)}), spec)}
+    if not lacking:
+        return list(units), {}
+    kept = [unit for unit in units if unit.training_group not in lacking]
+    if not kept:
+        raise ConfigError(f"{spec.json_path}: lists no unlabeled cases, which {', '.join(sorted(lacking))} train on; "
+                          "use --presets supervised, or --set cps_weight=0 for DHC's losses on the labeled cases alone")
+    reason = "needs unlabeled cases; this dataset has none"
+    return kept, {group: reason for group in sorted(lacking)}
+
+
 # ---------------------------------------------------------------------------------------- run folders
 def training_state(run_dir: Path) -> str:
     """``complete`` (last start/end event is a completed end), ``partial`` (a checkpoint to resume),
@@ -611,6 +632,7 @@ def render_markdown(results: Dict[str, Any], plots: Dict[str, str]) -> str:
         f"- Hardware: {hardware['cpu_count']} CPUs (torch threads {hardware['torch_threads']}), device "
         f"{hardware['device']}, {hardware['platform']}{cpu_text(hardware)}",
         setup_line(results["runs"]),
+        *(f"- Not run: {group} ({reason})" for group, reason in results.get("not_run", {}).items()),
         f"- Wall time of this call: {results['total_seconds'] / 60:.1f} min; trained {len(calls['trained'])}, "
         f"resumed {len(calls['resumed'])}, evaluated only {len(calls['evaluated'])}, skipped (already done) "
         f"{len(calls['skipped'])}, failed {len(calls['failed'])}", "",
@@ -1045,6 +1067,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
     base = base_overrides(iterations, small, device, extra_overrides)
     settings = [dict(setting) for setting in settings]
     units, tables = plan_runs(presets, seeds, variants, base, settings)
+    units, not_run = without_runs_lacking_unlabeled_cases(units, base, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint not in CHECKPOINT_NAMES:
         raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, got {checkpoint!r}")
@@ -1079,6 +1102,7 @@ def run_accuracy_bench(dataset_dir: Path, out_dir: Path, presets: Sequence[str],
         "tables": tables,
         "this_call": {outcome: [] for outcome in ("trained", "resumed", "evaluated", "skipped", "missing", "failed")},
         "failures": {},
+        "not_run": not_run,
         "report_dir": str(Path("reports") / report_name(presets, variants, settings, checkpoint)),
     }
     _log(out_dir, f"accuracy bench: {len(units)} units -> {out_dir}  ({results['command']})")

@@ -73,6 +73,13 @@ def dataset_for_training(config: Config, dataset: DatasetSpec) -> DatasetSpec:
     return dataset
 
 
+def lacks_unlabeled_cases(config: Config, dataset: DatasetSpec) -> bool:
+    """True when ``config`` trains on unlabeled cases and ``dataset`` gives it none (no unlabeled
+    case listed, and none made of sparse labels where ``sparse_as_unlabeled`` asks for them)."""
+    # (the sparse cases' labels are read only where no unlabeled case is listed)
+    return config.uses_unlabeled and not dataset.unlabeled and not dataset_for_training(config, dataset).unlabeled
+
+
 def check_training_inputs(config: Config, dataset: DatasetSpec, run_dir: Path,
                           init_from: Optional[Path]) -> Optional[Dict[str, Any]]:
     """Refuse, before anything is written (the plan's fingerprint, the run folder, the
@@ -80,8 +87,7 @@ def check_training_inputs(config: Config, dataset: DatasetSpec, run_dir: Path,
     configuration of the ``init_from`` checkpoint (None without one), so it is read once."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: exists and is not a folder; choose another run folder")
-    # (the sparse cases' labels are read only where no unlabeled case is listed)
-    if config.uses_unlabeled and not dataset.unlabeled and not dataset_for_training(config, dataset).unlabeled:
+    if lacks_unlabeled_cases(config, dataset):
         raise ConfigError(f"{dataset.root}: preset {config.preset!r} needs unlabeled cases; "
                           "dataset.json has none" + (" and no training label holds the ignore label"
                                                      if config.sparse_as_unlabeled else "")

@@ -246,6 +246,24 @@ def test_set_trains_a_variant_and_pairs_it_with_the_preset(bench, tmp_path):
     assert "Settings against each preset's default" in markdown and "| dhc[cps_weight=0.2] − dhc |" in markdown
 
 
+def test_a_split_without_unlabeled_cases_leaves_out_the_runs_that_need_them(tmp_path):
+    # a floor or ceiling split (Resources/splits/*-labeled-only.json, *-all-labeled.json)
+    dataset = make_phantom_dataset(tmp_path / "data", n_labeled=2, n_unlabeled=0, n_test=1, n_validation=0,
+                                   shape=(24, 48, 48))
+    with pytest.raises(ConfigError, match="lists no unlabeled cases, which dhc, plbopt train on"):
+        run_accuracy_bench(dataset, tmp_path / "refused", presets=["dhc", "plbopt"], seeds=1, iterations=2,
+                           small=True, device="cpu", extra_overrides=TINY)
+    assert not (tmp_path / "refused").exists()
+    results = run_accuracy_bench(dataset, tmp_path / "out", presets=["dhc"], seeds=1, iterations=2, small=True,
+                                 device="cpu", extra_overrides=TINY, settings=[{"cps_weight": 0}])
+    assert results["not_run"] == {"dhc": "needs unlabeled cases; this dataset has none"}
+    assert results["this_call"]["trained"] == ["dhc[cps_weight=0]-seed0"] and not results["failures"]
+    assert not (tmp_path / "out" / "runs" / "dhc-seed0").exists()
+    markdown = (tmp_path / "out" / results["report_dir"] / "RESULTS.md").read_text()
+    assert "- Not run: dhc (needs unlabeled cases; this dataset has none)" in markdown
+    assert "Failed runs" not in markdown
+
+
 def test_last_checkpoint_is_scored_apart_without_training(bench, tmp_path):
     dataset, out, first = bench
     copy = tmp_path / "out"
