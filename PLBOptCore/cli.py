@@ -182,6 +182,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  checkpoint=args.checkpoint, split_file=args.split, config_file=args.config)
     report = Path(args.output) / results["report_dir"] / "RESULTS.md"
     print(f"report: {report}  (all reports: {Path(args.output) / 'RESULTS.md'})")
+    failed = results["this_call"]["failed"]
+    if failed:  # the others ran and are reported; a script or a cluster job still has to see the failure
+        print(f"plbopt: {len(failed)} run(s) failed: {', '.join(failed)} (see {report}, 'Failed runs')", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -264,6 +264,23 @@ def test_a_split_without_unlabeled_cases_leaves_out_the_runs_that_need_them(tmp_
     assert "Failed runs" not in markdown
 
 
+def test_the_command_exits_1_naming_the_runs_that_failed(bench, tmp_path, monkeypatch, capsys):
+    import PLBOptCore.bench.accuracy as accuracy
+    from PLBOptCore.cli import main
+
+    def diverge(*args, **kwargs):
+        raise RuntimeError("loss is NaN")
+
+    monkeypatch.setattr(accuracy, "train", diverge)
+    dataset, _, _ = bench
+    code = main(["bench", "accuracy", str(dataset), "-o", str(tmp_path / "out"), "--presets", "supervised",
+                 "--seeds", "1", "--iterations", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "plbopt: 1 run(s) failed: supervised-seed0" in err
+    markdown = (tmp_path / "out" / "reports" / "supervised" / "RESULTS.md").read_text()
+    assert "- supervised-seed0: RuntimeError: loss is NaN" in markdown
+
+
 def test_last_checkpoint_is_scored_apart_without_training(bench, tmp_path):
     dataset, out, first = bench
     copy = tmp_path / "out"
