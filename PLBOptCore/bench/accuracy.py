@@ -247,7 +247,9 @@ def without_runs_lacking_unlabeled_cases(units: Sequence[RunSpec], base: Dict[st
     leaves nothing to train is a ``ConfigError``, before any run folder is written."""
     from ..engine.trainer import lacks_unlabeled_cases
 
-    lacking = {unit.training_group for unit in units
+    # one check per training group, not per seed: with sparse_as_unlabeled the check reads the labels
+    groups = {unit.training_group: unit for unit in units}
+    lacking = {group for group, unit in groups.items()
                if lacks_unlabeled_cases(make_config(unit.preset, overrides={**base, **dict(unit.variant)}), spec)}
     if not lacking:
         return list(units), {}
