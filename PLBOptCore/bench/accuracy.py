@@ -4,7 +4,8 @@
 and split, predicts the dataset's ``test`` cases, scores them (Dice, ASD in mm) and writes:
 
 - ``OUT/runs/<preset>[<key>=<value>]-seed<N>/`` one run folder per training (``api.train`` layout)
-  plus ``predictions/``, ``evaluation/metrics.{csv,json}`` and ``bench_metrics.json``; when the
+  plus ``predictions/`` (the network's labels), ``predictions-postprocessed/`` (what ``plbopt predict``
+  writes), ``evaluation/metrics.{csv,json}`` and ``bench_metrics.json``; when the
   split keeps the labels of the unlabeled cases aside (``splits.json``), their pseudo labels are
   predicted and scored too (``predictions-unlabeled[-postprocessed]/``, ``predictions-pseudo-labels/``);
 - ``OUT/reports/<call>/`` the report of one call, named after what it compares (presets,
@@ -388,26 +389,13 @@ def _score(ctx: BenchContext, work_dir: Path, suffix: str, gt_dir: Optional[Path
     return _summarise(results)
 
 
-def _postprocess_and_score(ctx: BenchContext, run_dir: Path, work_dir: Path, suffix: str = "",
-                           gt_dir: Optional[Path] = None) -> Dict[str, Any]:
-    """The ensemble's predictions ``work_dir/predictions<suffix>`` (default: of the test cases)
-    postprocessed as ``plbopt predict`` does by default (:mod:`PLBOptCore.postprocess`, the classes
-    the checkpoint's validation chose), into ``work_dir/predictions<suffix>-postprocessed``, scored
-    against ``gt_dir`` (default: the test labels); ``classes`` names the classes chosen."""
+def _postprocessed_classes(ctx: BenchContext, run_dir: Path) -> List[str]:
+    """The classes whose largest component alone ``plbopt predict`` keeps for the run's
+    ``ctx.checkpoint`` (:mod:`PLBOptCore.postprocess`: chosen on its validation cases)."""
     from ..engine.inference import Predictor
-    from ..postprocess import keep_largest_component
 
     predictor = Predictor.from_run(run_dir, ctx.checkpoint, "cpu")
-    classes = predictor.largest_component_classes
-    source, target = work_dir / f"predictions{suffix}", work_dir / f"predictions{suffix}-postprocessed"
-    target.mkdir(parents=True, exist_ok=True)
-    for path in sorted(p for p in source.iterdir() if p.is_file()):
-        image = read_image(path)
-        kept = keep_largest_component(sitk.GetArrayFromImage(image), classes)
-        write_image(array_to_image(kept, image), target / path.name)
-    scores = _score(ctx, work_dir, f"{suffix}-postprocessed", gt_dir)
-    return {"classes": [predictor.labels[c] for c in classes], "mean_dice": scores["mean_dice"],
-            "dice": scores["dice"], "mean_asd": scores["mean_asd"]}
+    return [predictor.labels[c] for c in predictor.largest_component_classes]
 
 
 def _score_pseudo_labels(ctx: BenchContext, run_dir: Path, work_dir: Path) -> Optional[Dict[str, Any]]:
@@ -418,13 +406,13 @@ def _score_pseudo_labels(ctx: BenchContext, run_dir: Path, work_dir: Path) -> Op
     ``predictions-pseudo-labels``). None when the split keeps no such labels."""
     if not ctx.unlabeled_images:
         return None
-    summaries, seconds = _predict_and_score(
-        ctx, run_dir, ctx.unlabeled_images, work_dir,
-        {"-unlabeled": Reading(postprocess=False), "-pseudo-labels": Reading(refine=True)}, ctx.unlabeled_gt_dir)
+    readings = {"-unlabeled": Reading(postprocess=False), "-unlabeled-postprocessed": Reading(),
+                "-pseudo-labels": Reading(refine=True)}
+    summaries, seconds = _predict_and_score(ctx, run_dir, ctx.unlabeled_images, work_dir, readings,
+                                            ctx.unlabeled_gt_dir)
     scores = {key: {name: summaries[suffix][name] for name in ("mean_dice", "dice")}
-              for key, suffix in (("network", "-unlabeled"), ("handed_back", "-pseudo-labels"))}
-    postprocessed = _postprocess_and_score(ctx, run_dir, work_dir, "-unlabeled", ctx.unlabeled_gt_dir)
-    scores["postprocessed"] = {key: postprocessed[key] for key in ("mean_dice", "dice")}
+              for key, suffix in (("network", "-unlabeled"), ("postprocessed", "-unlabeled-postprocessed"),
+                                  ("handed_back", "-pseudo-labels"))}
     return {"cases": len(ctx.unlabeled_images), **scores, "seconds": seconds}
 
 
@@ -475,7 +463,9 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
                   overwrite=state == "fresh", small=ctx.small)
             seconds["train"] = time.perf_counter() - started
     config = make_config(unit.preset, overrides=overrides)
-    readings = {"": Reading(postprocess=False)}  # the network's labels; _postprocess_and_score adds postprocessing
+    readings = {"": Reading(postprocess=False)}  # the network's labels
+    if not unit.noise:  # what `plbopt predict` writes by default
+        readings["-postprocessed"] = Reading()
     if config.dual_subnets and not unit.noise:
         # each subnet alone: a dual run whose ensemble looks fine can hide one failing subnet
         readings.update({f"-{name}": Reading(subnet=name, postprocess=False) for name in ("a", "b")})
@@ -488,7 +478,9 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
                else {"a": scores["mean_dice"]})
     refined = ({key: summaries["-refined"][key] for key in ("mean_dice", "dice")} if "-refined" in summaries
                else None)
-    postprocessed = None if unit.noise else _postprocess_and_score(ctx, run_dir, work_dir)
+    postprocessed = None if unit.noise else {
+        "classes": _postprocessed_classes(ctx, run_dir),
+        **{key: summaries["-postprocessed"][key] for key in ("mean_dice", "dice", "mean_asd")}}
     pseudo_labels = None if unit.noise else _score_pseudo_labels(ctx, run_dir, work_dir)
     seconds["total"] = sum(seconds.values())
     events = read_events(run_dir)

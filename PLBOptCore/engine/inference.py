@@ -345,8 +345,9 @@ class Predictor:
         predictor lacks is a :class:`ConfigError`."""
         if reading.subnet is None:
             return list(range(len(self.models)))
-        if reading.subnet not in ("a", "b"):
-            raise ConfigError(f"subnet must be one of {', '.join(SUBNETS)}, got {reading.subnet!r}")
+        if reading.subnet not in ("a", "b"):  # "both" is a predictor's choice (select_subnets), not a reading's
+            raise ConfigError(f"a reading's subnet is None (the predictor's models), 'a' or 'b', "
+                              f"got {reading.subnet!r}")
         if reading.subnet not in self.subnet_names:
             raise ConfigError(f"{self.source}: has no subnet {reading.subnet!r} "
                               f"(this predictor has {', '.join(self.subnet_names)}; a supervised run has subnet a only)")

@@ -299,6 +299,8 @@ def test_several_readings_at_once_write_what_predict_writes_for_each(small_datas
     with pytest.raises(ConfigError, match="has no subnet 'b'"):
         predict_readings(supervised, images, {tmp_path / "s-a": Reading(subnet="a"),
                                               tmp_path / "s-b": Reading(subnet="b")}, device="cpu")
+    with pytest.raises(ConfigError, match="a reading's subnet is None .* got 'both'"):  # a predictor's word
+        predict_readings(supervised, images, {tmp_path / "s-a": Reading(subnet="both")}, device="cpu")
     assert not (tmp_path / "s-a").exists()
 
 
