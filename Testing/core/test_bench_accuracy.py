@@ -330,7 +330,10 @@ def test_every_run_is_also_scored_postprocessed_as_predict_writes_by_default(ben
         assert record["postprocessed"]["classes"] == []
         assert record["postprocessed"]["mean_dice"] == pytest.approx(record["mean_dice"])
         assert set(record["postprocessed"]["dice"]) == set(CLASSES)
-        assert len(list((out / record["run_dir"] / "predictions-postprocessed").glob("*[0-9].nii.gz"))) == 1
+        folder = out / record["run_dir"] / "predictions-postprocessed"
+        assert len(list(folder.glob("*[0-9].nii.gz"))) == 1
+        # written by predict's own path, so with the confidence map predict writes beside each label map
+        assert [p.name for p in (folder / "confidence").iterdir()] == [p.name for p in folder.glob("*[0-9].nii.gz")]
     assert "## Postprocessed predictions (largest component)" in (out / results["report_dir"] / "RESULTS.md").read_text()
 
 
