@@ -464,13 +464,13 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
             seconds["train"] = time.perf_counter() - started
     config = make_config(unit.preset, overrides=overrides)
     readings = {"": Reading(postprocess=False)}  # the network's labels
-    if not unit.noise:  # what `plbopt predict` writes by default
-        readings["-postprocessed"] = Reading()
-    if config.dual_subnets and not unit.noise:
-        # each subnet alone: a dual run whose ensemble looks fine can hide one failing subnet
-        readings.update({f"-{name}": Reading(subnet=name, postprocess=False) for name in ("a", "b")})
-    if config.refine and not unit.noise:  # what a user of `plbopt refine` (and the Slicer panel's pseudo labels) gets
-        readings["-refined"] = Reading(refine=True, postprocess=False)
+    if not unit.noise:  # a noise unit scores the network's labels alone
+        readings["-postprocessed"] = Reading()  # what `plbopt predict` writes by default
+        if config.dual_subnets:
+            # each subnet alone: a dual run whose ensemble looks fine can hide one failing subnet
+            readings.update({f"-{name}": Reading(subnet=name, postprocess=False) for name in ("a", "b")})
+        if config.refine:  # what a user of `plbopt refine` (and the Slicer panel's pseudo labels) gets
+            readings["-refined"] = Reading(refine=True, postprocess=False)
     summaries, predict_seconds = _predict_and_score(ctx, run_dir, images, work_dir, readings)
     seconds.update(predict_seconds)
     scores = summaries[""]
@@ -478,9 +478,9 @@ def run_unit(ctx: BenchContext, unit: RunSpec) -> Tuple[str, Dict[str, Any]]:
                else {"a": scores["mean_dice"]})
     refined = ({key: summaries["-refined"][key] for key in ("mean_dice", "dice")} if "-refined" in summaries
                else None)
-    postprocessed = None if unit.noise else {
-        "classes": _postprocessed_classes(ctx, run_dir),
-        **{key: summaries["-postprocessed"][key] for key in ("mean_dice", "dice", "mean_asd")}}
+    postprocessed = ({"classes": _postprocessed_classes(ctx, run_dir),
+                      **{key: summaries["-postprocessed"][key] for key in ("mean_dice", "dice", "mean_asd")}}
+                     if "-postprocessed" in summaries else None)
     pseudo_labels = None if unit.noise else _score_pseudo_labels(ctx, run_dir, work_dir)
     seconds["total"] = sum(seconds.values())
     events = read_events(run_dir)
