@@ -40,7 +40,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from ..api import evaluate, predict_readings, train
 from ..convert.sparsify import effort_line, labeled_effort
@@ -979,9 +978,10 @@ def hardware_note(device: str) -> Dict[str, Any]:
     whether two records ran on the same kind of processor: the same code, seed and thread count
     give other numbers on another one (the kernels oneDNN picks differ)."""
     resolved = resolve_device(device)
-    name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else platform.processor() or "cpu"
+    setup = compute_setup(resolved)  # names a CUDA device (device_name)
+    name = setup.get("device_name") or platform.processor() or "cpu"
     return {"cpu_count": os.cpu_count(), "device": f"{resolved} ({name})", "platform": platform.platform(),
-            "python": platform.python_version(), **compute_setup(resolved)}
+            "python": platform.python_version(), **setup}
 
 
 def _log(out_dir: Path, message: str) -> None:

@@ -514,3 +514,15 @@ def test_runs_trained_on_different_setups_are_named_in_the_report(tmp_path):
                     "torch 2.13.0+cpu: dhc-seed1; 1 run predates this record (old-seed0)")
     assert setup_line([{"name": "a", "trained_on": [one]}, {"name": "b", "trained_on": [one]}]) == (
         "- Trained with: 1 torch thread, CPU AMD EPYC (AVX512, flags 0a1b), torch 2.13.0+cpu")
+
+
+def test_hardware_note_names_a_cuda_device_with_one_query(monkeypatch):
+    """The bench record names the GPU once (compute_setup's device_name), for the report's line."""
+    import PLBOptCore.bench.accuracy as accuracy
+
+    queries = []
+    monkeypatch.setattr(accuracy, "resolve_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: queries.append(device) or "Test GPU")
+    note = accuracy.hardware_note("cuda")
+    assert note["device"] == "cuda:0 (Test GPU)" and note["device_name"] == "Test GPU"
+    assert len(queries) == 1
