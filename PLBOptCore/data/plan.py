@@ -220,9 +220,11 @@ def plan_preprocessing(fingerprint: Dict[str, Any], schedule: str) -> Dict[str, 
         settings = dict(normalization="ct", clip_window=(round(low, 4), round(high, 4)),
                         intensity_mean_std=(round(fg["mean"], 4), round(max(fg["std"], 1e-6), 4)),
                         body_threshold=BODY_THRESHOLD_HU)
-        reasons["normalization"] = (f"CT: clip to the foreground's 0.5-99.5 percentiles [{low:.1f}, {high:.1f}], "
-                                    f"z-score with its mean {fg['mean']:.1f} and std {fg['std']:.1f}; "
-                                    f"body above {BODY_THRESHOLD_HU:g} HU")
+        # the numbers go with their own keys, so that a window given explicitly is not contradicted
+        reasons.update(normalization=f"CT: clip to the foreground's intensity window, z-score with its mean and std; "
+                                     f"body above {BODY_THRESHOLD_HU:g} HU",
+                       clip_window="the labeled foreground's 0.5-99.5 percentiles",
+                       intensity_mean_std="the labeled foreground's mean and std")
     else:
         settings = dict(normalization="zscore", clip_window=None, intensity_mean_std=None, body_threshold=None)
         reasons["normalization"] = (f"{modality or 'modality not given'} (not CT): z-score each case over its body; "

@@ -14,7 +14,7 @@ from PLBOptCore.api import predict, train
 from PLBOptCore.config import CPU_DEMO_OVERRIDES, PATCH_BUDGET, make_config
 from PLBOptCore.convert.splits import apply_split_file
 from PLBOptCore.data.dataset import load_dataset
-from PLBOptCore.data.plan import (compute_fingerprint, plan_config, plan_patch_size, plan_preprocessing,
+from PLBOptCore.data.plan import (compute_fingerprint, format_plan, plan_config, plan_patch_size, plan_preprocessing,
                                   plan_spacing, refine_homogeneity_for, with_modality_defaults)
 from PLBOptCore.data.preprocess import PreprocessParams, body_mask, preprocess_image
 from PLBOptCore.engine.inference import Predictor
@@ -250,6 +250,22 @@ def test_explicit_ct_normalisation_of_a_ct_dataset_gets_the_planned_statistics(t
     planned, _ = plan_config(config, load_dataset(root), {"normalization": "ct"}, True, None)
     assert planned.normalization == "ct" and planned.intensity_mean_std[0] == pytest.approx(50.0)
 
+
+
+def test_printed_plan_states_only_the_values_the_run_uses(tmp_path):
+    """A window given explicitly is printed as given, and no line names the fingerprint's window instead."""
+    root = _nnunet_dataset(tmp_path / "ct", "CT", background=-1000.0, organ=40.0)
+    explicit = {"clip_window": (-100.0, 200.0), "intensity_mean_std": (10.0, 20.0)}
+    config = make_config("dhc", overrides=dict(TINY, **explicit))
+    planned, plan = plan_config(config, load_dataset(root), explicit, True, None)
+    planned_window = plan["settings"]["clip_window"]
+    text = "\n".join(format_plan(plan, planned))
+    assert "clip_window = [-100.0, 200.0]  (given explicitly)" in text
+    assert "intensity_mean_std = [10.0, 20.0]  (given explicitly)" in text
+    assert f"{planned_window[0]:.1f}" not in text and f"{planned_window[1]:.1f}" not in text
+    planned_default, plan_default = plan_config(make_config("dhc", overrides=TINY), load_dataset(root), {}, True, None)
+    lines = format_plan(plan_default, planned_default)
+    assert any(line.startswith(f"  clip_window = {list(planned_window)}") and "percentiles" in line for line in lines)
 
 # --------------------------------------------------------------------------------- fixed splits
 def test_split_file_builds_a_dataset_folder_once_and_refuses_unknown_cases(mri_dataset, tmp_path):
