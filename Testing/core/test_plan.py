@@ -251,7 +251,6 @@ def test_explicit_ct_normalisation_of_a_ct_dataset_gets_the_planned_statistics(t
     assert planned.normalization == "ct" and planned.intensity_mean_std[0] == pytest.approx(50.0)
 
 
-
 def test_printed_plan_states_only_the_values_the_run_uses(tmp_path):
     """A window given explicitly is printed as given, and no line names the fingerprint's window instead."""
     root = _nnunet_dataset(tmp_path / "ct", "CT", background=-1000.0, organ=40.0)
@@ -266,6 +265,7 @@ def test_printed_plan_states_only_the_values_the_run_uses(tmp_path):
     planned_default, plan_default = plan_config(make_config("dhc", overrides=TINY), load_dataset(root), {}, True, None)
     lines = format_plan(plan_default, planned_default)
     assert any(line.startswith(f"  clip_window = {list(planned_window)}") and "percentiles" in line for line in lines)
+
 
 # --------------------------------------------------------------------------------- fixed splits
 def test_split_file_builds_a_dataset_folder_once_and_refuses_unknown_cases(mri_dataset, tmp_path):
