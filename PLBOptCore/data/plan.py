@@ -71,7 +71,7 @@ def refine_homogeneity_for(modality: str) -> float:
 
 def refine_homogeneity_reason(modality: str) -> str:
     """Why :func:`refine_homogeneity_for` gives ``modality`` its value (logged when a run starts)."""
-    rule = ("CT: refine only in superpixels whose std is within that many times the noise" if is_ct(modality)
+    rule = ("refine only in superpixels whose std is within that many times the noise" if is_ct(modality)
             else "not CT: refine in every superpixel, the noise-scaled test rejects MRI texture")
     return f"{modality or 'modality not given'}: {rule}"
 
@@ -200,20 +200,34 @@ def plan_patch_size(median_shape: Sequence[float], spacing: Sequence[float], bud
     return tuple(int(n) for n in best)
 
 
-def plan_preprocessing(fingerprint: Dict[str, Any], schedule: str) -> Dict[str, Any]:
+def plan_preprocessing(fingerprint: Dict[str, Any], schedule: str,
+                       explicit: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The plan for ``schedule`` (``"cpu"``: ``--small``; ``"gpu"``: the full network):
-    ``{"settings": {key: value for PLANNED_KEYS}, "reasons": {key: text}, "median_shape", ...}``."""
+    ``{"settings": {key: value for PLANNED_KEYS}, "reasons": {key: text}, "median_shape", ...}``.
+
+    A ``target_spacing`` in ``explicit`` (a spacing, or None for each case's native grid) is the grid
+    the patch is sized on: the patch has to cover the same millimetres on the grid the run trains on.
+    """
     if schedule not in PATCH_BUDGET:
         raise ValueError(f"schedule must be one of {', '.join(PATCH_BUDGET)}, got {schedule!r}")
     spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
+    cropped_shapes = np.asarray(fingerprint["cropped_shapes"], dtype=np.float64)
     spacing, spacing_reasons = plan_spacing(fingerprint["spacings"], fingerprint["foreground_boxes"], schedule)
-    # the median cropped case on the target grid
-    median_shape = _median(np.asarray(fingerprint["cropped_shapes"]) * spacings / np.asarray(spacing))
+    explicit = explicit or {}
+    if "target_spacing" not in explicit:
+        grid, grid_name = np.asarray(spacing), "the target spacing"
+        median_shape = _median(cropped_shapes * spacings / grid)  # the median cropped case on the target grid
+    elif explicit["target_spacing"] is None:
+        grid, grid_name = _median(spacings), "the native spacing"
+        median_shape = _median(cropped_shapes)
+    else:
+        grid, grid_name = np.asarray(explicit["target_spacing"], dtype=np.float64), "the given target spacing"
+        median_shape = _median(cropped_shapes * spacings / grid)
     budget = PATCH_BUDGET[schedule]
-    patch = plan_patch_size(median_shape, spacing, budget)
+    patch = plan_patch_size(median_shape, grid, budget)
     modality, fg = fingerprint["modality"], fingerprint["foreground"]
     reasons = {"target_spacing": "; ".join(spacing_reasons),
-               "patch_size": f"median cropped case {_voxels(median_shape)} at the target spacing, "
+               "patch_size": f"median cropped case {_voxels(median_shape)} at {grid_name}, "
                              f"within the {schedule.upper()} budget of {budget} voxels"}
     if is_ct(modality):
         low, high = fg["percentile_00_5"], fg["percentile_99_5"]
@@ -280,8 +294,8 @@ def plan_config(config: Any, spec: DatasetSpec, explicit: Dict[str, Any], small:
     """
     from ..config import Config
 
-    plan = plan_preprocessing(compute_fingerprint(spec, cache_dir), "cpu" if small else "gpu")
-    plan = resolve_plan(plan, {**(inherited or {}), **explicit})
+    given = {**(inherited or {}), **explicit}
+    plan = resolve_plan(plan_preprocessing(compute_fingerprint(spec, cache_dir), "cpu" if small else "gpu", given), given)
     if inherited:
         plan["inherited"] = {key: value for key, value in inherited.items() if key not in explicit}
     planned = Config.from_dict({**config.to_dict(), **plan.get("inherited", {}), **plan["applied"]}).validate()

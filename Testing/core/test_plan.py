@@ -15,7 +15,8 @@ from PLBOptCore.config import CPU_DEMO_OVERRIDES, PATCH_BUDGET, make_config
 from PLBOptCore.convert.splits import apply_split_file
 from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.plan import (compute_fingerprint, format_plan, plan_config, plan_patch_size, plan_preprocessing,
-                                  plan_spacing, refine_homogeneity_for, with_modality_defaults)
+                                  plan_spacing, refine_homogeneity_for, refine_homogeneity_reason,
+                                  with_modality_defaults)
 from PLBOptCore.data.preprocess import PreprocessParams, body_mask, preprocess_image
 from PLBOptCore.engine.inference import Predictor
 from PLBOptCore.errors import ConfigError, DatasetError
@@ -83,6 +84,37 @@ def test_cpu_schedule_coarsens_the_finer_axes_until_the_structures_fit_the_budge
 ])
 def test_patch_size_gives_the_widest_view_within_the_budget(shape, spacing, budget, expected):
     assert plan_patch_size(shape, spacing, budget) == expected
+
+
+def test_patch_size_is_planned_on_the_grid_the_run_trains_on():
+    """A target spacing given explicitly (or None: each case's native grid) sizes the patch, not the planned one."""
+    fingerprint = {"spacings": [[1.0, 1.0, 1.0]] * 3, "cropped_shapes": [[40, 40, 40]] * 3,
+                   "foreground_boxes": [[30, 30, 30]] * 3, "modality": "MRI", "foreground": {}}
+    planned = plan_preprocessing(fingerprint, "cpu")
+    assert planned["settings"]["patch_size"] == (32, 32, 32)  # 40 voxels a side at 1 mm
+    assert planned["reasons"]["patch_size"].startswith("median cropped case 40x40x40 at the target spacing")
+    # at 2.5 mm the case is 16 voxels a side: a 32-voxel patch would be half padding
+    coarse = plan_preprocessing(fingerprint, "cpu", {"target_spacing": (2.5, 2.5, 2.5)})
+    assert coarse["settings"]["patch_size"] == (16, 16, 16)
+    assert coarse["settings"]["target_spacing"] == (1.0, 1.0, 1.0)  # the plan's own, recorded beside the given one
+    assert coarse["reasons"]["patch_size"].startswith("median cropped case 16x16x16 at the given target spacing")
+    # 4 mm slices: 10 x 40 x 40 voxels, so the patch widens in-plane within the same budget
+    assert plan_preprocessing(fingerprint, "cpu", {"target_spacing": [4.0, 1.0, 1.0]})["settings"]["patch_size"] \
+        == (16, 48, 48)
+    native = plan_preprocessing(fingerprint, "cpu", {"target_spacing": None})
+    assert native["settings"]["patch_size"] == (32, 32, 32)
+    assert "at the native spacing" in native["reasons"]["patch_size"]
+
+
+def test_plan_config_sizes_the_patch_on_an_explicit_spacing(tmp_path):
+    root = _nnunet_dataset(tmp_path / "mr", "T2", shape=(16, 48, 48), background=0.0, organ=300.0)
+    explicit = {"target_spacing": (3.0, 3.0, 3.0)}
+    config = make_config("dhc", overrides=dict(TINY, batch_size=2, **explicit))  # a 16³ patch needs 2 per batch
+    planned, plan = plan_config(config, load_dataset(root), explicit, True, None)
+    assert planned.target_spacing == (3.0, 3.0, 3.0) and planned.patch_size == (16, 16, 16)
+    assert plan_config(make_config("dhc", overrides=TINY), load_dataset(root), {}, True, None)[0].patch_size \
+        == (16, 48, 48)
+    assert "at the given target spacing" in "\n".join(format_plan(plan, planned))
 
 
 def test_fingerprint_and_plan_of_a_ct_dataset(tmp_path):
@@ -201,6 +233,7 @@ def test_refinement_homogeneity_is_decided_by_the_modality_unless_given(mri_data
     given = make_config("plbopt", overrides={"refine_homogeneity": 2.0})
     assert with_modality_defaults(given, "MRI").refine_homogeneity == 2.0
     assert with_modality_defaults(make_config("plbopt-paper"), "CT").refine_homogeneity == 0.0  # the paper's rule
+    assert refine_homogeneity_reason("CT").startswith("CT: refine only in superpixels")  # the modality named once
     run = tmp_path / "run"
     with caplog.at_level("INFO", logger="PLBOptCore"):
         train(mri_dataset, run, preset="plbopt", overrides=dict(TINY), small=True, cache_dir=tmp_path / "cache")
