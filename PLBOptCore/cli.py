@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variants", default="", help="comma list: superpixel-methods, superpixel-number, noise")
     b.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a variant of every preset, trained beside its own runs and compared with them seed by "
-                        "seed, e.g. --set lambda_mc=0.3; repeat --set for more variants")
+                        "seed, e.g. --set lambda_mc=0.3; repeat --set for more variants (to change every run "
+                        "without training the preset's own runs, use --config)")
     b.add_argument("--full-size", action="store_true", help="use the preset's own network size instead of the CPU schedule")
     b.add_argument("--config", type=Path, metavar="YAML",
                    help="settings of every run, e.g. Resources/configs/phantom-cpu.yaml (the phantom's preprocessing "
