@@ -214,15 +214,13 @@ def plan_preprocessing(fingerprint: Dict[str, Any], schedule: str,
     cropped_shapes = np.asarray(fingerprint["cropped_shapes"], dtype=np.float64)
     spacing, spacing_reasons = plan_spacing(fingerprint["spacings"], fingerprint["foreground_boxes"], schedule)
     explicit = explicit or {}
-    if "target_spacing" not in explicit:
-        grid, grid_name = np.asarray(spacing), "the target spacing"
-        median_shape = _median(cropped_shapes * spacings / grid)  # the median cropped case on the target grid
-    elif explicit["target_spacing"] is None:
-        grid, grid_name = _median(spacings), "the native spacing"
-        median_shape = _median(cropped_shapes)
+    trained_spacing = explicit.get("target_spacing", spacing)
+    if trained_spacing is None:  # each case keeps its own grid
+        grid, grid_name, median_shape = _median(spacings), "the native spacing", _median(cropped_shapes)
     else:
-        grid, grid_name = np.asarray(explicit["target_spacing"], dtype=np.float64), "the given target spacing"
-        median_shape = _median(cropped_shapes * spacings / grid)
+        grid = np.asarray(trained_spacing, dtype=np.float64)
+        grid_name = "the given target spacing" if "target_spacing" in explicit else "the target spacing"
+        median_shape = _median(cropped_shapes * spacings / grid)  # the median cropped case on that grid
     budget = PATCH_BUDGET[schedule]
     patch = plan_patch_size(median_shape, grid, budget)
     modality, fg = fingerprint["modality"], fingerprint["foreground"]
