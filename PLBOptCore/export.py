@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import warnings
@@ -276,8 +277,12 @@ def export_run(run_dir: Path, output: Path, onnx_path: Optional[Path] = None, ch
     text = json.dumps(metadata, indent=2)
     with torch.no_grad():
         program = _export_program(predictor.models, example)
+    # Serialised in memory first: torch's zip writer, handed a file, kills the process with
+    # SIGABRT when the disk refuses bytes (it retries in its destructor); Python's write raises.
+    archive = io.BytesIO()
+    torch.export.save(program, archive, extra_files={METADATA_NAME: text})
     with atomic_write(output) as tmp:
-        torch.export.save(program, tmp, extra_files={METADATA_NAME: text})
+        tmp.write_bytes(archive.getbuffer())
     sidecar = output.with_suffix(".json")
     with atomic_write(sidecar) as tmp:
         tmp.write_text(text + "\n")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -136,7 +139,9 @@ def _torchscript_v1(module: torch.nn.Module, inputs: Dict[str, torch.Tensor], pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated: only these legacy tests use it
         traced = torch.jit.trace_module(module, inputs, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={"plbopt.json": json.dumps(metadata)})
+        archive = io.BytesIO()  # handed a file, torch's zip writer aborts the test run on a full disk
+        torch.jit.save(traced, archive, _extra_files={"plbopt.json": json.dumps(metadata)})
+    path.write_bytes(archive.getbuffer())
     return path
 
 
@@ -150,6 +155,24 @@ def test_torchscript_exports_of_format_1_still_predict(exported, dataset, tmp_pa
     label, _ = predict_with_export(legacy, image)
     expected = predictor.predict_image(image)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(expected.label))
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_file(exported, tmp_path):
+    """torch's zip writer, handed a file the disk cuts short, kills the process (SIGABRT) from its
+    destructor; the export must end with exit 2 and one line instead. The full disk is a file-size
+    limit below the archive's size, so that the write fails as it does on a full file system."""
+    pytest.importorskip("resource")  # POSIX only
+    limit = exported["pt"].stat().st_size // 2
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+              "from PLBOptCore.cli import main; sys.exit(main(sys.argv[1:]))")
+    output = tmp_path / "model.pt2"
+    result = subprocess.run([sys.executable, "-c", script, "export", str(exported["run"]), "-o", str(output)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{output}: " in lines[0] and "disk full?" in lines[0], lines
+    assert not list(tmp_path.iterdir())
 
 
 def test_export_refuses_an_output_name_that_is_not_pt2(exported, tmp_path, capfd):
