@@ -103,6 +103,10 @@ class Config:
     # on the phantoms that alone (no unlabeled loss at all) made the subnets predict 75 % of every
     # test volume as organ. docs/METHOD.md
     separate_batch_norm: bool = True
+    # Mean teachers: with a decay d, the unlabeled patches' pseudo labels (CPS targets, refinement,
+    # triplet levels) come from an exponential moving average of each subnet's weights
+    # (method/teacher.py) instead of the subnet itself. None: DHC's own predictions, as published.
+    teacher_ema_decay: Optional[float] = None
 
     # ---- PLBOpt: refinement (eq. 1-2) ---------------------------------------------------------
     superpixel_method: str = "slic"  # slic | slic3d | quickshift | felzenszwalb | watershed
@@ -255,7 +259,7 @@ FLOAT_RANGE: Dict[str, Tuple[float, float, bool]] = {
     "lambda_triplet": (0.0, 100.0, True), "mc_tau": (0.0, 1.0, True), "lambda_mc": (0.0, 100.0, True),
     "sw_overlap": (0.0, 1.0, False), "class_weight_floor": (0.0, 1000.0, True),
     "refine_homogeneity": (0.0, 1000.0, True), "superpixel_area_mm2": (0.0, 1e5, True),
-    "body_threshold": (-MAX_INTENSITY, MAX_INTENSITY, True),
+    "body_threshold": (-MAX_INTENSITY, MAX_INTENSITY, True), "teacher_ema_decay": (0.0, 1.0, False),
 }
 # Fields that must be strictly above their lower bound (a zero learning rate never trains).
 STRICTLY_POSITIVE = ("lr", "superpixel_compactness", "superpixel_area_mm2")
@@ -323,7 +327,7 @@ GATED_SETTINGS: Dict[str, Tuple[str, ...]] = {
                 "triplet_banks", "triplet_confidence"),
     "mutual_correction": ("mc_tau", "lambda_mc", "mc_mode", "mc_reduction", "mc_target"),
     # a property, not a field: a dual preset with at least one unlabeled term
-    "uses_unlabeled": ("sparse_as_unlabeled",),
+    "uses_unlabeled": ("sparse_as_unlabeled", "teacher_ema_decay"),
 }
 
 
@@ -359,6 +363,11 @@ RESUME_SAFE_KEYS = ("iterations", "device", "num_workers", "deterministic", "log
                     "checkpoint_every", "tensorboard", "sw_overlap", "sw_batch_size")
 
 
+# Keys added after runs existed whose default is what every earlier run did: a run that lacks one
+# was trained with its default (teacher_ema_decay: None, no teacher, before the key existed).
+ADDED_AS_BEFORE_KEYS = ("teacher_ema_decay",)
+
+
 def stored_config(data: Dict[str, Any], source: Path) -> Config:
     """The configuration a run folder stored (``config.json``, read from ``source``).
 
@@ -366,9 +375,11 @@ def stored_config(data: Dict[str, Any], source: Path) -> Config:
     was made: its default today need not be what the run was trained with (``class_weight_floor``
     was 0 before the key existed and is 1 now), so the run is refused rather than silently continued,
     or reused by a benchmark, as another experiment. Keys a resume may change anyway
-    (:data:`RESUME_SAFE_KEYS`) take their defaults.
+    (:data:`RESUME_SAFE_KEYS`) and keys whose default is the earlier behaviour
+    (:data:`ADDED_AS_BEFORE_KEYS`) take their defaults.
     """
-    missing = sorted(f.name for f in fields(Config) if f.name not in data and f.name not in RESUME_SAFE_KEYS)
+    missing = sorted(f.name for f in fields(Config)
+                     if f.name not in data and f.name not in RESUME_SAFE_KEYS + ADDED_AS_BEFORE_KEYS)
     if missing:
         raise ConfigError(f"{source}: written by an older PLBOpt, it lacks {', '.join(missing)}, whose defaults may "
                           f"differ from what this run was trained with; start a new run folder (--init-from "
@@ -451,7 +462,7 @@ def _one_line(exc: Exception) -> str:
 
 
 OPTIONAL_FIELDS = ("unlabeled_batch_size", "target_spacing", "clip_window", "rampup_iterations", "superpixel_area_mm2",
-                   "intensity_mean_std", "body_threshold", "refine_homogeneity")
+                   "intensity_mean_std", "body_threshold", "refine_homogeneity", "teacher_ema_decay")
 
 
 def _is_int(value: Any) -> bool:

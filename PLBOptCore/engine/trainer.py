@@ -1,12 +1,13 @@
-"""The training loop: DHC's dual-subnet baseline plus PLBOpt's Algorithm 1, nothing else.
+"""The training loop: DHC's dual-subnet baseline plus PLBOpt's Algorithm 1, and optional mean teachers.
 
 One step (``Trainer.train_step``), with ``x = cat(x_labeled, x_unlabeled)`` as in DHC:
 
 1. both subnets see ``x`` → logits, decoder features;
 2. class weights: DiffDW from A's labeled logits, DistDW from B's unlabeled argmax (DHC);
 3. ``L_sup``: weighted CE + Dice on the labeled part of the supervised subnets (B, or A and B);
-4. pseudo labels = argmax of each subnet, refined on the unlabeled part by superpixel entropy
-   voting (eq. 1-2) — the superpixels come precomputed from preprocessing;
+4. pseudo labels = argmax of each subnet (of its mean teacher on the unlabeled part with
+   ``teacher_ema_decay``), refined on the unlabeled part by superpixel entropy voting (eq. 1-2) —
+   the superpixels come precomputed from preprocessing;
 5. ``L_unsup``: cross pseudo supervision with the *other* subnet's (refined) pseudo labels (DHC);
 6. ``L_tri``: confidence-level triplet loss on each subnet's features and refined pseudo labels;
 7. ``L_MC``: mutual correction on the unlabeled softmax outputs (eq. 9-10);
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import copy
 import math
 import shutil
 import signal
@@ -48,6 +50,7 @@ from ..method.dhc import DiffDW, DistDW, weighted_ce_loss, weighted_dice_ce_loss
 from ..method.mutual import mutual_correction_loss
 from ..method.rampup import sigmoid_rampup
 from ..method.refine import homogeneous_superpixels, refine_pseudo_labels, refinement_gain
+from ..method.teacher import teacher_decay, update_teacher
 from ..method.triplet import ConfidenceTripletLoss
 from ..metrics import annotated_only, dice
 from ..postprocess import largest_component_gain
@@ -321,6 +324,9 @@ class Trainer:
         self.best_metric = -math.inf
         if self.init_from is not None:
             load_subnet_weights(self.models, load_checkpoint(self.init_from)["models"], self.init_from)
+        # each subnet's mean teacher (teacher_ema_decay), which labels the unlabeled patches
+        self.teachers = ([copy.deepcopy(m).requires_grad_(False) for m in self.models]
+                         if cfg.teacher_ema_decay is not None and cfg.uses_unlabeled else [])
 
     def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
@@ -338,6 +344,7 @@ class Trainer:
             "labels": {str(k): v for k, v in self.dataset.labels.items()},
             "colors": {str(k): list(v) for k, v in self.dataset.colors.items()},
             "models": [m.state_dict() for m in self.models],
+            **({"teachers": [t.state_dict() for t in self.teachers]} if self.teachers else {}),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "scaler": self.scaler.state_dict(),
             "diffdw": self.diffdw.state_dict(),
@@ -353,6 +360,8 @@ class Trainer:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         for model, weights in zip(self.models, state["models"]):
             model.load_state_dict(weights)
+        for teacher, weights in zip(self.teachers, state["teachers"] if self.teachers else []):
+            teacher.load_state_dict(weights)
         for optimizer, opt_state in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(opt_state)
         if state.get("scaler"):
@@ -406,7 +415,7 @@ class Trainer:
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        for model in self.models:
+        for model in self.models + self.teachers:
             model.train()
 
         with self.autocast():
@@ -428,11 +437,12 @@ class Trainer:
         record["loss_sup"] = self._supervised_loss(logits, y_l, weights)
         if cfg.dual_subnets:
             probs = [torch.softmax(lg, dim=1) for lg in logits]
-            confidence, pseudo = zip(*(p.detach().max(dim=1) for p in probs))
+            target_probs = self._target_probabilities(probs, x, n_l)
+            confidence, pseudo = zip(*(p.detach().max(dim=1) for p in target_probs))
             pseudo = list(pseudo)  # max() returns fresh index tensors: refined in place below
             timings["losses_sup"] = self._lap()
             if cfg.refine and self.unlabeled_sampler is not None and step >= cfg.refine_start * cfg.iterations:
-                changed_fraction, gain = self._refine_pseudo_labels(probs, pseudo, batch, y_l)
+                changed_fraction, gain = self._refine_pseudo_labels(target_probs, pseudo, batch, y_l)
             timings["refine"] = self._lap()
             if cfg.cps_weight > 0:
                 cps_a, cps_b = weights if cfg.weighted_cps else (None, None)
@@ -442,7 +452,8 @@ class Trainer:
             if cfg.triplet and has_unlabeled:
                 generator = torch.Generator(device="cpu").manual_seed(step_seed(own_seed, step) % (2**62))
                 if cfg.triplet_confidence == "refined":
-                    confidence = [p.detach().gather(1, label.unsqueeze(1)).squeeze(1) for p, label in zip(probs, pseudo)]
+                    confidence = [p.detach().gather(1, label.unsqueeze(1)).squeeze(1)
+                                  for p, label in zip(target_probs, pseudo)]
                 record["loss_tri"] = sum(
                     triplet(features[i][n_l:], pseudo[i][n_l:], confidence[i][n_l:], generator)
                     for i, triplet in enumerate(self.triplet_losses))
@@ -458,6 +469,8 @@ class Trainer:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate (--set lr=...)")
         self._update(loss)
+        for teacher, model in zip(self.teachers, self.models):
+            update_teacher(teacher, model, teacher_decay(cfg.teacher_ema_decay, step))
         timings["backward"] = self._lap()
         timings["total"] = sum(timings.values())
         self.last_step_timings = timings
@@ -527,6 +540,16 @@ class Trainer:
             torch.cat([superpixels, superpixels]), cfg.refine_tau, cfg.refine_entropy, cfg.refine_mode, allowed)
         pseudo[0][n_l:], pseudo[1][n_l:] = refined.chunk(2)
         return changed_fraction, gain
+
+    def _target_probabilities(self, probs: List[torch.Tensor], x: torch.Tensor, n_labeled: int) -> List[torch.Tensor]:
+        """Per subnet the (B, C, Z, Y, X) softmax that pseudo labels come from: the subnet's own
+        (``probs``), or with mean teachers its teacher's on the unlabeled patches; the labeled
+        patches keep the subnet's, which refinement's self-check scores against their labels."""
+        if not self.teachers or x.shape[0] == n_labeled:
+            return probs
+        with torch.no_grad(), self.autocast():
+            logits = [teacher(x[n_labeled:])[0].float() for teacher in self.teachers]
+        return [torch.cat([p[:n_labeled].detach(), torch.softmax(lg, dim=1)]) for p, lg in zip(probs, logits)]
 
     def _update(self, loss: torch.Tensor) -> None:
         """Backward pass and one optimiser step of every subnet (gradients and BatchNorm statistics
