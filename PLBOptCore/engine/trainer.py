@@ -24,9 +24,9 @@ Rank 0 alone writes files, logs and validates.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import copy
 import math
 import shutil
 import signal
