@@ -28,8 +28,8 @@ def tiny_dataset(tmp_path_factory) -> Path:
                                 n_validation=1, shape=(24, 48, 48), seed=3)
 
 
-def _parameters(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+def _parameters(model: torch.nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()  # a copy: cat of the parameters
 
 
 def test_the_decay_warms_up_from_the_subnet_itself():

@@ -33,7 +33,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 def _weights(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()  # a copy: cat of the parameters
 
 
 EXPECTED_TERMS = {
