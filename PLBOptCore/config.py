@@ -107,6 +107,10 @@ class Config:
     # triplet levels) come from an exponential moving average of each subnet's weights
     # (method/teacher.py) instead of the subnet itself. None: DHC's own predictions, as published.
     teacher_ema_decay: Optional[float] = None
+    # A strong view (method/perturb.py): the unlabeled patches' pseudo labels come from a pass on
+    # the clean patches, and every unlabeled loss is learned on an intensity-jittered, CutMixed copy
+    # (FixMatch, CPS + CutMix). false: targets and predictions from the same pass, as DHC.
+    unlabeled_strong_view: bool = False
 
     # ---- PLBOpt: refinement (eq. 1-2) ---------------------------------------------------------
     superpixel_method: str = "slic"  # slic | slic3d | quickshift | felzenszwalb | watershed
@@ -327,7 +331,7 @@ GATED_SETTINGS: Dict[str, Tuple[str, ...]] = {
                 "triplet_banks", "triplet_confidence"),
     "mutual_correction": ("mc_tau", "lambda_mc", "mc_mode", "mc_reduction", "mc_target"),
     # a property, not a field: a dual preset with at least one unlabeled term
-    "uses_unlabeled": ("sparse_as_unlabeled", "teacher_ema_decay"),
+    "uses_unlabeled": ("sparse_as_unlabeled", "teacher_ema_decay", "unlabeled_strong_view"),
 }
 
 
@@ -365,7 +369,7 @@ RESUME_SAFE_KEYS = ("iterations", "device", "num_workers", "deterministic", "log
 
 # Keys added after runs existed whose default is what every earlier run did: a run that lacks one
 # was trained with its default (teacher_ema_decay: None, no teacher, before the key existed).
-ADDED_AS_BEFORE_KEYS = ("teacher_ema_decay",)
+ADDED_AS_BEFORE_KEYS = ("teacher_ema_decay", "unlabeled_strong_view")
 
 
 def stored_config(data: Dict[str, Any], source: Path) -> Config:

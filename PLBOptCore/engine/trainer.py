@@ -1,13 +1,16 @@
-"""The training loop: DHC's dual-subnet baseline plus PLBOpt's Algorithm 1, and optional mean teachers.
+"""The training loop: DHC's dual-subnet baseline plus PLBOpt's Algorithm 1, and optional mean
+teachers and strong views.
 
 One step (``Trainer.train_step``), with ``x = cat(x_labeled, x_unlabeled)`` as in DHC:
 
-1. both subnets see ``x`` → logits, decoder features;
+1. both subnets see ``x`` → logits, decoder features (with ``unlabeled_strong_view`` they see the
+   unlabeled patches jittered and CutMixed, ``method/perturb.py``);
 2. class weights: DiffDW from A's labeled logits, DistDW from B's unlabeled argmax (DHC);
 3. ``L_sup``: weighted CE + Dice on the labeled part of the supervised subnets (B, or A and B);
 4. pseudo labels = argmax of each subnet (of its mean teacher on the unlabeled part with
-   ``teacher_ema_decay``), refined on the unlabeled part by superpixel entropy voting (eq. 1-2) —
-   the superpixels come precomputed from preprocessing;
+   ``teacher_ema_decay``; of a pass on the clean patches with a strong view), refined on the
+   unlabeled part by superpixel entropy voting (eq. 1-2) — the superpixels come precomputed from
+   preprocessing — then mixed as the strong view's image;
 5. ``L_unsup``: cross pseudo supervision with the *other* subnet's (refined) pseudo labels (DHC);
 6. ``L_tri``: confidence-level triplet loss on each subnet's features and refined pseudo labels;
 7. ``L_MC``: mutual correction on the unlabeled softmax outputs (eq. 9-10);
@@ -48,6 +51,7 @@ from ..data.sampling import PatchSampler
 from ..errors import CheckpointError, ConfigError, TrainingInterrupted
 from ..method.dhc import DiffDW, DistDW, weighted_ce_loss, weighted_dice_ce_loss
 from ..method.mutual import mutual_correction_loss
+from ..method.perturb import StrongView, strong_view
 from ..method.rampup import sigmoid_rampup
 from ..method.refine import homogeneous_superpixels, refine_pseudo_labels, refinement_gain
 from ..method.teacher import teacher_decay, update_teacher
@@ -404,11 +408,18 @@ class Trainer:
         x_l = labeled["image"].to(self.device, non_blocking=True)
         y_l = labeled["label"].to(self.device, non_blocking=True)
         n_l = x_l.shape[0]
+        # the step's own draws (strong view, then triplet mining), reproducible on resume
+        generator = torch.Generator(device="cpu").manual_seed(step_seed(own_seed, step) % (2**62))
+        view: Optional[StrongView] = None
         if self.unlabeled_sampler is not None:
             unlabeled = batch["unlabeled"]
             x = torch.cat([x_l, unlabeled["image"].to(self.device, non_blocking=True)])
+            if cfg.unlabeled_strong_view and cfg.uses_unlabeled:
+                view = strong_view(x[n_l:], generator)
         else:
             x = x_l
+        # what the subnets see: the unlabeled patches' strong view with unlabeled_strong_view
+        x_seen = x if view is None else torch.cat([x_l, view.image])
         timings["data"] = self._lap()
 
         lr = self.learning_rate(step)
@@ -419,7 +430,7 @@ class Trainer:
             model.train()
 
         with self.autocast():
-            outputs = [self._forward(model, x, n_l) for model in self.models]
+            outputs = [self._forward(model, x_seen, n_l) for model in self.models]
         logits = [out[0].float() for out in outputs]
         features = [out[1].float() for out in outputs]
         timings["forward"] = self._lap()
@@ -437,12 +448,15 @@ class Trainer:
         record["loss_sup"] = self._supervised_loss(logits, y_l, weights)
         if cfg.dual_subnets:
             probs = [torch.softmax(lg, dim=1) for lg in logits]
-            target_probs = self._target_probabilities(probs, x, n_l)
-            confidence, pseudo = zip(*(p.detach().max(dim=1) for p in target_probs))
-            pseudo = list(pseudo)  # max() returns fresh index tensors: refined in place below
+            target_probs = self._target_probabilities(probs, x, n_l, separate_pass=view is not None)
+            confidence, pseudo = map(list, zip(*(p.detach().max(dim=1) for p in target_probs)))
             timings["losses_sup"] = self._lap()
             if cfg.refine and self.unlabeled_sampler is not None and step >= cfg.refine_start * cfg.iterations:
                 changed_fraction, gain = self._refine_pseudo_labels(target_probs, pseudo, batch, y_l)
+            if view is not None:  # targets of the clean patches, refined there, mixed as the image
+                for targets in (target_probs, confidence, pseudo):
+                    for i, t in enumerate(targets):
+                        targets[i] = torch.cat([t[:n_l], view.mix(t[n_l:])])
             timings["refine"] = self._lap()
             if cfg.cps_weight > 0:
                 cps_a, cps_b = weights if cfg.weighted_cps else (None, None)
@@ -450,7 +464,6 @@ class Trainer:
                                         + weighted_ce_loss(logits[1], pseudo[0], cps_b))
             timings["cps"] = self._lap()
             if cfg.triplet and has_unlabeled:
-                generator = torch.Generator(device="cpu").manual_seed(step_seed(own_seed, step) % (2**62))
                 if cfg.triplet_confidence == "refined":
                     confidence = [p.detach().gather(1, label.unsqueeze(1)).squeeze(1)
                                   for p, label in zip(target_probs, pseudo)]
@@ -541,14 +554,17 @@ class Trainer:
         pseudo[0][n_l:], pseudo[1][n_l:] = refined.chunk(2)
         return changed_fraction, gain
 
-    def _target_probabilities(self, probs: List[torch.Tensor], x: torch.Tensor, n_labeled: int) -> List[torch.Tensor]:
+    def _target_probabilities(self, probs: List[torch.Tensor], x: torch.Tensor, n_labeled: int,
+                              separate_pass: bool = False) -> List[torch.Tensor]:
         """Per subnet the (B, C, Z, Y, X) softmax that pseudo labels come from: the subnet's own
-        (``probs``), or with mean teachers its teacher's on the unlabeled patches; the labeled
-        patches keep the subnet's, which refinement's self-check scores against their labels."""
-        if not self.teachers or x.shape[0] == n_labeled:
+        (``probs``); with mean teachers its teacher's on the unlabeled patches; with
+        ``separate_pass`` (a strong view) a pass without gradients of the teacher, or else of the
+        subnet, on the clean patches ``x``. The labeled patches keep the subnet's, which
+        refinement's self-check scores against their labels."""
+        if not (self.teachers or separate_pass) or x.shape[0] == n_labeled:
             return probs
         with torch.no_grad(), self.autocast():
-            logits = [teacher(x[n_labeled:])[0].float() for teacher in self.teachers]
+            logits = [net(x[n_labeled:])[0].float() for net in self.teachers or self.models]
         return [torch.cat([p[:n_labeled].detach(), torch.softmax(lg, dim=1)]) for p, lg in zip(probs, logits)]
 
     def _update(self, loss: torch.Tensor) -> None:
