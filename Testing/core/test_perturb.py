@@ -13,7 +13,6 @@ from PLBOptCore.config import make_config, stored_config
 from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.phantom import make_phantom_dataset
 from PLBOptCore.engine.trainer import Trainer
-from PLBOptCore.errors import TrainingInterrupted
 from PLBOptCore.method.perturb import CUTMIX_VOLUME, StrongView, adjust_intensity, cutmix_boxes, strong_view
 from PLBOptCore.utils import step_seed
 
@@ -144,26 +143,6 @@ def test_cps_targets_are_the_clean_pseudo_labels_mixed_as_the_image(tiny_dataset
         assert torch.equal(target[:n_labeled], labeled.argmax(dim=1))
         assert torch.equal(target[n_labeled:], view.mix(clean_logits.argmax(dim=1)))
         assert not torch.equal(target[n_labeled:], clean_logits.argmax(dim=1)), "the box moved some labels"
-
-
-def test_resume_with_strong_views_reproduces_an_uninterrupted_run(tiny_dataset, tmp_path):
-    full = Trainer(make_config("plbopt", overrides=TINY), load_dataset(tiny_dataset), tmp_path / "full")
-    full.fit()
-    polls = {"count": 0}
-
-    def stop_after_two_steps() -> bool:
-        polls["count"] += 1
-        return polls["count"] > 2
-
-    cut = Trainer(make_config("plbopt", overrides=TINY), load_dataset(tiny_dataset), tmp_path / "cut",
-                  should_stop=stop_after_two_steps)
-    with pytest.raises(TrainingInterrupted):
-        cut.fit()
-    resumed = Trainer(make_config("plbopt", overrides=TINY), load_dataset(tiny_dataset), tmp_path / "cut", resume=True)
-    resumed.fit()
-    for a, b in zip(full.models, resumed.models):
-        for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-            assert torch.equal(pa, pb), f"{name} differs after resume"
 
 
 def test_a_run_stored_before_the_key_existed_had_no_strong_view(tmp_path):

@@ -1,5 +1,5 @@
 """Mean teachers (``teacher_ema_decay``): the update on hand-computed tensors, and the trainer's
-pseudo labels, checkpoint and resume with them."""
+pseudo labels and checkpoint with them (resume: test_trainer.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from torch import nn
 from PLBOptCore.config import make_config, stored_config
 from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.phantom import make_phantom_dataset
-from PLBOptCore.engine.checkpoint import load_checkpoint
 from PLBOptCore.engine.trainer import Trainer
-from PLBOptCore.errors import ConfigError, TrainingInterrupted
+from PLBOptCore.errors import ConfigError
 from PLBOptCore.method.teacher import teacher_decay, update_teacher
 
 TINY = dict(patch_size=(16, 32, 32), base_filters=4, batch_size=1, iterations=3, device="cpu", log_every=1,
@@ -102,27 +101,6 @@ def test_without_the_key_or_without_unlabeled_terms_there_is_no_teacher(tiny_dat
     assert supervised.teachers == []
     with pytest.raises(ConfigError, match="teacher_ema_decay"):
         make_config("dhc", overrides=dict(teacher_ema_decay=1.0))
-
-
-def test_resume_with_teachers_reproduces_an_uninterrupted_run(tiny_dataset, tmp_path):
-    full = Trainer(make_config("plbopt", overrides=TINY), load_dataset(tiny_dataset), tmp_path / "full")
-    full.fit()
-    polls = {"count": 0}
-
-    def stop_after_two_steps() -> bool:
-        polls["count"] += 1
-        return polls["count"] > 2
-
-    cut = Trainer(make_config("plbopt", overrides=TINY), load_dataset(tiny_dataset), tmp_path / "cut",
-                  should_stop=stop_after_two_steps)
-    with pytest.raises(TrainingInterrupted):
-        cut.fit()
-    assert len(load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["teachers"]) == 2
-    resumed = Trainer(make_config("plbopt", overrides=TINY), load_dataset(tiny_dataset), tmp_path / "cut", resume=True)
-    resumed.fit()
-    for a, b in zip(full.models + full.teachers, resumed.models + resumed.teachers):
-        for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-            assert torch.equal(pa, pb), f"{name} differs after resume"
 
 
 def test_a_run_stored_before_the_key_existed_had_no_teacher(tmp_path):

@@ -119,8 +119,11 @@ def test_refinement_starts_after_refine_start_of_the_run(tiny_dataset, tmp_path)
             make_config("plbopt", overrides=dict(refine_start=bad))
 
 
-def test_resume_reproduces_an_uninterrupted_run(tiny_dataset, tmp_path):
-    full = Trainer(make_config("plbopt", overrides=dict(TINY, iterations=4)), load_dataset(tiny_dataset), tmp_path / "full")
+@pytest.mark.parametrize("extra", [{}, {"teacher_ema_decay": 0.9}, {"unlabeled_strong_view": True, "batch_size": 2}],
+                         ids=["plain", "mean-teachers", "strong-views"])
+def test_resume_reproduces_an_uninterrupted_run(tiny_dataset, tmp_path, extra):
+    config = make_config("plbopt", overrides=dict(TINY, iterations=4, **extra))
+    full = Trainer(config, load_dataset(tiny_dataset), tmp_path / "full")
     full.fit()
 
     stop_after = {"count": 0}
@@ -129,18 +132,19 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_dataset, tmp_path):
         stop_after["count"] += 1
         return stop_after["count"] > 2  # polled before each step: stop after 2 steps
 
-    first = Trainer(make_config("plbopt", overrides=dict(TINY, iterations=4)), load_dataset(tiny_dataset),
-                    tmp_path / "cut", should_stop=should_stop)
+    first = Trainer(config, load_dataset(tiny_dataset), tmp_path / "cut", should_stop=should_stop)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         first.fit()
-    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 2
+    checkpoint = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert checkpoint["step"] == 2
+    assert len(checkpoint.get("teachers", [])) == (2 if "teacher_ema_decay" in extra else 0)
     assert read_events(tmp_path / "cut")[-1]["status"] == "interrupted"
 
-    resumed = Trainer(make_config("plbopt", overrides=dict(TINY, iterations=4)), load_dataset(tiny_dataset),
-                      tmp_path / "cut", resume=True)
+    resumed = Trainer(config, load_dataset(tiny_dataset), tmp_path / "cut", resume=True)
     resumed.fit()
     assert resumed.step == 4
-    for a, b in zip(full.models, resumed.models):
+    # the subnets and any mean teachers; a strong view's draws come from (seed, step), not from state
+    for a, b in zip(full.models + full.teachers, resumed.models + resumed.teachers):
         for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
             assert torch.equal(pa, pb), f"{name} differs after resume"
 
