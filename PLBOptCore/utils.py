@@ -136,6 +136,12 @@ def step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of step ``step``'s own draws (a strong view, then triplet mining), seeded
+    from :func:`step_seed`."""
+    return torch.Generator(device="cpu").manual_seed(step_seed(seed, step) % (2**62))
+
+
 def seed_everything(seed: int, step: int = 0) -> None:
     value = step_seed(seed, step)
     torch.manual_seed(value)

@@ -58,7 +58,7 @@ from ..method.teacher import teacher_decay, update_teacher
 from ..method.triplet import ConfidenceTripletLoss
 from ..metrics import annotated_only, dice
 from ..postprocess import largest_component_gain
-from ..utils import compute_setup, resolve_device, seed_everything, step_seed, torch_backend_flags
+from ..utils import compute_setup, resolve_device, seed_everything, step_generator, torch_backend_flags
 from .checkpoint import load_checkpoint, load_latest_good, save_checkpoint
 from .distributed import init_from_env, rank_device, rank_seed
 from .events import EventWriter
@@ -409,7 +409,7 @@ class Trainer:
         y_l = labeled["label"].to(self.device, non_blocking=True)
         n_l = x_l.shape[0]
         # the step's own draws (strong view, then triplet mining), reproducible on resume
-        generator = torch.Generator(device="cpu").manual_seed(step_seed(own_seed, step) % (2**62))
+        generator = step_generator(own_seed, step)
         view: Optional[StrongView] = None
         if self.unlabeled_sampler is not None:
             unlabeled = batch["unlabeled"]

@@ -104,4 +104,5 @@ def strong_view(x: torch.Tensor, generator: torch.Generator) -> StrongView:
     if x.shape[0] == 1:
         box.zero_()
     view = StrongView(jittered, box)
-    return StrongView(view.mix(jittered), box)
+    view.image = view.mix(jittered)
+    return view

@@ -14,7 +14,7 @@ from PLBOptCore.data.dataset import load_dataset
 from PLBOptCore.data.phantom import make_phantom_dataset
 from PLBOptCore.engine.trainer import Trainer
 from PLBOptCore.method.perturb import CUTMIX_VOLUME, StrongView, adjust_intensity, cutmix_boxes, strong_view
-from PLBOptCore.utils import step_seed
+from PLBOptCore.utils import step_generator
 
 TINY = dict(patch_size=(16, 32, 32), base_filters=4, batch_size=2, iterations=3, device="cpu", log_every=1,
             checkpoint_every=1, validate_every=1000, triplet_max_anchors=32, triplet_max_candidates=256,
@@ -97,11 +97,11 @@ def test_subnets_learn_on_the_strong_view_and_take_targets_from_the_clean_patche
     batch = trainer.loader.batch(0)
     clean = batch["unlabeled"]["image"]
     trainer.train_step()
-    expected = strong_view(clean, torch.Generator(device="cpu").manual_seed(step_seed(trainer.config.seed, 0) % (2**62)))
+    expected = strong_view(clean, step_generator(trainer.config.seed, 0))
     for calls in recorder.calls:
         (labeled, grad_l), (seen, grad_s), (target, grad_t) = calls  # separate BatchNorm passes, then the targets'
         assert torch.equal(labeled, batch["labeled"]["image"]) and grad_l
-        torch.testing.assert_close(seen, expected.image), "the unlabeled loss is learned on the strong view"
+        torch.testing.assert_close(seen, expected.image, msg="the unlabeled loss is learned on the strong view")
         assert grad_s
         assert torch.equal(target, clean) and not grad_t, "targets come from the clean patches, without gradients"
 
@@ -134,7 +134,7 @@ def test_cps_targets_are_the_clean_pseudo_labels_mixed_as_the_image(tiny_dataset
 
     monkeypatch.setattr(trainer_module, "weighted_ce_loss", recording_ce)
     clean = trainer.loader.batch(0)["unlabeled"]["image"]
-    view = strong_view(clean, torch.Generator(device="cpu").manual_seed(step_seed(config.seed, 0) % (2**62)))
+    view = strong_view(clean, step_generator(config.seed, 0))
     trainer.train_step()
     n_labeled = config.batch_size
     # A learns B's pseudo labels and B learns A's: the labeled part from the pass that learns, the
