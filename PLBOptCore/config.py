@@ -111,6 +111,10 @@ class Config:
     # the clean patches, and every unlabeled loss is learned on an intensity-jittered, CutMixed copy
     # (FixMatch, CPS + CutMix). false: targets and predictions from the same pass, as DHC.
     unlabeled_strong_view: bool = False
+    # Bidirectional copy-paste (method/copypaste.py, BCP): each labeled patch is seen with a box of
+    # an unlabeled one and each unlabeled patch with a box of a labeled one; every voxel keeps its
+    # source's label or (clean, refined) pseudo label. false: patches seen whole, as DHC.
+    labeled_copy_paste: bool = False
 
     # ---- PLBOpt: refinement (eq. 1-2) ---------------------------------------------------------
     superpixel_method: str = "slic"  # slic | slic3d | quickshift | felzenszwalb | watershed
@@ -185,6 +189,8 @@ class Config:
             raise ConfigError("a single-subnet (supervised) run cannot use CPS, refinement, triplet or mutual correction")
         if self.mc_target == "refined" and self.mc_mode != "teacher":
             raise ConfigError("mc_target=refined needs mc_mode=teacher (a label carries no gradient to share)")
+        if self.unlabeled_strong_view and self.labeled_copy_paste:
+            raise ConfigError("unlabeled_strong_view and labeled_copy_paste each remake the unlabeled patches; choose one")
         if set(self.flip_axes) - set("zyx"):
             raise ConfigError(f"flip_axes may only contain z, y and x, got {self.flip_axes!r}")
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -331,7 +337,7 @@ GATED_SETTINGS: Dict[str, Tuple[str, ...]] = {
                 "triplet_banks", "triplet_confidence"),
     "mutual_correction": ("mc_tau", "lambda_mc", "mc_mode", "mc_reduction", "mc_target"),
     # a property, not a field: a dual preset with at least one unlabeled term
-    "uses_unlabeled": ("sparse_as_unlabeled", "teacher_ema_decay", "unlabeled_strong_view"),
+    "uses_unlabeled": ("sparse_as_unlabeled", "teacher_ema_decay", "unlabeled_strong_view", "labeled_copy_paste"),
 }
 
 
@@ -369,7 +375,7 @@ RESUME_SAFE_KEYS = ("iterations", "device", "num_workers", "deterministic", "log
 
 # Keys added after runs existed whose default is what every earlier run did: a run that lacks one
 # was trained with its default (teacher_ema_decay: None, no teacher, before the key existed).
-ADDED_AS_BEFORE_KEYS = ("teacher_ema_decay", "unlabeled_strong_view")
+ADDED_AS_BEFORE_KEYS = ("teacher_ema_decay", "unlabeled_strong_view", "labeled_copy_paste")
 
 
 def stored_config(data: Dict[str, Any], source: Path) -> Config:

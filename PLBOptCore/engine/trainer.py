@@ -51,6 +51,7 @@ from ..data.sampling import PatchSampler
 from ..errors import CheckpointError, ConfigError, TrainingInterrupted
 from ..method.dhc import DiffDW, DistDW, weighted_ce_loss, weighted_dice_ce_loss
 from ..method.mutual import mutual_correction_loss
+from ..method.copypaste import CopyPaste, copy_paste
 from ..method.perturb import StrongView, strong_view
 from ..method.rampup import sigmoid_rampup
 from ..method.refine import homogeneous_superpixels, refine_pseudo_labels, refinement_gain
@@ -408,18 +409,27 @@ class Trainer:
         x_l = labeled["image"].to(self.device, non_blocking=True)
         y_l = labeled["label"].to(self.device, non_blocking=True)
         n_l = x_l.shape[0]
-        # the step's own draws (strong view, then triplet mining), reproducible on resume
+        # the step's own draws (strong view or copy-paste boxes, then triplet mining), reproducible on resume
         generator = step_generator(own_seed, step)
         view: Optional[StrongView] = None
+        paste: Optional[CopyPaste] = None
         if self.unlabeled_sampler is not None:
             unlabeled = batch["unlabeled"]
             x = torch.cat([x_l, unlabeled["image"].to(self.device, non_blocking=True)])
             if cfg.unlabeled_strong_view and cfg.uses_unlabeled:
                 view = strong_view(x[n_l:], generator)
+            elif cfg.labeled_copy_paste and cfg.uses_unlabeled:
+                paste = copy_paste(n_l, x.shape[0] - n_l, tuple(x.shape[2:]), generator)
         else:
             x = x_l
-        # what the subnets see: the unlabeled patches' strong view with unlabeled_strong_view
-        x_seen = x if view is None else torch.cat([x_l, view.image])
+        # what the subnets see, and the labels of it: the labeled patches, the strong view of the
+        # unlabeled ones, or both kinds copy-pasted (labeled wherever a labeled patch is seen)
+        x_seen, y_seen = x, y_l
+        if view is not None:
+            x_seen = torch.cat([x_l, view.image])
+        elif paste is not None:
+            x_seen = paste.mix(x_l, x[n_l:])
+            y_seen = paste.mix(y_l, y_l.new_full((x.shape[0] - n_l,) + tuple(y_l.shape[1:]), UNANNOTATED))
         timings["data"] = self._lap()
 
         lr = self.learning_rate(step)
@@ -440,23 +450,26 @@ class Trainer:
         ramp = sigmoid_rampup(step, cfg.rampup_iterations if cfg.rampup_iterations is not None else cfg.iterations)
         has_unlabeled = x.shape[0] > n_l
         if cfg.class_weighting:
-            self.diffdw.update(logits[0][:n_l].detach(), y_l)
+            self.diffdw.update(logits[0][:y_seen.shape[0]].detach(), y_seen)
             if cfg.dual_subnets and has_unlabeled:
                 self.distdw.update(logits[1][n_l:].detach())
             self._share_class_weights()
         weights = self.class_loss_weights() if cfg.class_weighting else (None, None)
-        record["loss_sup"] = self._supervised_loss(logits, y_l, weights)
+        record["loss_sup"] = self._supervised_loss(logits, y_seen, weights)
         if cfg.dual_subnets:
             probs = [torch.softmax(lg, dim=1) for lg in logits]
-            target_probs = self._target_probabilities(probs, x, n_l, separate_pass=view is not None)
+            target_probs = self._target_probabilities(probs, x, n_l, separate_pass=view is not None or paste is not None)
             confidence, pseudo = map(list, zip(*(p.detach().max(dim=1) for p in target_probs)))
             timings["losses_sup"] = self._lap()
             if cfg.refine and self.unlabeled_sampler is not None and step >= cfg.refine_start * cfg.iterations:
-                changed_fraction, gain = self._refine_pseudo_labels(target_probs, pseudo, batch, y_l)
+                changed_fraction, gain = self._refine_pseudo_labels(target_probs, pseudo, batch, y_seen[:n_l],
+                                                                    None if paste is None else paste.box[:n_l])
             if view is not None:  # targets of the clean patches, refined there, mixed as the image
                 for targets in (target_probs, confidence, pseudo):
                     for i, t in enumerate(targets):
                         targets[i] = torch.cat([t[:n_l], view.mix(t[n_l:])])
+            elif paste is not None:
+                self._paste_targets(paste, y_seen, probs, target_probs, confidence, pseudo)
             timings["refine"] = self._lap()
             if cfg.cps_weight > 0:
                 cps_a, cps_b = weights if cfg.weighted_cps else (None, None)
@@ -525,14 +538,16 @@ class Trainer:
         return loss
 
     def _refine_pseudo_labels(self, probs: List[torch.Tensor], pseudo: List[torch.Tensor],
-                              batch: Dict[str, Dict[str, torch.Tensor]], target: torch.Tensor
-                              ) -> Tuple[float, Optional[torch.Tensor]]:
+                              batch: Dict[str, Dict[str, torch.Tensor]], target: torch.Tensor,
+                              pasted: Optional[torch.Tensor] = None) -> Tuple[float, Optional[torch.Tensor]]:
         """Refine both subnets' unlabeled pseudo labels in place (``pseudo[i][B_l:]``), only the
         classes whose refinement gain is ≥ 0 on the labeled patches (the self-check, updated first).
 
         Args:
             probs: per subnet (B, C, Z, Y, X) softmax, labeled patches first; pseudo: per subnet
                 (B, Z, Y, X) argmax; batch: the step's batch; target: (B_l, Z, Y, X) labels.
+            pasted: (B_l, Z, Y, X) bool, the labeled patches' voxels that showed another patch
+                (copy-paste): the self-check's superpixels leave them out (its target does too).
 
         Returns:
             the fraction of unlabeled voxels with a superpixel that changed, and the (C,) self-check
@@ -541,8 +556,10 @@ class Trainer:
         cfg, n_l = self.config, target.shape[0]
         allowed = gain = None
         if cfg.refine_self_check:
-            gain = self._self_check([p[:n_l].detach() for p in probs], [p[:n_l] for p in pseudo],
-                                    self._refinable(batch["labeled"]), target)
+            superpixels = self._refinable(batch["labeled"])
+            if pasted is not None:
+                superpixels = superpixels.masked_fill(pasted.to(superpixels.device), -1)
+            gain = self._self_check([p[:n_l].detach() for p in probs], [p[:n_l] for p in pseudo], superpixels, target)
             allowed = refine_allowed_classes(cfg, self.refine_gain)
             gain = gain * allowed
         superpixels = self._refinable(batch["unlabeled"])
@@ -553,6 +570,30 @@ class Trainer:
             torch.cat([superpixels, superpixels]), cfg.refine_tau, cfg.refine_entropy, cfg.refine_mode, allowed)
         pseudo[0][n_l:], pseudo[1][n_l:] = refined.chunk(2)
         return changed_fraction, gain
+
+    def _paste_targets(self, paste: CopyPaste, y_seen: torch.Tensor, probs: List[torch.Tensor],
+                       target_probs: List[torch.Tensor], confidence: List[torch.Tensor],
+                       pseudo: List[torch.Tensor]) -> None:
+        """Replace each subnet's targets in place by those of the copy-pasted patches it saw
+        (:meth:`CopyPaste.targets`): a label is a one-hot probability of confidence 1; the unlabeled
+        patches' values come from the clean pass, refined.
+
+        Args:
+            paste: the step's copy-paste; y_seen: (B, Z, Y, X) labels of the seen patches (-1 none);
+            probs: per subnet (B, C, Z, Y, X) softmax of the seen patches; target_probs, confidence,
+            pseudo: per subnet (B, C, Z, Y, X), (B, Z, Y, X), (B, Z, Y, X), the unlabeled part from
+            the clean pass.
+        """
+        n_l, annotated = paste.n_labeled, y_seen >= 0
+        label = y_seen.clamp_min(0)
+        one_hot = torch.nn.functional.one_hot(label, self.num_classes).movedim(-1, 1)
+        for i, seen in enumerate(probs):
+            seen = seen.detach()
+            seen_confidence, seen_label = seen.max(dim=1)
+            target_probs[i] = paste.targets(one_hot.to(seen.dtype), seen, target_probs[i][n_l:], annotated)
+            confidence[i] = paste.targets(torch.ones_like(seen_confidence), seen_confidence, confidence[i][n_l:],
+                                          annotated)
+            pseudo[i] = paste.targets(label, seen_label, pseudo[i][n_l:], annotated)
 
     def _target_probabilities(self, probs: List[torch.Tensor], x: torch.Tensor, n_labeled: int,
                               separate_pass: bool = False) -> List[torch.Tensor]:
