@@ -119,8 +119,9 @@ def test_refinement_starts_after_refine_start_of_the_run(tiny_dataset, tmp_path)
             make_config("plbopt", overrides=dict(refine_start=bad))
 
 
-@pytest.mark.parametrize("extra", [{}, {"teacher_ema_decay": 0.9}, {"unlabeled_strong_view": True, "batch_size": 2}],
-                         ids=["plain", "mean-teachers", "strong-views"])
+@pytest.mark.parametrize("extra", [{}, {"teacher_ema_decay": 0.9}, {"unlabeled_strong_view": True, "batch_size": 2},
+                                   {"labeled_copy_paste": True}],
+                         ids=["plain", "mean-teachers", "strong-views", "copy-paste"])
 def test_resume_reproduces_an_uninterrupted_run(tiny_dataset, tmp_path, extra):
     config = make_config("plbopt", overrides=dict(TINY, iterations=4, **extra))
     full = Trainer(config, load_dataset(tiny_dataset), tmp_path / "full")
