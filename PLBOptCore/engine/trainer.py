@@ -4,13 +4,16 @@ teachers and strong views.
 One step (``Trainer.train_step``), with ``x = cat(x_labeled, x_unlabeled)`` as in DHC:
 
 1. both subnets see ``x`` → logits, decoder features (with ``unlabeled_strong_view`` they see the
-   unlabeled patches jittered and CutMixed, ``method/perturb.py``);
+   unlabeled patches jittered and CutMixed, ``method/perturb.py``; with ``labeled_copy_paste`` each
+   labeled patch with a box of an unlabeled one and each unlabeled patch with a box of a labeled
+   one, ``method/copypaste.py``, and learn the labels wherever a labeled patch is seen);
 2. class weights: DiffDW from A's labeled logits, DistDW from B's unlabeled argmax (DHC);
 3. ``L_sup``: weighted CE + Dice on the labeled part of the supervised subnets (B, or A and B);
 4. pseudo labels = argmax of each subnet (of its mean teacher on the unlabeled part with
    ``teacher_ema_decay``; of a pass on the clean patches with a strong view), refined on the
    unlabeled part by superpixel entropy voting (eq. 1-2) — the superpixels come precomputed from
-   preprocessing — then mixed as the strong view's image;
+   preprocessing — then mixed as the strong view's image, or moved to where copy-paste shows them
+   (labels wherever a labeled patch is seen);
 5. ``L_unsup``: cross pseudo supervision with the *other* subnet's (refined) pseudo labels (DHC);
 6. ``L_tri``: confidence-level triplet loss on each subnet's features and refined pseudo labels;
 7. ``L_MC``: mutual correction on the unlabeled softmax outputs (eq. 9-10);

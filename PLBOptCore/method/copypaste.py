@@ -19,6 +19,8 @@ from typing import Tuple
 
 import torch
 
+from .perturb import fill_random_box, scaled_sides
+
 BOX_SIDE = 2 / 3
 
 
@@ -26,10 +28,8 @@ def copy_paste_boxes(count: int, shape: Tuple[int, int, int], generator: torch.G
     """(count, Z, Y, X) boolean boxes with every side ``round(2/3 · side)`` (at least 1), each at a
     uniform random position."""
     masks = torch.zeros((count,) + tuple(shape), dtype=torch.bool)
-    sides = [max(1, round(size * BOX_SIDE)) for size in shape]
     for mask in masks:
-        starts = [int(torch.randint(size - side + 1, (1,), generator=generator)) for size, side in zip(shape, sides)]
-        mask[tuple(slice(start, start + side) for start, side in zip(starts, sides))] = True
+        fill_random_box(mask, scaled_sides(shape, BOX_SIDE), generator)
     return masks
 
 

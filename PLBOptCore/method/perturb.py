@@ -15,7 +15,7 @@ perturbation; see docs/METHOD.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -61,15 +61,24 @@ def jitter_intensity(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return adjust_intensity(x, brightness, contrast, sigma, noise)
 
 
+def scaled_sides(shape: Sequence[int], scale: float) -> List[int]:
+    """Each side of ``shape`` times ``scale``, rounded, at least 1."""
+    return [max(1, round(size * scale)) for size in shape]
+
+
+def fill_random_box(mask: torch.Tensor, sides: Sequence[int], generator: torch.Generator) -> None:
+    """Set a cuboid of ``sides`` at a uniform random position inside ``mask`` (Z, Y, X) to True."""
+    starts = [int(torch.randint(size - side + 1, (1,), generator=generator)) for size, side in zip(mask.shape, sides)]
+    mask[tuple(slice(start, start + side) for start, side in zip(starts, sides))] = True
+
+
 def cutmix_boxes(count: int, shape: Tuple[int, int, int], generator: torch.Generator) -> torch.Tensor:
     """(count, Z, Y, X) boolean boxes: each covers a fraction U(0.25, 0.5) of the patch, with every
     side the patch's side × fraction^(1/3) (rounded, at least 1), at a uniform random position."""
     masks = torch.zeros((count,) + tuple(shape), dtype=torch.bool)
     fractions = _uniform(CUTMIX_VOLUME, count, generator)
     for mask, fraction in zip(masks, fractions.tolist()):
-        sides = [max(1, round(size * fraction ** (1 / 3))) for size in shape]
-        starts = [int(torch.randint(size - side + 1, (1,), generator=generator)) for size, side in zip(shape, sides)]
-        mask[tuple(slice(start, start + side) for start, side in zip(starts, sides))] = True
+        fill_random_box(mask, scaled_sides(shape, fraction ** (1 / 3)), generator)
     return masks
 
 
