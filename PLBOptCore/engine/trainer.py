@@ -52,9 +52,9 @@ from ..data.plan import format_plan, refine_homogeneity_reason, with_modality_de
 from ..data.preprocess import UNANNOTATED, Preprocessed, PreprocessParams, preprocess_case
 from ..data.sampling import PatchSampler
 from ..errors import CheckpointError, ConfigError, TrainingInterrupted
+from ..method.copypaste import CopyPaste, copy_paste
 from ..method.dhc import DiffDW, DistDW, weighted_ce_loss, weighted_dice_ce_loss
 from ..method.mutual import mutual_correction_loss
-from ..method.copypaste import CopyPaste, copy_paste
 from ..method.perturb import StrongView, strong_view
 from ..method.rampup import sigmoid_rampup
 from ..method.refine import homogeneous_superpixels, refine_pseudo_labels, refinement_gain

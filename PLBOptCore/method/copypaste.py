@@ -19,7 +19,7 @@ from typing import Tuple
 
 import torch
 
-from .perturb import fill_random_box, scaled_sides
+from .perturb import fill_random_box, per_voxel, scaled_sides
 
 BOX_SIDE = 2 / 3
 
@@ -56,8 +56,7 @@ class CopyPaste:
             its box, then unlabeled patch ``j`` with labeled patch ``j mod B_l`` inside its box.
         """
         n_l, n_u = labeled.shape[0], unlabeled.shape[0]
-        box = self.box.to(labeled.device)
-        box = box.view(box.shape[:1] + (1,) * (labeled.dim() - 4) + box.shape[1:])
+        box = per_voxel(self.box, labeled)
         into_labeled = unlabeled[torch.arange(n_l, device=unlabeled.device) % n_u]
         into_unlabeled = labeled[torch.arange(n_u, device=labeled.device) % n_l]
         return torch.cat([torch.where(box[:n_l], into_labeled, labeled),
@@ -80,11 +79,9 @@ class CopyPaste:
             truth, seen: (B_l + B_u, ..., Z, Y, X) per seen voxel; clean: (B_u, ..., Z, Y, X) of the
             clean unlabeled patches; annotated: (B_l + B_u, Z, Y, X) bool, seen voxels with a label.
         """
-        def spread(mask: torch.Tensor) -> torch.Tensor:
-            return mask.to(seen.device).view(mask.shape[:1] + (1,) * (seen.dim() - 4) + mask.shape[1:])
-
         placed = self.mix(seen[:self.n_labeled], clean)  # right on the unlabeled patches' voxels only
-        return torch.where(spread(annotated), truth, torch.where(spread(self.from_labeled()), seen, placed))
+        return torch.where(per_voxel(annotated, seen), truth,
+                           torch.where(per_voxel(self.from_labeled(), seen), seen, placed))
 
 
 def copy_paste(n_labeled: int, n_unlabeled: int, shape: Tuple[int, int, int], generator: torch.Generator) -> CopyPaste:

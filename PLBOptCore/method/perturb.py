@@ -61,6 +61,11 @@ def jitter_intensity(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return adjust_intensity(x, brightness, contrast, sigma, noise)
 
 
+def per_voxel(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B, Z, Y, X) ``mask`` on ``like``'s device, viewed to broadcast against ``like`` (B, ..., Z, Y, X)."""
+    return mask.to(like.device).view(mask.shape[:1] + (1,) * (like.dim() - 4) + mask.shape[1:])
+
+
 def scaled_sides(shape: Sequence[int], scale: float) -> List[int]:
     """Each side of ``shape`` times ``scale``, rounded, at least 1."""
     return [max(1, round(size * scale)) for size in shape]
@@ -97,8 +102,7 @@ class StrongView:
     def mix(self, target: torch.Tensor) -> torch.Tensor:
         """``target`` (B, ..., Z, Y, X) of the clean patches, mixed as the image was: inside patch b's
         box, patch b + 1's values."""
-        box = self.box.to(target.device).view(self.box.shape[:1] + (1,) * (target.dim() - 4) + self.box.shape[1:])
-        return torch.where(box, target.roll(-1, dims=0), target)
+        return torch.where(per_voxel(self.box, target), target.roll(-1, dims=0), target)
 
 
 def strong_view(x: torch.Tensor, generator: torch.Generator) -> StrongView:
